@@ -1,0 +1,107 @@
+"""Every setting of the cascade, read from the environment with the one prefix ``CASCADE_``.
+
+Nested groups use ``__`` (``CASCADE_BUDGET__SLO_MS=50``). Settings are validated when built, so a
+bad deployment fails at start-up, not on the first request.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Final
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT: Final = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR: Final = REPO_ROOT / "models"
+
+
+class DefaultDecision(str, Enum):
+    """The conservative answer when no model answered in time."""
+
+    APPROVE = "APPROVE"
+    REVIEW = "REVIEW"
+    DECLINE = "DECLINE"
+
+
+class BudgetSettings(BaseModel):
+    """How the orchestrator spends a request's latency budget."""
+
+    slo_ms: float = Field(50.0, gt=0, le=10_000, description="Budget when the caller sets no shorter deadline.")
+    response_margin_ms: float = Field(
+        2.0, ge=0, description="Kept back from the budget for encoding and sending the answer."
+    )
+    redis_ms: float = Field(5.0, gt=0, description="Most the Redis round trip may take.")
+    stage1_ms: float = Field(15.0, gt=0, description="Most the screening hop may take.")
+    stage2_min_ms: float = Field(
+        3.0, gt=0, description="Escalate only if at least this much budget remains for stage 2."
+    )
+    stage2_margin_ms: float = Field(
+        1.0, ge=0, description="Kept back from stage 2's timeout to build the fallback answer."
+    )
+    min_useful_ms: float = Field(
+        1.0, ge=0, description="Below this remaining budget no stage is tried: DEFAULT answer at once."
+    )
+
+    @model_validator(mode="after")
+    def _margin_fits(self) -> BudgetSettings:
+        if self.response_margin_ms >= self.slo_ms:
+            raise ValueError("budget.response_margin_ms must be smaller than budget.slo_ms")
+        return self
+
+
+class RedisSettings(BaseModel):
+    """Redis connection for the output cache and the online features."""
+
+    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// URL (credentials via URL, never logged).")
+    cache_ttl_s: int = Field(3600, gt=0, description="Output-cache entry lifetime.")
+    feature_ttl_s: int = Field(30 * 24 * 3600, gt=0, description="Card-history lifetime.")
+    pool_size: int = Field(32, gt=0)
+
+
+class NatsSettings(BaseModel):
+    """NATS connection and subjects for the screening stage."""
+
+    url: str = Field("nats://127.0.0.1:4222", description="NATS server URL.")
+    subject_prefix: str = Field("cascade.screen", pattern=r"^[A-Za-z0-9_.-]+$")
+    queue_group: str = Field("screening-workers", pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class TritonSettings(BaseModel):
+    """Triton endpoint for the heavyweight stage."""
+
+    url: str = Field("127.0.0.1:8001", description="Triton gRPC host:port.")
+    model_name: str = Field("fraud_heavy")
+
+
+class ServerSettings(BaseModel):
+    """The orchestrator's own gRPC server."""
+
+    host: str = Field("127.0.0.1")
+    port: int = Field(50051, ge=0, le=65535)
+    max_message_bytes: int = Field(64 * 1024, gt=0, description="Largest request accepted.")
+    drain_s: float = Field(5.0, ge=0, description="Grace period for in-flight calls on SIGTERM.")
+
+
+class Settings(BaseSettings):
+    """All settings; build with ``Settings()`` to read ``CASCADE_*`` from the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CASCADE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Folder holding registry.json and artifacts.")
+    policy_file: Path | None = Field(
+        None, description="Policy JSON; default: the one registry.json names."
+    )
+    default_decision: DefaultDecision = Field(
+        DefaultDecision.REVIEW, description="Answer when no model could score in time."
+    )
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    triton: TritonSettings = Field(default_factory=TritonSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    screening_workers: int = Field(2, ge=1, le=64, description="Workers `cascade up` starts.")
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
