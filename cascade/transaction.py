@@ -1,0 +1,37 @@
+"""The transaction as a plain value: what validation produces and what the features read.
+
+Kept free of protobuf so training, the simulator and the online path share one type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class Channel(IntEnum):
+    """How the card was presented; values match ``cascade.v1.Channel``."""
+
+    CARD_PRESENT = 1
+    CONTACTLESS = 2
+    ECOMMERCE = 3
+    MAIL_PHONE_ORDER = 4
+    ATM = 5
+    RECURRING = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """One validated payment. ``amount_minor`` is in the currency's minor unit."""
+
+    transaction_id: str
+    card_id: str
+    merchant_id: str
+    merchant_category: str
+    amount_minor: int
+    currency: str
+    country: str
+    channel: Channel
+    timestamp_ms: int
+    device_id: str = ""
+    ip_country: str = ""
