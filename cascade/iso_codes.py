@@ -29,6 +29,8 @@ CURRENCY_EXPONENTS: Final[dict[str, int]] = {
     **dict.fromkeys(_EXPONENT_4.split(), 4),
 }
 
+_MAJOR_PER_MINOR: Final[dict[str, float]] = {c: 1.0 / 10.0**e for c, e in CURRENCY_EXPONENTS.items()}
+
 COUNTRIES: Final[frozenset[str]] = frozenset(
     """
     AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR
@@ -51,4 +53,4 @@ def minor_unit_exponent(currency: str) -> int:
 
 def to_major_units(amount_minor: int, currency: str) -> float:
     """``amount_minor`` in the currency's major unit, as a float for model features only."""
-    return amount_minor / (10 ** CURRENCY_EXPONENTS[currency])
+    return amount_minor * _MAJOR_PER_MINOR[currency]

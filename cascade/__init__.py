@@ -1,0 +1,1 @@
+"""Shared code of the fraud-scoring cascade: settings, errors, features, telemetry, local servers."""

@@ -1,0 +1,169 @@
+"""The cascade's own exceptions, and the one place transport errors become them.
+
+Tree::
+
+    CascadeError
+    ├── InvalidInputError            bad caller input; names the field      -> INVALID_ARGUMENT
+    ├── ConfigurationError           bad settings or artifacts at start-up  -> FAILED_PRECONDITION
+    └── DependencyError              Redis, NATS/screening or Triton failed (``.dependency``)
+        ├── DependencyTimeout        it did not answer within its budget    -> DEADLINE_EXCEEDED
+        ├── DependencyUnavailable    refused, closed, no responders         -> UNAVAILABLE
+        ├── DependencyOverloaded     it shed the request                    -> RESOURCE_EXHAUSTED
+        └── DependencyFailed         it answered with an error              -> INTERNAL
+
+Redis, NATS and Triton errors are mapped to this tree only in the ``translate_*`` context
+managers below, and our errors map to gRPC status codes only in :func:`grpc_status_for`. The
+orchestrator rarely lets a ``DependencyError`` reach the caller: it answers with a labelled
+fallback instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+
+import grpc
+import nats.errors
+import redis.exceptions
+from tritonclient.utils import InferenceServerException
+
+
+class Dependency(str, Enum):
+    """The downstream systems a request depends on."""
+
+    REDIS = "redis"
+    SCREENING = "screening"
+    HEAVY = "heavy"
+
+
+class CascadeError(Exception):
+    """Base of every error the cascade raises on purpose."""
+
+
+class InvalidInputError(CascadeError):
+    """The caller's input is unusable; ``field`` names the offending field path."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class ConfigurationError(CascadeError):
+    """Settings or model artifacts are inconsistent; raised at start-up."""
+
+
+class DependencyError(CascadeError):
+    """A downstream dependency failed; ``dependency`` says which."""
+
+    def __init__(self, dependency: Dependency, detail: str) -> None:
+        super().__init__(f"{dependency.value}: {detail}")
+        self.dependency = dependency
+        self.detail = detail
+
+
+class DependencyTimeout(DependencyError):
+    """The dependency did not answer within the time it was given."""
+
+
+class DependencyUnavailable(DependencyError):
+    """The dependency could not be reached (refused, closed, nobody listening)."""
+
+
+class DependencyOverloaded(DependencyError):
+    """The dependency refused the work because it is saturated."""
+
+
+class DependencyFailed(DependencyError):
+    """The dependency answered, but with an error."""
+
+
+def _redact(detail: str, limit: int = 200) -> str:
+    # Transport messages can echo URLs; keep them short and drop anything after a userinfo '@'.
+    detail = detail.splitlines()[0] if detail else ""
+    if "@" in detail:
+        detail = detail.split("@", 1)[1]
+    return detail[:limit]
+
+
+@contextmanager
+def translate_redis_errors() -> Iterator[None]:
+    """Map redis-py errors raised inside the block to the cascade tree."""
+    try:
+        yield
+    except (redis.exceptions.TimeoutError, asyncio.TimeoutError) as exc:
+        raise DependencyTimeout(Dependency.REDIS, _redact(str(exc)) or "timed out") from exc
+    except (redis.exceptions.ConnectionError, OSError) as exc:
+        raise DependencyUnavailable(Dependency.REDIS, _redact(str(exc))) from exc
+    except redis.exceptions.RedisError as exc:
+        raise DependencyFailed(Dependency.REDIS, _redact(str(exc))) from exc
+
+
+@contextmanager
+def translate_nats_errors() -> Iterator[None]:
+    """Map nats-py errors raised inside the block to the cascade tree."""
+    try:
+        yield
+    except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
+        raise DependencyTimeout(Dependency.SCREENING, "no reply in time") from exc
+    except nats.errors.NoRespondersError as exc:
+        raise DependencyUnavailable(Dependency.SCREENING, "no screening worker listening") from exc
+    except (
+        nats.errors.ConnectionClosedError,
+        nats.errors.NoServersError,
+        nats.errors.ConnectionDrainingError,
+        nats.errors.ConnectionReconnectingError,
+        nats.errors.StaleConnectionError,
+        OSError,
+    ) as exc:
+        raise DependencyUnavailable(Dependency.SCREENING, _redact(str(exc)) or "not connected") from exc
+    except nats.errors.MaxPayloadError as exc:
+        raise DependencyFailed(Dependency.SCREENING, "request exceeds NATS max payload") from exc
+    except nats.errors.Error as exc:
+        raise DependencyFailed(Dependency.SCREENING, _redact(str(exc))) from exc
+
+
+_TRITON_STATUS: dict[str, type[DependencyError]] = {
+    "StatusCode.DEADLINE_EXCEEDED": DependencyTimeout,
+    "StatusCode.UNAVAILABLE": DependencyUnavailable,
+    "StatusCode.RESOURCE_EXHAUSTED": DependencyOverloaded,
+    "StatusCode.CANCELLED": DependencyTimeout,
+}
+
+
+@contextmanager
+def translate_triton_errors() -> Iterator[None]:
+    """Map tritonclient errors raised inside the block to the cascade tree."""
+    try:
+        yield
+    except asyncio.TimeoutError as exc:
+        raise DependencyTimeout(Dependency.HEAVY, "no answer in time") from exc
+    except InferenceServerException as exc:
+        kind = _TRITON_STATUS.get(str(exc.status()), DependencyFailed)
+        message = exc.message() or ""
+        if kind is DependencyFailed and "exceeds maximum queue size" in message:
+            kind = DependencyOverloaded
+        raise kind(Dependency.HEAVY, _redact(message) or str(exc.status())) from exc
+    except OSError as exc:
+        raise DependencyUnavailable(Dependency.HEAVY, _redact(str(exc))) from exc
+
+
+_GRPC_STATUS: dict[type[CascadeError], grpc.StatusCode] = {
+    InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    ConfigurationError: grpc.StatusCode.FAILED_PRECONDITION,
+    DependencyTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    DependencyUnavailable: grpc.StatusCode.UNAVAILABLE,
+    DependencyOverloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DependencyFailed: grpc.StatusCode.INTERNAL,
+}
+
+
+def grpc_status_for(error: CascadeError) -> grpc.StatusCode:
+    """The gRPC status code that reports ``error`` to a caller (INTERNAL when unmapped)."""
+    for cls in type(error).__mro__:
+        code = _GRPC_STATUS.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL

@@ -1,0 +1,35 @@
+"""Process entry-point plumbing shared by the orchestrator and the workers.
+
+Runs a service coroutine on uvloop, with logging configured once, and turns SIGTERM/SIGINT into a
+``stop`` event the service awaits, so it can drain instead of dying mid-request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import uvloop
+
+
+def configure_logging(level: str) -> None:
+    """One-line-per-record logs to stderr; never logs settings values (URLs may hold secrets)."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def run_service(service: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``service(stop)`` on uvloop until it returns; ``stop`` is set on SIGTERM or SIGINT."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await service(stop)
+
+    uvloop.run(main())

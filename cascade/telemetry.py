@@ -1,0 +1,95 @@
+"""OpenTelemetry set-up and W3C trace-context propagation over gRPC metadata and NATS headers.
+
+Exporting is configured by the standard ``OTEL_*`` variables (``OTEL_SERVICE_NAME``,
+``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_TRACES_SAMPLER``/``_ARG``, ``OTEL_TRACES_EXPORTER``,
+``OTEL_SDK_DISABLED``). Components take a ``TracerProvider`` explicitly rather than reaching for the
+global one, so a test can give the orchestrator and a worker one in-memory exporter and see the
+whole trace. Telemetry never breaks a request: the batch processor drops and logs on export
+failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+logger = logging.getLogger(__name__)
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def build_tracer_provider(
+    service_name: str, *, processors: tuple[SpanProcessor, ...] = ()
+) -> TracerProvider:
+    """A provider for ``service_name`` exporting as the ``OTEL_*`` environment says.
+
+    OTLP over gRPC is used when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the traces-specific variable)
+    is set and ``OTEL_TRACES_EXPORTER`` is not ``none``; ``processors`` are added as given (tests
+    pass an in-memory exporter's processor).
+    """
+    name = os.environ.get("OTEL_SERVICE_NAME", service_name)
+    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    for processor in processors:
+        provider.add_span_processor(processor)
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return provider
+    exporter_choice = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower()
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if exporter_choice == "otlp" and endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        logger.info("exporting traces over OTLP for service %s", name)
+    return provider
+
+
+@contextmanager
+def tracer_provider(
+    service_name: str, *, processors: tuple[SpanProcessor, ...] = ()
+) -> Iterator[TracerProvider]:
+    """:func:`build_tracer_provider` that flushes and shuts down on exit."""
+    provider = build_tracer_provider(service_name, processors=processors)
+    try:
+        yield provider
+    finally:
+        provider.shutdown()
+
+
+def inject_headers(carrier: MutableMapping[str, str], context: Context | None = None) -> None:
+    """Write the current (or given) trace context into ``carrier`` as W3C headers."""
+    _PROPAGATOR.inject(carrier, context=context)
+
+
+class _MetadataGetter(Getter[Mapping[str, str]]):
+    def get(self, carrier: Mapping[str, str], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        return None if value is None else [value]
+
+    def keys(self, carrier: Mapping[str, str]) -> list[str]:
+        return list(carrier)
+
+
+_GETTER = _MetadataGetter()
+
+
+def extract_context(carrier: Mapping[str, str] | None) -> Context:
+    """The trace context carried in ``carrier`` (gRPC metadata or NATS headers), if any."""
+    return _PROPAGATOR.extract(carrier or {}, getter=_GETTER)
+
+
+def trace_id_hex(span: trace.Span) -> str:
+    """The span's trace id as 32 lowercase hex chars ('' when there is no valid context)."""
+    ctx = span.get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""

@@ -1,0 +1,1 @@
+"""The gRPC orchestrator: budget, routing, fallback, cache and tracing for one Score call."""

@@ -1,0 +1,95 @@
+"""Stage 2 client: card sequences to the heavyweight model on Triton over gRPC.
+
+Uses ``tritonclient.grpc.aio`` with ``client_timeout`` set to what the budget leaves, plus a local
+timeout as a backstop, and carries the W3C trace context in the gRPC metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Final, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from opentelemetry import trace
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc.aio import InferenceServerClient
+
+from cascade.errors import Dependency, DependencyFailed, translate_triton_errors
+from cascade.telemetry import inject_headers
+
+INPUT_NAME: Final = "sequence"
+OUTPUT_NAME: Final = "score"
+# The local backstop fires this much after client_timeout, so Triton's own deadline wins normally.
+_BACKSTOP_S: Final = 0.002
+
+
+class HeavyScorer(Protocol):
+    """Scores card sequences with the stage-2 model."""
+
+    async def score(
+        self, sequences: npt.NDArray[np.float32], timeout_s: float
+    ) -> npt.NDArray[np.float32]:
+        """One score per sequence; raise a ``DependencyError`` on failure or timeout."""
+        ...
+
+
+class TritonHeavyScorer:
+    """:class:`HeavyScorer` on Triton; owns its gRPC channel (use as an async context manager)."""
+
+    def __init__(
+        self, url: str, *, model_name: str, model_version: str, tracer: trace.Tracer
+    ) -> None:
+        self._client = InferenceServerClient(url)
+        self._model_name = model_name
+        self._model_version = model_version
+        self._tracer = tracer
+        self._outputs = [InferRequestedOutput(OUTPUT_NAME)]
+
+    async def __aenter__(self) -> TritonHeavyScorer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._client.close()
+
+    async def is_ready(self, timeout_s: float = 1.0) -> bool:
+        """True when Triton reports the model (this version) ready."""
+        with translate_triton_errors():
+            ready: bool = await self._client.is_model_ready(
+                self._model_name, self._model_version, client_timeout=timeout_s
+            )
+        return ready
+
+    async def score(
+        self, sequences: npt.NDArray[np.float32], timeout_s: float
+    ) -> npt.NDArray[np.float32]:
+        """Infer ``sequences`` [n, L, D]; returns [n] scores."""
+        infer_input = InferInput(INPUT_NAME, list(sequences.shape), "FP32")
+        infer_input.set_data_from_numpy(np.ascontiguousarray(sequences, dtype=np.float32))
+        with self._tracer.start_as_current_span(
+            "stage2.infer",
+            kind=trace.SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "triton.model": self._model_name},
+        ):
+            headers: dict[str, str] = {}
+            inject_headers(headers)
+            with translate_triton_errors():
+                async with asyncio.timeout(timeout_s + _BACKSTOP_S):
+                    result = await self._client.infer(
+                        self._model_name,
+                        [infer_input],
+                        model_version=self._model_version,
+                        outputs=self._outputs,
+                        client_timeout=timeout_s,
+                        headers=headers,
+                    )
+        scores = result.as_numpy(OUTPUT_NAME)
+        if scores is None or scores.shape[0] != sequences.shape[0]:
+            raise DependencyFailed(Dependency.HEAVY, "Triton returned no usable 'score' output")
+        return np.asarray(scores, dtype=np.float32).reshape(sequences.shape[0])

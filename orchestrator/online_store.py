@@ -1,0 +1,202 @@
+"""The online store: output cache and card histories in Redis, read in one round trip.
+
+Keys name every version an entry depends on, so a deploy never reads an entry written by the old
+models and nothing needs flushing:
+
+* output cache ``out:{policy}:{stage1}:{stage2}:{feature_set}:{fingerprint}`` -> encoded answer
+* card history ``feat:{feature_set}:card:{card_id}`` -> list of encoded entries, newest first
+
+:class:`RedisOnlineStore` is the real backend; :class:`InMemoryOnlineStore` is its twin for unit
+tests. Redis errors leave this module only as :mod:`cascade.errors` types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from cascade.errors import translate_redis_errors
+from cascade.features import HISTORY_LEN, HistoryEntry, decode_history_entry
+from cascade.transaction import Transaction
+from orchestrator.results import ModelVersions
+
+logger = logging.getLogger(__name__)
+
+
+def transaction_fingerprint(tx: Transaction) -> str:
+    """A stable 128-bit hex digest of every field the models read (and the transaction id)."""
+    parts = (
+        tx.transaction_id,
+        tx.card_id,
+        tx.merchant_id,
+        tx.merchant_category,
+        str(tx.amount_minor),
+        tx.currency,
+        tx.country,
+        str(int(tx.channel)),
+        str(tx.timestamp_ms),
+        tx.device_id,
+        tx.ip_country,
+    )
+    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
+
+
+def output_cache_key(tx: Transaction, versions: ModelVersions) -> str:
+    """Output-cache key naming policy, both model versions and the feature set."""
+    return (
+        f"out:{versions.policy}:{versions.stage1}:{versions.stage2}:{versions.feature_set}:"
+        f"{transaction_fingerprint(tx)}"
+    )
+
+
+def card_history_key(card_id: str, feature_set: str) -> str:
+    """Card-history key naming the feature-set version."""
+    return f"feat:{feature_set}:card:{card_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLookup:
+    """What one lookup returns: the cached answer (if any) and the card's history, newest first."""
+
+    cached: bytes | None
+    history: list[HistoryEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreWrite:
+    """Post-answer writes for one transaction (either part may be absent)."""
+
+    history_key: str
+    history_entry: bytes | None
+    cache_key: str | None = None
+    cache_value: bytes | None = None
+
+
+def decode_history(raw: Sequence[bytes]) -> list[HistoryEntry]:
+    """Decode stored entries, skipping (and logging) any that cannot be read."""
+    history: list[HistoryEntry] = []
+    for item in raw:
+        try:
+            history.append(decode_history_entry(item))
+        except ValueError:
+            logger.warning("skipping an unreadable card-history entry")
+    return history
+
+
+class OnlineStore(Protocol):
+    """Output cache + online features, one round trip to read, one batch to write."""
+
+    async def lookup(self, cache_key: str, history_key: str, timeout_s: float) -> StoreLookup:
+        """Read the cached answer and the card history; raise a ``DependencyError`` on failure."""
+        ...
+
+    async def write(self, writes: Sequence[StoreWrite]) -> None:
+        """Apply post-answer writes; raise a ``DependencyError`` on failure."""
+        ...
+
+
+class RedisOnlineStore:
+    """:class:`OnlineStore` on Redis with millisecond timeouts and no retries."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        cache_ttl_s: int,
+        feature_ttl_s: int,
+        pool_size: int = 32,
+        socket_timeout_s: float = 0.25,
+    ) -> None:
+        # redis-py's default retries back off for seconds on a refused port; inside a latency
+        # budget a failed call must fail now, so: no retries, short socket timeouts.
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=pool_size,
+            health_check_interval=0,
+        )
+        self._cache_ttl_s = cache_ttl_s
+        self._feature_ttl_s = feature_ttl_s
+
+    async def __aenter__(self) -> RedisOnlineStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._redis.aclose()
+
+    async def ping(self, timeout_s: float = 1.0) -> None:
+        """Raise a ``DependencyError`` unless Redis answers within ``timeout_s``."""
+        with translate_redis_errors():
+            async with asyncio.timeout(timeout_s):
+                await self._redis.ping()
+
+    async def lookup(self, cache_key: str, history_key: str, timeout_s: float) -> StoreLookup:
+        """GET the answer and LRANGE the history in one pipelined round trip."""
+        with translate_redis_errors():
+            async with asyncio.timeout(timeout_s):
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.get(cache_key)
+                pipe.lrange(history_key, 0, HISTORY_LEN - 1)
+                cached, raw_history = await pipe.execute()
+        return StoreLookup(cached=cached, history=decode_history(raw_history))
+
+    async def write(self, writes: Sequence[StoreWrite]) -> None:
+        """Write answers and append history entries for many transactions in one round trip."""
+        if not writes:
+            return
+        with translate_redis_errors():
+            pipe = self._redis.pipeline(transaction=False)
+            for w in writes:
+                if w.cache_key is not None and w.cache_value is not None:
+                    pipe.set(w.cache_key, w.cache_value, ex=self._cache_ttl_s)
+                if w.history_entry is not None:
+                    pipe.lpush(w.history_key, w.history_entry)
+                    pipe.ltrim(w.history_key, 0, HISTORY_LEN - 1)
+                    pipe.expire(w.history_key, self._feature_ttl_s)
+            await pipe.execute()
+
+
+class InMemoryOnlineStore:
+    """Dictionary twin of :class:`RedisOnlineStore` for unit tests (no TTLs)."""
+
+    def __init__(self) -> None:
+        self.cache: dict[str, bytes] = {}
+        self.histories: dict[str, list[bytes]] = {}
+        self.failure: Exception | None = None
+        self.lookups = 0
+
+    async def lookup(self, cache_key: str, history_key: str, timeout_s: float) -> StoreLookup:
+        """Return what :meth:`write` stored, or raise ``failure`` when one is set."""
+        self.lookups += 1
+        if self.failure is not None:
+            raise self.failure
+        raw = self.histories.get(history_key, [])[:HISTORY_LEN]
+        return StoreLookup(cached=self.cache.get(cache_key), history=decode_history(raw))
+
+    async def write(self, writes: Sequence[StoreWrite]) -> None:
+        """Store answers and prepend history entries, trimming to ``HISTORY_LEN``."""
+        if self.failure is not None:
+            raise self.failure
+        for w in writes:
+            if w.cache_key is not None and w.cache_value is not None:
+                self.cache[w.cache_key] = w.cache_value
+            if w.history_entry is not None:
+                entries = self.histories.setdefault(w.history_key, [])
+                entries.insert(0, w.history_entry)
+                del entries[HISTORY_LEN:]

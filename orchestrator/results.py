@@ -1,0 +1,73 @@
+"""Values the scoring path produces: versions, reason codes, timings and the result itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from orchestrator.routing import Decision
+
+
+class DecidedBy(str, Enum):
+    """Which part of the cascade produced the score; names match ``cascade.v1.DecidedBy``."""
+
+    CACHE = "CACHE"
+    STAGE1 = "STAGE1"
+    STAGE2 = "STAGE2"
+    DEFAULT = "DEFAULT"
+
+
+class Reason(str, Enum):
+    """Why an answer is degraded; names match ``cascade.v1.Reason`` without the prefix."""
+
+    STAGE2_TIMEOUT = "STAGE2_TIMEOUT"
+    STAGE2_UNAVAILABLE = "STAGE2_UNAVAILABLE"
+    STAGE2_OVERLOADED = "STAGE2_OVERLOADED"
+    STAGE2_ERROR = "STAGE2_ERROR"
+    STAGE1_TIMEOUT = "STAGE1_TIMEOUT"
+    STAGE1_UNAVAILABLE = "STAGE1_UNAVAILABLE"
+    STAGE1_ERROR = "STAGE1_ERROR"
+    CACHE_UNAVAILABLE = "CACHE_UNAVAILABLE"
+    FEATURES_UNAVAILABLE = "FEATURES_UNAVAILABLE"
+    BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersions:
+    """The versions that together produced (or would produce) an answer."""
+
+    policy: str
+    stage1: str
+    stage2: str
+    feature_set: str
+
+
+@dataclass(slots=True)
+class Timings:
+    """Wall time per stage in microseconds; filled in as the request goes."""
+
+    budget_us: int = 0
+    redis_us: int = 0
+    features_us: int = 0
+    stage1_us: int = 0
+    stage2_us: int = 0
+    total_us: int = 0
+
+
+@dataclass(slots=True)
+class ScoreResult:
+    """The cascade's answer for one transaction, before it is encoded for the wire."""
+
+    transaction_id: str
+    decision: Decision
+    score: float
+    decided_by: DecidedBy
+    reasons: list[Reason] = field(default_factory=list)
+    stage1_score: float | None = None
+    escalated: bool = False
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def degraded(self) -> bool:
+        """True when any dependency failed or time ran out on the way to this answer."""
+        return bool(self.reasons)

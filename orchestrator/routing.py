@@ -1,0 +1,41 @@
+"""Routing and decision rules of the cascade: pure functions of scores, policy and budget."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from cascade.model_registry import Policy
+
+
+class Decision(str, Enum):
+    """The answer the caller acts on; values match ``cascade.v1.Decision`` names."""
+
+    APPROVE = "APPROVE"
+    REVIEW = "REVIEW"
+    DECLINE = "DECLINE"
+
+
+class Route(str, Enum):
+    """What to do after stage 1."""
+
+    ANSWER = "ANSWER"  # stage 1's score is outside the band: it decides
+    ESCALATE = "ESCALATE"  # in the band and there is time for stage 2
+    NO_TIME = "NO_TIME"  # in the band but too little budget left for stage 2
+
+
+def route(stage1_score: float, policy: Policy, remaining_ms: float, stage2_min_ms: float) -> Route:
+    """Escalate only when the score is in ``[escalate_low, escalate_high)`` and time remains."""
+    if not policy.escalate_low <= stage1_score < policy.escalate_high:
+        return Route.ANSWER
+    if remaining_ms < stage2_min_ms:
+        return Route.NO_TIME
+    return Route.ESCALATE
+
+
+def decide(score: float, policy: Policy) -> Decision:
+    """Map a final fraud score to a decision by the policy's thresholds."""
+    if score >= policy.decline_threshold:
+        return Decision.DECLINE
+    if score >= policy.review_threshold:
+        return Decision.REVIEW
+    return Decision.APPROVE

@@ -1,0 +1,258 @@
+"""The orchestrator's gRPC server: ``cascade.v1.ScoringService`` plus health and reflection.
+
+:class:`Orchestrator` is one async context manager that opens every client (Redis, NATS, Triton),
+the post-answer writer and the grpc.aio server, and closes them in reverse order. Health reports
+NOT_SERVING until a warm-up request has gone through stage 1 and stage 2, and again from the
+moment a drain starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Final
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+from cascade.errors import (
+    CascadeError,
+    ConfigurationError,
+    DependencyError,
+    InvalidInputError,
+    grpc_status_for,
+)
+from cascade.features import FEATURE_SET_VERSION, N_SCREENING_FEATURES, SEQUENCE_LEN, TOKEN_DIM
+from cascade.model_registry import Registry, load_policy, load_registry
+from cascade.settings import Settings
+from cascade.telemetry import extract_context, trace_id_hex
+from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+from orchestrator.budget import Budget
+from orchestrator.codec import result_to_proto, versions_to_proto
+from orchestrator.heavy_client import HeavyScorer, TritonHeavyScorer
+from orchestrator.online_store import RedisOnlineStore
+from orchestrator.post_answer import PostAnswerWriter
+from orchestrator.results import DecidedBy, ModelVersions, Reason, ScoreResult
+from orchestrator.routing import Decision
+from orchestrator.scoring import CascadeScorer
+from orchestrator.screening_client import NatsScreener, Screener
+from orchestrator.validation import validate_request
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME: Final = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
+_WARMUP_RETRY_S: Final = 0.2
+# A backstop on top of the budget: should the event loop stall, the caller still hears in time.
+_GUARD_SLACK_MS: Final = 1.0
+
+
+class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
+    """Implements ``Score``: validate, fix the budget, run the cascade, encode."""
+
+    def __init__(self, scorer: CascadeScorer, settings: Settings, tracer: trace.Tracer) -> None:
+        self._scorer = scorer
+        self._settings = settings
+        self._tracer = tracer
+        self._versions_pb = versions_to_proto(scorer.versions)
+
+    async def Score(  # noqa: N802 - the gRPC method name
+        self, request: scoring_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> scoring_pb2.ScoreResponse:
+        """Score one transaction inside the caller's deadline and the configured SLO."""
+        budget = Budget.start(context.time_remaining(), self._settings.budget)
+        parent = extract_context(dict(context.invocation_metadata() or ()))
+        with self._tracer.start_as_current_span(
+            "cascade.Score", context=parent, kind=trace.SpanKind.SERVER
+        ) as span:
+            try:
+                tx = validate_request(request)
+            except InvalidInputError as exc:
+                span.set_status(trace.StatusCode.ERROR, str(exc))
+                await context.abort(grpc_status_for(exc), str(exc))
+            span.set_attribute("cascade.transaction_id", tx.transaction_id)
+            try:
+                async with asyncio.timeout(budget.total_ms / 1000.0 + _GUARD_SLACK_MS / 1000.0):
+                    result = await self._scorer.score(tx, budget)
+            except TimeoutError:
+                result = ScoreResult(
+                    transaction_id=tx.transaction_id,
+                    decision=Decision(self._settings.default_decision.value),
+                    score=0.5,
+                    decided_by=DecidedBy.DEFAULT,
+                    reasons=[Reason.BUDGET_EXHAUSTED],
+                )
+            except CascadeError as exc:  # the scorer labels dependency failures; this is a bug
+                logger.exception("scoring failed")
+                await context.abort(grpc_status_for(exc), str(exc))
+            span.set_attribute("cascade.decided_by", result.decided_by.value)
+            if result.reasons:
+                span.set_attribute("cascade.reasons", [r.value for r in result.reasons])
+            return result_to_proto(result, self._versions_pb, trace_id_hex(span))
+
+
+def model_versions(registry: Registry, policy_version: str) -> ModelVersions:
+    """The versions named in responses and cache keys."""
+    return ModelVersions(
+        policy=policy_version,
+        stage1=registry.stage1.version,
+        stage2=registry.stage2.version,
+        feature_set=registry.feature_set,
+    )
+
+
+class Orchestrator:
+    """The whole orchestrator process as one async context manager.
+
+    ``port`` is the bound port (``settings.server.port`` 0 picks a free one).
+    """
+
+    def __init__(self, settings: Settings, *, tracer_provider: TracerProvider) -> None:
+        self._settings = settings
+        self._tracer = tracer_provider.get_tracer("cascade.orchestrator")
+        registry = load_registry(settings.model_dir)
+        if registry.feature_set != FEATURE_SET_VERSION:
+            raise ConfigurationError(
+                f"registry feature set {registry.feature_set!r} != code's {FEATURE_SET_VERSION!r}"
+            )
+        policy_path = settings.policy_file or settings.model_dir / registry.policy
+        self._policy = load_policy(policy_path)
+        self.versions = model_versions(registry, self._policy.version)
+        self._registry = registry
+        self._stack = AsyncExitStack()
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._warmup: asyncio.Task[None] | None = None
+        self.port = 0
+        self.writer: PostAnswerWriter | None = None
+
+    async def __aenter__(self) -> Orchestrator:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        s = self._settings
+        store = await self._stack.enter_async_context(
+            RedisOnlineStore(
+                s.redis.url,
+                cache_ttl_s=s.redis.cache_ttl_s,
+                feature_ttl_s=s.redis.feature_ttl_s,
+                pool_size=s.redis.pool_size,
+            )
+        )
+        screener = await self._stack.enter_async_context(
+            NatsScreener(
+                s.nats.url,
+                subject_prefix=s.nats.subject_prefix,
+                model_version=self._registry.stage1.version,
+                feature_set=self._registry.feature_set,
+                tracer=self._tracer,
+            )
+        )
+        heavy = await self._stack.enter_async_context(
+            TritonHeavyScorer(
+                s.triton.url,
+                model_name=self._registry.stage2.triton_model,
+                model_version=str(self._registry.stage2.triton_version),
+                tracer=self._tracer,
+            )
+        )
+        self.writer = await self._stack.enter_async_context(PostAnswerWriter(store))
+        scorer = CascadeScorer(
+            store=store,
+            screener=screener,
+            heavy=heavy,
+            policy=self._policy,
+            versions=self.versions,
+            budget=s.budget,
+            default_decision=s.default_decision,
+            writer=self.writer,
+            tracer=self._tracer,
+        )
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", s.server.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(
+            ScoringServicer(scorer, s, self._tracer), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = server.add_insecure_port(f"{s.server.host}:{s.server.port}")
+        if self.port == 0:
+            raise ConfigurationError(f"cannot bind {s.server.host}:{s.server.port}")
+        await server.start()
+        self._server = server
+        self._warmup = asyncio.create_task(self._warm(screener, heavy), name="orchestrator-warmup")
+        logger.info(
+            "orchestrator listening on %s:%d (policy %s, stage1 %s, stage2 %s, features %s)",
+            s.server.host,
+            self.port,
+            self.versions.policy,
+            self.versions.stage1,
+            self.versions.stage2,
+            self.versions.feature_set,
+        )
+
+    async def _warm(self, screener: Screener, heavy: HeavyScorer) -> None:
+        """Retry one stage-1 and one stage-2 request until both answer, then report SERVING."""
+        rows = np.zeros((1, N_SCREENING_FEATURES), dtype=np.float32)
+        sequences = np.zeros((1, SEQUENCE_LEN, TOKEN_DIM), dtype=np.float32)
+        stage1_ok = stage2_ok = False
+        while not (stage1_ok and stage2_ok):
+            try:
+                if not stage1_ok:
+                    await screener.screen(rows, timeout_s=1.0)
+                    stage1_ok = True
+                if not stage2_ok:
+                    await heavy.score(sequences, timeout_s=2.0)
+                    stage2_ok = True
+            except DependencyError as exc:
+                logger.debug("warm-up waiting: %s", exc)
+                await asyncio.sleep(_WARMUP_RETRY_S)
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("models warm: health SERVING")
+
+    async def wait_serving(self, timeout_s: float) -> None:
+        """Wait until warm-up finished (raises TimeoutError after ``timeout_s``)."""
+        if self._warmup is not None:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(self._warmup)
+
+    async def drain(self) -> None:
+        """Stop taking calls: NOT_SERVING at once, let in-flight calls finish within the grace."""
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace=self._settings.server.drain_s)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._warmup is not None:
+            self._warmup.cancel()
+            try:
+                await self._warmup
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._server is not None:
+            await self._server.stop(grace=self._settings.server.drain_s)
+        await self._stack.aclose()
