@@ -7,6 +7,7 @@ timeout as a backstop, and carries the W3C trace context in the gRPC metadata.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from types import TracebackType
 from typing import Final, Protocol
 
@@ -16,7 +17,7 @@ from opentelemetry import trace
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 
-from cascade.errors import Dependency, DependencyFailed, translate_triton_errors
+from cascade.errors import Dependency, DependencyFailed, DependencyTimeout, translate_triton_errors
 from cascade.telemetry import inject_headers
 
 INPUT_NAME: Final = "sequence"
@@ -93,3 +94,32 @@ class TritonHeavyScorer:
         if scores is None or scores.shape[0] != sequences.shape[0]:
             raise DependencyFailed(Dependency.HEAVY, "Triton returned no usable 'score' output")
         return np.asarray(scores, dtype=np.float32).reshape(sequences.shape[0])
+
+
+class InMemoryHeavyScorer:
+    """Twin of :class:`TritonHeavyScorer` for unit tests: scores with a function, can fail or lag."""
+
+    def __init__(
+        self,
+        score_sequences: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]],
+        *,
+        delay_s: float = 0.0,
+        failure: Exception | None = None,
+    ) -> None:
+        self.score_sequences = score_sequences
+        self.delay_s = delay_s
+        self.failure = failure
+        self.calls = 0
+
+    async def score(
+        self, sequences: npt.NDArray[np.float32], timeout_s: float
+    ) -> npt.NDArray[np.float32]:
+        """Like the real one: raise ``failure``, or time out when ``delay_s`` exceeds the timeout."""
+        self.calls += 1
+        if self.failure is not None:
+            raise self.failure
+        if self.delay_s > timeout_s:
+            await asyncio.sleep(timeout_s)
+            raise DependencyTimeout(Dependency.HEAVY, "no answer in time")
+        await asyncio.sleep(self.delay_s)
+        return self.score_sequences(sequences)

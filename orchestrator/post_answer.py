@@ -69,7 +69,7 @@ class PostAnswerWriter:
             return
         try:
             async with asyncio.timeout(self._drain_timeout_s):
-                await self._queue.join()
+                await self.flush()
         except TimeoutError:
             logger.warning("post-answer writer: %d writes not flushed at shutdown", self._queue.qsize())
         task.cancel()
@@ -77,6 +77,10 @@ class PostAnswerWriter:
             await task
         except asyncio.CancelledError:
             pass
+
+    async def flush(self) -> None:
+        """Wait until every write submitted so far has been attempted."""
+        await self._queue.join()
 
     def submit(self, write: StoreWrite) -> None:
         """Queue ``write``; never blocks. When the queue is full the write is dropped and counted."""

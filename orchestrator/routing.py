@@ -24,8 +24,8 @@ class Route(str, Enum):
 
 
 def route(stage1_score: float, policy: Policy, remaining_ms: float, stage2_min_ms: float) -> Route:
-    """Escalate only when the score is in ``[escalate_low, escalate_high)`` and time remains."""
-    if not policy.escalate_low <= stage1_score < policy.escalate_high:
+    """Escalate only when the score is in the policy's band and time remains."""
+    if not policy.escalates(stage1_score):
         return Route.ANSWER
     if remaining_ms < stage2_min_ms:
         return Route.NO_TIME
@@ -34,8 +34,4 @@ def route(stage1_score: float, policy: Policy, remaining_ms: float, stage2_min_m
 
 def decide(score: float, policy: Policy) -> Decision:
     """Map a final fraud score to a decision by the policy's thresholds."""
-    if score >= policy.decline_threshold:
-        return Decision.DECLINE
-    if score >= policy.review_threshold:
-        return Decision.REVIEW
-    return Decision.APPROVE
+    return Decision(policy.decide(score))

@@ -161,7 +161,7 @@ class Orchestrator:
         heavy = await self._stack.enter_async_context(
             TritonHeavyScorer(
                 s.triton.url,
-                model_name=self._registry.stage2.triton_model,
+                model_name=self._registry.stage2.triton_model or "",
                 model_version=str(self._registry.stage2.triton_version),
                 tracer=self._tracer,
             )

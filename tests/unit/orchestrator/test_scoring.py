@@ -1,0 +1,226 @@
+"""The cascade's routing, fallback and caching, on in-memory twins of Redis, NATS and Triton."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from opentelemetry.trace import NoOpTracer
+
+from cascade.errors import (
+    Dependency,
+    DependencyFailed,
+    DependencyOverloaded,
+    DependencyUnavailable,
+)
+from cascade.model_registry import Policy
+from cascade.settings import BudgetSettings, DefaultDecision
+from orchestrator.budget import Budget
+from orchestrator.heavy_client import InMemoryHeavyScorer
+from orchestrator.online_store import InMemoryOnlineStore
+from orchestrator.post_answer import PostAnswerWriter
+from orchestrator.results import DecidedBy, ModelVersions, Reason
+from orchestrator.routing import Decision
+from orchestrator.scoring import CascadeScorer
+from orchestrator.screening_client import InMemoryScreener
+from tests.conftest import make_transaction
+
+POLICY = Policy(
+    version="p-test", escalate_low=0.3, escalate_high=0.7, review_threshold=0.5, decline_threshold=0.8
+)
+VERSIONS = ModelVersions(policy="p-test", stage1="s1-t", stage2="s2-t", feature_set="fs-1")
+SETTINGS = BudgetSettings(slo_ms=50, response_margin_ms=2, stage1_ms=10, redis_ms=5)
+
+
+def constant(value: float) -> object:
+    def score(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return np.full(rows.shape[0], value, dtype=np.float32)
+
+    return score
+
+
+@dataclass
+class Cascade:
+    scorer: CascadeScorer
+    store: InMemoryOnlineStore
+    screener: InMemoryScreener
+    heavy: InMemoryHeavyScorer
+    writer: PostAnswerWriter
+
+
+@pytest.fixture
+async def cascade() -> AsyncIterator[Cascade]:
+    store = InMemoryOnlineStore()
+    screener = InMemoryScreener(constant(0.1))  # type: ignore[arg-type]
+    heavy = InMemoryHeavyScorer(constant(0.9))  # type: ignore[arg-type]
+    async with PostAnswerWriter(store) as writer:
+        scorer = CascadeScorer(
+            store=store,
+            screener=screener,
+            heavy=heavy,
+            policy=POLICY,
+            versions=VERSIONS,
+            budget=SETTINGS,
+            default_decision=DefaultDecision.REVIEW,
+            writer=writer,
+            tracer=NoOpTracer(),
+        )
+        yield Cascade(scorer, store, screener, heavy, writer)
+
+
+def budget(ms: float = 50) -> Budget:
+    return Budget.start(ms / 1000, SETTINGS)
+
+
+async def test_low_stage1_score_answers_without_stage2(cascade: Cascade) -> None:
+    result = await cascade.scorer.score(make_transaction(), budget())
+    assert result.decided_by is DecidedBy.STAGE1
+    assert result.decision is Decision.APPROVE
+    assert result.score == pytest.approx(0.1)
+    assert not result.escalated and not result.degraded
+    assert cascade.heavy.calls == 0
+    assert result.timings.stage1_us > 0 and result.timings.total_us >= result.timings.stage1_us
+
+
+async def test_score_in_band_escalates_to_stage2(cascade: Cascade) -> None:
+    cascade.screener.score_rows = constant(0.5)  # type: ignore[assignment]
+    result = await cascade.scorer.score(make_transaction(), budget())
+    assert result.decided_by is DecidedBy.STAGE2
+    assert result.escalated
+    assert result.score == pytest.approx(0.9)
+    assert result.stage1_score == pytest.approx(0.5)
+    assert result.decision is Decision.DECLINE
+    assert cascade.heavy.calls == 1
+
+
+async def test_slow_stage2_falls_back_to_stage1_within_budget(cascade: Cascade) -> None:
+    cascade.screener.score_rows = constant(0.55)  # type: ignore[assignment]
+    cascade.heavy.delay_s = 1.0
+    start = time.monotonic()
+    result = await cascade.scorer.score(make_transaction(), budget(30))
+    elapsed_ms = (time.monotonic() - start) * 1000
+    assert result.reasons == [Reason.STAGE2_TIMEOUT]
+    assert result.decided_by is DecidedBy.STAGE1
+    assert result.score == pytest.approx(0.55)
+    assert result.decision is Decision.REVIEW
+    assert result.degraded and result.escalated
+    assert elapsed_ms < 30
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        (DependencyUnavailable(Dependency.HEAVY, "down"), Reason.STAGE2_UNAVAILABLE),
+        (DependencyOverloaded(Dependency.HEAVY, "queue full"), Reason.STAGE2_OVERLOADED),
+        (DependencyFailed(Dependency.HEAVY, "boom"), Reason.STAGE2_ERROR),
+    ],
+)
+async def test_stage2_failures_are_labelled(
+    cascade: Cascade, failure: Exception, reason: Reason
+) -> None:
+    cascade.screener.score_rows = constant(0.4)  # type: ignore[assignment]
+    cascade.heavy.failure = failure
+    result = await cascade.scorer.score(make_transaction(), budget())
+    assert result.reasons == [reason]
+    assert result.decided_by is DecidedBy.STAGE1
+    assert result.score == pytest.approx(0.4)
+
+
+async def test_stage1_failure_gives_labelled_default(cascade: Cascade) -> None:
+    cascade.screener.failure = DependencyUnavailable(Dependency.SCREENING, "no responders")
+    result = await cascade.scorer.score(make_transaction(), budget())
+    assert result.decided_by is DecidedBy.DEFAULT
+    assert result.decision is Decision.REVIEW
+    assert result.reasons == [Reason.STAGE1_UNAVAILABLE]
+    assert cascade.heavy.calls == 0
+
+
+async def test_slow_stage1_times_out_inside_its_sub_budget(cascade: Cascade) -> None:
+    cascade.screener.delay_s = 1.0
+    start = time.monotonic()
+    result = await cascade.scorer.score(make_transaction(), budget())
+    assert (time.monotonic() - start) * 1000 < SETTINGS.stage1_ms + 5
+    assert result.reasons == [Reason.STAGE1_TIMEOUT]
+    assert result.decided_by is DecidedBy.DEFAULT
+
+
+async def test_store_failure_still_answers_labelled(cascade: Cascade) -> None:
+    cascade.store.failure = DependencyUnavailable(Dependency.REDIS, "refused")
+    result = await cascade.scorer.score(make_transaction(), budget())
+    assert result.decided_by is DecidedBy.STAGE1
+    assert result.reasons == [Reason.CACHE_UNAVAILABLE, Reason.FEATURES_UNAVAILABLE]
+
+
+async def test_repeat_transaction_is_served_from_cache(cascade: Cascade) -> None:
+    tx = make_transaction()
+    first = await cascade.scorer.score(tx, budget())
+    await cascade.writer.flush()
+    second = await cascade.scorer.score(tx, budget())
+    assert second.decided_by is DecidedBy.CACHE
+    assert second.decision is first.decision
+    assert second.score == pytest.approx(first.score)
+    assert cascade.screener.calls == 1
+
+
+async def test_degraded_answers_are_not_cached(cascade: Cascade) -> None:
+    cascade.screener.score_rows = constant(0.5)  # type: ignore[assignment]
+    cascade.heavy.failure = DependencyUnavailable(Dependency.HEAVY, "down")
+    tx = make_transaction()
+    degraded = await cascade.scorer.score(tx, budget())
+    await cascade.writer.flush()
+    assert degraded.degraded
+    assert cascade.store.cache == {}
+    assert len(cascade.store.histories) == 1  # features still learn from the transaction
+    cascade.heavy.failure = None
+    again = await cascade.scorer.score(tx, budget())
+    assert again.decided_by is DecidedBy.STAGE2
+    assert not again.degraded
+
+
+async def test_new_model_version_misses_the_cache(cascade: Cascade) -> None:
+    tx = make_transaction()
+    await cascade.scorer.score(tx, budget())
+    await cascade.writer.flush()
+    bumped = CascadeScorer(
+        store=cascade.store,
+        screener=cascade.screener,
+        heavy=cascade.heavy,
+        policy=POLICY,
+        versions=dataclasses.replace(VERSIONS, stage1="s1-u"),
+        budget=SETTINGS,
+        default_decision=DefaultDecision.REVIEW,
+        writer=cascade.writer,
+        tracer=NoOpTracer(),
+    )
+    result = await bumped.score(tx, budget())
+    assert result.decided_by is DecidedBy.STAGE1
+    assert cascade.screener.calls == 2
+
+
+async def test_history_grows_with_each_scored_transaction(cascade: Cascade) -> None:
+    for i in range(3):
+        await cascade.scorer.score(make_transaction(transaction_id=f"tx-{i}"), budget())
+    await cascade.writer.flush()
+    (entries,) = cascade.store.histories.values()
+    assert len(entries) == 3
+
+
+async def test_no_budget_left_answers_default_at_once(cascade: Cascade) -> None:
+    result = await cascade.scorer.score(make_transaction(), budget(0.5))
+    assert result.decided_by is DecidedBy.DEFAULT
+    assert result.reasons == [Reason.BUDGET_EXHAUSTED]
+    assert cascade.store.lookups == 0 and cascade.screener.calls == 0
+
+
+async def test_in_band_without_time_for_stage2_is_labelled(cascade: Cascade) -> None:
+    cascade.screener.score_rows = constant(0.5)  # type: ignore[assignment]
+    cascade.screener.delay_s = 0.006
+    result = await cascade.scorer.score(make_transaction(), budget(10))
+    assert result.decided_by is DecidedBy.STAGE1
+    assert Reason.BUDGET_EXHAUSTED in result.reasons
+    assert cascade.heavy.calls == 0
