@@ -1,0 +1,145 @@
+"""``cascade``: run the local stack and send it sample transactions.
+
+* ``cascade up``    start Redis, NATS, Triton, screening workers and the orchestrator on loopback,
+                    wait until healthy, print the endpoint, optionally send sample traffic, and run
+                    until SIGINT/SIGTERM; then stop everything it started.
+* ``cascade score`` send sample transactions to a running stack and print the answers as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from cascade.samples import sample_transactions
+from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
+from cascade.stack import LocalStack, StackConfig, StackPorts
+from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+
+logger = logging.getLogger("cascade")
+
+
+async def score_samples(target: str, count: int, seed: int, deadline_ms: float) -> list[str]:
+    """Score ``count`` sample transactions against ``target``; return the table's lines."""
+    header = (
+        f"{'transaction':<14} {'card':<10} {'amount':>12} {'decision':<8} {'score':>6} "
+        f"{'by':<7} {'esc':<3} {'ms':>6} {'redis':>6} {'s1':>6} {'s2':>6}  reasons"
+    )
+    lines = [header, "-" * len(header)]
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+        for tx in sample_transactions(count, seed=seed):
+            start = time.perf_counter()
+            try:
+                reply = await stub.Score(
+                    scoring_pb2.ScoreRequest(transaction=tx), timeout=deadline_ms / 1000
+                )
+            except grpc.aio.AioRpcError as exc:
+                lines.append(f"{tx.transaction_id:<14} error {exc.code().name}: {exc.details()}")
+                continue
+            elapsed_ms = (time.perf_counter() - start) * 1000
+            t = reply.timings
+            reasons = ",".join(scoring_pb2.Reason.Name(r).removeprefix("REASON_") for r in reply.reasons)
+            amount = f"{tx.amount_minor / 100:,.2f} {tx.currency}"
+            lines.append(
+                f"{tx.transaction_id:<14} {tx.card_id:<10} {amount:>12} "
+                f"{scoring_pb2.Decision.Name(reply.decision).removeprefix('DECISION_'):<8} "
+                f"{reply.score:6.3f} "
+                f"{scoring_pb2.DecidedBy.Name(reply.decided_by).removeprefix('DECIDED_BY_'):<7} "
+                f"{'yes' if reply.escalated else '':<3} {elapsed_ms:6.2f} "
+                f"{t.redis_us / 1000:6.2f} {t.stage1_us / 1000:6.2f} {t.stage2_us / 1000:6.2f}  "
+                f"{reasons}"
+            )
+    return lines
+
+
+async def _up(args: argparse.Namespace) -> int:
+    config = StackConfig(
+        model_dir=args.model_dir.resolve(),
+        run_dir=args.run_dir.resolve(),
+        ports=StackPorts(
+            grpc=args.port,
+            redis=args.redis_port,
+            nats=args.nats_port,
+            triton_grpc=args.triton_grpc_port,
+            triton_http=args.triton_http_port,
+            triton_metrics=args.triton_metrics_port,
+        ),
+        workers=args.workers,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"starting the local stack (logs in {config.run_dir / 'logs'}) ...", flush=True)
+    started = time.monotonic()
+    async with LocalStack(config) as stack:
+        print(
+            f"stack healthy in {time.monotonic() - started:.1f}s\n"
+            f"  scoring endpoint  grpc://{stack.target}  (cascade.v1.ScoringService/Score)\n"
+            f"  redis {stack.redis_url}   nats {stack.nats_url}   triton grpc {stack.triton_url}",
+            flush=True,
+        )
+        if args.sample:
+            for line in await score_samples(stack.target, args.sample, args.seed, args.deadline_ms):
+                print(line)
+        if args.exit_after_sample:
+            return 0
+        print("running; Ctrl-C (SIGINT) or SIGTERM stops every process", flush=True)
+        await stop.wait()
+        print("stopping ...", flush=True)
+    return 0
+
+
+async def _score(args: argparse.Namespace) -> int:
+    for line in await score_samples(args.target, args.count, args.seed, args.deadline_ms):
+        print(line)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cascade", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run the local stack until SIGINT/SIGTERM")
+    defaults = StackPorts()
+    up.add_argument("--port", type=int, default=defaults.grpc, help="orchestrator gRPC port")
+    up.add_argument("--redis-port", type=int, default=defaults.redis)
+    up.add_argument("--nats-port", type=int, default=defaults.nats)
+    up.add_argument("--triton-grpc-port", type=int, default=defaults.triton_grpc)
+    up.add_argument("--triton-http-port", type=int, default=defaults.triton_http)
+    up.add_argument("--triton-metrics-port", type=int, default=defaults.triton_metrics)
+    up.add_argument("--workers", type=int, default=2, help="screening workers in the queue group")
+    up.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    up.add_argument("--run-dir", type=Path, default=REPO_ROOT / ".run", help="logs and Triton repo")
+    up.add_argument("--sample", type=int, default=0, help="score this many sample transactions")
+    up.add_argument("--exit-after-sample", action="store_true", help="stop after the sample")
+    score = sub.add_parser("score", help="score sample transactions against a running stack")
+    score.add_argument("--target", default=f"127.0.0.1:{defaults.grpc}")
+    score.add_argument("--count", type=int, default=20)
+    for p in (up, score):
+        p.add_argument("--seed", type=int, default=7, help="sample-traffic seed")
+        p.add_argument("--deadline-ms", type=float, default=50.0, help="per-call gRPC deadline")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cascade`` command."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    command = _up if args.command == "up" else _score
+    try:
+        return asyncio.run(command(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The local stack: Redis, NATS, Triton, N screening workers and the orchestrator, on loopback.
+
+:class:`LocalStack` starts them in dependency order, waits until each is healthy (the
+orchestrator's gRPC health check says SERVING only once both models answered a warm-up), and
+stops every process it started, in reverse order, however the block ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cascade.model_registry import load_registry
+from cascade.servers import ManagedProcess, NatsServer, RedisServer, TritonServer
+from cascade.servers._process import resolve_port
+
+_READY_LINE: Final = "READY"
+
+
+@dataclass(frozen=True, slots=True)
+class StackPorts:
+    """Loopback ports of the stack (0 picks a free one)."""
+
+    grpc: int = 50051
+    redis: int = 16379
+    nats: int = 14222
+    triton_grpc: int = 18001
+    triton_http: int = 18000
+    triton_metrics: int = 18002
+
+
+@dataclass(frozen=True, slots=True)
+class StackConfig:
+    """What ``cascade up`` starts."""
+
+    model_dir: Path
+    run_dir: Path
+    ports: StackPorts = field(default_factory=StackPorts)
+    workers: int = 2
+    triton_instances: int = 1
+    triton_delay_ms: float = 0.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+async def grpc_health_serving(target: str, timeout_s: float = 1.0) -> bool:
+    """True when the gRPC health service at ``target`` reports SERVING for the whole server."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _log_has_ready_line(log_path: Path) -> bool:
+    try:
+        return any(line.strip() == _READY_LINE for line in log_path.read_text().splitlines())
+    except FileNotFoundError:
+        return False
+
+
+class LocalStack:
+    """Every process of the local stack; an async context manager. ``target`` is the endpoint."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self._config = config
+        self._stack = AsyncExitStack()
+        self.grpc_port = resolve_port(config.ports.grpc)
+        self.target = f"127.0.0.1:{self.grpc_port}"
+        self.redis_url = ""
+        self.nats_url = ""
+        self.triton_url = ""
+        self.log_dir = config.run_dir / "logs"
+
+    async def __aenter__(self) -> LocalStack:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stack.aclose()
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+        env.update(
+            {
+                "CASCADE_MODEL_DIR": str(self._config.model_dir),
+                "CASCADE_REDIS__URL": self.redis_url,
+                "CASCADE_NATS__URL": self.nats_url,
+                "CASCADE_TRITON__URL": self.triton_url,
+                "CASCADE_SERVER__HOST": "127.0.0.1",
+                "CASCADE_SERVER__PORT": str(self.grpc_port),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self._config.extra_env)
+        return env
+
+    async def _start(self) -> None:
+        cfg = self._config
+        ports = cfg.ports
+        registry = load_registry(cfg.model_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        # The three servers start independently; start them together to save Triton's seconds.
+        redis_server = RedisServer(ports.redis, log_dir=self.log_dir)
+        nats_server = NatsServer(ports.nats, log_dir=self.log_dir)
+        triton = TritonServer(
+            registry.stage2_path,
+            model_name=registry.stage2.triton_model or "",
+            model_version=registry.stage2.triton_version or 1,
+            grpc_port=ports.triton_grpc,
+            http_port=ports.triton_http,
+            metrics_port=ports.triton_metrics,
+            work_dir=cfg.run_dir / "triton",
+            log_dir=self.log_dir,
+            delay_ms=cfg.triton_delay_ms,
+            instance_count=cfg.triton_instances,
+        )
+        servers = (redis_server, nats_server, triton)
+        results = await asyncio.gather(
+            *(self._stack.enter_async_context(s) for s in servers), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        self.redis_url, self.nats_url, self.triton_url = (
+            redis_server.url,
+            nats_server.url,
+            triton.grpc_url,
+        )
+        env = self._env()
+        workers = [
+            ManagedProcess(
+                f"screening-worker-{i}",
+                [sys.executable, "-m", "stages.screening"],
+                log_dir=self.log_dir,
+                env=env,
+                probe=self._ready_line_probe(self.log_dir / f"screening-worker-{i}.log"),
+            )
+            for i in range(cfg.workers)
+        ]
+        for worker in workers:
+            await self._stack.enter_async_context(worker)
+        orchestrator = ManagedProcess(
+            "orchestrator",
+            [sys.executable, "-m", "orchestrator"],
+            log_dir=self.log_dir,
+            env=env,
+            probe=lambda: grpc_health_serving(self.target),
+            ports=(self.grpc_port,),
+            start_timeout_s=60.0,
+        )
+        await self._stack.enter_async_context(orchestrator)
+
+    @staticmethod
+    def _ready_line_probe(log_path: Path) -> Callable[[], Awaitable[bool]]:
+        async def probe() -> bool:
+            return _log_has_ready_line(log_path)
+
+        return probe
