@@ -323,6 +323,8 @@ class TritonServer:
         try:
             tritonserver_dir = _pytriton_dir()
             backends_dir = build_python_backend(self.work_dir / "backends")
+            # A reused work_dir may hold another model from an earlier run: Triton would load it.
+            shutil.rmtree(self.repository_dir, ignore_errors=True)
             build_model_repository(
                 self.repository_dir,
                 self.onnx_path,
