@@ -15,14 +15,15 @@ import pytest
 import pytest_asyncio
 from onnx import TensorProto, helper, numpy_helper
 
+from cascade.features import SEQUENCE_LEN, TOKEN_DIM
 from cascade.servers import NatsServer, RedisServer, TritonServer
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
 
-SEQ_LEN: Final = 65
-TINY_TOKEN_DIM: Final = 8
+SEQ_LEN: Final = SEQUENCE_LEN
+TINY_TOKEN_DIM: Final = TOKEN_DIM  # the feature set's width, so the orchestrator's tensors fit
 
 
 def build_tiny_heavy_onnx(
@@ -73,7 +74,7 @@ def server_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_heavy_onnx(tmp_path_factory: pytest.TempPathFactory) -> TinyHeavyOnnx:
-    """Factory: ``tiny_heavy_onnx(token_dim=8, seq_len=65) -> Path`` of a tiny heavy model."""
+    """Factory: ``tiny_heavy_onnx(token_dim=TOKEN_DIM, seq_len=65) -> Path``, built once each."""
     root = tmp_path_factory.mktemp("tiny-heavy")
     built: dict[tuple[int, int], Path] = {}
 

@@ -8,12 +8,16 @@ honours ``delay_ms``.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
 import os
 import re
+import sys
 import time
+import types
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nats
 import numpy as np
@@ -24,6 +28,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 import tritonclient.grpc.aio as grpcclient
 
+from cascade.features import TOKEN_DIM
 from cascade.servers import (
     ManagedProcess,
     NatsServer,
@@ -274,7 +279,7 @@ async def slow_triton(
 async def test_triton_scores_like_onnxruntime(
     triton_server: TritonServer, tiny_heavy_onnx: TinyHeavyOnnx, batch: int
 ) -> None:
-    data = sequences(batch, token_dim=8, seed=batch)
+    data = sequences(batch, token_dim=TOKEN_DIM, seed=batch)
     async with grpcclient.InferenceServerClient(triton_server.grpc_url) as client:
         assert await client.is_model_ready(MODEL)
         got = await triton_scores(client, data)
@@ -287,7 +292,7 @@ async def test_triton_rejects_a_wrong_shape(triton_server: TritonServer) -> None
         with pytest.raises(grpcclient.InferenceServerException, match="shape"):
             await triton_scores(client, sequences(2, token_dim=5))
         # and keeps serving
-        assert (await triton_scores(client, sequences(1, token_dim=8))).shape == (1, 1)
+        assert (await triton_scores(client, sequences(1, token_dim=TOKEN_DIM))).shape == (1, 1)
 
 
 async def test_triton_exposes_prometheus_metrics(triton_server: TritonServer) -> None:
@@ -297,7 +302,7 @@ async def test_triton_exposes_prometheus_metrics(triton_server: TritonServer) ->
 
 async def test_triton_honours_delay_ms(slow_triton: TritonServer) -> None:
     async with grpcclient.InferenceServerClient(slow_triton.grpc_url) as client:
-        data = sequences(1, token_dim=8)
+        data = sequences(1, token_dim=TOKEN_DIM)
         await triton_scores(client, data)
         for _ in range(3):
             started = time.perf_counter()
@@ -309,7 +314,7 @@ async def test_triton_batches_concurrent_requests(
     slow_triton: TritonServer, tiny_heavy_onnx: TinyHeavyOnnx
 ) -> None:
     before = await asyncio.to_thread(read_metrics, slow_triton.metrics_url)
-    data = [sequences(1, token_dim=8, seed=i) for i in range(64)]
+    data = [sequences(1, token_dim=TOKEN_DIM, seed=i) for i in range(64)]
     async with grpcclient.InferenceServerClient(slow_triton.grpc_url) as client:
         started = time.perf_counter()
         results = await asyncio.gather(*(triton_scores(client, d) for d in data))
@@ -369,3 +374,125 @@ def test_free_port_is_bindable() -> None:
     port = free_port()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+
+
+async def test_a_start_cancelled_while_waiting_kills_the_process(server_log_dir: Path) -> None:
+    async def never() -> bool:
+        return False
+
+    process = ManagedProcess(
+        "cancelled", ["sleep", "60"], log_dir=server_log_dir, probe=never, start_timeout_s=60
+    )
+    task = asyncio.create_task(process.start())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert process.pid is not None
+    assert not process_exists(process.pid)
+
+
+# --- The Python-backend model, driven without Triton ---------------------------------------------
+
+
+class _FakeTensor:
+    def __init__(self, name: str, array: npt.NDArray[np.float32]) -> None:
+        self.name = name
+        self.array = array
+
+    def as_numpy(self) -> npt.NDArray[np.float32]:
+        return self.array
+
+
+class _FakeResponse:
+    def __init__(self, output_tensors: list[_FakeTensor], error: _FakeError | None = None) -> None:
+        self.output_tensors = output_tensors
+        self.error = error
+
+
+class _FakeError:
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class _FakeRequest:
+    def __init__(self, tensors: dict[str, npt.NDArray[np.float32]]) -> None:
+        self.tensors = tensors
+
+
+def _fake_pb_utils() -> types.ModuleType:
+    """The parts of ``triton_python_backend_utils`` that ``model.py`` uses."""
+    module = types.ModuleType("triton_python_backend_utils")
+
+    def get_input_tensor_by_name(request: _FakeRequest, name: str) -> _FakeTensor | None:
+        array = request.tensors.get(name)
+        return None if array is None else _FakeTensor(name, array)
+
+    def get_input_config_by_name(config: dict[str, Any], name: str) -> dict[str, Any] | None:
+        return next((i for i in config["input"] if i["name"] == name), None)
+
+    module.__dict__.update(
+        get_input_tensor_by_name=get_input_tensor_by_name,
+        get_input_config_by_name=get_input_config_by_name,
+        Tensor=_FakeTensor,
+        InferenceResponse=_FakeResponse,
+        TritonError=_FakeError,
+    )
+    return module
+
+
+def test_model_py_scores_a_batch_in_one_run_and_isolates_bad_requests(
+    tiny_heavy_onnx: TinyHeavyOnnx, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cascade.servers.triton import MODEL_PY
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+    spec = importlib.util.spec_from_file_location("heavy_model_under_test", MODEL_PY)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "model.onnx").symlink_to(tiny_heavy_onnx())
+    config = {
+        "max_batch_size": 16,
+        "input": [{"name": "sequence", "dims": ["65", str(TOKEN_DIM)]}],
+        "parameters": {"intra_op_threads": {"string_value": "1"}},
+    }
+    model = module.TritonPythonModel()
+    model.initialize(
+        {
+            "model_config": json.dumps(config),
+            "model_repository": str(tmp_path),
+            "model_version": "1",
+        }
+    )
+    runs = 0
+    real_run = model.session.run
+
+    def counting_run(*args: Any, **kwargs: Any) -> Any:
+        nonlocal runs
+        runs += 1
+        return real_run(*args, **kwargs)
+
+    model.session.run = counting_run
+    good = [sequences(n, TOKEN_DIM, seed=n) for n in (1, 3, 2)]
+    requests = [
+        _FakeRequest({"sequence": good[0]}),
+        _FakeRequest({"sequence": sequences(1, TOKEN_DIM + 1)}),
+        _FakeRequest({"sequence": good[1]}),
+        _FakeRequest({}),
+        _FakeRequest({"sequence": good[2]}),
+    ]
+    responses = model.execute(requests)
+
+    assert runs == 1
+    assert len(responses) == len(requests)
+    assert "shape" in responses[1].error.message
+    assert "missing" in responses[3].error.message
+    for response, data in zip([responses[i] for i in (0, 2, 4)], good, strict=True):
+        assert response.error is None
+        (score,) = response.output_tensors
+        assert score.name == "score"
+        np.testing.assert_allclose(score.array, onnx_scores(tiny_heavy_onnx(), data), rtol=1e-6)
