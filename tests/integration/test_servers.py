@@ -313,14 +313,20 @@ async def test_triton_honours_delay_ms(slow_triton: TritonServer) -> None:
 async def test_triton_batches_concurrent_requests(
     slow_triton: TritonServer, tiny_heavy_onnx: TinyHeavyOnnx
 ) -> None:
+    await asyncio.sleep(0.1)  # let statistics of earlier calls land before the baseline
     before = await asyncio.to_thread(read_metrics, slow_triton.metrics_url)
     data = [sequences(1, token_dim=TOKEN_DIM, seed=i) for i in range(64)]
     async with grpcclient.InferenceServerClient(slow_triton.grpc_url) as client:
         started = time.perf_counter()
         results = await asyncio.gather(*(triton_scores(client, d) for d in data))
         elapsed_ms = (time.perf_counter() - started) * 1000
-    after = await asyncio.to_thread(read_metrics, slow_triton.metrics_url)
-    requests = metric(after, "nv_inference_count") - metric(before, "nv_inference_count")
+    # Triton records a batch's statistics just after sending its responses: wait for the last one.
+    for _ in range(100):
+        after = await asyncio.to_thread(read_metrics, slow_triton.metrics_url)
+        requests = metric(after, "nv_inference_count") - metric(before, "nv_inference_count")
+        if requests >= 64:
+            break
+        await asyncio.sleep(0.02)
     executions = metric(after, "nv_inference_exec_count") - metric(
         before, "nv_inference_exec_count"
     )
