@@ -47,7 +47,9 @@ async def score_samples(target: str, count: int, seed: int, deadline_ms: float) 
                 continue
             elapsed_ms = (time.perf_counter() - start) * 1000
             t = reply.timings
-            reasons = ",".join(scoring_pb2.Reason.Name(r).removeprefix("REASON_") for r in reply.reasons)
+            reasons = ",".join(
+                scoring_pb2.Reason.Name(r).removeprefix("REASON_") for r in reply.reasons
+            )
             amount = f"{tx.amount_minor / 100:,.2f} {tx.currency}"
             lines.append(
                 f"{tx.transaction_id:<14} {tx.card_id:<10} {amount:>12} "

@@ -19,10 +19,9 @@ fallback instead.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import Enum
+from enum import StrEnum
 
 import grpc
 import nats.errors
@@ -30,7 +29,7 @@ import redis.exceptions
 from tritonclient.utils import InferenceServerException
 
 
-class Dependency(str, Enum):
+class Dependency(StrEnum):
     """The downstream systems a request depends on."""
 
     REDIS = "redis"
@@ -93,7 +92,7 @@ def translate_redis_errors() -> Iterator[None]:
     """Map redis-py errors raised inside the block to the cascade tree."""
     try:
         yield
-    except (redis.exceptions.TimeoutError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, redis.exceptions.TimeoutError) as exc:
         raise DependencyTimeout(Dependency.REDIS, _redact(str(exc)) or "timed out") from exc
     except (redis.exceptions.ConnectionError, OSError) as exc:
         raise DependencyUnavailable(Dependency.REDIS, _redact(str(exc))) from exc
@@ -106,7 +105,7 @@ def translate_nats_errors() -> Iterator[None]:
     """Map nats-py errors raised inside the block to the cascade tree."""
     try:
         yield
-    except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, nats.errors.TimeoutError) as exc:
         raise DependencyTimeout(Dependency.SCREENING, "no reply in time") from exc
     except nats.errors.NoRespondersError as exc:
         raise DependencyUnavailable(Dependency.SCREENING, "no screening worker listening") from exc
@@ -118,7 +117,9 @@ def translate_nats_errors() -> Iterator[None]:
         nats.errors.StaleConnectionError,
         OSError,
     ) as exc:
-        raise DependencyUnavailable(Dependency.SCREENING, _redact(str(exc)) or "not connected") from exc
+        raise DependencyUnavailable(
+            Dependency.SCREENING, _redact(str(exc)) or "not connected"
+        ) from exc
     except nats.errors.MaxPayloadError as exc:
         raise DependencyFailed(Dependency.SCREENING, "request exceeds NATS max payload") from exc
     except nats.errors.Error as exc:
@@ -138,7 +139,7 @@ def translate_triton_errors() -> Iterator[None]:
     """Map tritonclient errors raised inside the block to the cascade tree."""
     try:
         yield
-    except asyncio.TimeoutError as exc:
+    except TimeoutError as exc:
         raise DependencyTimeout(Dependency.HEAVY, "no answer in time") from exc
     except InferenceServerException as exc:
         kind = _TRITON_STATUS.get(str(exc.status()), DependencyFailed)

@@ -29,7 +29,9 @@ CURRENCY_EXPONENTS: Final[dict[str, int]] = {
     **dict.fromkeys(_EXPONENT_4.split(), 4),
 }
 
-_MAJOR_PER_MINOR: Final[dict[str, float]] = {c: 1.0 / 10.0**e for c, e in CURRENCY_EXPONENTS.items()}
+_MAJOR_PER_MINOR: Final[dict[str, float]] = {
+    c: 1.0 / 10.0**e for c, e in CURRENCY_EXPONENTS.items()
+}
 
 COUNTRIES: Final[frozenset[str]] = frozenset(
     """

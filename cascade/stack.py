@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,15 +51,15 @@ class StackConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
-async def grpc_health_serving(target: str, timeout_s: float = 1.0) -> bool:
-    """True when the gRPC health service at ``target`` reports SERVING for the whole server."""
+async def grpc_health_status(target: str, timeout_s: float = 1.0) -> int | None:
+    """The whole server's health status at ``target``, or None if it does not answer."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
         except grpc.aio.AioRpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+            return None
+    return int(reply.status)
 
 
 def _log_has_ready_line(log_path: Path) -> bool:
@@ -68,6 +67,69 @@ def _log_has_ready_line(log_path: Path) -> bool:
         return any(line.strip() == _READY_LINE for line in log_path.read_text().splitlines())
     except FileNotFoundError:
         return False
+
+
+def service_env(
+    *,
+    model_dir: Path,
+    redis_url: str,
+    nats_url: str,
+    triton_url: str,
+    grpc_port: int,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Environment for worker and orchestrator processes: ours replaced, the rest inherited."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+    env.update(
+        {
+            "CASCADE_MODEL_DIR": str(model_dir),
+            "CASCADE_REDIS__URL": redis_url,
+            "CASCADE_NATS__URL": nats_url,
+            "CASCADE_TRITON__URL": triton_url,
+            "CASCADE_SERVER__HOST": "127.0.0.1",
+            "CASCADE_SERVER__PORT": str(grpc_port),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+def worker_process(name: str, env: dict[str, str], log_dir: Path) -> ManagedProcess:
+    """``python -m stages.screening``, ready once it printed its READY line (model warm)."""
+    log_path = log_dir / f"{name}.log"
+
+    async def ready() -> bool:
+        return _log_has_ready_line(log_path)
+
+    return ManagedProcess(
+        name, [sys.executable, "-m", "stages.screening"], log_dir=log_dir, env=env, probe=ready
+    )
+
+
+def orchestrator_process(
+    env: dict[str, str], log_dir: Path, *, wait_serving: bool = True
+) -> ManagedProcess:
+    """``python -m orchestrator``; ready when health says SERVING (or, if not ``wait_serving``,
+    as soon as it answers health checks at all)."""
+    port = int(env["CASCADE_SERVER__PORT"])
+    target = f"127.0.0.1:{port}"
+
+    async def ready() -> bool:
+        status = await grpc_health_status(target)
+        if wait_serving:
+            return bool(status == health_pb2.HealthCheckResponse.SERVING)
+        return status is not None
+
+    return ManagedProcess(
+        "orchestrator",
+        [sys.executable, "-m", "orchestrator"],
+        log_dir=log_dir,
+        env=env,
+        probe=ready,
+        ports=(port,),
+        start_timeout_s=60.0,
+    )
 
 
 class LocalStack:
@@ -98,22 +160,6 @@ class LocalStack:
         tb: TracebackType | None,
     ) -> None:
         await self._stack.aclose()
-
-    def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
-        env.update(
-            {
-                "CASCADE_MODEL_DIR": str(self._config.model_dir),
-                "CASCADE_REDIS__URL": self.redis_url,
-                "CASCADE_NATS__URL": self.nats_url,
-                "CASCADE_TRITON__URL": self.triton_url,
-                "CASCADE_SERVER__HOST": "127.0.0.1",
-                "CASCADE_SERVER__PORT": str(self.grpc_port),
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        env.update(self._config.extra_env)
-        return env
 
     async def _start(self) -> None:
         cfg = self._config
@@ -147,33 +193,16 @@ class LocalStack:
             nats_server.url,
             triton.grpc_url,
         )
-        env = self._env()
-        workers = [
-            ManagedProcess(
-                f"screening-worker-{i}",
-                [sys.executable, "-m", "stages.screening"],
-                log_dir=self.log_dir,
-                env=env,
-                probe=self._ready_line_probe(self.log_dir / f"screening-worker-{i}.log"),
-            )
-            for i in range(cfg.workers)
-        ]
-        for worker in workers:
-            await self._stack.enter_async_context(worker)
-        orchestrator = ManagedProcess(
-            "orchestrator",
-            [sys.executable, "-m", "orchestrator"],
-            log_dir=self.log_dir,
-            env=env,
-            probe=lambda: grpc_health_serving(self.target),
-            ports=(self.grpc_port,),
-            start_timeout_s=60.0,
+        env = service_env(
+            model_dir=cfg.model_dir,
+            redis_url=self.redis_url,
+            nats_url=self.nats_url,
+            triton_url=self.triton_url,
+            grpc_port=self.grpc_port,
+            extra=cfg.extra_env,
         )
-        await self._stack.enter_async_context(orchestrator)
-
-    @staticmethod
-    def _ready_line_probe(log_path: Path) -> Callable[[], Awaitable[bool]]:
-        async def probe() -> bool:
-            return _log_has_ready_line(log_path)
-
-        return probe
+        for i in range(cfg.workers):
+            await self._stack.enter_async_context(
+                worker_process(f"screening-worker-{i}", env, self.log_dir)
+            )
+        await self._stack.enter_async_context(orchestrator_process(env, self.log_dir))

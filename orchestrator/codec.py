@@ -14,7 +14,9 @@ _DECISION_TO_PB: Final = {
     Decision.DECLINE: scoring_pb2.DECISION_DECLINE,
 }
 _DECISION_FROM_PB: Final = {v: k for k, v in _DECISION_TO_PB.items()}
-_DECIDED_BY_TO_PB: Final = {d: scoring_pb2.DecidedBy.Value(f"DECIDED_BY_{d.value}") for d in DecidedBy}
+_DECIDED_BY_TO_PB: Final = {
+    d: scoring_pb2.DecidedBy.Value(f"DECIDED_BY_{d.value}") for d in DecidedBy
+}
 _DECIDED_BY_FROM_PB: Final = {v: k for k, v in _DECIDED_BY_TO_PB.items()}
 _REASON_TO_PB: Final = {r: scoring_pb2.Reason.Value(f"REASON_{r.value}") for r in Reason}
 

@@ -9,6 +9,7 @@ logged and counted, never raised into a request. On exit the queue is drained (b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -71,12 +72,12 @@ class PostAnswerWriter:
             async with asyncio.timeout(self._drain_timeout_s):
                 await self.flush()
         except TimeoutError:
-            logger.warning("post-answer writer: %d writes not flushed at shutdown", self._queue.qsize())
+            logger.warning(
+                "post-answer writer: %d writes not flushed at shutdown", self._queue.qsize()
+            )
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
 
     async def flush(self) -> None:
         """Wait until every write submitted so far has been attempted."""
@@ -88,7 +89,9 @@ class PostAnswerWriter:
             self._queue.put_nowait(write)
         except asyncio.QueueFull:
             self.stats.dropped += 1
-            self._log_problem("post-answer queue full; dropped %d writes so far", self.stats.dropped)
+            self._log_problem(
+                "post-answer queue full; dropped %d writes so far", self.stats.dropped
+            )
 
     async def _run(self) -> None:
         while True:
@@ -103,7 +106,9 @@ class PostAnswerWriter:
                 self.stats.written += len(batch)
             except DependencyError as exc:
                 self.stats.failed += len(batch)
-                self._log_problem("post-answer write failed (%s); %d failed so far", exc, self.stats.failed)
+                self._log_problem(
+                    "post-answer write failed (%s); %d failed so far", exc, self.stats.failed
+                )
             finally:
                 self.stats.batches += 1
                 for _ in batch:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from orchestrator.routing import Decision
 
 
-class DecidedBy(str, Enum):
+class DecidedBy(StrEnum):
     """Which part of the cascade produced the score; names match ``cascade.v1.DecidedBy``."""
 
     CACHE = "CACHE"
@@ -17,7 +17,7 @@ class DecidedBy(str, Enum):
     DEFAULT = "DEFAULT"
 
 
-class Reason(str, Enum):
+class Reason(StrEnum):
     """Why an answer is degraded; names match ``cascade.v1.Reason`` without the prefix."""
 
     STAGE2_TIMEOUT = "STAGE2_TIMEOUT"

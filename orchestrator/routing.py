@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from cascade.model_registry import Policy
 
 
-class Decision(str, Enum):
+class Decision(StrEnum):
     """The answer the caller acts on; values match ``cascade.v1.Decision`` names."""
 
     APPROVE = "APPROVE"
@@ -15,7 +15,7 @@ class Decision(str, Enum):
     DECLINE = "DECLINE"
 
 
-class Route(str, Enum):
+class Route(StrEnum):
     """What to do after stage 1."""
 
     ANSWER = "ANSWER"  # stage 1's score is outside the band: it decides

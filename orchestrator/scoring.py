@@ -24,7 +24,6 @@ from typing import Final
 from opentelemetry import trace
 
 from cascade.errors import (
-
     DependencyError,
     DependencyOverloaded,
     DependencyTimeout,
@@ -129,7 +128,9 @@ class CascadeScorer:
         t0 = time.perf_counter_ns()
         try:
             with self._tracer.start_as_current_span("redis.lookup", kind=trace.SpanKind.CLIENT):
-                lookup = await self._store.lookup(cache_key, history_key, budget.allot_s(cfg.redis_ms))
+                lookup = await self._store.lookup(
+                    cache_key, history_key, budget.allot_s(cfg.redis_ms)
+                )
         except DependencyError as exc:
             logger.debug("online store lookup failed: %s", exc)
             lookup = None
@@ -153,11 +154,15 @@ class CascadeScorer:
             return self._default(tx, [*reasons, Reason.BUDGET_EXHAUSTED])
         t0 = time.perf_counter_ns()
         try:
-            stage1_score = float((await self._screener.screen(rows, budget.allot_s(cfg.stage1_ms)))[0])
+            stage1_score = float(
+                (await self._screener.screen(rows, budget.allot_s(cfg.stage1_ms)))[0]
+            )
         except DependencyError as exc:
             timings.stage1_us = _us_since(t0)
             self._writer.submit(new_history)
-            return self._default(tx, [*reasons, _STAGE1_REASONS.get(type(exc), Reason.STAGE1_ERROR)])
+            return self._default(
+                tx, [*reasons, _STAGE1_REASONS.get(type(exc), Reason.STAGE1_ERROR)]
+            )
         timings.stage1_us = _us_since(t0)
 
         score, decided_by, escalated = stage1_score, DecidedBy.STAGE1, False
@@ -201,6 +206,3 @@ class CascadeScorer:
             decided_by=DecidedBy.DEFAULT,
             reasons=reasons,
         )
-
-
-

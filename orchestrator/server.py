@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from types import TracebackType
 from typing import Final
 
@@ -61,7 +61,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         self._tracer = tracer
         self._versions_pb = versions_to_proto(scorer.versions)
 
-    async def Score(  # noqa: N802 - the gRPC method name
+    async def Score(
         self, request: scoring_pb2.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> scoring_pb2.ScoreResponse:
         """Score one transaction inside the caller's deadline and the configured SLO."""
@@ -198,7 +198,9 @@ class Orchestrator:
             raise ConfigurationError(f"cannot bind {s.server.host}:{s.server.port}")
         await server.start()
         self._server = server
-        self._warmup = asyncio.create_task(self._warm(screener, heavy), name="orchestrator-warmup")
+        self._warmup = asyncio.create_task(
+            self._warm(store, screener, heavy), name="orchestrator-warmup"
+        )
         logger.info(
             "orchestrator listening on %s:%d (policy %s, stage1 %s, stage2 %s, features %s)",
             s.server.host,
@@ -209,8 +211,16 @@ class Orchestrator:
             self.versions.feature_set,
         )
 
-    async def _warm(self, screener: Screener, heavy: HeavyScorer) -> None:
-        """Retry one stage-1 and one stage-2 request until both answer, then report SERVING."""
+    async def _warm(self, store: RedisOnlineStore, screener: Screener, heavy: HeavyScorer) -> None:
+        """Retry one stage-1 and one stage-2 request until both answer, then report SERVING.
+
+        Redis is pinged once to open a pooled connection, but does not gate SERVING: without it
+        the cascade still answers (labelled), while without the models it cannot.
+        """
+        try:
+            await store.ping(timeout_s=1.0)
+        except DependencyError as exc:
+            logger.warning("Redis not reachable at start-up (%s); answers will be labelled", exc)
         rows = np.zeros((1, N_SCREENING_FEATURES), dtype=np.float32)
         sequences = np.zeros((1, SEQUENCE_LEN, TOKEN_DIM), dtype=np.float32)
         stage1_ok = stage2_ok = False
@@ -236,8 +246,10 @@ class Orchestrator:
                 await asyncio.shield(self._warmup)
 
     async def drain(self) -> None:
-        """Stop taking calls: NOT_SERVING at once, let in-flight calls finish within the grace."""
+        """NOT_SERVING at once; keep accepting for ``shutdown_delay_s``; then stop taking calls and
+        let in-flight ones finish within ``drain_s``."""
         await self._health.enter_graceful_shutdown()
+        await asyncio.sleep(self._settings.server.shutdown_delay_s)
         if self._server is not None:
             await self._server.stop(grace=self._settings.server.drain_s)
 
@@ -249,10 +261,8 @@ class Orchestrator:
     ) -> None:
         if self._warmup is not None:
             self._warmup.cancel()
-            try:
+            with suppress(asyncio.CancelledError, Exception):
                 await self._warmup
-            except (asyncio.CancelledError, Exception):
-                pass
         if self._server is not None:
             await self._server.stop(grace=self._settings.server.drain_s)
         await self._stack.aclose()

@@ -92,9 +92,7 @@ def validate_transaction(tx: scoring_pb2.Transaction) -> Transaction:
             _PREFIX + "timestamp_ms",
             f"{tx.timestamp_ms} is not unix milliseconds between 2000 and 2100",
         )
-    device_id = _identifier(
-        tx.device_id, "device_id", limit=MAX_DEVICE_ID_CHARS, required=False
-    )
+    device_id = _identifier(tx.device_id, "device_id", limit=MAX_DEVICE_ID_CHARS, required=False)
     ip_country = _country(tx.ip_country, "ip_country", required=False)
     return Transaction(
         transaction_id=transaction_id,

@@ -65,7 +65,12 @@ def test_route(score: float, remaining_ms: float, expected: Route) -> None:
 
 @pytest.mark.parametrize(
     ("score", "expected"),
-    [(0.1, Decision.APPROVE), (0.5, Decision.REVIEW), (0.79, Decision.REVIEW), (0.8, Decision.DECLINE)],
+    [
+        (0.1, Decision.APPROVE),
+        (0.5, Decision.REVIEW),
+        (0.79, Decision.REVIEW),
+        (0.8, Decision.DECLINE),
+    ],
 )
 def test_decide(score: float, expected: Decision) -> None:
     assert decide(score, POLICY) is expected

@@ -31,7 +31,11 @@ from orchestrator.screening_client import InMemoryScreener
 from tests.conftest import make_transaction
 
 POLICY = Policy(
-    version="p-test", escalate_low=0.3, escalate_high=0.7, review_threshold=0.5, decline_threshold=0.8
+    version="p-test",
+    escalate_low=0.3,
+    escalate_high=0.7,
+    review_threshold=0.5,
+    decline_threshold=0.8,
 )
 VERSIONS = ModelVersions(policy="p-test", stage1="s1-t", stage2="s2-t", feature_set="fs-1")
 SETTINGS = BudgetSettings(slo_ms=50, response_margin_ms=2, stage1_ms=10, redis_ms=5)

@@ -1,0 +1,71 @@
+"""Fixtures for the cascade's end-to-end tests: artifacts whose policy escalates everything (so
+stage 2 always runs) and a Triton serving the real stage-2 model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from cascade.model_registry import load_registry
+from cascade.servers import TritonServer
+from cascade.settings import (
+    DEFAULT_MODEL_DIR,
+    NatsSettings,
+    RedisSettings,
+    ServerSettings,
+    Settings,
+    TritonSettings,
+)
+from cascade.v1 import scoring_pb2
+from tests.conftest import make_wire_transaction
+
+
+def new_request(**overrides: object) -> scoring_pb2.ScoreRequest:
+    """A valid request with a fresh transaction id (so no test sees another's cache entry)."""
+    fields: dict[str, object] = {"transaction_id": f"tx-{uuid.uuid4().hex[:16]}"}
+    fields.update(overrides)
+    return scoring_pb2.ScoreRequest(transaction=make_wire_transaction(**fields))
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the committed artifacts whose policy escalates every score, so stage 2 runs."""
+    root = tmp_path_factory.mktemp("models")
+    shutil.copytree(DEFAULT_MODEL_DIR, root, dirs_exist_ok=True)
+    registry = json.loads((root / "registry.json").read_text())
+    policy = json.loads((root / registry["policy"]).read_text())
+    policy.update(version="policy-escalate-all", escalate_low=0.0, escalate_high=1.0)
+    (root / registry["policy"]).write_text(json.dumps(policy))
+    return root
+
+
+@pytest_asyncio.fixture(scope="session")
+async def heavy_triton(model_dir: Path, server_log_dir: Path) -> AsyncIterator[TritonServer]:
+    """Triton serving the real stage-2 model from the registry."""
+    registry = load_registry(model_dir)
+    async with TritonServer(
+        registry.stage2_path,
+        model_name=registry.stage2.triton_model or "",
+        model_version=registry.stage2.triton_version or 1,
+        log_dir=server_log_dir / "triton-real",
+    ) as server:
+        yield server
+
+
+def settings_for(
+    model_dir: Path, redis_url: str, nats_url: str, triton_url: str, **budget: float
+) -> Settings:
+    return Settings(
+        model_dir=model_dir,
+        redis=RedisSettings(url=redis_url),
+        nats=NatsSettings(url=nats_url, subject_prefix=f"t{uuid.uuid4().hex[:8]}"),
+        triton=TritonSettings(url=triton_url),
+        server=ServerSettings(port=0, drain_s=1.0),
+        **({"budget": budget} if budget else {}),  # type: ignore[arg-type]
+    )

@@ -1,0 +1,251 @@
+"""The scoring cascade end to end on real Redis, NATS, Triton and gRPC.
+
+The screening worker and the orchestrator run in this process (over real sockets) so one
+in-memory span exporter sees every hop of a trace; the servers are real processes on free
+loopback ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from cascade.model_registry import load_registry
+from cascade.servers import NatsServer, RedisServer, TritonServer
+from cascade.settings import (
+    Settings,
+)
+from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+from orchestrator.server import Orchestrator
+from stages.screening.model import ScreeningModel
+from stages.screening.worker import ScreeningWorker
+from tests.integration.cascade.conftest import new_request, settings_for
+
+pytestmark = pytest.mark.integration
+
+R = scoring_pb2
+
+
+@dataclass
+class Running:
+    """A started cascade: the orchestrator, a stub to call it, and the spans it exported."""
+
+    app: Orchestrator
+    stub: scoring_pb2_grpc.ScoringServiceStub
+    channel: grpc.aio.Channel
+    spans: InMemorySpanExporter
+
+
+@asynccontextmanager
+async def running(
+    settings: Settings, *, workers: int = 1, wait_serving: bool = True
+) -> AsyncIterator[Running]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    registry = load_registry(settings.model_dir)
+    async with AsyncExitStack() as stack:
+        stack.callback(provider.shutdown)
+        for _ in range(workers):
+            model = ScreeningModel(registry.stage1_path, version=registry.stage1.version)
+            await stack.enter_async_context(
+                ScreeningWorker(
+                    model,
+                    nats_url=settings.nats.url,
+                    subject_prefix=settings.nats.subject_prefix,
+                    queue_group=settings.nats.queue_group,
+                    feature_set=registry.feature_set,
+                    tracer=provider.get_tracer("test.worker"),
+                )
+            )
+        app = await stack.enter_async_context(Orchestrator(settings, tracer_provider=provider))
+        if wait_serving:
+            await app.wait_serving(timeout_s=30)
+        channel = await stack.enter_async_context(
+            grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        )
+        # Callers hold warm channels; a deadline test should not time the TCP/HTTP2 handshake.
+        await asyncio.wait_for(channel.channel_ready(), timeout=5)
+        yield Running(app, scoring_pb2_grpc.ScoringServiceStub(channel), channel, exporter)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def cascade(
+    model_dir: Path,
+    redis_server: RedisServer,
+    nats_server: NatsServer,
+    heavy_triton: TritonServer,
+) -> AsyncIterator[Running]:
+    settings = settings_for(model_dir, redis_server.url, nats_server.url, heavy_triton.grpc_url)
+    async with running(settings, workers=2) as r:
+        yield r
+
+
+async def test_scores_end_to_end_through_every_stage(cascade: Running) -> None:
+    request = new_request()
+    reply = await cascade.stub.Score(request, timeout=1.0)
+    assert reply.transaction_id == request.transaction.transaction_id
+    assert reply.decided_by == R.DECIDED_BY_STAGE2
+    assert reply.escalated and not reply.degraded and list(reply.reasons) == []
+    assert 0.0 <= reply.score <= 1.0 and 0.0 <= reply.stage1_score <= 1.0
+    assert reply.decision in (R.DECISION_APPROVE, R.DECISION_REVIEW, R.DECISION_DECLINE)
+    registry = load_registry(cascade.app._settings.model_dir)
+    assert reply.versions.stage1 == registry.stage1.version
+    assert reply.versions.stage2 == registry.stage2.version
+    assert reply.versions.feature_set == registry.feature_set
+    assert reply.versions.policy == "policy-escalate-all"
+    t = reply.timings
+    assert t.redis_us > 0 and t.stage1_us > 0 and t.stage2_us > 0
+    assert t.total_us >= t.stage1_us + t.stage2_us
+    assert len(reply.trace_id) == 32 and int(reply.trace_id, 16) != 0
+
+
+async def test_same_transaction_again_is_a_cache_hit(cascade: Running) -> None:
+    request = new_request()
+    first = await cascade.stub.Score(request, timeout=1.0)
+    assert cascade.app.writer is not None
+    await cascade.app.writer.flush()
+    second = await cascade.stub.Score(request, timeout=1.0)
+    assert first.decided_by == R.DECIDED_BY_STAGE2
+    assert second.decided_by == R.DECIDED_BY_CACHE
+    assert second.score == pytest.approx(first.score)
+    assert second.decision == first.decision
+    assert second.timings.stage1_us == 0 and second.timings.stage2_us == 0
+
+
+async def test_history_feeds_the_next_transaction(
+    cascade: Running, redis_server: RedisServer
+) -> None:
+    import redis.asyncio as aioredis
+
+    card = f"card-{uuid.uuid4().hex[:8]}"
+    for i in range(3):
+        await cascade.stub.Score(
+            new_request(card_id=card, timestamp_ms=1_763_800_000_000 + i * 60_000), timeout=1.0
+        )
+    assert cascade.app.writer is not None
+    await cascade.app.writer.flush()
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await client.llen(f"feat:fs-1:card:{card}") == 3
+    finally:
+        await client.aclose()
+
+
+async def test_bumped_model_version_misses_the_cache(
+    cascade: Running,
+    model_dir: Path,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    nats_server: NatsServer,
+    heavy_triton: TritonServer,
+) -> None:
+    request = new_request()
+    await cascade.stub.Score(request, timeout=1.0)
+    assert cascade.app.writer is not None
+    await cascade.app.writer.flush()
+    assert (await cascade.stub.Score(request, timeout=1.0)).decided_by == R.DECIDED_BY_CACHE
+
+    bumped = tmp_path / "models"
+    shutil.copytree(model_dir, bumped)
+    registry = json.loads((bumped / "registry.json").read_text())
+    registry["stage1"]["version"] += "-bumped"
+    (bumped / "registry.json").write_text(json.dumps(registry))
+    settings = settings_for(bumped, redis_server.url, nats_server.url, heavy_triton.grpc_url)
+    async with running(settings) as r:
+        reply = await r.stub.Score(request, timeout=1.0)
+    assert reply.decided_by == R.DECIDED_BY_STAGE2
+    assert reply.versions.stage1.endswith("-bumped")
+
+
+async def test_one_trace_spans_caller_orchestrator_worker_and_triton(cascade: Running) -> None:
+    caller_trace = uuid.uuid4().hex
+    traceparent = f"00-{caller_trace}-{uuid.uuid4().hex[:16]}-01"
+    reply = await cascade.stub.Score(
+        new_request(), timeout=1.0, metadata=(("traceparent", traceparent),)
+    )
+    assert reply.trace_id == caller_trace
+    spans = [
+        s
+        for s in cascade.spans.get_finished_spans()
+        if s.context is not None and format(s.context.trace_id, "032x") == caller_trace
+    ]
+    by_name = {s.name: s for s in spans}
+    assert {
+        "cascade.Score",
+        "redis.lookup",
+        "stage1.screen",
+        "screening.score",
+        "stage2.infer",
+    } <= set(by_name)
+    root, client, worker = (
+        by_name["cascade.Score"],
+        by_name["stage1.screen"],
+        by_name["screening.score"],
+    )
+    assert root.parent is not None and format(root.parent.span_id, "016x") == traceparent[36:52]
+    assert worker.parent is not None and client.context is not None
+    assert worker.parent.span_id == client.context.span_id  # continued from the NATS headers
+    assert by_name["stage2.infer"].parent is not None
+    assert by_name["stage2.infer"].parent.span_id == root.context.span_id
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"transaction_id": ""}, "transaction.transaction_id"),
+        ({"card_id": ""}, "transaction.card_id"),
+        ({"amount_minor": -100}, "transaction.amount_minor"),
+        ({"currency": "ABC"}, "transaction.currency"),
+        ({"merchant_id": "m" * 1000}, "transaction.merchant_id"),
+    ],
+)
+async def test_bad_input_is_invalid_argument_naming_the_field(
+    cascade: Running, overrides: dict[str, object], field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await cascade.stub.Score(new_request(**overrides), timeout=1.0)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (info.value.details() or "")
+    assert (await cascade.stub.Score(new_request(), timeout=1.0)).decided_by == R.DECIDED_BY_STAGE2
+
+
+async def test_missing_transaction_and_huge_message_are_refused(cascade: Running) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await cascade.stub.Score(scoring_pb2.ScoreRequest(), timeout=1.0)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "transaction" in (info.value.details() or "")
+    huge = new_request(device_id="x" * (5 * 1024 * 1024))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await cascade.stub.Score(huge, timeout=2.0)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await cascade.stub.Score(new_request(), timeout=1.0)).decided_by == R.DECIDED_BY_STAGE2
+
+
+async def test_health_is_serving_and_reflection_lists_the_service(cascade: Running) -> None:
+    health = health_pb2_grpc.HealthStub(cascade.channel)
+    status = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(cascade.channel)
+    call = reflect.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    async for response in call:
+        names = {s.name for s in response.list_services_response.service}
+        assert "cascade.v1.ScoringService" in names
+        break
