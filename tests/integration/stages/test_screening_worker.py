@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nats
 import numpy as np
+import numpy.typing as npt
 import onnx
 import pytest
 import pytest_asyncio
@@ -50,9 +51,9 @@ def build_screening_onnx(path: Path) -> Path:
     return path
 
 
-def expected(rows: np.ndarray) -> np.ndarray:
+def expected(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     w = np.linspace(0.1, 0.6, N_FEATURES, dtype=np.float32)
-    return 1.0 / (1.0 + np.exp(-(rows @ w)))
+    return np.asarray(1.0 / (1.0 + np.exp(-(rows @ w))), dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,9 @@ def worker_for(
     )
 
 
-async def ask(nc: NatsClient, rows: np.ndarray, version: str = "s1-t") -> np.ndarray:
+async def ask(
+    nc: NatsClient, rows: npt.NDArray[np.float32], version: str = "s1-t"
+) -> npt.NDArray[np.float32]:
     msg = await nc.request(
         screening_subject(PREFIX, version),
         encode_screening_request(rows.astype(np.float32), version, "fs-1"),
