@@ -122,3 +122,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     screening_workers: int = Field(2, ge=1, le=64, description="Workers `cascade up` starts.")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve Prometheus /metrics here (None: off)."
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds.")

@@ -7,6 +7,7 @@ import logging
 
 from opentelemetry import trace
 
+from cascade.metrics import MetricsEndpoint
 from cascade.runtime import configure_logging, run_service
 from cascade.settings import Settings
 from cascade.telemetry import tracer_provider
@@ -19,7 +20,10 @@ async def serve(stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set, then stop taking calls and finish the in-flight ones."""
     settings = Settings()
     configure_logging(settings.log_level)
-    with tracer_provider("cascade-orchestrator") as provider:
+    with (
+        MetricsEndpoint(settings.metrics_port, settings.metrics_host),
+        tracer_provider("cascade-orchestrator") as provider,
+    ):
         trace.set_tracer_provider(provider)
         async with Orchestrator(settings, tracer_provider=provider) as app:
             # Machine-readable line for supervisors (cascade up) that started us with port 0.

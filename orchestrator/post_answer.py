@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
+from cascade import metrics
 from cascade.errors import DependencyError
 from orchestrator.online_store import OnlineStore, StoreWrite
 
@@ -89,6 +90,7 @@ class PostAnswerWriter:
             self._queue.put_nowait(write)
         except asyncio.QueueFull:
             self.stats.dropped += 1
+            metrics.POST_ANSWER_WRITES.labels("dropped").inc()
             self._log_problem(
                 "post-answer queue full; dropped %d writes so far", self.stats.dropped
             )
@@ -104,8 +106,10 @@ class PostAnswerWriter:
             try:
                 await self._store.write(batch)
                 self.stats.written += len(batch)
+                metrics.POST_ANSWER_WRITES.labels("written").inc(len(batch))
             except DependencyError as exc:
                 self.stats.failed += len(batch)
+                metrics.POST_ANSWER_WRITES.labels("failed").inc(len(batch))
                 self._log_problem(
                     "post-answer write failed (%s); %d failed so far", exc, self.stats.failed
                 )

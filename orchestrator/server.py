@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
+from cascade import metrics
 from cascade.errors import (
     CascadeError,
     ConfigurationError,
@@ -30,6 +31,7 @@ from cascade.errors import (
 )
 from cascade.features import FEATURE_SET_VERSION, N_SCREENING_FEATURES, SEQUENCE_LEN, TOKEN_DIM
 from cascade.model_registry import Registry, load_policy, load_registry
+from cascade.runtime import freeze_heap
 from cascade.settings import Settings
 from cascade.telemetry import extract_context, trace_id_hex
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
@@ -73,6 +75,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             try:
                 tx = validate_request(request)
             except InvalidInputError as exc:
+                metrics.INVALID.labels(exc.field).inc()
                 span.set_status(trace.StatusCode.ERROR, str(exc))
                 await context.abort(grpc_status_for(exc), str(exc))
             span.set_attribute("cascade.transaction_id", tx.transaction_id)
@@ -93,7 +96,23 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             span.set_attribute("cascade.decided_by", result.decided_by.value)
             if result.reasons:
                 span.set_attribute("cascade.reasons", [r.value for r in result.reasons])
+            record_metrics(result)
             return result_to_proto(result, self._versions_pb, trace_id_hex(span))
+
+
+def record_metrics(result: ScoreResult) -> None:
+    """Count the answer and observe its stage timings."""
+    metrics.SCORES.labels(result.decided_by.value, result.decision.value).inc()
+    for reason in result.reasons:
+        metrics.DEGRADED.labels(reason.value).inc()
+    t = result.timings
+    metrics.STAGE_SECONDS.labels("total").observe(t.total_us / 1e6)
+    if t.redis_us:
+        metrics.STAGE_SECONDS.labels("redis").observe(t.redis_us / 1e6)
+    if t.stage1_us:
+        metrics.STAGE_SECONDS.labels("stage1").observe(t.stage1_us / 1e6)
+    if t.stage2_us:
+        metrics.STAGE_SECONDS.labels("stage2").observe(t.stage2_us / 1e6)
 
 
 def model_versions(registry: Registry, policy_version: str) -> ModelVersions:
@@ -235,6 +254,7 @@ class Orchestrator:
             except DependencyError as exc:
                 logger.debug("warm-up waiting: %s", exc)
                 await asyncio.sleep(_WARMUP_RETRY_S)
+        freeze_heap()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logger.info("models warm: health SERVING")

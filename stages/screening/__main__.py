@@ -6,8 +6,9 @@ import asyncio
 
 from opentelemetry import trace
 
+from cascade.metrics import MetricsEndpoint
 from cascade.model_registry import load_registry
-from cascade.runtime import configure_logging, run_service
+from cascade.runtime import configure_logging, freeze_heap, run_service
 from cascade.settings import Settings
 from cascade.telemetry import tracer_provider
 from stages.screening.model import ScreeningModel
@@ -22,7 +23,10 @@ async def serve(stop: asyncio.Event) -> None:
     model = ScreeningModel(
         settings.model_dir / registry.stage1.path, version=registry.stage1.version
     )
-    with tracer_provider("cascade-screening-worker") as provider:
+    with (
+        MetricsEndpoint(settings.metrics_port, settings.metrics_host),
+        tracer_provider("cascade-screening-worker") as provider,
+    ):
         trace.set_tracer_provider(provider)
         async with ScreeningWorker(
             model,
@@ -32,6 +36,7 @@ async def serve(stop: asyncio.Event) -> None:
             feature_set=registry.feature_set,
             tracer=provider.get_tracer("cascade.screening"),
         ):
+            freeze_heap()
             print("READY", flush=True)
             await stop.wait()
 

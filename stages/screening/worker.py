@@ -30,6 +30,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from opentelemetry import trace
 
+from cascade import metrics
 from cascade.screening_protocol import (
     ScreeningRequest,
     encode_screening_reply,
@@ -152,6 +153,7 @@ class ScreeningWorker:
             problem, request = self._check(msg.data)
             if request is None:
                 self.stats.errors += 1
+                metrics.WORKER_REQUESTS.labels("error").inc()
                 await self._respond(msg, encode_screening_reply(version, error=problem))
             else:
                 ok.append(_Pending(msg, request))
@@ -176,6 +178,8 @@ class ScreeningWorker:
         inference_us = (time.perf_counter_ns() - start_ns) // 1000
         self.stats.batches += 1
         self.stats.rows += rows.shape[0]
+        metrics.WORKER_BATCH_ROWS.observe(rows.shape[0])
+        metrics.WORKER_REQUESTS.labels("ok").inc(len(ok))
         offset = 0
         for pending, span in zip(ok, spans, strict=True):
             n = pending.request.rows.shape[0]

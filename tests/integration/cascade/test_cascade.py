@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import REGISTRY
 
 from cascade.model_registry import load_registry
 from cascade.servers import NatsServer, RedisServer, TritonServer
@@ -249,3 +250,22 @@ async def test_health_is_serving_and_reflection_lists_the_service(cascade: Runni
         names = {s.name for s in response.list_services_response.service}
         assert "cascade.v1.ScoringService" in names
         break
+
+
+async def test_answers_are_counted_in_prometheus_metrics(cascade: Running) -> None:
+    def stage2_answers() -> float:
+        return sum(
+            REGISTRY.get_sample_value(
+                "cascade_scores_total", {"decided_by": "STAGE2", "decision": d}
+            )
+            or 0.0
+            for d in ("APPROVE", "REVIEW", "DECLINE")
+        )
+
+    before = stage2_answers()
+    before_total = REGISTRY.get_sample_value("cascade_stage_seconds_count", {"stage": "total"}) or 0
+    for _ in range(3):
+        await cascade.stub.Score(new_request(), timeout=1.0)
+    assert stage2_answers() == before + 3
+    after_total = REGISTRY.get_sample_value("cascade_stage_seconds_count", {"stage": "total"})
+    assert after_total == before_total + 3
