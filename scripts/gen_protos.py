@@ -38,7 +38,9 @@ def _generate(out_dir: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="fail if the committed stubs are stale")
+    parser.add_argument(
+        "--check", action="store_true", help="fail if the committed stubs are stale"
+    )
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         _generate(Path(tmp))
@@ -46,12 +48,16 @@ def main() -> int:
         names = sorted(p.name for p in generated.iterdir() if p.is_file())
         if opts.check:
             stale = [
-                n for n in names
+                n
+                for n in names
                 if not (OUT_PACKAGE / n).exists()
                 or not filecmp.cmp(generated / n, OUT_PACKAGE / n, shallow=False)
             ]
             if stale:
-                print(f"stale generated stubs: {stale}; run python scripts/gen_protos.py", file=sys.stderr)
+                print(
+                    f"stale generated stubs: {stale}; run python scripts/gen_protos.py",
+                    file=sys.stderr,
+                )
                 return 1
             return 0
         OUT_PACKAGE.mkdir(parents=True, exist_ok=True)
