@@ -45,6 +45,12 @@ class BudgetSettings(BaseModel):
     stage2_margin_ms: float = Field(
         2.0, ge=0, description="Kept back from stage 2's timeout to build the fallback answer."
     )
+    batch_slo_ms: float = Field(
+        1000.0,
+        gt=0,
+        le=60_000,
+        description="Budget of a ScoreBatch call without a shorter deadline.",
+    )
     min_useful_ms: float = Field(
         1.0,
         ge=0,
@@ -89,7 +95,9 @@ class ServerSettings(BaseModel):
 
     host: str = Field("127.0.0.1")
     port: int = Field(50051, ge=0, le=65535)
-    max_message_bytes: int = Field(64 * 1024, gt=0, description="Largest request accepted.")
+    max_message_bytes: int = Field(
+        1024 * 1024, gt=0, description="Largest request accepted (a full ScoreBatch fits)."
+    )
     shutdown_delay_s: float = Field(
         0.5,
         ge=0,

@@ -21,9 +21,11 @@ class Budget:
     total_ms: float
 
     @classmethod
-    def start(cls, caller_remaining_s: float | None, settings: BudgetSettings) -> Budget:
+    def start(
+        cls, caller_remaining_s: float | None, settings: BudgetSettings, *, batch: bool = False
+    ) -> Budget:
         """Budget for a call whose caller has ``caller_remaining_s`` left (None: no deadline)."""
-        limit_ms = settings.slo_ms
+        limit_ms = settings.batch_slo_ms if batch else settings.slo_ms
         if caller_remaining_s is not None:
             limit_ms = min(limit_ms, caller_remaining_s * 1000.0)
         total_ms = max(0.0, limit_ms - settings.response_margin_ms)

@@ -95,8 +95,9 @@ def decode_history(raw: Sequence[bytes]) -> list[HistoryEntry]:
 class OnlineStore(Protocol):
     """Output cache + online features, one round trip to read, one batch to write."""
 
-    async def lookup(self, cache_key: str, history_key: str, timeout_s: float) -> StoreLookup:
-        """Read the cached answer and the card history; raise a ``DependencyError`` on failure."""
+    async def lookup(self, keys: Sequence[tuple[str, str]], timeout_s: float) -> list[StoreLookup]:
+        """For each ``(cache_key, history_key)``, the cached answer and the card history, in one
+        round trip; raise a ``DependencyError`` on failure."""
         ...
 
     async def write(self, writes: Sequence[StoreWrite]) -> None:
@@ -146,15 +147,19 @@ class RedisOnlineStore:
             async with asyncio.timeout(timeout_s):
                 await self._redis.ping()
 
-    async def lookup(self, cache_key: str, history_key: str, timeout_s: float) -> StoreLookup:
-        """GET the answer and LRANGE the history in one pipelined round trip."""
+    async def lookup(self, keys: Sequence[tuple[str, str]], timeout_s: float) -> list[StoreLookup]:
+        """GET each answer and LRANGE each history in one pipelined round trip."""
         with translate_redis_errors():
             async with asyncio.timeout(timeout_s):
                 pipe = self._redis.pipeline(transaction=False)
-                pipe.get(cache_key)
-                pipe.lrange(history_key, 0, HISTORY_LEN - 1)
-                cached, raw_history = await pipe.execute()
-        return StoreLookup(cached=cached, history=decode_history(raw_history))
+                for cache_key, history_key in keys:
+                    pipe.get(cache_key)
+                    pipe.lrange(history_key, 0, HISTORY_LEN - 1)
+                replies = await pipe.execute()
+        return [
+            StoreLookup(cached=replies[2 * k], history=decode_history(replies[2 * k + 1]))
+            for k in range(len(keys))
+        ]
 
     async def write(self, writes: Sequence[StoreWrite]) -> None:
         """Write answers and append history entries for many transactions in one round trip."""
@@ -181,13 +186,18 @@ class InMemoryOnlineStore:
         self.failure: Exception | None = None
         self.lookups = 0
 
-    async def lookup(self, cache_key: str, history_key: str, timeout_s: float) -> StoreLookup:
+    async def lookup(self, keys: Sequence[tuple[str, str]], timeout_s: float) -> list[StoreLookup]:
         """Return what :meth:`write` stored, or raise ``failure`` when one is set."""
         self.lookups += 1
         if self.failure is not None:
             raise self.failure
-        raw = self.histories.get(history_key, [])[:HISTORY_LEN]
-        return StoreLookup(cached=self.cache.get(cache_key), history=decode_history(raw))
+        return [
+            StoreLookup(
+                cached=self.cache.get(cache_key),
+                history=decode_history(self.histories.get(history_key, [])[:HISTORY_LEN]),
+            )
+            for cache_key, history_key in keys
+        ]
 
     async def write(self, writes: Sequence[StoreWrite]) -> None:
         """Store answers and prepend history entries, trimming to ``HISTORY_LEN``."""

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Final
 
+import numpy as np
 from opentelemetry import trace
 
 from cascade.errors import (
@@ -30,6 +32,8 @@ from cascade.errors import (
     DependencyUnavailable,
 )
 from cascade.features import (
+    HISTORY_LEN,
+    HistoryEntry,
     encode_history_entry,
     history_entry,
     screening_features,
@@ -43,6 +47,7 @@ from orchestrator.codec import decode_cached, encode_cached
 from orchestrator.heavy_client import HeavyScorer
 from orchestrator.online_store import (
     OnlineStore,
+    StoreLookup,
     StoreWrite,
     card_history_key,
     output_cache_key,
@@ -110,93 +115,153 @@ class CascadeScorer:
 
     async def score(self, tx: Transaction, budget: Budget) -> ScoreResult:
         """The cascade's answer for ``tx``, inside ``budget``."""
-        start_ns = time.perf_counter_ns()
-        timings = Timings(budget_us=int(budget.total_ms * 1000))
-        result = await self._score(tx, budget, timings)
-        timings.total_us = _us_since(start_ns)
-        result.timings = timings
+        (result,) = await self.score_many((tx,), budget)
         return result
 
-    async def _score(self, tx: Transaction, budget: Budget, timings: Timings) -> ScoreResult:
+    async def score_many(self, txs: Sequence[Transaction], budget: Budget) -> list[ScoreResult]:
+        """Answers for ``txs`` in order, inside one ``budget``.
+
+        One Redis round trip, one stage-1 request and at most one stage-2 request serve the whole
+        batch. Transactions of one card see the earlier ones of the batch in their history, so
+        a batch scores exactly as the same transactions sent one by one would. The timings are
+        the batch's, shared by every result.
+        """
+        start_ns = time.perf_counter_ns()
+        timings = Timings(budget_us=int(budget.total_ms * 1000))
+        results = await self._score_many(txs, budget, timings)
+        timings.total_us = _us_since(start_ns)
+        for result in results:
+            result.timings = timings
+        return results
+
+    async def _score_many(
+        self, txs: Sequence[Transaction], budget: Budget, timings: Timings
+    ) -> list[ScoreResult]:
         cfg = self._budget
         if budget.remaining_ms() < cfg.min_useful_ms:
-            return self._default(tx, [Reason.BUDGET_EXHAUSTED])
+            return [self._default(tx, [Reason.BUDGET_EXHAUSTED]) for tx in txs]
 
         reasons: list[Reason] = []
-        cache_key = output_cache_key(tx, self._versions)
-        history_key = card_history_key(tx.card_id, self._versions.feature_set)
+        keys = [
+            (
+                output_cache_key(tx, self._versions),
+                card_history_key(tx.card_id, self._versions.feature_set),
+            )
+            for tx in txs
+        ]
         t0 = time.perf_counter_ns()
         try:
             with self._tracer.start_as_current_span("redis.lookup", kind=trace.SpanKind.CLIENT):
-                lookup = await self._store.lookup(
-                    cache_key, history_key, budget.allot_s(cfg.redis_ms)
+                lookups: list[StoreLookup] | None = await self._store.lookup(
+                    keys, budget.allot_s(cfg.redis_ms)
                 )
         except DependencyError as exc:
             logger.debug("online store lookup failed: %s", exc)
-            lookup = None
+            lookups = None
             reasons += [Reason.CACHE_UNAVAILABLE, Reason.FEATURES_UNAVAILABLE]
         timings.redis_us = _us_since(t0)
 
-        if lookup is not None and lookup.cached is not None:
-            try:
-                return decode_cached(lookup.cached, tx.transaction_id)
-            except ValueError:
-                logger.warning("ignoring an unreadable output-cache entry")
-        history = lookup.history if lookup is not None else []
+        results: list[ScoreResult | None] = [None] * len(txs)
+        todo: list[int] = []
+        for i, tx in enumerate(txs):
+            cached = lookups[i].cached if lookups is not None else None
+            if cached is not None:
+                try:
+                    results[i] = decode_cached(cached, tx.transaction_id)
+                    continue
+                except ValueError:
+                    logger.warning("ignoring an unreadable output-cache entry")
+            todo.append(i)
+        if not todo:
+            return [r for r in results if r is not None]
 
         t0 = time.perf_counter_ns()
-        rows = screening_features(tx, history)[None, :]
+        histories = self._histories(txs, todo, lookups)
+        rows = np.stack(
+            [screening_features(txs[i], h) for i, h in zip(todo, histories, strict=True)]
+        )
         timings.features_us = _us_since(t0)
-        new_history = StoreWrite(history_key, encode_history_entry(history_entry(tx)))
+        entries = [encode_history_entry(history_entry(txs[i])) for i in todo]
 
+        stage1_scores: list[float] | None = None
         if budget.remaining_ms() < cfg.min_useful_ms:
-            self._writer.submit(new_history)
-            return self._default(tx, [*reasons, Reason.BUDGET_EXHAUSTED])
-        t0 = time.perf_counter_ns()
-        try:
-            stage1_score = float(
-                (await self._screener.screen(rows, budget.allot_s(cfg.stage1_ms)))[0]
-            )
-        except DependencyError as exc:
-            timings.stage1_us = _us_since(t0)
-            self._writer.submit(new_history)
-            return self._default(
-                tx, [*reasons, _STAGE1_REASONS.get(type(exc), Reason.STAGE1_ERROR)]
-            )
-        timings.stage1_us = _us_since(t0)
-
-        score, decided_by, escalated = stage1_score, DecidedBy.STAGE1, False
-        next_step = route(stage1_score, self._policy, budget.remaining_ms(), cfg.stage2_min_ms)
-        if next_step is Route.NO_TIME:
-            reasons.append(Reason.BUDGET_EXHAUSTED)
-        elif next_step is Route.ESCALATE:
-            escalated = True
+            stage1_reason = Reason.BUDGET_EXHAUSTED
+        else:
             t0 = time.perf_counter_ns()
             try:
-                sequences = sequence_tensor(tx, history)[None, ...]
+                scores = await self._screener.screen(rows, budget.allot_s(cfg.stage1_ms))
+                stage1_scores = [float(x) for x in scores]
+            except DependencyError as exc:
+                stage1_reason = _STAGE1_REASONS.get(type(exc), Reason.STAGE1_ERROR)
+            timings.stage1_us = _us_since(t0)
+        if stage1_scores is None:
+            for j, i in enumerate(todo):
+                results[i] = self._default(txs[i], [*reasons, stage1_reason])
+                self._writer.submit(StoreWrite(keys[i][1], entries[j]))
+            return [r for r in results if r is not None]
+
+        final = list(stage1_scores)
+        batch_reasons = [list(reasons) for _ in todo]
+        escalate: list[int] = []  # positions in todo
+        for j, score in enumerate(stage1_scores):
+            step = route(score, self._policy, budget.remaining_ms(), cfg.stage2_min_ms)
+            if step is Route.ESCALATE:
+                escalate.append(j)
+            elif step is Route.NO_TIME:
+                batch_reasons[j].append(Reason.BUDGET_EXHAUSTED)
+        answered_by_stage2 = False
+        if escalate:
+            t0 = time.perf_counter_ns()
+            try:
+                sequences = np.stack(
+                    [sequence_tensor(txs[todo[j]], histories[j]) for j in escalate]
+                )
                 timeout_s = budget.allot_s(float("inf"), keep_ms=cfg.stage2_margin_ms)
-                score = float((await self._heavy.score(sequences, timeout_s))[0])
-                decided_by = DecidedBy.STAGE2
+                heavy_scores = await self._heavy.score(sequences, timeout_s)
+                for j, score in zip(escalate, heavy_scores, strict=True):
+                    final[j] = float(score)
+                answered_by_stage2 = True
             except DependencyError as exc:
                 logger.debug("stage 2 failed: %s", exc)
-                reasons.append(_STAGE2_REASONS.get(type(exc), Reason.STAGE2_ERROR))
+                stage2_reason = _STAGE2_REASONS.get(type(exc), Reason.STAGE2_ERROR)
+                for j in escalate:
+                    batch_reasons[j].append(stage2_reason)
             timings.stage2_us = _us_since(t0)
 
-        result = ScoreResult(
-            transaction_id=tx.transaction_id,
-            decision=decide(score, self._policy),
-            score=score,
-            decided_by=decided_by,
-            reasons=reasons,
-            stage1_score=stage1_score,
-            escalated=escalated,
-        )
-        # A degraded answer is never cached: once the outage ends, the full cascade should answer.
-        cache_value = None if result.degraded else encode_cached(result)
-        self._writer.submit(
-            StoreWrite(history_key, new_history.history_entry, cache_key, cache_value)
-        )
-        return result
+        escalated = set(escalate)
+        for j, i in enumerate(todo):
+            result = ScoreResult(
+                transaction_id=txs[i].transaction_id,
+                decision=decide(final[j], self._policy),
+                score=final[j],
+                decided_by=(
+                    DecidedBy.STAGE2 if answered_by_stage2 and j in escalated else DecidedBy.STAGE1
+                ),
+                reasons=batch_reasons[j],
+                stage1_score=stage1_scores[j],
+                escalated=j in escalated,
+            )
+            results[i] = result
+            # A degraded answer is never cached: after the outage the full cascade should answer.
+            cache_value = None if result.degraded else encode_cached(result)
+            self._writer.submit(StoreWrite(keys[i][1], entries[j], keys[i][0], cache_value))
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _histories(
+        txs: Sequence[Transaction], todo: list[int], lookups: list[StoreLookup] | None
+    ) -> list[list[HistoryEntry]]:
+        """Each transaction's history, newest first, with earlier same-card transactions of this
+        batch in front (what the store would hold had they been sent one by one)."""
+        earlier: dict[str, list[HistoryEntry]] = {}
+        histories: list[list[HistoryEntry]] = []
+        for i in todo:
+            tx = txs[i]
+            stored = lookups[i].history if lookups is not None else []
+            in_batch = earlier.get(tx.card_id)
+            histories.append((in_batch + stored)[:HISTORY_LEN] if in_batch else stored)
+            earlier.setdefault(tx.card_id, []).insert(0, history_entry(tx))
+        return histories
 
     def _default(self, tx: Transaction, reasons: list[Reason]) -> ScoreResult:
         return ScoreResult(

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import AsyncExitStack, suppress
+from collections.abc import Callable
+from contextlib import AbstractContextManager, AsyncExitStack, suppress
 from types import TracebackType
-from typing import Final
+from typing import Final, TypeVar
 
 import grpc
 import numpy as np
@@ -34,6 +35,7 @@ from cascade.model_registry import Registry, load_policy, load_registry
 from cascade.runtime import freeze_heap
 from cascade.settings import Settings
 from cascade.telemetry import extract_context, trace_id_hex
+from cascade.transaction import Transaction
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from orchestrator.budget import Budget
 from orchestrator.codec import result_to_proto, versions_to_proto
@@ -44,9 +46,12 @@ from orchestrator.results import DecidedBy, ModelVersions, Reason, ScoreResult
 from orchestrator.routing import Decision
 from orchestrator.scoring import CascadeScorer
 from orchestrator.screening_client import NatsScreener, Screener
-from orchestrator.validation import validate_request
+from orchestrator.validation import validate_batch, validate_request
 
 logger = logging.getLogger(__name__)
+
+RequestT = TypeVar("RequestT")
+ValidT = TypeVar("ValidT")
 
 SERVICE_NAME: Final = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
 _WARMUP_RETRY_S: Final = 0.2
@@ -68,36 +73,73 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
     ) -> scoring_pb2.ScoreResponse:
         """Score one transaction inside the caller's deadline and the configured SLO."""
         budget = Budget.start(context.time_remaining(), self._settings.budget)
-        parent = extract_context(dict(context.invocation_metadata() or ()))
-        with self._tracer.start_as_current_span(
-            "cascade.Score", context=parent, kind=trace.SpanKind.SERVER
-        ) as span:
-            try:
-                tx = validate_request(request)
-            except InvalidInputError as exc:
-                metrics.INVALID.labels(exc.field).inc()
-                span.set_status(trace.StatusCode.ERROR, str(exc))
-                await context.abort(grpc_status_for(exc), str(exc))
+        with self._span("cascade.Score", context) as span:
+            tx = await self._validated(validate_request, request, context, span)
             span.set_attribute("cascade.transaction_id", tx.transaction_id)
-            try:
-                async with asyncio.timeout(budget.total_ms / 1000.0 + _GUARD_SLACK_MS / 1000.0):
-                    result = await self._scorer.score(tx, budget)
-            except TimeoutError:
-                result = ScoreResult(
-                    transaction_id=tx.transaction_id,
-                    decision=Decision(self._settings.default_decision.value),
-                    score=0.5,
-                    decided_by=DecidedBy.DEFAULT,
-                    reasons=[Reason.BUDGET_EXHAUSTED],
-                )
-            except CascadeError as exc:  # the scorer labels dependency failures; this is a bug
-                logger.exception("scoring failed")
-                await context.abort(grpc_status_for(exc), str(exc))
+            (result,) = await self._score([tx], budget, context)
             span.set_attribute("cascade.decided_by", result.decided_by.value)
             if result.reasons:
                 span.set_attribute("cascade.reasons", [r.value for r in result.reasons])
-            record_metrics(result)
             return result_to_proto(result, self._versions_pb, trace_id_hex(span))
+
+    async def ScoreBatch(
+        self, request: scoring_pb2.ScoreBatchRequest, context: grpc.aio.ServicerContext
+    ) -> scoring_pb2.ScoreBatchResponse:
+        """Score many transactions in one pass of the cascade."""
+        budget = Budget.start(context.time_remaining(), self._settings.budget, batch=True)
+        with self._span("cascade.ScoreBatch", context) as span:
+            txs = await self._validated(validate_batch, request, context, span)
+            span.set_attribute("cascade.batch_size", len(txs))
+            results = await self._score(txs, budget, context)
+            trace_id = trace_id_hex(span)
+            return scoring_pb2.ScoreBatchResponse(
+                results=[result_to_proto(r, self._versions_pb, trace_id) for r in results]
+            )
+
+    def _span(
+        self, name: str, context: grpc.aio.ServicerContext
+    ) -> AbstractContextManager[trace.Span]:
+        parent = extract_context(dict(context.invocation_metadata() or ()))
+        return self._tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.SERVER)
+
+    @staticmethod
+    async def _validated(
+        validate: Callable[[RequestT], ValidT],
+        request: RequestT,
+        context: grpc.aio.ServicerContext,
+        span: trace.Span,
+    ) -> ValidT:
+        try:
+            return validate(request)
+        except InvalidInputError as exc:
+            metrics.INVALID.labels(exc.field.split(".")[-1]).inc()
+            span.set_status(trace.StatusCode.ERROR, str(exc))
+            await context.abort(grpc_status_for(exc), str(exc))
+            raise  # unreachable: abort raises
+
+    async def _score(
+        self, txs: list[Transaction], budget: Budget, context: grpc.aio.ServicerContext
+    ) -> list[ScoreResult]:
+        try:
+            async with asyncio.timeout(budget.total_ms / 1000.0 + _GUARD_SLACK_MS / 1000.0):
+                results = await self._scorer.score_many(txs, budget)
+        except TimeoutError:
+            results = [self._guard_default(tx) for tx in txs]
+        except CascadeError as exc:  # the scorer labels dependency failures; this is a bug
+            logger.exception("scoring failed")
+            await context.abort(grpc_status_for(exc), str(exc))
+        for result in results:
+            record_metrics(result)
+        return results
+
+    def _guard_default(self, tx: Transaction) -> ScoreResult:
+        return ScoreResult(
+            transaction_id=tx.transaction_id,
+            decision=Decision(self._settings.default_decision.value),
+            score=0.5,
+            decided_by=DecidedBy.DEFAULT,
+            reasons=[Reason.BUDGET_EXHAUSTED],
+        )
 
 
 def record_metrics(result: ScoreResult) -> None:

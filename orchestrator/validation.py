@@ -15,6 +15,7 @@ from cascade.transaction import Channel, Transaction
 from cascade.v1 import scoring_pb2
 
 MAX_ID_CHARS: Final = 64
+MAX_BATCH: Final = 1000
 MAX_DEVICE_ID_CHARS: Final = 128
 # Larger than any single card payment; catches unit mix-ups (major units sent as minor, or worse).
 MAX_AMOUNT_MINOR: Final = 10**13
@@ -55,6 +56,30 @@ def validate_request(request: scoring_pb2.ScoreRequest) -> Transaction:
     if not request.HasField("transaction"):
         raise InvalidInputError("transaction", "is required")
     return validate_transaction(request.transaction)
+
+
+def validate_batch(request: scoring_pb2.ScoreBatchRequest) -> list[Transaction]:
+    """Validate every transaction of a batch; field paths read ``transactions[i].field``."""
+    n = len(request.transactions)
+    if n == 0:
+        raise InvalidInputError("transactions", "needs at least one transaction")
+    if n > MAX_BATCH:
+        raise InvalidInputError("transactions", f"has {n}; at most {MAX_BATCH} per call")
+    seen: dict[str, int] = {}
+    txs: list[Transaction] = []
+    for i, wire in enumerate(request.transactions):
+        try:
+            tx = validate_transaction(wire)
+        except InvalidInputError as exc:
+            field = f"transactions[{i}].{exc.field.removeprefix(_PREFIX)}"
+            raise InvalidInputError(field, exc.problem) from None
+        first = seen.setdefault(tx.transaction_id, i)
+        if first != i:
+            raise InvalidInputError(
+                f"transactions[{i}].transaction_id", f"duplicates transactions[{first}]"
+            )
+        txs.append(tx)
+    return txs
 
 
 def validate_transaction(tx: scoring_pb2.Transaction) -> Transaction:

@@ -39,12 +39,23 @@ class ScoringServiceStub:
                 request_serializer=cascade_dot_v1_dot_scoring__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=cascade_dot_v1_dot_scoring__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.ScoreBatch = channel.unary_unary(
+                '/cascade.v1.ScoringService/ScoreBatch',
+                request_serializer=cascade_dot_v1_dot_scoring__pb2.ScoreBatchRequest.SerializeToString,
+                response_deserializer=cascade_dot_v1_dot_scoring__pb2.ScoreBatchResponse.FromString,
+                _registered_method=True)
 
 
 class ScoringServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Score(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScoreBatch(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -57,6 +68,11 @@ def add_ScoringServiceServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=cascade_dot_v1_dot_scoring__pb2.ScoreRequest.FromString,
                     response_serializer=cascade_dot_v1_dot_scoring__pb2.ScoreResponse.SerializeToString,
+            ),
+            'ScoreBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScoreBatch,
+                    request_deserializer=cascade_dot_v1_dot_scoring__pb2.ScoreBatchRequest.FromString,
+                    response_serializer=cascade_dot_v1_dot_scoring__pb2.ScoreBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +102,33 @@ class ScoringService:
             '/cascade.v1.ScoringService/Score',
             cascade_dot_v1_dot_scoring__pb2.ScoreRequest.SerializeToString,
             cascade_dot_v1_dot_scoring__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cascade.v1.ScoringService/ScoreBatch',
+            cascade_dot_v1_dot_scoring__pb2.ScoreBatchRequest.SerializeToString,
+            cascade_dot_v1_dot_scoring__pb2.ScoreBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -32,11 +32,13 @@ class ScoringServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ScoringServiceAsyncStub: ...
     Score: _grpc.UnaryUnaryMultiCallable[_scoring_pb2.ScoreRequest, _scoring_pb2.ScoreResponse]
+    ScoreBatch: _grpc.UnaryUnaryMultiCallable[_scoring_pb2.ScoreBatchRequest, _scoring_pb2.ScoreBatchResponse]
 
 @_typing.type_check_only
 class ScoringServiceAsyncStub(ScoringServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Score: _aio.UnaryUnaryMultiCallable[_scoring_pb2.ScoreRequest, _scoring_pb2.ScoreResponse]  # type: ignore[assignment]
+    ScoreBatch: _aio.UnaryUnaryMultiCallable[_scoring_pb2.ScoreBatchRequest, _scoring_pb2.ScoreBatchResponse]  # type: ignore[assignment]
 
 class ScoringServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -45,5 +47,12 @@ class ScoringServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scoring_pb2.ScoreRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scoring_pb2.ScoreResponse, _abc.Awaitable[_scoring_pb2.ScoreResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ScoreBatch(
+        self,
+        request: _scoring_pb2.ScoreBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scoring_pb2.ScoreBatchResponse, _abc.Awaitable[_scoring_pb2.ScoreBatchResponse]]: ...
 
 def add_ScoringServiceServicer_to_server(servicer: ScoringServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

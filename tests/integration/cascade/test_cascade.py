@@ -269,3 +269,26 @@ async def test_answers_are_counted_in_prometheus_metrics(cascade: Running) -> No
     assert stage2_answers() == before + 3
     after_total = REGISTRY.get_sample_value("cascade_stage_seconds_count", {"stage": "total"})
     assert after_total == before_total + 3
+
+
+async def test_score_batch_answers_in_order_with_one_pass(cascade: Running) -> None:
+    card = f"card-{uuid.uuid4().hex[:8]}"
+    transactions = [
+        new_request(card_id=card, timestamp_ms=1_763_800_000_000 + i * 30_000).transaction
+        for i in range(20)
+    ]
+    reply = await cascade.stub.ScoreBatch(
+        scoring_pb2.ScoreBatchRequest(transactions=transactions), timeout=5.0
+    )
+    assert [r.transaction_id for r in reply.results] == [t.transaction_id for t in transactions]
+    assert all(r.decided_by == R.DECIDED_BY_STAGE2 for r in reply.results)
+    assert all(not r.degraded for r in reply.results)
+    assert len({r.trace_id for r in reply.results}) == 1
+
+    bad = scoring_pb2.ScoreBatchRequest(
+        transactions=[*transactions[:2], new_request(amount_minor=0).transaction]
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await cascade.stub.ScoreBatch(bad, timeout=5.0)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "transactions[2].amount_minor" in (info.value.details() or "")

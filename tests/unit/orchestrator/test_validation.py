@@ -7,7 +7,12 @@ import pytest
 from cascade.errors import InvalidInputError
 from cascade.transaction import Channel
 from cascade.v1 import scoring_pb2
-from orchestrator.validation import validate_request, validate_transaction
+from orchestrator.validation import (
+    MAX_BATCH,
+    validate_batch,
+    validate_request,
+    validate_transaction,
+)
 from tests.conftest import BASE_TS_MS, make_wire_transaction
 
 
@@ -68,3 +73,41 @@ def test_oversize_value_is_not_echoed_whole() -> None:
     with pytest.raises(InvalidInputError) as info:
         validate_transaction(make_wire_transaction(currency="Q" * 10_000))
     assert len(str(info.value)) < 100
+
+
+def test_batch_errors_name_the_index_and_field() -> None:
+    request = scoring_pb2.ScoreBatchRequest(
+        transactions=[
+            make_wire_transaction(transaction_id="a"),
+            make_wire_transaction(transaction_id="b", currency="ZZZ"),
+        ]
+    )
+    with pytest.raises(InvalidInputError) as info:
+        validate_batch(request)
+    assert info.value.field == "transactions[1].currency"
+
+
+def test_batch_rejects_duplicates_empty_and_oversize() -> None:
+    dup = scoring_pb2.ScoreBatchRequest(
+        transactions=[
+            make_wire_transaction(transaction_id="a"),
+            make_wire_transaction(transaction_id="a"),
+        ]
+    )
+    with pytest.raises(InvalidInputError, match=r"duplicates transactions\[0\]") as info:
+        validate_batch(dup)
+    assert info.value.field == "transactions[1].transaction_id"
+    with pytest.raises(InvalidInputError, match="at least one"):
+        validate_batch(scoring_pb2.ScoreBatchRequest())
+    many = scoring_pb2.ScoreBatchRequest(
+        transactions=[make_wire_transaction(transaction_id=f"t{i}") for i in range(MAX_BATCH + 1)]
+    )
+    with pytest.raises(InvalidInputError, match="at most"):
+        validate_batch(many)
+
+
+def test_valid_batch_keeps_order() -> None:
+    request = scoring_pb2.ScoreBatchRequest(
+        transactions=[make_wire_transaction(transaction_id=f"t{i}") for i in range(5)]
+    )
+    assert [tx.transaction_id for tx in validate_batch(request)] == [f"t{i}" for i in range(5)]
