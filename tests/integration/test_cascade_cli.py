@@ -1,0 +1,108 @@
+"""``cascade up`` as a user runs it: the whole stack as processes, sample traffic, clean exit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from cascade.settings import DEFAULT_MODEL_DIR
+
+pytestmark = pytest.mark.integration
+
+FREE_PORTS = [
+    "--port=0",
+    "--redis-port=0",
+    "--nats-port=0",
+    "--triton-grpc-port=0",
+    "--triton-http-port=0",
+    "--triton-metrics-port=0",
+]
+
+
+def _pids_of_children(run_dir: Path) -> set[int]:
+    """Processes whose command line mentions this run's folder (Triton's repository lives there)."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(run_dir) in cmdline:
+            pids.add(int(proc.name))
+    return pids
+
+
+async def run_cascade(*args: str, timeout_s: float = 180) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cascade.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_up_scores_sample_traffic_and_stops_everything(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    code, out = await run_cascade(
+        "up",
+        *FREE_PORTS,
+        "--workers=2",
+        f"--model-dir={DEFAULT_MODEL_DIR}",
+        f"--run-dir={run_dir}",
+        "--sample=12",
+        "--exit-after-sample",
+    )
+    assert code == 0, out
+    assert re.search(r"scoring endpoint\s+grpc://127\.0\.0\.1:\d+", out)
+    rows = [line for line in out.splitlines() if line.startswith("tx-")]
+    assert len(rows) == 12, out
+    assert all(re.search(r"\b(APPROVE|REVIEW|DECLINE)\b", row) for row in rows)
+    assert any(re.search(r"\b(STAGE1|STAGE2)\b", row) for row in rows)
+    assert not any("error" in row for row in rows), out
+    assert _pids_of_children(run_dir) == set()
+    logs = {p.name for p in (run_dir / "logs").iterdir()}
+    assert {"orchestrator.log", "screening-worker-0.log", "screening-worker-1.log"} <= logs
+
+
+async def test_up_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cascade.cli",
+        "up",
+        *FREE_PORTS,
+        "--workers=1",
+        f"--model-dir={DEFAULT_MODEL_DIR}",
+        f"--run-dir={run_dir}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    seen = ""
+    async with asyncio.timeout(180):
+        while "running;" not in seen:
+            line = await proc.stdout.readline()
+            assert line, seen
+            seen += line.decode()
+    assert len(_pids_of_children(run_dir)) >= 1  # Triton is up, its repository under run_dir
+    proc.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(60):
+        await proc.communicate()
+    assert proc.returncode == 0
+    assert _pids_of_children(run_dir) == set()
