@@ -70,7 +70,7 @@ _STAGE2_REASONS: Final = {
     DependencyOverloaded: Reason.STAGE2_OVERLOADED,
 }
 # Scores that stand for each default decision, so a DEFAULT answer still carries a usable score.
-_DEFAULT_SCORES: Final = {
+DEFAULT_SCORES: Final = {
     DefaultDecision.APPROVE: 0.0,
     DefaultDecision.REVIEW: 0.5,
     DefaultDecision.DECLINE: 1.0,
@@ -104,7 +104,7 @@ class CascadeScorer:
         self._versions = versions
         self._budget = budget
         self._default_decision = Decision(default_decision.value)
-        self._default_score = _DEFAULT_SCORES[default_decision]
+        self._default_score = DEFAULT_SCORES[default_decision]
         self._writer = writer
         self._tracer = tracer
 

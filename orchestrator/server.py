@@ -42,9 +42,9 @@ from orchestrator.codec import result_to_proto, versions_to_proto
 from orchestrator.heavy_client import HeavyScorer, TritonHeavyScorer
 from orchestrator.online_store import RedisOnlineStore
 from orchestrator.post_answer import PostAnswerWriter
-from orchestrator.results import DecidedBy, ModelVersions, Reason, ScoreResult
+from orchestrator.results import DecidedBy, ModelVersions, Reason, ScoreResult, Timings
 from orchestrator.routing import Decision
-from orchestrator.scoring import CascadeScorer
+from orchestrator.scoring import DEFAULT_SCORES, CascadeScorer
 from orchestrator.screening_client import NatsScreener, Screener
 from orchestrator.validation import validate_batch, validate_request
 
@@ -55,8 +55,6 @@ ValidT = TypeVar("ValidT")
 
 SERVICE_NAME: Final = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
 _WARMUP_RETRY_S: Final = 0.2
-# A backstop on top of the budget: should the event loop stall, the caller still hears in time.
-_GUARD_SLACK_MS: Final = 1.0
 
 
 class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
@@ -120,11 +118,14 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
     async def _score(
         self, txs: list[Transaction], budget: Budget, context: grpc.aio.ServicerContext
     ) -> list[ScoreResult]:
+        # A backstop behind the budget: should the event loop stall, the caller still hears in
+        # time. It fires halfway into the response margin, which is what the caller has left.
+        guard_s = (budget.total_ms + self._settings.budget.response_margin_ms / 2) / 1000.0
         try:
-            async with asyncio.timeout(budget.total_ms / 1000.0 + _GUARD_SLACK_MS / 1000.0):
+            async with asyncio.timeout(guard_s):
                 results = await self._scorer.score_many(txs, budget)
         except TimeoutError:
-            results = [self._guard_default(tx) for tx in txs]
+            results = [self._guard_default(tx, budget) for tx in txs]
         except CascadeError as exc:  # the scorer labels dependency failures; this is a bug
             logger.exception("scoring failed")
             await context.abort(grpc_status_for(exc), str(exc))
@@ -132,13 +133,15 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             record_metrics(result)
         return results
 
-    def _guard_default(self, tx: Transaction) -> ScoreResult:
+    def _guard_default(self, tx: Transaction, budget: Budget) -> ScoreResult:
+        budget_us = int(budget.total_ms * 1000)
         return ScoreResult(
             transaction_id=tx.transaction_id,
             decision=Decision(self._settings.default_decision.value),
-            score=0.5,
+            score=DEFAULT_SCORES[self._settings.default_decision],
             decided_by=DecidedBy.DEFAULT,
             reasons=[Reason.BUDGET_EXHAUSTED],
+            timings=Timings(budget_us=budget_us, total_us=budget_us),
         )
 
 
