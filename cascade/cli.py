@@ -129,6 +129,12 @@ def _parser() -> argparse.ArgumentParser:
     for p in (up, score):
         p.add_argument("--seed", type=int, default=7, help="sample-traffic seed")
         p.add_argument("--deadline-ms", type=float, default=50.0, help="per-call gRPC deadline")
+    from loadtests.cli import add_arguments as add_loadtest_arguments
+
+    loadtest = sub.add_parser(
+        "loadtest", help="load the stack (own or --target); write report.json and PNGs"
+    )
+    add_loadtest_arguments(loadtest)
     return parser
 
 
@@ -136,6 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cascade`` command."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "loadtest":
+        from loadtests.cli import run as run_loadtest
+
+        try:
+            return run_loadtest(args, list(argv) if argv is not None else sys.argv[2:])
+        except KeyboardInterrupt:
+            return 130
     command = _up if args.command == "up" else _score
     try:
         return asyncio.run(command(args))

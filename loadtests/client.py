@@ -1,0 +1,211 @@
+"""The generator's I/O inside one process: gRPC channels, the open-loop send loop, the serial loop.
+
+:class:`ScoringClient` owns ``channels`` grpc.aio channels to one loopback target (each its own
+TCP connection) and sends pre-serialised ``ScoreRequest`` bytes round-robin over them.
+
+:func:`run_open_loop` sends each request at its intended time whether or not earlier ones have
+been answered (open loop), one owned task per call inside a ``TaskGroup``. Latency is counted
+from the intended time, so when the generator or the server falls behind, the wait shows up in
+the numbers instead of silently lowering the rate (coordinated omission). Sending stops once the
+loop is more than ``deadline_s`` behind the end of its window (what is left is counted
+``unsent``); calls still open ``deadline_s + grace_s`` after that are cancelled and counted as
+timeouts. :func:`run_serial` is the closed loop with one call in flight, for the unloaded
+latency.
+
+Both loops take the sender as a plain async callable, so unit tests drive them with an in-memory
+fake instead of a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Final
+
+import grpc
+
+from cascade.v1 import scoring_pb2
+from loadtests.address import parse_loopback_target
+from loadtests.replay import RequestPlan
+from loadtests.results import Failure, Tally
+
+__all__ = [
+    "SCORE_METHOD",
+    "Clock",
+    "ScoringClient",
+    "Sender",
+    "classify_failure",
+    "run_open_loop",
+    "run_serial",
+]
+
+logger = logging.getLogger(__name__)
+
+SCORE_METHOD: Final = "/cascade.v1.ScoringService/Score"
+_GRACE_S: Final = 2.0
+
+Sender = Callable[[bytes, float], Awaitable[scoring_pb2.ScoreResponse]]
+"""``send(serialised ScoreRequest, timeout_s) -> ScoreResponse``; raises on failure."""
+
+Clock = Callable[[], float]
+
+
+def classify_failure(exc: BaseException) -> tuple[Failure, str]:
+    """How a failed call counts: gRPC DEADLINE_EXCEEDED and local timeouts are timeouts."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code = exc.code()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return Failure.TIMEOUT, code.name
+        return Failure.ERROR, code.name
+    if isinstance(exc, TimeoutError):
+        return Failure.TIMEOUT, "DEADLINE_EXCEEDED"
+    return Failure.ERROR, type(exc).__name__
+
+
+class ScoringClient:
+    """``channels`` grpc.aio channels to a loopback target; an async context manager."""
+
+    def __init__(self, target: str, *, channels: int = 1, connect_timeout_s: float = 10.0) -> None:
+        if channels < 1:
+            raise ValueError("channels must be >= 1")
+        self.target = parse_loopback_target(target).grpc_target
+        self._n_channels = channels
+        self._connect_timeout_s = connect_timeout_s
+        self._channels: list[grpc.aio.Channel] = []
+        self._callables: itertools.cycle[grpc.aio.UnaryUnaryMultiCallable] | None = None
+
+    async def __aenter__(self) -> ScoringClient:
+        try:
+            for _ in range(self._n_channels):
+                # A local subchannel pool gives every channel its own connection.
+                channel = grpc.aio.insecure_channel(
+                    self.target, options=[("grpc.use_local_subchannel_pool", 1)]
+                )
+                self._channels.append(channel)
+            async with asyncio.timeout(self._connect_timeout_s):
+                for channel in self._channels:
+                    await channel.channel_ready()
+        except BaseException:
+            await self._close()
+            raise
+        # request_serializer=None: the payloads are already serialised ScoreRequest bytes.
+        self._callables = itertools.cycle(
+            [
+                ch.unary_unary(
+                    SCORE_METHOD,
+                    request_serializer=None,
+                    response_deserializer=scoring_pb2.ScoreResponse.FromString,
+                )
+                for ch in self._channels
+            ]
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        channels, self._channels = self._channels, []
+        for channel in channels:
+            await channel.close()
+
+    async def send(self, payload: bytes, timeout_s: float) -> scoring_pb2.ScoreResponse:
+        """One Score call with ``timeout_s`` as its gRPC deadline."""
+        if self._callables is None:
+            raise RuntimeError("ScoringClient used outside its async with block")
+        reply: scoring_pb2.ScoreResponse = await next(self._callables)(payload, timeout=timeout_s)
+        return reply
+
+
+async def _call(
+    send: Sender,
+    payload: bytes,
+    intended_s: float,
+    start_at: float,
+    deadline_s: float,
+    tally: Tally,
+    clock: Clock,
+) -> None:
+    sent_s = clock() - start_at
+    tally.record_sent(intended_s, sent_s)
+    try:
+        reply = await send(payload, deadline_s)
+    except asyncio.CancelledError:
+        tally.record_failure(intended_s, clock() - start_at, Failure.TIMEOUT, "ABANDONED")
+        raise
+    except Exception as exc:  # every failure is data here, never a crash of the generator
+        failure, code = classify_failure(exc)
+        tally.record_failure(intended_s, clock() - start_at, failure, code)
+        return
+    tally.record_answer(intended_s, sent_s, clock() - start_at, reply)
+
+
+async def run_open_loop(
+    send: Sender,
+    plan: RequestPlan,
+    tally: Tally,
+    *,
+    start_at: float,
+    window_s: float,
+    deadline_s: float,
+    clock: Clock = time.perf_counter,
+    grace_s: float = _GRACE_S,
+) -> None:
+    """Send ``plan`` at its intended times (``start_at`` + offset on ``clock``) into ``tally``."""
+    offsets, payloads = plan.offsets_s, plan.payloads
+    tally.scheduled += len(offsets)
+    tally.repeats_planned += plan.repeats
+    stop_sending_s = window_s + deadline_s
+    try:
+        async with asyncio.timeout_at(None) as hard_stop, asyncio.TaskGroup() as group:
+            for i, offset in enumerate(offsets):
+                now_s = clock() - start_at
+                if now_s > stop_sending_s:
+                    tally.unsent += len(offsets) - i
+                    logger.warning(
+                        "generator fell %.1f s behind; %d requests not sent",
+                        now_s - offset,
+                        len(offsets) - i,
+                    )
+                    break
+                delay = offset - now_s
+                # sleep(0) when late: still yield, so answers are read between sends.
+                await asyncio.sleep(delay if delay > 0 else 0)
+                group.create_task(
+                    _call(send, payloads[i], offset, start_at, deadline_s, tally, clock)
+                )
+            # Every call carries its own deadline; the hard stop only catches a stuck transport.
+            hard_stop.reschedule(asyncio.get_running_loop().time() + deadline_s + grace_s)
+    except TimeoutError:
+        logger.warning("calls still open %.1f s after the last send were abandoned", grace_s)
+
+
+async def run_serial(
+    send: Sender,
+    payloads: Sequence[bytes],
+    tally: Tally,
+    *,
+    duration_s: float,
+    deadline_s: float,
+    clock: Clock = time.perf_counter,
+) -> None:
+    """Closed loop, one call in flight: each request goes out when the previous one is done.
+
+    Ends after ``payloads`` or ``duration_s``, whichever comes first.
+    """
+    start_at = clock()
+    for payload in payloads:
+        intended_s = clock() - start_at
+        if intended_s >= duration_s:
+            break
+        tally.scheduled += 1
+        await _call(send, payload, intended_s, start_at, deadline_s, tally, clock)

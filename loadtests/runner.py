@@ -1,0 +1,220 @@
+"""Steps and sweeps against one target: warm-up, the serial step, open-loop steps, the sweep.
+
+:class:`TargetRunner` is an async context manager holding one persistent :class:`ScoringClient`
+(for the serial step, warm-up and single-process steps) and its own
+:class:`~loadtests.replay.ReplayStream`; give two runners streams over the same base transactions
+and they send the same workload, which is what makes the cascade and the naive baseline
+comparable. Each step returns its report dict (:func:`loadtests.report.step_report`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final
+
+from loadtests.client import ScoringClient, run_serial
+from loadtests.processes import COUNTER_FIELDS, GeneratorProcesses, ShareJob, run_share_here
+from loadtests.progress import ProgressLine
+from loadtests.replay import ReplayStream, plan_requests
+from loadtests.report import Criteria, SweepPlan, next_sweep_rate, step_report
+from loadtests.results import Tally
+from loadtests.schedule import Arrivals, ScheduleSpec, schedule_offsets, window_s
+
+__all__ = ["LoadSettings", "TargetRunner"]
+
+logger = logging.getLogger(__name__)
+
+_SETTLE_S: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSettings:
+    """How load is generated; shared by every target of a run."""
+
+    rate_per_s: float = 500.0
+    duration_s: float = 10.0
+    max_count: int | None = None
+    arrivals: Arrivals = Arrivals.POISSON
+    repeat_share: float = 0.1
+    processes: int = 1
+    channels: int = 1
+    deadline_ms: float = 50.0
+    criteria: Criteria = field(default_factory=Criteria)
+    warmup_s: float = 2.0
+    warmup_rate: float = 100.0
+    serial_count: int = 1000
+    serial_duration_s: float = 10.0
+    seed: int = 1
+    progress: bool | None = None  # None: only when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        if self.processes < 1 or self.channels < 1:
+            raise ValueError("processes and channels must be >= 1")
+        if not 0.0 <= self.repeat_share <= 1.0:
+            raise ValueError("repeat_share must be within 0..1")
+        if self.deadline_ms <= 0:
+            raise ValueError("deadline_ms must be > 0")
+
+    @property
+    def budget_us(self) -> int:
+        """The SLO budget in microseconds."""
+        return round(self.criteria.budget_ms * 1000)
+
+
+def _tally_counts(tally: Tally) -> Callable[[], Mapping[str, int]]:
+    return lambda: {name: int(getattr(tally, name)) for name in COUNTER_FIELDS}
+
+
+class TargetRunner:
+    """Runs steps against one target (``name`` labels them in the report)."""
+
+    def __init__(
+        self, name: str, target: str, stream: ReplayStream, settings: LoadSettings
+    ) -> None:
+        self.name = name
+        self.target = target
+        self._stream = stream
+        self._settings = settings
+        self._client = ScoringClient(target, channels=settings.channels)
+        self.steps: list[dict[str, Any]] = []
+        self.serial: dict[str, Any] | None = None
+
+    async def __aenter__(self) -> TargetRunner:
+        await self._client.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._client.__aexit__(exc_type, exc, tb)
+
+    def _seed(self, rate: float, label: str) -> int:
+        # The same step (rate and label) gets the same seed on every target: same arrivals.
+        return zlib.crc32(f"{self._settings.seed}:{rate:.3f}:{label}".encode())
+
+    async def warmup(self) -> None:
+        """A short open-loop step at a low rate whose numbers are thrown away."""
+        s = self._settings
+        if s.warmup_s <= 0:
+            return
+        await self._open_step(s.warmup_rate, s.warmup_s, label="warm-up", processes=1)
+        await asyncio.sleep(_SETTLE_S)
+
+    async def run_serial(self) -> dict[str, Any] | None:
+        """Closed loop, one call in flight, no repeats: the unloaded latency per path."""
+        s = self._settings
+        if s.serial_count <= 0:
+            return None
+        payloads = plan_requests(
+            [
+                schedule_offsets(
+                    ScheduleSpec(1000.0, s.serial_count / 1000.0, s.serial_count, Arrivals.CONSTANT)
+                )
+            ],
+            self._stream,
+            repeat_share=0.0,
+        )[0].payloads
+        tally = Tally(budget_us=s.budget_us)
+        label = f"{self.name} serial"
+        async with ProgressLine(
+            label, s.serial_duration_s, _tally_counts(tally), enabled=s.progress
+        ):
+            await run_serial(
+                self._client.send,
+                payloads,
+                tally,
+                duration_s=s.serial_duration_s,
+                deadline_s=s.deadline_ms / 1000,
+            )
+        span = max(tally.last_done_s, 1e-9)
+        self.serial = step_report(
+            tally,
+            label=label,
+            mode="serial",
+            arrivals="closed-loop",
+            offered_rate=tally.ok / span,
+            window_s=span,
+            processes=1,
+            criteria=s.criteria,
+        )
+        await asyncio.sleep(_SETTLE_S)
+        return self.serial
+
+    async def step(self, rate: float, duration_s: float | None = None) -> dict[str, Any]:
+        """One open-loop step at ``rate``; recorded in :attr:`steps`."""
+        s = self._settings
+        report = await self._open_step(
+            rate,
+            duration_s or s.duration_s,
+            label=f"{self.name} @{rate:g}/s",
+            processes=s.processes,
+        )
+        self.steps.append(report)
+        await asyncio.sleep(_SETTLE_S)
+        return report
+
+    async def sweep(self, plan: SweepPlan) -> list[dict[str, Any]]:
+        """Steps chosen by :func:`~loadtests.report.next_sweep_rate` until it says stop."""
+        done: list[tuple[float, bool]] = []
+        while (rate := next_sweep_rate(done, plan)) is not None:
+            report = await self.step(rate)
+            done.append((rate, bool(report["passed"])))
+            logger.info(
+                "%s: %s", report["label"], "pass" if report["passed"] else report["fail_reasons"]
+            )
+        return self.steps
+
+    async def _open_step(
+        self, rate: float, duration_s: float, *, label: str, processes: int
+    ) -> dict[str, Any]:
+        s = self._settings
+        spec = ScheduleSpec(
+            rate_per_s=rate,
+            duration_s=duration_s,
+            max_count=s.max_count,
+            arrivals=s.arrivals,
+            seed=self._seed(rate, label.split(" ", 1)[-1]),
+        )
+        parts = [schedule_offsets(spec, parts=processes, index=k) for k in range(processes)]
+        plans = plan_requests(parts, self._stream, repeat_share=s.repeat_share, seed=spec.seed)
+        window = window_s(spec)
+        jobs = [
+            ShareJob(
+                index=k,
+                target=self.target,
+                channels=s.channels,
+                plan=plan,
+                window_s=window,
+                deadline_s=s.deadline_ms / 1000,
+                budget_us=s.budget_us,
+            )
+            for k, plan in enumerate(plans)
+        ]
+        if processes == 1:
+            tally = Tally(budget_us=s.budget_us)
+            async with ProgressLine(label, window, _tally_counts(tally), enabled=s.progress):
+                await run_share_here(jobs[0], tally, client=self._client)
+        else:
+            async with (
+                GeneratorProcesses(jobs, budget_us=s.budget_us) as children,
+                ProgressLine(label, window, children.progress, enabled=s.progress),
+            ):
+                tally = await children.run()
+        return step_report(
+            tally,
+            label=label,
+            mode="open",
+            arrivals=str(s.arrivals),
+            offered_rate=rate,
+            window_s=window,
+            processes=processes,
+            criteria=s.criteria,
+        )

@@ -1,0 +1,162 @@
+"""Plain-text and Markdown tables of a report (pure), for the terminal and ``docs/latency.md``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["markdown_tables", "text_table"]
+
+_STAGES = ("redis", "features", "stage1", "stage2", "orchestrator", "transport", "server_total")
+
+
+def _steps(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    rows: list[tuple[str, Mapping[str, Any]]] = []
+    for name, target in report["targets"].items():
+        if target.get("serial"):
+            rows.append((name, target["serial"]))
+        rows += [(name, s) for s in sorted(target["steps"], key=lambda s: s["offered_rate"])]
+    return rows
+
+
+def _step_cells(name: str, step: Mapping[str, Any]) -> list[str]:
+    lat, rates = step["latency_ms"], step["rates"]
+    offered = "1 in flight" if step["mode"] == "serial" else f"{step['offered_rate']:g}"
+    return [
+        name,
+        offered,
+        f"{step['achieved_rate']:.0f}",
+        *(f"{lat[k]:.2f}" for k in ("p50", "p95", "p99", "p99_9", "max")),
+        f"{rates['slo_attainment']:.2%}",
+        f"{rates['error'] + rates['timeout']:.2%}",
+        f"{rates['fallback']:.2%}",
+        f"{rates['escalation']:.1%}",
+        f"{rates['cache_hit']:.1%}",
+        "yes" if step["passed"] else "no",
+    ]
+
+
+_STEP_HEADER = [
+    "target",
+    "offered/s",
+    "achieved/s",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "p99.9 ms",
+    "max ms",
+    "in budget",
+    "err+timeout",
+    "fallback",
+    "escalated",
+    "cache hits",
+    "at SLO",
+]
+
+
+def _stage_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, target in report["targets"].items():
+        picks = []
+        if target.get("serial"):
+            picks.append(("1 in flight", target["serial"]))
+        cap = target.get("capacity")
+        if cap:
+            step = next(s for s in target["steps"] if s["label"] == cap["label"])
+            picks.append((f"@{step['offered_rate']:g}/s (capacity)", step))
+        for label, step in picks:
+            cells = [name, label]
+            for stage in _STAGES:
+                summary = step["stages_ms"][stage]
+                cells.append(
+                    f"{summary['p50']:.3f} / {summary['p99']:.3f}" if summary["count"] else "-"
+                )
+            rows.append(cells)
+    return rows
+
+
+def _render(header: list[str], rows: list[list[str]], *, markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), *(fmt.format(*r) for r in rows)])
+
+
+def _comparison_lines(report: Mapping[str, Any]) -> list[str]:
+    comp = report.get("comparison")
+    if not comp:
+        return []
+    cap = comp["capacity_rate"]
+    lines = [
+        f"capacity at SLO: cascade {cap['cascade']}/s, naive {cap['naive']}/s, "
+        f"ratio {cap['ratio']}x"
+    ]
+    serial = comp.get("serial_latency")
+    if serial:
+        lines.append(
+            "1 in flight: "
+            + ", ".join(
+                f"{k} cascade {v['cascade_ms']:.2f} ms vs naive {v['naive_ms']:.2f} ms "
+                f"({v['ratio']}x)"
+                for k, v in serial.items()
+            )
+        )
+    for row in comp.get("same_rate", []):
+        lines.append(
+            f"@{row['rate']:g}/s: p50 {row['p50']['cascade_ms']:.2f} vs {row['p50']['naive_ms']:.2f} "
+            f"ms ({row['p50']['ratio']}x), p99 {row['p99']['cascade_ms']:.2f} vs "
+            f"{row['p99']['naive_ms']:.2f} ms ({row['p99']['ratio']}x)"
+        )
+    return lines
+
+
+def _goal_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for goal in report.get("goals", []):
+        measured = goal["measured"]
+        rows.append(
+            [
+                goal["goal"],
+                "-" if measured is None else f"{measured:g}",
+                {True: "met", False: "NOT met", None: "not measured"}[goal["met"]],
+            ]
+        )
+    return rows
+
+
+def text_table(report: Mapping[str, Any]) -> str:
+    """The whole report as terminal text: steps, stages, comparison, goals."""
+    stage_header = ["target", "step", *(f"{s} p50/p99" for s in _STAGES)]
+    parts = [
+        _render(_STEP_HEADER, [_step_cells(n, s) for n, s in _steps(report)], markdown=False),
+        "",
+        "per stage, ms (p50 / p99):",
+        _render(stage_header, _stage_rows(report), markdown=False),
+        "",
+        *_comparison_lines(report),
+        "",
+        _render(["goal", "measured", ""], _goal_rows(report), markdown=False),
+    ]
+    return "\n".join(parts)
+
+
+def markdown_tables(report: Mapping[str, Any]) -> str:
+    """The same tables in Markdown, for ``docs/latency.md``."""
+    stage_header = ["target", "step", *(f"{s} p50 / p99" for s in _STAGES)]
+    parts = [
+        _render(_STEP_HEADER, [_step_cells(n, s) for n, s in _steps(report)], markdown=True),
+        "",
+        "Per stage, ms (p50 / p99):",
+        "",
+        _render(stage_header, _stage_rows(report), markdown=True),
+        "",
+        *(f"- {line}" for line in _comparison_lines(report)),
+        "",
+        _render(["goal", "measured", ""], _goal_rows(report), markdown=True),
+    ]
+    return "\n".join(parts)

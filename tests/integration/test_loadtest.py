@@ -1,0 +1,150 @@
+"""``cascade loadtest`` end to end: its own local stack and the naive baseline, a tiny sweep from
+two generator processes, and a report whose numbers add up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cascade.settings import DEFAULT_MODEL_DIR
+
+pytestmark = pytest.mark.integration
+
+STAGES = {"redis", "features", "stage1", "stage2", "server_total", "orchestrator", "transport"}
+SUMMARY_KEYS = {"count", "mean", "p50", "p95", "p99", "p99_9", "max"}
+
+
+async def run_cli(*args: str, timeout_s: float = 400) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cascade.cli",
+        "loadtest",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+def _processes_mentioning(folder: Path) -> set[int]:
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(folder) in cmdline:
+            pids.add(int(proc.name))
+    return pids
+
+
+def _check_step(step: dict[str, Any], *, count_cap: int | None = None) -> None:
+    counts = step["counts"]
+    assert counts["scheduled"] == counts["sent"] + counts["unsent"]
+    assert counts["sent"] == counts["ok"] + counts["errors"] + counts["timeouts"]
+    assert counts["ok"] == sum(counts["decided_by"].values())
+    assert counts["cache_hits"] == counts["decided_by"].get("CACHE", 0)
+    assert counts["within_budget"] <= counts["ok"]
+    assert step["bookkeeping_problems"] == []
+    assert step["latency_ms"]["count"] == counts["sent"]
+    assert set(step["latency_ms"]) == SUMMARY_KEYS
+    assert set(step["stages_ms"]) == STAGES
+    assert step["stages_ms"]["server_total"]["count"] == counts["ok"]
+    lat = step["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["p99_9"] <= lat["max"]
+    assert set(step["rates"]) == {
+        "slo_attainment",
+        "error",
+        "timeout",
+        "fallback",
+        "escalation",
+        "cache_hit",
+    }
+    assert all(0.0 <= v <= 1.0 for v in step["rates"].values())
+    if count_cap is not None:
+        assert counts["scheduled"] <= count_cap
+
+
+@pytest.mark.skipif(
+    not (DEFAULT_MODEL_DIR / "registry.json").exists(), reason="no committed models"
+)
+async def test_loadtest_sweeps_both_cascades_and_writes_a_consistent_report(
+    tmp_path: Path,
+) -> None:
+    out_dir = tmp_path / "out"
+    code, out = await run_cli(
+        f"--model-dir={DEFAULT_MODEL_DIR}",
+        f"--out={out_dir}",
+        "--workers=1",
+        "--processes=2",
+        "--sweep",
+        "--sweep-start=20",
+        "--sweep-factor=2",
+        "--sweep-max=40",
+        "--duration=1.5",
+        "--count=25",
+        "--repeat-share=0.3",
+        "--serial-count=40",
+        "--warmup=0.5",
+        # Lenient on purpose: this checks the machinery, not this busy machine's tail latency.
+        "--p99-target-ms=50",
+    )
+    assert code == 0, out
+    assert "capacity at SLO: cascade" in out
+    report = json.loads((out_dir / "report.json").read_text())
+    assert set(report) == {"meta", "targets", "comparison", "goals"}
+    assert report["meta"]["command"].startswith("cascade loadtest ")
+    assert set(report["targets"]) == {"cascade", "naive"}
+    for name, target in report["targets"].items():
+        assert target["target"].startswith("127.0.0.1:")
+        serial = target["serial"]
+        _check_step(serial)
+        assert serial["mode"] == "serial" and serial["counts"]["sent"] == 40
+        assert serial["counts"]["ok"] == 40, (name, serial["counts"])
+        rates = [s["offered_rate"] for s in target["steps"]]
+        assert rates[:2] == [20.0, 40.0], rates
+        for step in target["steps"]:
+            _check_step(step, count_cap=25)
+            assert step["processes"] == 2 and step["mode"] == "open"
+            assert step["counts"]["ok"] > 0
+        # A 30% repeat share at these rates brings cache hits (repeats of answered calls).
+        assert sum(s["counts"]["cache_hits"] for s in target["steps"]) > 0
+        if target["capacity"] is not None:
+            assert target["capacity"]["rate"] in rates
+    comparison = report["comparison"]
+    assert set(comparison) >= {"capacity_rate", "serial_latency", "same_rate"}
+    assert [row["rate"] for row in comparison["same_rate"]] == [20.0, 40.0]
+    assert {g["name"] for g in report["goals"]} == {
+        "serial_stage1_p50_ms",
+        "serial_stage1_p99_ms",
+        "capacity_rate",
+        "capacity_ratio",
+        "orchestrator_p50_ms",
+    }
+    for png in ("summary.png", "sweep.png"):
+        assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _processes_mentioning(out_dir) == set()  # every server it started has stopped
+
+
+async def test_loadtest_refuses_a_target_that_is_not_loopback(tmp_path: Path) -> None:
+    code, out = await run_cli("--target=10.1.2.3:50051", f"--out={tmp_path}", timeout_s=60)
+    assert code == 2
+    assert "not a loopback address" in out
+    assert not (tmp_path / "report.json").exists()

@@ -1,0 +1,203 @@
+"""Step reports, pass/fail at the SLO, capacity, the sweep's rates, ratios, goals and tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cascade.v1 import scoring_pb2
+from loadtests.histogram import Histogram
+from loadtests.report import (
+    Criteria,
+    Goals,
+    SweepPlan,
+    capacity,
+    compare,
+    evaluate_goals,
+    next_sweep_rate,
+    step_report,
+    summarize,
+)
+from loadtests.results import Failure, Tally
+from loadtests.tables import markdown_tables, text_table
+from tests.unit.loadtests.test_results import reply
+
+
+def _tally(latencies_ms: list[float], *, timeouts: int = 0, unsent: int = 0) -> Tally:
+    tally = Tally(budget_us=50_000)
+    tally.scheduled = len(latencies_ms) + timeouts + unsent
+    tally.unsent = unsent
+    for i, ms in enumerate(latencies_ms):
+        start = i * 0.01
+        tally.record_sent(start, start)
+        tally.record_answer(start, start, start + ms / 1000, reply())
+    for _ in range(timeouts):
+        tally.record_sent(0.0, 0.0)
+        tally.record_failure(0.0, 0.05, Failure.TIMEOUT)
+    return tally
+
+
+def _step(tally: Tally, rate: float = 100.0, mode: str = "open", window: float = 1.0) -> Any:
+    return step_report(
+        tally,
+        label=f"t @{rate:g}/s",
+        mode=mode,
+        arrivals="poisson",
+        offered_rate=rate,
+        window_s=window,
+        processes=1,
+        criteria=Criteria(),
+    )
+
+
+def test_summarize_reports_milliseconds() -> None:
+    hist = Histogram()
+    hist.record_many(range(1000, 101_000, 1000))  # 1..100 ms
+    s = summarize(hist)
+    assert (s["count"], s["max"]) == (100.0, 100.0)
+    # Within the histogram's 0.1%, never below the exact value.
+    assert 50.0 <= s["p50"] <= 50.05 and 99.0 <= s["p99"] <= 99.1
+    assert s["p99_9"] == 100.0 and s["mean"] == pytest.approx(50.5)
+
+
+def test_a_fast_clean_step_passes_and_its_counts_add_up() -> None:
+    report = _step(_tally([2.0] * 100), rate=100.0)
+    assert report["passed"], report["fail_reasons"]
+    c = report["counts"]
+    assert c["sent"] == c["ok"] + c["errors"] + c["timeouts"]
+    assert c["scheduled"] == c["sent"] + c["unsent"]
+    assert report["rates"]["slo_attainment"] == 1.0
+    assert report["achieved_rate"] == pytest.approx(100.0)
+    assert report["stages_ms"]["stage1"]["p50"] == 0.6
+    assert report["bookkeeping_problems"] == []
+
+
+def test_a_slow_tail_fails_on_p99_and_on_the_budget() -> None:
+    report = _step(_tally([2.0] * 95 + [60.0] * 5))
+    reasons = " ".join(report["fail_reasons"])
+    assert not report["passed"]
+    assert "p99 60.00 ms > target 10 ms" in reasons and "max 60.00 ms > budget 50 ms" in reasons
+    assert report["rates"]["slo_attainment"] == pytest.approx(0.95)
+
+
+def test_timeouts_and_unsent_fail_a_step() -> None:
+    report = _step(_tally([1.0] * 98, timeouts=1, unsent=1))
+    reasons = " ".join(report["fail_reasons"])
+    assert "0 errors and 1 timeouts" in reasons and "1 requests the generator" in reasons
+    assert report["rates"]["timeout"] == pytest.approx(1 / 99, abs=1e-6)
+
+
+def test_a_server_that_falls_behind_fails_through_its_latency() -> None:
+    # Answers arrive ever later relative to their intended times: queueing, not a slow stage.
+    report = _step(_tally([float(ms) for ms in range(1, 101)]), rate=100.0)
+    assert not report["passed"]
+    assert any(r.startswith("p99") for r in report["fail_reasons"])
+    assert report["achieved_rate"] < report["offered_rate"]
+
+
+def _fake(rate: float, passed: bool) -> dict[str, Any]:
+    return {
+        "mode": "open",
+        "offered_rate": rate,
+        "achieved_rate": rate,
+        "passed": passed,
+        "label": f"x @{rate:g}/s",
+        "latency_ms": {"p50": 1.0, "p99": 5.0 if passed else 20.0, "max": 9.0},
+    }
+
+
+def test_capacity_is_the_highest_pass_below_the_first_failure() -> None:
+    steps = [_fake(200, True), _fake(300, True), _fake(450, False), _fake(375, True)]
+    steps.append(_fake(600, True))  # a lucky pass above a failure does not count
+    cap = capacity(steps)
+    assert cap is not None
+    assert (cap["rate"], cap["first_failing_rate"]) == (375, 450)
+
+
+def test_capacity_is_none_when_nothing_passed() -> None:
+    assert capacity([_fake(200, False)]) is None
+    assert capacity([]) is None
+
+
+def test_sweep_ramps_then_bisects_then_stops() -> None:
+    plan = SweepPlan(start_rate=100, factor=2, max_rate=10_000, refine_steps=2)
+    done: list[tuple[float, bool]] = []
+    assert next_sweep_rate(done, plan) == 100
+    done += [(100, True)]
+    assert next_sweep_rate(done, plan) == 200
+    done += [(200, True), (400, True), (800, False)]
+    assert next_sweep_rate(done, plan) == 600
+    done += [(600, False)]
+    assert next_sweep_rate(done, plan) == 500
+    done += [(500, True)]
+    assert next_sweep_rate(done, plan) is None  # two refinements done
+
+
+def test_sweep_stops_at_max_rate_and_when_the_first_step_fails() -> None:
+    plan = SweepPlan(start_rate=100, factor=3, max_rate=500)
+    assert next_sweep_rate([(100, True), (300, True)], plan) == 500
+    assert next_sweep_rate([(100, True), (300, True), (500, True)], plan) is None
+    assert next_sweep_rate([(100, False)], plan) is None
+
+
+def test_sweep_stops_when_the_bracket_is_narrow() -> None:
+    plan = SweepPlan(start_rate=1000, factor=1.05, resolution=0.1, refine_steps=5)
+    assert next_sweep_rate([(1000, True), (1050, False)], plan) is None
+
+
+def test_sweep_plan_is_validated() -> None:
+    with pytest.raises(ValueError, match="factor"):
+        SweepPlan(factor=1.0)
+
+
+def _target(cap_rate: float, serial_p50: float) -> dict[str, Any]:
+    serial = _step(_tally([serial_p50] * 100), mode="serial")
+    steps = [_step(_tally([2.0] * 100), rate=100.0), _step(_tally([2.0] * 95 + [80.0] * 5), 200.0)]
+    return {
+        "serial": serial,
+        "steps": steps,
+        "capacity": {"rate": cap_rate, "label": steps[0]["label"]},
+    }
+
+
+def test_compare_gives_cascade_over_naive_ratios() -> None:
+    comp = compare(_target(2000, 1.0), _target(500, 3.0))
+    assert comp["capacity_rate"] == {"cascade": 2000, "naive": 500, "ratio": 4.0}
+    assert comp["serial_latency"]["p50"]["ratio"] == 3.0
+    assert [row["rate"] for row in comp["same_rate"]] == [100.0, 200.0]
+
+
+def test_compare_copes_with_a_missing_capacity() -> None:
+    naive = _target(500, 3.0) | {"capacity": None}
+    assert compare(_target(2000, 1.0), naive)["capacity_rate"]["ratio"] is None
+
+
+def test_goals_are_judged_against_the_issue_targets() -> None:
+    cascade = _target(2000, 1.0)
+    goals = {
+        g["name"]: g for g in evaluate_goals(cascade, compare(cascade, _target(500, 3.0)), Goals())
+    }
+    assert goals["serial_stage1_p50_ms"]["met"] is True
+    assert goals["capacity_rate"]["met"] is True
+    assert goals["capacity_ratio"]["measured"] == 4.0
+    # orchestrator overhead in the fake replies: 1000 - 200 - 50 - 600 us = 0.15 ms
+    assert goals["orchestrator_p50_ms"]["measured"] == 0.15
+    none = {g["name"]: g for g in evaluate_goals({"serial": None, "capacity": None}, None, Goals())}
+    assert all(g["met"] is None for g in none.values())
+
+
+def test_tables_show_every_step_and_goal() -> None:
+    cascade, naive = _target(2000, 1.0), _target(500, 3.0)
+    comparison = compare(cascade, naive)
+    report = {
+        "targets": {"cascade": cascade, "naive": naive},
+        "comparison": comparison,
+        "goals": evaluate_goals(cascade, comparison, Goals()),
+    }
+    text = text_table(report)
+    assert text.count("1 in flight") >= 2 and "capacity at SLO: cascade 2000/s" in text
+    md = markdown_tables(report)
+    assert md.startswith("| target |") and "| naive | 200 |" in md
+    assert "NOT met" in md or "met" in md
+    assert scoring_pb2  # the fake replies come from the real message type
