@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, AsyncExitStack, suppress
 from types import TracebackType
@@ -35,7 +36,7 @@ from cascade.model_registry import Registry, load_policy, load_registry
 from cascade.runtime import freeze_heap
 from cascade.settings import Settings
 from cascade.telemetry import extract_context, trace_id_hex
-from cascade.transaction import Transaction
+from cascade.transaction import Channel, Transaction
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from orchestrator.budget import Budget
 from orchestrator.codec import result_to_proto, versions_to_proto
@@ -55,6 +56,22 @@ ValidT = TypeVar("ValidT")
 
 SERVICE_NAME: Final = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
 _WARMUP_RETRY_S: Final = 0.2
+_WARMUP_PASSES: Final = 5
+_WARMUP_CARD: Final = "__cascade_warmup__"
+
+
+def _warmup_transaction(i: int) -> Transaction:
+    return Transaction(
+        transaction_id=f"warmup-{i}",
+        card_id=_WARMUP_CARD,
+        merchant_id="warmup",
+        merchant_category="5411",
+        amount_minor=1000 + i,
+        currency="EUR",
+        country="DE",
+        channel=Channel.CARD_PRESENT,
+        timestamp_ms=int(time.time() * 1000),
+    )
 
 
 class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
@@ -263,7 +280,7 @@ class Orchestrator:
         await server.start()
         self._server = server
         self._warmup = asyncio.create_task(
-            self._warm(store, screener, heavy), name="orchestrator-warmup"
+            self._warm(store, screener, heavy, scorer), name="orchestrator-warmup"
         )
         logger.info(
             "orchestrator listening on %s:%d (policy %s, stage1 %s, stage2 %s, features %s)",
@@ -275,8 +292,15 @@ class Orchestrator:
             self.versions.feature_set,
         )
 
-    async def _warm(self, store: RedisOnlineStore, screener: Screener, heavy: HeavyScorer) -> None:
-        """Retry one stage-1 and one stage-2 request until both answer, then report SERVING.
+    async def _warm(
+        self,
+        store: RedisOnlineStore,
+        screener: Screener,
+        heavy: HeavyScorer,
+        scorer: CascadeScorer,
+    ) -> None:
+        """Retry one stage-1 and one stage-2 request until both answer, run the whole scoring
+        path a few times, then report SERVING.
 
         Redis is pinged once to open a pooled connection, but does not gate SERVING: without it
         the cascade still answers (labelled), while without the models it cannot.
@@ -299,6 +323,10 @@ class Orchestrator:
             except DependencyError as exc:
                 logger.debug("warm-up waiting: %s", exc)
                 await asyncio.sleep(_WARMUP_RETRY_S)
+        # First calls through Python code paths (protobuf, features, pipelines) cost milliseconds;
+        # pay them here. The synthetic card's history and cache entries expire with their TTLs.
+        for i in range(_WARMUP_PASSES):
+            await scorer.score(_warmup_transaction(i), Budget.start(None, self._settings.budget))
         freeze_heap()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
