@@ -19,7 +19,8 @@ from pathlib import Path
 
 import grpc
 
-from cascade.samples import sample_transactions
+from cascade.iso_codes import minor_unit_exponent, to_major_units
+from cascade.samples import labelled_sample
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
 from cascade.stack import LocalStack, StackConfig, StackPorts
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
@@ -30,35 +31,36 @@ logger = logging.getLogger("cascade")
 async def score_samples(target: str, count: int, seed: int, deadline_ms: float) -> list[str]:
     """Score ``count`` sample transactions against ``target``; return the table's lines."""
     header = (
-        f"{'transaction':<14} {'card':<10} {'amount':>12} {'decision':<8} {'score':>6} "
-        f"{'by':<7} {'esc':<3} {'ms':>6} {'redis':>6} {'s1':>6} {'s2':>6}  reasons"
+        f"{'transaction':<24} {'card':<12} {'amount':>14} {'decision':<8} {'score':>6} "
+        f"{'by':<7} {'esc':<3} {'ms':>6} {'redis':>6} {'s1':>6} {'s2':>6}  {'truth':<20} reasons"
     )
     lines = [header, "-" * len(header)]
     async with grpc.aio.insecure_channel(target) as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
-        for tx in sample_transactions(count, seed=seed):
+        for tx, truth in labelled_sample(count, seed=seed):
             start = time.perf_counter()
             try:
                 reply = await stub.Score(
                     scoring_pb2.ScoreRequest(transaction=tx), timeout=deadline_ms / 1000
                 )
             except grpc.aio.AioRpcError as exc:
-                lines.append(f"{tx.transaction_id:<14} error {exc.code().name}: {exc.details()}")
+                lines.append(f"{tx.transaction_id:<24} error {exc.code().name}: {exc.details()}")
                 continue
             elapsed_ms = (time.perf_counter() - start) * 1000
             t = reply.timings
             reasons = ",".join(
                 scoring_pb2.Reason.Name(r).removeprefix("REASON_") for r in reply.reasons
             )
-            amount = f"{tx.amount_minor / 100:,.2f} {tx.currency}"
+            major = to_major_units(tx.amount_minor, tx.currency)
+            amount = f"{major:,.{minor_unit_exponent(tx.currency)}f} {tx.currency}"
             lines.append(
-                f"{tx.transaction_id:<14} {tx.card_id:<10} {amount:>12} "
+                f"{tx.transaction_id:<24} {tx.card_id:<12} {amount:>14} "
                 f"{scoring_pb2.Decision.Name(reply.decision).removeprefix('DECISION_'):<8} "
-                f"{reply.score:6.3f} "
+                f"{reply.score:6.4f} "
                 f"{scoring_pb2.DecidedBy.Name(reply.decided_by).removeprefix('DECIDED_BY_'):<7} "
                 f"{'yes' if reply.escalated else '':<3} {elapsed_ms:6.2f} "
                 f"{t.redis_us / 1000:6.2f} {t.stage1_us / 1000:6.2f} {t.stage2_us / 1000:6.2f}  "
-                f"{reasons}"
+                f"{truth or '-':<20} {reasons}"
             )
     return lines
 

@@ -1,59 +1,38 @@
-"""Sample traffic for ``cascade score`` and ``cascade up --sample``: a few ordinary cards plus
-two suspicious sequences (a card-testing burst and an account takeover), deterministic per seed.
+"""Sample traffic for ``cascade score`` and ``cascade up --sample``: simulator transactions.
+
+A small seeded world (``training.simulator``) gives a month of a few hundred cards' activity with
+labelled fraud. The sample keeps the stream's time order and mixes in its fraud so the table has
+something to catch; each transaction comes with its ground truth (the fraud pattern, or "").
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from typing import Final
 
 from cascade.v1 import scoring_pb2
+from cascade.wire import to_wire
+from training.simulator import SimulationConfig, simulate
 
-_START_MS: Final = 1_763_800_000_000
-_MERCHANTS: Final = (
-    ("m-grocer", "5411", "DE", "EUR"),
-    ("m-fuel", "5541", "DE", "EUR"),
-    ("m-books", "5942", "FR", "EUR"),
-    ("m-cafe", "5814", "GB", "GBP"),
-    ("m-shop", "5311", "US", "USD"),
-    ("m-air", "4511", "NL", "EUR"),
-)
+_FRAUD_SHARE: Final = 0.3
+_WORLD: Final = SimulationConfig(n_cards=300, n_days=30)
 
 
-def sample_transactions(count: int, *, seed: int = 7) -> Iterator[scoring_pb2.Transaction]:
-    """``count`` valid transactions in time order."""
+def sample_transactions(count: int, *, seed: int = 7) -> list[scoring_pb2.Transaction]:
+    """``count`` transactions in time order, about 30% of them fraud."""
+    return [tx for tx, _ in labelled_sample(count, seed=seed)]
+
+
+def labelled_sample(count: int, *, seed: int = 7) -> list[tuple[scoring_pb2.Transaction, str]]:
+    """``count`` transactions in time order, about 30% of them fraud, with their patterns."""
+    stream = simulate(_world(seed))
     rng = random.Random(seed)
-    now = _START_MS
-    for i in range(count):
-        now += rng.randint(5_000, 600_000)
-        kind = i % 10
-        card = f"card-{rng.randint(1, 5)}"
-        merchant, mcc, country, currency = rng.choice(_MERCHANTS)
-        device, ip_country = f"dev-{card}", country
-        amount = rng.randint(500, 12_000)
-        channel = scoring_pb2.CHANNEL_CARD_PRESENT
-        if kind in (7, 8):  # card testing: tiny online charges in a burst, then a large one
-            card, merchant, mcc, country, currency = "card-test", "m-webstore", "5999", "US", "USD"
-            channel = scoring_pb2.CHANNEL_ECOMMERCE
-            amount = 99 if kind == 7 else 189_900
-            now += 2_000
-            device, ip_country = "dev-unknown", "RO"
-        elif kind == 9:  # account takeover: new device and country, expensive electronics
-            card, merchant, mcc, country, currency = "card-1", "m-electro", "5732", "BR", "BRL"
-            channel = scoring_pb2.CHANNEL_ECOMMERCE
-            amount = 899_000
-            device, ip_country = "dev-new", "NG"
-        yield scoring_pb2.Transaction(
-            transaction_id=f"tx-{seed}-{i:05d}",
-            card_id=card,
-            merchant_id=merchant,
-            merchant_category=mcc,
-            amount_minor=amount,
-            currency=currency,
-            country=country,
-            channel=channel,
-            timestamp_ms=now,
-            device_id=device,
-            ip_country=ip_country,
-        )
+    frauds = [i for i, r in enumerate(stream) if r.is_fraud]
+    genuine = [i for i, r in enumerate(stream) if not r.is_fraud]
+    n_fraud = min(len(frauds), round(count * _FRAUD_SHARE))
+    picked = sorted(rng.sample(frauds, n_fraud) + rng.sample(genuine, count - n_fraud))
+    return [(to_wire(stream[i].tx), stream[i].pattern) for i in picked]
+
+
+def _world(seed: int) -> SimulationConfig:
+    return SimulationConfig(seed=seed, n_cards=_WORLD.n_cards, n_days=_WORLD.n_days)
