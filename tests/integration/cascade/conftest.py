@@ -1,19 +1,22 @@
 """Fixtures for the cascade's end-to-end tests: artifacts whose policy escalates everything (so
-stage 2 always runs) and a Triton serving the real stage-2 model."""
+stage 2 always runs), a Triton serving the real stage-2 model, and the cascade as processes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 import pytest_asyncio
 
 from cascade.model_registry import load_registry
-from cascade.servers import TritonServer
+from cascade.servers import ManagedProcess, TritonServer, free_port
 from cascade.settings import (
     DEFAULT_MODEL_DIR,
     NatsSettings,
@@ -22,7 +25,8 @@ from cascade.settings import (
     Settings,
     TritonSettings,
 )
-from cascade.v1 import scoring_pb2
+from cascade.stack import orchestrator_process, service_env, worker_process
+from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from tests.conftest import make_wire_transaction
 
 
@@ -69,3 +73,42 @@ def settings_for(
         server=ServerSettings(port=0, drain_s=1.0),
         **({"budget": budget} if budget else {}),  # type: ignore[arg-type]
     )
+
+
+@asynccontextmanager
+async def cascade_processes(
+    model_dir: Path,
+    log_dir: Path,
+    *,
+    redis_url: str,
+    nats_url: str,
+    triton_url: str,
+    workers: int = 1,
+    wait_serving: bool = True,
+    extra_env: dict[str, str] | None = None,
+) -> AsyncIterator[tuple[scoring_pb2_grpc.ScoringServiceStub, grpc.aio.Channel, ManagedProcess]]:
+    """Workers and the orchestrator as their own processes (as ``cascade up`` runs them) against
+    the given servers; yields a stub, its warm channel, and the orchestrator process."""
+    port = free_port()
+    env = service_env(
+        model_dir=model_dir,
+        redis_url=redis_url,
+        nats_url=nats_url,
+        triton_url=triton_url,
+        grpc_port=port,
+        extra={
+            "CASCADE_NATS__SUBJECT_PREFIX": f"t{uuid.uuid4().hex[:8]}",
+            "CASCADE_SERVER__DRAIN_S": "3",
+            **(extra_env or {}),
+        },
+    )
+    log_dir.mkdir(parents=True, exist_ok=True)
+    async with AsyncExitStack() as stack:
+        for i in range(workers):
+            await stack.enter_async_context(worker_process(f"worker-{i}", env, log_dir))
+        orchestrator = await stack.enter_async_context(
+            orchestrator_process(env, log_dir, wait_serving=wait_serving)
+        )
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
+        await asyncio.wait_for(channel.channel_ready(), timeout=5)
+        yield scoring_pb2_grpc.ScoringServiceStub(channel), channel, orchestrator

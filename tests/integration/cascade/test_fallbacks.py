@@ -7,61 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cascade.model_registry import load_registry
-from cascade.servers import ManagedProcess, NatsServer, RedisServer, TritonServer, free_port
-from cascade.stack import orchestrator_process, service_env, worker_process
+from cascade.servers import NatsServer, RedisServer, TritonServer
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
-from tests.integration.cascade.conftest import new_request
+from tests.integration.cascade.conftest import cascade_processes, new_request
 
 pytestmark = pytest.mark.integration
 
 R = scoring_pb2
 # Every fallback must come back well inside this, whatever failed (no multi-second stalls).
 FAST_S = 0.050
-
-
-@asynccontextmanager
-async def cascade_processes(
-    model_dir: Path,
-    log_dir: Path,
-    *,
-    redis_url: str,
-    nats_url: str,
-    triton_url: str,
-    workers: int = 1,
-    wait_serving: bool = True,
-) -> AsyncIterator[tuple[scoring_pb2_grpc.ScoringServiceStub, grpc.aio.Channel, ManagedProcess]]:
-    port = free_port()
-    env = service_env(
-        model_dir=model_dir,
-        redis_url=redis_url,
-        nats_url=nats_url,
-        triton_url=triton_url,
-        grpc_port=port,
-        extra={
-            "CASCADE_NATS__SUBJECT_PREFIX": f"t{uuid.uuid4().hex[:8]}",
-            "CASCADE_SERVER__DRAIN_S": "3",
-        },
-    )
-    log_dir.mkdir(parents=True, exist_ok=True)
-    async with AsyncExitStack() as stack:
-        for i in range(workers):
-            await stack.enter_async_context(worker_process(f"worker-{i}", env, log_dir))
-        orchestrator = await stack.enter_async_context(
-            orchestrator_process(env, log_dir, wait_serving=wait_serving)
-        )
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
-        await asyncio.wait_for(channel.channel_ready(), timeout=5)
-        yield scoring_pb2_grpc.ScoringServiceStub(channel), channel, orchestrator
 
 
 async def timed_score(
