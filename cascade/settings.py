@@ -90,6 +90,21 @@ class TritonSettings(BaseModel):
     model_name: str = Field("fraud_heavy")
 
 
+class ScreeningSettings(BaseModel):
+    """The screening workers' micro-batching."""
+
+    max_batch_rows: int = Field(
+        256, ge=1, le=4096, description="Most feature rows per ONNX Runtime call (1: no batching)."
+    )
+    max_window_us: int = Field(
+        300,
+        ge=0,
+        le=5_000,
+        description="Longest wait for more requests once load makes them overlap (0: never wait).",
+    )
+    intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per worker.")
+
+
 class ServerSettings(BaseModel):
     """The orchestrator's own gRPC server."""
 
@@ -128,6 +143,10 @@ class Settings(BaseSettings):
     nats: NatsSettings = Field(default_factory=NatsSettings)
     triton: TritonSettings = Field(default_factory=TritonSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    screening: ScreeningSettings = Field(default_factory=ScreeningSettings)
+    gc_freeze: bool = Field(
+        True, description="gc.freeze() after warm-up, so collections skip start-up objects."
+    )
     screening_workers: int = Field(2, ge=1, le=64, description="Workers `cascade up` starts.")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     metrics_port: int | None = Field(

@@ -327,7 +327,8 @@ class Orchestrator:
         # pay them here. The synthetic card's history and cache entries expire with their TTLs.
         for i in range(_WARMUP_PASSES):
             await scorer.score(_warmup_transaction(i), Budget.start(None, self._settings.budget))
-        freeze_heap()
+        if self._settings.gc_freeze:
+            freeze_heap()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logger.info("models warm: health SERVING")

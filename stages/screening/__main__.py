@@ -21,7 +21,9 @@ async def serve(stop: asyncio.Event) -> None:
     configure_logging(settings.log_level)
     registry = load_registry(settings.model_dir)
     model = ScreeningModel(
-        settings.model_dir / registry.stage1.path, version=registry.stage1.version
+        settings.model_dir / registry.stage1.path,
+        version=registry.stage1.version,
+        intra_op_threads=settings.screening.intra_op_threads,
     )
     with (
         MetricsEndpoint(settings.metrics_port, settings.metrics_host),
@@ -35,8 +37,11 @@ async def serve(stop: asyncio.Event) -> None:
             queue_group=settings.nats.queue_group,
             feature_set=registry.feature_set,
             tracer=provider.get_tracer("cascade.screening"),
+            max_batch_rows=settings.screening.max_batch_rows,
+            max_window_us=settings.screening.max_window_us,
         ):
-            freeze_heap()
+            if settings.gc_freeze:
+                freeze_heap()
             print("READY", flush=True)
             await stop.wait()
 
