@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -94,6 +94,7 @@ MCC_GROUPS: Final[tuple[tuple[str, frozenset[str]], ...]] = (
     ("cash_like", frozenset({"4829", "6010", "6011", "6051", "6540", "7995"})),
 )
 _N_MCC_GROUPS: Final = len(MCC_GROUPS) + 1  # + "other"
+_MCC_OTHER: Final = _N_MCC_GROUPS - 1
 _MCC_GROUP_INDEX: Final[dict[str, int]] = {
     mcc: i for i, (_, codes) in enumerate(MCC_GROUPS) for mcc in codes
 }
@@ -266,7 +267,7 @@ def decode_history_entry(data: bytes) -> HistoryEntry:
 
 def mcc_group(merchant_category: str) -> int:
     """Index of the coarse group of a merchant category code (the last index is "other")."""
-    return _MCC_GROUP_INDEX.get(merchant_category, _N_MCC_GROUPS - 1)
+    return _MCC_GROUP_INDEX.get(merchant_category, _MCC_OTHER)
 
 
 def _amount_usd(amount_minor: int, currency: str) -> float:
@@ -313,9 +314,12 @@ def _fill_screening(
     since_other_country_ms = -1
     log_amounts: list[float] = []
     sin_sum = cos_sum = 0.0
+    usd_per_minor = _USD_PER_MINOR_UNIT  # locals: this loop is the online hot path
+    day_ms = _MS_24H
+    two_pi = _TWO_PI
     for entry in history:
         age_ms = now - entry.timestamp_ms
-        entry_amount = _amount_usd(entry.amount_minor, entry.currency)
+        entry_amount = entry.amount_minor * usd_per_minor[entry.currency]
         log_amounts.append(math.log1p(entry_amount))
         if age_ms <= _MS_7D:
             count_7d += 1
@@ -346,7 +350,7 @@ def _fill_screening(
             same_mcc += 1
         if entry.channel == tx.channel:
             same_channel += 1
-        entry_angle = _hour_angle(entry.timestamp_ms)
+        entry_angle = (entry.timestamp_ms % day_ms) / day_ms * two_pi
         sin_sum += math.sin(entry_angle)
         cos_sum += math.cos(entry_angle)
 
@@ -462,11 +466,15 @@ def sequence_tensor(tx: Transaction, history: Sequence[HistoryEntry]) -> NDArray
     block = out[SEQUENCE_LEN - 1 - n :]
     rows = np.arange(n + 1)
 
-    amounts = [math.log1p(_amount_usd(e.amount_minor, e.currency)) for e in items]
+    usd_per_minor = _USD_PER_MINOR_UNIT
+    amounts = [math.log1p(e.amount_minor * usd_per_minor[e.currency]) for e in items]
+    countries = [e.country for e in items]
     if n:
         ordered = sorted(amounts[:-1])
         median = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
-        home = Counter(e.country for e in kept).most_common(1)[0][0]
+        # the card's most frequent country; ties go to the most recent one
+        history_countries = countries[n - 1 :: -1]
+        home = max(dict.fromkeys(history_countries), key=history_countries.count)
     else:
         median = amounts[-1]
         home = tx.country
@@ -484,9 +492,9 @@ def sequence_tensor(tx: Transaction, history: Sequence[HistoryEntry]) -> NDArray
     block[:, 6] = np.sin(angle)
     block[:, 7] = np.cos(angle)
 
-    block[rows, [_T_CHANNEL0 + _CHANNEL_INDEX[e.channel] for e in items]] = 1.0
-    block[rows, [_T_MCC0 + mcc_group(e.merchant_category) for e in items]] = 1.0
-    countries = [e.country for e in items]
+    one_hot = [_T_CHANNEL0 + _CHANNEL_INDEX[e.channel] for e in items]
+    one_hot += [_T_MCC0 + _MCC_GROUP_INDEX.get(e.merchant_category, _MCC_OTHER) for e in items]
+    block[np.r_[rows, rows], one_hot] = 1.0
     devices = [e.device_id for e in items]
     block[:, _T_SAME_COUNTRY] = [c == tx.country for c in countries]
     block[:, _T_HOME] = [c == home for c in countries]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import itertools
+import os
+import subprocess
+import sys
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING
 
@@ -11,6 +15,7 @@ import pytest
 
 from cascade.features import APPROX_USD_PER_UNIT
 from cascade.iso_codes import COUNTRIES, CURRENCY_EXPONENTS, to_major_units
+from cascade.settings import REPO_ROOT
 from cascade.transaction import Channel
 from training.simulator import (
     FraudPattern,
@@ -48,6 +53,23 @@ def test_same_seed_same_stream_other_seed_other_stream(
     assert (tmp_path / "a.jsonl.gz").read_bytes() == (tmp_path / "b.jsonl.gz").read_bytes()
     other = simulate(SimulationConfig(seed=4, n_cards=200, n_days=20))
     assert other[:50] != stream[:50]
+
+
+def test_stream_does_not_depend_on_the_hash_seed(tmp_path: Path) -> None:
+    """Replayable across processes: set iteration order must not leak into the stream."""
+    config = "SimulationConfig(seed=5, n_cards=300, n_days=30)"
+    digests = set()
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"s{hash_seed}.jsonl.gz"
+        code = (
+            "from pathlib import Path; "
+            "from training.simulator import SimulationConfig, simulate, write_stream; "
+            f"write_stream(Path({str(out)!r}), simulate({config}))"
+        )
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO_ROOT)
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert len(digests) == 1
 
 
 def test_stream_is_time_sorted_with_unique_ids(stream: list[LabelledTransaction]) -> None:
