@@ -6,12 +6,13 @@ naive baseline (:mod:`loadtests.naive`) beside it on the same Redis, NATS and Tr
 running naive server too. For each target it warms up, measures one call in flight
 (``--serial-count``), then runs one open-loop step at ``--rate`` or, with ``--sweep``, the capacity
 sweep; the two targets' steps alternate so both see the same machine. Writes ``report.json``,
-``summary.png`` and (with ``--sweep``) ``sweep.png`` into ``--out``.
+``tables.md``, ``summary.png`` and (with ``--sweep``) ``sweep.png`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -27,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
-from loadtests.address import NotLoopbackError, parse_loopback_target
+from loadtests.address import parse_loopback_target
+from loadtests.cpu import CpuMeter, cpu_report
 from loadtests.replay import ReplayStream, load_transactions
 from loadtests.report import Criteria, Goals, SweepPlan, capacity, compare, evaluate_goals
 from loadtests.runner import LoadSettings, TargetRunner
 from loadtests.schedule import Arrivals
-from loadtests.tables import text_table
+from loadtests.tables import markdown_tables, text_table
 
 __all__ = ["add_arguments", "run"]
 
@@ -52,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--no-baseline", action="store_true", help="do not measure the baseline")
     where.add_argument("--workers", type=int, default=2, help="screening workers (own stack)")
     where.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    where.add_argument(
+        "--stack-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the own stack's services (repeatable), for A/B runs",
+    )
     load = parser.add_argument_group("load")
     load.add_argument("--rate", type=float, default=500.0, help="requests/s of the single step")
     load.add_argument("--duration", type=float, default=10.0, help="seconds per step")
@@ -120,6 +129,17 @@ def _git_commit() -> str:
     return out.stdout.strip()
 
 
+def stack_env(pairs: Sequence[str]) -> dict[str, str]:
+    """``["K=V", ...]`` -> ``{"K": "V"}``; ValueError naming a pair without ``=``."""
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--stack-env wants KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
 @asynccontextmanager
 async def _targets(args: argparse.Namespace, out_dir: Path) -> AsyncIterator[dict[str, str]]:
     """Name -> loopback target of every system to load; starts and stops what it owns."""
@@ -145,6 +165,7 @@ async def _targets(args: argparse.Namespace, out_dir: Path) -> AsyncIterator[dic
                     run_dir=run_dir,
                     ports=StackPorts(0, 0, 0, 0, 0, 0),
                     workers=args.workers,
+                    extra_env=stack_env(args.stack_env),
                 )
             )
         )
@@ -170,6 +191,7 @@ async def run_loadtest(
     """Run everything the arguments ask for and return the report (``out_dir`` holds the stack's
     logs when this starts one)."""
     settings = _settings(args)
+    load_at_start = round(os.getloadavg()[0], 2)
     started = time.time()
     per_step = int(max(args.rate, args.sweep_max if args.sweep else 0) * args.duration)
     base = load_transactions(args.source, count=min(max(per_step, 5000), 200_000), seed=args.seed)
@@ -183,10 +205,17 @@ async def run_loadtest(
     async with _targets(args, out_dir) as targets, AsyncExitStack() as stack:
         runners = [
             await stack.enter_async_context(
-                TargetRunner(name, target, ReplayStream(base, nonce=nonce), settings)
+                TargetRunner(
+                    name,
+                    target,
+                    ReplayStream(base, nonce=nonce),
+                    settings,
+                    cpu_meter=CpuMeter() if CpuMeter.available() else None,
+                )
             )
             for name, target in targets.items()
         ]
+        idle_cpu = await _idle_cpu(2.0)
         for runner in runners:
             await runner.warmup()
         for runner in runners:
@@ -196,7 +225,22 @@ async def run_loadtest(
         else:
             for runner in runners:
                 await runner.step(args.rate)
-    return build_report(args, argv, runners, targets, started)
+    report = build_report(args, argv, runners, targets, started)
+    report["meta"]["load_average_1m_at_start"] = load_at_start
+    report["meta"]["idle_cpu_cores"] = idle_cpu
+    return report
+
+
+async def _idle_cpu(seconds: float) -> dict[str, float]:
+    """Cores each component burns with no load at all (what per-answer CPU sits on top of)."""
+    if not CpuMeter.available():
+        return {}
+    meter = CpuMeter()
+    before = await asyncio.to_thread(meter.snapshot)
+    await asyncio.sleep(seconds)
+    after = await asyncio.to_thread(meter.snapshot)
+    cores: dict[str, float] = cpu_report(before, after, seconds, 0)["cores"]
+    return cores
 
 
 async def _interleaved_sweep(runners: Sequence[TargetRunner], plan: SweepPlan) -> None:
@@ -264,6 +308,7 @@ def build_report(
             "sweep": args.sweep,
             "source": args.source,
             "model_dir": str(args.model_dir),
+            "stack_env": args.stack_env,
         },
         "targets": per_target,
         "comparison": comparison,
@@ -274,6 +319,7 @@ def build_report(
 
 def _write_outputs(report: dict[str, Any], out_dir: Path, *, sweep: bool) -> None:
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "tables.md").write_text(markdown_tables(report) + "\n")
     try:
         from loadtests.plots import plot_summary, plot_sweep
     except ImportError:  # matplotlib missing: the JSON still stands
@@ -292,7 +338,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         for target in (args.target, args.baseline_target):
             if target:
                 parse_loopback_target(target)
-    except NotLoopbackError as exc:
+        stack_env(args.stack_env)
+    except ValueError as exc:  # NotLoopbackError too
         print(f"cascade loadtest: {exc}", file=sys.stderr)
         return 2
     out_dir: Path = args.out.resolve()

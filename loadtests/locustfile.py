@@ -76,8 +76,14 @@ class _Requests:
 
 @functools.cache
 def _requests() -> _Requests:
-    """The one request source every user of this process shares (built on first use)."""
+    """The one request source every user of this process shares."""
     return _Requests()
+
+
+@events.init.add_listener  # type: ignore[untyped-decorator,unused-ignore]
+def _build_requests(environment: Any, **_kwargs: Any) -> None:
+    """Simulate the transactions before any user starts (it takes a second or two)."""
+    _requests()
 
 
 class ScoringUser(User):  # type: ignore[misc,unused-ignore]  # locust is untyped where absent

@@ -42,6 +42,15 @@ def _pyplot() -> Any:
     return plt
 
 
+def _plain_ticks(ax: Any) -> None:
+    """Log axis labelled 1, 2, 5, 10, ... ms rather than in powers of ten."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+
+
 def _stage_bars(ax: Any, steps: list[tuple[str, Mapping[str, Any]]], stat: str) -> None:
     """Horizontal stacked bars: where one request's time goes, by stage, at ``stat``."""
     for row, (_, step) in enumerate(steps):
@@ -83,6 +92,7 @@ def plot_summary(report: Mapping[str, Any], path: Path) -> Path:
             [label for _, label in _PERCENTILE_KEYS],
         )
         ax_lat.set_yscale("log")
+        _plain_ticks(ax_lat)
         ax_lat.set_ylabel("latency from intended send, ms")
         ax_lat.set_title(f"{name}: latency percentiles")
         ax_lat.legend(fontsize=8)
@@ -101,6 +111,14 @@ def plot_summary(report: Mapping[str, Any], path: Path) -> Path:
                 "p99 per stage, ms:",
                 *(f"  {s:<13}{ref['stages_ms'][s]['p99']:8.2f}" for s in _STAGE_ORDER),
             ]
+            cpu = ref.get("cpu")
+            if cpu:
+                lines.append("CPU ms per answer (cores):")
+                lines += [
+                    f"  {role:<18}{cpu['ms_per_answer'][role]:7.3f} ({cores:.2f})"
+                    for role, cores in sorted(cpu["cores"].items(), key=lambda kv: -kv[1])
+                    if cores > 0.005
+                ]
             cap = target.get("capacity")
             lines.append(
                 f"capacity at SLO: {cap['rate']:g}/s" if cap else "capacity at SLO: not found"
@@ -155,6 +173,7 @@ def plot_sweep(report: Mapping[str, Any], path: Path) -> Path:
     ax_lat.axhline(meta["p99_target_ms"], color="#d62728", alpha=0.3, label="p99 target")
     ax_lat.axhline(meta["budget_ms"], color="black", alpha=0.3, label="budget")
     ax_lat.set_yscale("log")
+    _plain_ticks(ax_lat)
     ax_lat.set_xlabel("offered rate, requests/s")
     ax_lat.set_ylabel("latency from intended send, ms")
     ax_lat.set_title("latency against offered load (solid: cascade, dashed: naive)")

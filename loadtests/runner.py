@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from loadtests.client import ScoringClient, run_serial
+from loadtests.cpu import CpuMeter, cpu_report
 from loadtests.processes import COUNTER_FIELDS, GeneratorProcesses, ShareJob, run_share_here
 from loadtests.progress import ProgressLine
 from loadtests.replay import ReplayStream, plan_requests
@@ -74,9 +76,16 @@ class TargetRunner:
     """Runs steps against one target (``name`` labels them in the report)."""
 
     def __init__(
-        self, name: str, target: str, stream: ReplayStream, settings: LoadSettings
+        self,
+        name: str,
+        target: str,
+        stream: ReplayStream,
+        settings: LoadSettings,
+        *,
+        cpu_meter: CpuMeter | None = None,
     ) -> None:
         self.name = name
+        self._cpu_meter = cpu_meter
         self.target = target
         self._stream = stream
         self._settings = settings
@@ -124,6 +133,7 @@ class TargetRunner:
         )[0].payloads
         tally = Tally(budget_us=s.budget_us)
         label = f"{self.name} serial"
+        cpu_before, started = await self._cpu_snapshot(), time.monotonic()
         async with ProgressLine(
             label, s.serial_duration_s, _tally_counts(tally), enabled=s.progress
         ):
@@ -145,6 +155,7 @@ class TargetRunner:
             processes=1,
             criteria=s.criteria,
         )
+        await self._add_cpu(self.serial, cpu_before, started, tally.ok)
         await asyncio.sleep(_SETTLE_S)
         return self.serial
 
@@ -198,6 +209,7 @@ class TargetRunner:
             )
             for k, plan in enumerate(plans)
         ]
+        cpu_before, started = await self._cpu_snapshot(), time.monotonic()
         if processes == 1:
             tally = Tally(budget_us=s.budget_us)
             async with ProgressLine(label, window, _tally_counts(tally), enabled=s.progress):
@@ -208,7 +220,7 @@ class TargetRunner:
                 ProgressLine(label, window, children.progress, enabled=s.progress),
             ):
                 tally = await children.run()
-        return step_report(
+        report = step_report(
             tally,
             label=label,
             mode="open",
@@ -218,3 +230,19 @@ class TargetRunner:
             processes=processes,
             criteria=s.criteria,
         )
+        await self._add_cpu(report, cpu_before, started, tally.ok)
+        return report
+
+    async def _cpu_snapshot(self) -> dict[str, float]:
+        if self._cpu_meter is None:
+            return {}
+        return await asyncio.to_thread(self._cpu_meter.snapshot)
+
+    async def _add_cpu(
+        self, report: dict[str, Any], before: dict[str, float], started: float, answers: int
+    ) -> None:
+        """CPU by component during the step (spawned generators included once reaped)."""
+        if self._cpu_meter is None:
+            return
+        after = await self._cpu_snapshot()
+        report["cpu"] = cpu_report(before, after, time.monotonic() - started, answers)

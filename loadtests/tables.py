@@ -27,6 +27,7 @@ def _step_cells(name: str, step: Mapping[str, Any]) -> list[str]:
         offered,
         f"{step['achieved_rate']:.0f}",
         *(f"{lat[k]:.2f}" for k in ("p50", "p95", "p99", "p99_9", "max")),
+        f"{step['send_lag_ms']['p99']:.2f}",
         f"{rates['slo_attainment']:.2%}",
         f"{rates['error'] + rates['timeout']:.2%}",
         f"{rates['fallback']:.2%}",
@@ -45,6 +46,7 @@ _STEP_HEADER = [
     "p99 ms",
     "p99.9 ms",
     "max ms",
+    "gen lag p99",
     "in budget",
     "err+timeout",
     "fallback",
@@ -56,22 +58,60 @@ _STEP_HEADER = [
 
 def _stage_rows(report: Mapping[str, Any]) -> list[list[str]]:
     rows = []
+    for name, label, step in _picked_steps(report):
+        cells = [name, label]
+        for stage in _STAGES:
+            summary = step["stages_ms"][stage]
+            cells.append(
+                f"{summary['p50']:.3f} / {summary['p99']:.3f}" if summary["count"] else "-"
+            )
+        rows.append(cells)
+    return rows
+
+
+_CPU_ROLES = (
+    "orchestrator",
+    "screening-workers",
+    "naive-server",
+    "naive-workers",
+    "redis",
+    "nats",
+    "triton",
+    "loadgen",
+    "total",
+)
+
+
+def _picked_steps(report: Mapping[str, Any]) -> list[tuple[str, str, Mapping[str, Any]]]:
+    """Per target: the serial step and the capacity step (else the fastest open step)."""
+    picks = []
     for name, target in report["targets"].items():
-        picks = []
         if target.get("serial"):
-            picks.append(("1 in flight", target["serial"]))
+            picks.append((name, "1 in flight", target["serial"]))
         cap = target.get("capacity")
+        steps = [s for s in target["steps"] if s["mode"] == "open"]
         if cap:
-            step = next(s for s in target["steps"] if s["label"] == cap["label"])
-            picks.append((f"@{step['offered_rate']:g}/s (capacity)", step))
-        for label, step in picks:
-            cells = [name, label]
-            for stage in _STAGES:
-                summary = step["stages_ms"][stage]
-                cells.append(
-                    f"{summary['p50']:.3f} / {summary['p99']:.3f}" if summary["count"] else "-"
-                )
-            rows.append(cells)
+            step = next(s for s in steps if s["label"] == cap["label"])
+            picks.append((name, f"@{step['offered_rate']:g}/s (capacity)", step))
+        elif steps:
+            step = max(steps, key=lambda s: s["offered_rate"])
+            picks.append((name, f"@{step['offered_rate']:g}/s", step))
+    return picks
+
+
+def _cpu_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, label, step in _picked_steps(report):
+        cpu = step.get("cpu")
+        if not cpu:
+            continue
+        cells = [name, label]
+        for role in _CPU_ROLES:
+            if role in cpu["cores"] and (role == "total" or cpu["cores"][role] > 0.005):
+                cells.append(f"{cpu['ms_per_answer'][role]:.3f} ({cpu['cores'][role]:.2f})")
+            else:
+                cells.append("-")
+        rows.append(cells)
     return rows
 
 
@@ -138,6 +178,9 @@ def text_table(report: Mapping[str, Any]) -> str:
         "per stage, ms (p50 / p99):",
         _render(stage_header, _stage_rows(report), markdown=False),
         "",
+        "CPU per answer, ms (cores busy):",
+        _render(["target", "step", *_CPU_ROLES], _cpu_rows(report), markdown=False),
+        "",
         *_comparison_lines(report),
         "",
         _render(["goal", "measured", ""], _goal_rows(report), markdown=False),
@@ -154,6 +197,10 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
         "Per stage, ms (p50 / p99):",
         "",
         _render(stage_header, _stage_rows(report), markdown=True),
+        "",
+        "CPU per answer, ms (cores busy), by process:",
+        "",
+        _render(["target", "step", *_CPU_ROLES], _cpu_rows(report), markdown=True),
         "",
         *(f"- {line}" for line in _comparison_lines(report)),
         "",

@@ -201,3 +201,11 @@ def test_tables_show_every_step_and_goal() -> None:
     assert md.startswith("| target |") and "| naive | 200 |" in md
     assert "NOT met" in md or "met" in md
     assert scoring_pb2  # the fake replies come from the real message type
+
+
+def test_stack_env_pairs() -> None:
+    from loadtests.cli import stack_env
+
+    assert stack_env(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        stack_env(["nope"])
