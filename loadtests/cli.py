@@ -31,8 +31,18 @@ from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
 from loadtests.address import parse_loopback_target
 from loadtests.cpu import CpuMeter, cpu_report
 from loadtests.replay import ReplayStream, load_transactions
-from loadtests.report import Criteria, Goals, SweepPlan, capacity, compare, evaluate_goals
-from loadtests.runner import LoadSettings, TargetRunner
+from loadtests.report import (
+    Criteria,
+    Goals,
+    SweepPlan,
+    SweepPoint,
+    capacity,
+    capacity_table,
+    compare,
+    evaluate_goals,
+    next_sweep_rate,
+)
+from loadtests.runner import LoadSettings, TargetRunner, sweep_point
 from loadtests.schedule import Arrivals
 from loadtests.tables import markdown_tables, text_table
 
@@ -81,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     slo.add_argument("--budget-ms", type=float, default=50.0, help="every answer within this")
     slo.add_argument("--p99-target-ms", type=float, default=10.0, help="p99 at capacity")
     slo.add_argument("--sweep", action="store_true", help="find the capacity at SLO")
-    slo.add_argument("--sweep-start", type=float, default=200.0)
+    slo.add_argument("--sweep-start", type=float, default=50.0)
     slo.add_argument("--sweep-factor", type=float, default=1.5)
     slo.add_argument("--sweep-max", type=float, default=6000.0)
     slo.add_argument("--sweep-refine", type=int, default=2, help="bisection steps after a fail")
@@ -245,9 +255,7 @@ async def _idle_cpu(seconds: float) -> dict[str, float]:
 
 async def _interleaved_sweep(runners: Sequence[TargetRunner], plan: SweepPlan) -> None:
     """Each target's own sweep, one step of each in turn, so machine noise hits both alike."""
-    from loadtests.report import next_sweep_rate
-
-    history: dict[str, list[tuple[float, bool]]] = {r.name: [] for r in runners}
+    history: dict[str, list[SweepPoint]] = {r.name: [] for r in runners}
     active = list(runners)
     while active:
         for runner in list(active):
@@ -256,8 +264,10 @@ async def _interleaved_sweep(runners: Sequence[TargetRunner], plan: SweepPlan) -
                 active.remove(runner)
                 continue
             report = await runner.step(rate)
-            history[runner.name].append((rate, bool(report["passed"])))
+            history[runner.name].append(sweep_point(report))
             verdict = "pass" if report["passed"] else "FAIL: " + "; ".join(report["fail_reasons"])
+            if report["saturation_reasons"]:
+                verdict += " [saturated: " + "; ".join(report["saturation_reasons"]) + "]"
             print(
                 f"{report['label']}: p50 {report['latency_ms']['p50']:.2f} ms, "
                 f"p99 {report['latency_ms']['p99']:.2f} ms, max {report['latency_ms']['max']:.2f}"
@@ -275,12 +285,16 @@ def build_report(
     started: float,
 ) -> dict[str, Any]:
     """Assemble ``report.json`` from the runners' steps."""
+    p99_targets = sorted(
+        {args.p99_target_ms, *(t for t in (20.0, args.budget_ms) if t > args.p99_target_ms)}
+    )
     per_target = {
         r.name: {
             "target": r.target,
             "serial": r.serial,
             "steps": r.steps,
             "capacity": capacity(r.steps),
+            "capacity_by_p99_ms": capacity_table(r.steps, p99_targets, args.budget_ms),
         }
         for r in runners
     }

@@ -30,10 +30,14 @@ __all__ = [
     "Criteria",
     "Goals",
     "SweepPlan",
+    "SweepPoint",
     "capacity",
+    "capacity_table",
     "compare",
     "evaluate_goals",
     "next_sweep_rate",
+    "passes_at",
+    "saturation_reasons",
     "step_report",
     "summarize",
 ]
@@ -134,6 +138,7 @@ def step_report(
     reasons = _fail_reasons(report, criteria)
     report["passed"] = not reasons
     report["fail_reasons"] = reasons
+    report["saturation_reasons"] = saturation_reasons(report, criteria.budget_ms)
     return report
 
 
@@ -153,19 +158,40 @@ def _fail_reasons(step: Mapping[str, Any], criteria: Criteria) -> list[str]:
     return reasons
 
 
-def capacity(steps: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """The highest passing offered rate below the lowest failing one (None if none passed).
+def passes_at(step: Mapping[str, Any], p99_target_ms: float, budget_ms: float) -> bool:
+    """Whether a step meets a given p99 target (and the budget, with no failures) at all."""
+    c, lat = step["counts"], step["latency_ms"]
+    clean = not (c["errors"] or c["timeouts"] or c["unsent"] or step["bookkeeping_problems"])
+    return clean and lat["p99"] <= p99_target_ms and lat["max"] <= budget_ms
 
-    Taking the highest pass *below the first failure* keeps one lucky step above a failure from
-    overstating capacity.
+
+def capacity(
+    steps: Sequence[Mapping[str, Any]],
+    p99_target_ms: float | None = None,
+    budget_ms: float | None = None,
+) -> dict[str, Any] | None:
+    """The highest passing offered rate below the first failure above the lowest pass.
+
+    Without targets, "passing" is each step's own verdict; with them, :func:`passes_at`. Taking
+    the highest pass *below the next failure* keeps one lucky step above a real failure from
+    overstating capacity; failures *below* the lowest pass are kept out of that rule (on an idle
+    VM, waking sleeping processes costs milliseconds, so very low rates can have worse tails than
+    moderate ones) and listed as ``failed_below``. None when no step passed.
     """
-    open_steps = [s for s in steps if s["mode"] == "open"]
-    failing = [s["offered_rate"] for s in open_steps if not s["passed"]]
-    ceiling = min(failing) if failing else float("inf")
-    passing = [s for s in open_steps if s["passed"] and s["offered_rate"] < ceiling]
+    open_steps = sorted((s for s in steps if s["mode"] == "open"), key=lambda s: s["offered_rate"])
+
+    def ok(step: Mapping[str, Any]) -> bool:
+        if p99_target_ms is None or budget_ms is None:
+            return bool(step["passed"])
+        return passes_at(step, p99_target_ms, budget_ms)
+
+    passing = [s for s in open_steps if ok(s)]
     if not passing:
         return None
-    best = max(passing, key=lambda s: s["offered_rate"])
+    lowest_pass = passing[0]["offered_rate"]
+    above = [s["offered_rate"] for s in open_steps if not ok(s) and s["offered_rate"] > lowest_pass]
+    ceiling = min(above) if above else float("inf")
+    best = max((s for s in passing if s["offered_rate"] < ceiling), key=lambda s: s["offered_rate"])
     return {
         "rate": best["offered_rate"],
         "achieved_rate": best["achieved_rate"],
@@ -173,51 +199,105 @@ def capacity(steps: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
         "p99_ms": best["latency_ms"]["p99"],
         "max_ms": best["latency_ms"]["max"],
         "first_failing_rate": None if ceiling == float("inf") else ceiling,
+        "failed_below": [
+            s["offered_rate"] for s in open_steps if not ok(s) and s["offered_rate"] < lowest_pass
+        ],
     }
+
+
+def saturation_reasons(step: Mapping[str, Any], budget_ms: float) -> list[str]:
+    """Why a step shows the target past its capacity (the sweep stops ramping on these), as
+    opposed to a tail that is merely longer than the p99 target."""
+    c, lat = step["counts"], step["latency_ms"]
+    reasons = []
+    if c["sent"] and (c["errors"] + c["timeouts"]) / c["sent"] > 0.01:
+        reasons.append("more than 1% errors or timeouts")
+    if c["unsent"]:
+        reasons.append("the generator could not keep up")
+    if lat["p99"] > budget_ms:
+        reasons.append("p99 beyond the budget")
+    if step["mode"] == "open" and step["achieved_rate"] < 0.85 * step["offered_rate"]:
+        reasons.append("achieved rate under 85% of offered")
+    return reasons
 
 
 @dataclass(frozen=True, slots=True)
 class SweepPlan:
     """How the capacity sweep picks rates: a geometric ramp, then bisection."""
 
-    start_rate: float = 200.0
+    start_rate: float = 50.0
     factor: float = 1.5
     max_rate: float = 6000.0
     refine_steps: int = 2
     resolution: float = 0.08  # stop bisecting once the bracket is this narrow (relative)
-    max_steps: int = 14
+    max_steps: int = 16
+    max_failures_in_a_row: int = 8
 
     def __post_init__(self) -> None:
         if not (self.start_rate > 0 and self.factor > 1 and self.max_rate >= self.start_rate):
             raise ValueError("need start_rate > 0, factor > 1 and max_rate >= start_rate")
 
 
-def next_sweep_rate(done: Sequence[tuple[float, bool]], plan: SweepPlan) -> float | None:
-    """The next rate to try given ``(rate, passed)`` so far; None when the sweep is finished.
+@dataclass(frozen=True, slots=True)
+class SweepPoint:
+    """What the sweep needs to know about a finished step."""
 
-    Ramps by ``factor`` while steps pass (up to ``max_rate``); after the first failure bisects
-    between the highest pass below it and the failure, ``refine_steps`` times at most.
+    rate: float
+    passed: bool
+    saturated: bool = False
+
+
+def next_sweep_rate(done: Sequence[SweepPoint], plan: SweepPlan) -> float | None:
+    """The next rate to try; None when the sweep is finished.
+
+    Ramp: multiply the highest rate so far by ``factor`` until a step is saturated (see
+    :func:`saturation_reasons`), a step fails above an earlier pass, ``max_failures_in_a_row``
+    steps fail, or ``max_rate`` is reached. Then bisect between the highest pass and the first
+    failure above it, ``refine_steps`` times at most.
     """
     if len(done) >= plan.max_steps:
         return None
     if not done:
         return plan.start_rate
-    failures = [r for r, ok in done if not ok]
-    if not failures:
-        top = max(r for r, _ in done)
-        if top >= plan.max_rate:
-            return None
-        return round(min(top * plan.factor, plan.max_rate), 1)
-    ceiling = min(failures)
-    passes = [r for r, ok in done if ok and r < ceiling]
+    ramp_over_at = _ramp_end(done, plan)
+    if ramp_over_at is None:
+        top = max(p.rate for p in done)
+        return None if top >= plan.max_rate else round(min(top * plan.factor, plan.max_rate), 1)
+    passes = [p.rate for p in done if p.passed]
     if not passes:
-        return None  # even the first rate failed: nothing to bracket
+        return None
     floor = max(passes)
-    first_failure_index = next(i for i, (_, ok) in enumerate(done) if not ok)
-    refinements = len(done) - first_failure_index - 1
+    above = [p.rate for p in done if not p.passed and p.rate > floor]
+    if not above:
+        return None
+    ceiling = min(above)
+    refinements = len(done) - ramp_over_at - 1
     if refinements >= plan.refine_steps or (ceiling - floor) <= plan.resolution * floor:
         return None
     return round((floor + ceiling) / 2, 1)
+
+
+def _ramp_end(done: Sequence[SweepPoint], plan: SweepPlan) -> int | None:
+    """Index of the step that ended the ramp, or None while it goes on."""
+    in_a_row = 0
+    seen_pass = False
+    for i, point in enumerate(done):
+        if point.saturated or point.rate >= plan.max_rate:
+            return i
+        if point.passed:
+            seen_pass, in_a_row = True, 0
+            continue
+        in_a_row += 1
+        if seen_pass or in_a_row >= plan.max_failures_in_a_row:
+            return i
+    return None
+
+
+def capacity_table(
+    steps: Sequence[Mapping[str, Any]], p99_targets_ms: Sequence[float], budget_ms: float
+) -> dict[str, dict[str, Any] | None]:
+    """:func:`capacity` at several p99 targets (keys: the target in ms, as text)."""
+    return {f"{t:g}": capacity(steps, t, budget_ms) for t in p99_targets_ms}
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -228,12 +308,22 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 def compare(cascade: Mapping[str, Any], naive: Mapping[str, Any]) -> dict[str, Any]:
     """Side-by-side ratios (cascade's gain over the naive baseline: >1 means cascade is better)."""
+
+    def rate(cap: Mapping[str, Any] | None) -> float | None:
+        return cap["rate"] if cap else None
+
     out: dict[str, Any] = {}
-    cap_c, cap_n = cascade.get("capacity"), naive.get("capacity")
-    out["capacity_rate"] = {
-        "cascade": cap_c["rate"] if cap_c else None,
-        "naive": cap_n["rate"] if cap_n else None,
-        "ratio": _ratio(cap_c["rate"] if cap_c else None, cap_n["rate"] if cap_n else None),
+    cap_c, cap_n = rate(cascade.get("capacity")), rate(naive.get("capacity"))
+    out["capacity_rate"] = {"cascade": cap_c, "naive": cap_n, "ratio": _ratio(cap_c, cap_n)}
+    by_c = cascade.get("capacity_by_p99_ms") or {}
+    by_n = naive.get("capacity_by_p99_ms") or {}
+    out["capacity_by_p99_ms"] = {
+        key: {
+            "cascade": rate(by_c[key]),
+            "naive": rate(by_n.get(key)),
+            "ratio": _ratio(rate(by_c[key]), rate(by_n.get(key))),
+        }
+        for key in by_c
     }
     ser_c, ser_n = cascade.get("serial"), naive.get("serial")
     if ser_c and ser_n:

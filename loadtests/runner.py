@@ -23,7 +23,13 @@ from loadtests.cpu import CpuMeter, cpu_report
 from loadtests.processes import COUNTER_FIELDS, GeneratorProcesses, ShareJob, run_share_here
 from loadtests.progress import ProgressLine
 from loadtests.replay import ReplayStream, plan_requests
-from loadtests.report import Criteria, SweepPlan, next_sweep_rate, step_report
+from loadtests.report import (
+    Criteria,
+    SweepPlan,
+    SweepPoint,
+    next_sweep_rate,
+    step_report,
+)
 from loadtests.results import Tally
 from loadtests.schedule import Arrivals, ScheduleSpec, schedule_offsets, window_s
 
@@ -66,6 +72,15 @@ class LoadSettings:
     def budget_us(self) -> int:
         """The SLO budget in microseconds."""
         return round(self.criteria.budget_ms * 1000)
+
+
+def sweep_point(report: Mapping[str, Any]) -> SweepPoint:
+    """What the sweep needs from a step report."""
+    return SweepPoint(
+        rate=float(report["offered_rate"]),
+        passed=bool(report["passed"]),
+        saturated=bool(report["saturation_reasons"]),
+    )
 
 
 def _tally_counts(tally: Tally) -> Callable[[], Mapping[str, int]]:
@@ -174,10 +189,10 @@ class TargetRunner:
 
     async def sweep(self, plan: SweepPlan) -> list[dict[str, Any]]:
         """Steps chosen by :func:`~loadtests.report.next_sweep_rate` until it says stop."""
-        done: list[tuple[float, bool]] = []
+        done: list[SweepPoint] = []
         while (rate := next_sweep_rate(done, plan)) is not None:
             report = await self.step(rate)
-            done.append((rate, bool(report["passed"])))
+            done.append(sweep_point(report))
             logger.info(
                 "%s: %s", report["label"], "pass" if report["passed"] else report["fail_reasons"]
             )

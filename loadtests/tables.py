@@ -136,6 +136,11 @@ def _comparison_lines(report: Mapping[str, Any]) -> list[str]:
         f"capacity at SLO: cascade {cap['cascade']}/s, naive {cap['naive']}/s, "
         f"ratio {cap['ratio']}x"
     ]
+    for key, row in comp.get("capacity_by_p99_ms", {}).items():
+        lines.append(
+            f"capacity at p99 <= {key} ms (and every answer in budget): cascade "
+            f"{row['cascade']}/s, naive {row['naive']}/s, ratio {row['ratio']}x"
+        )
     serial = comp.get("serial_latency")
     if serial:
         lines.append(

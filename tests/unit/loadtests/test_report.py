@@ -12,10 +12,14 @@ from loadtests.report import (
     Criteria,
     Goals,
     SweepPlan,
+    SweepPoint,
     capacity,
+    capacity_table,
     compare,
     evaluate_goals,
     next_sweep_rate,
+    passes_at,
+    saturation_reasons,
     step_report,
     summarize,
 )
@@ -96,23 +100,32 @@ def test_a_server_that_falls_behind_fails_through_its_latency() -> None:
     assert report["achieved_rate"] < report["offered_rate"]
 
 
-def _fake(rate: float, passed: bool) -> dict[str, Any]:
+def _fake(rate: float, passed: bool, p99: float | None = None) -> dict[str, Any]:
     return {
         "mode": "open",
         "offered_rate": rate,
         "achieved_rate": rate,
         "passed": passed,
         "label": f"x @{rate:g}/s",
-        "latency_ms": {"p50": 1.0, "p99": 5.0 if passed else 20.0, "max": 9.0},
+        "latency_ms": {"p50": 1.0, "p99": p99 or (5.0 if passed else 20.0), "max": 30.0},
+        "counts": {"errors": 0, "timeouts": 0, "unsent": 0},
+        "bookkeeping_problems": [],
     }
 
 
-def test_capacity_is_the_highest_pass_below_the_first_failure() -> None:
+def test_capacity_is_the_highest_pass_below_the_first_failure_above_it() -> None:
     steps = [_fake(200, True), _fake(300, True), _fake(450, False), _fake(375, True)]
     steps.append(_fake(600, True))  # a lucky pass above a failure does not count
     cap = capacity(steps)
     assert cap is not None
-    assert (cap["rate"], cap["first_failing_rate"]) == (375, 450)
+    assert (cap["rate"], cap["first_failing_rate"], cap["failed_below"]) == (375, 450, [])
+
+
+def test_low_rate_tail_failures_do_not_hide_capacity_but_are_listed() -> None:
+    steps = [_fake(25, False), _fake(50, True), _fake(75, True), _fake(110, False)]
+    cap = capacity(steps)
+    assert cap is not None
+    assert (cap["rate"], cap["first_failing_rate"], cap["failed_below"]) == (75, 110, [25])
 
 
 def test_capacity_is_none_when_nothing_passed() -> None:
@@ -120,30 +133,66 @@ def test_capacity_is_none_when_nothing_passed() -> None:
     assert capacity([]) is None
 
 
+def test_capacity_at_other_p99_targets() -> None:
+    steps = [_fake(100, True, 8.0), _fake(200, False, 15.0), _fake(300, False, 40.0)]
+    table = capacity_table(steps, [10.0, 20.0, 50.0], budget_ms=50.0)
+    rates = {k: v["rate"] if v else None for k, v in table.items()}
+    assert rates == {"10": 100, "20": 200, "50": 300}
+    over_budget = [_fake(100, True, 8.0) | {"latency_ms": {"p99": 8.0, "max": 60.0}}]
+    assert capacity(over_budget, 10.0, 50.0) is None
+    assert passes_at(steps[0], 10.0, 50.0) and not passes_at(steps[1], 10.0, 50.0)
+
+
+def test_saturation_is_failure_not_just_a_long_tail() -> None:
+    counts = {"errors": 0, "timeouts": 0, "unsent": 0, "sent": 100}
+    step = _fake(100, False, 20.0) | {"counts": counts}
+    assert saturation_reasons(step, 50.0) == []
+    swamped = step | {"achieved_rate": 60.0, "counts": counts | {"timeouts": 5}}
+    assert saturation_reasons(swamped, 50.0) == [
+        "more than 1% errors or timeouts",
+        "achieved rate under 85% of offered",
+    ]
+
+
+def point(rate: float, passed: bool, saturated: bool = False) -> SweepPoint:
+    return SweepPoint(rate, passed, saturated)
+
+
 def test_sweep_ramps_then_bisects_then_stops() -> None:
     plan = SweepPlan(start_rate=100, factor=2, max_rate=10_000, refine_steps=2)
-    done: list[tuple[float, bool]] = []
+    done: list[SweepPoint] = []
     assert next_sweep_rate(done, plan) == 100
-    done += [(100, True)]
+    done += [point(100, True)]
     assert next_sweep_rate(done, plan) == 200
-    done += [(200, True), (400, True), (800, False)]
+    done += [point(200, True), point(400, True), point(800, False)]
     assert next_sweep_rate(done, plan) == 600
-    done += [(600, False)]
+    done += [point(600, False)]
     assert next_sweep_rate(done, plan) == 500
-    done += [(500, True)]
+    done += [point(500, True)]
     assert next_sweep_rate(done, plan) is None  # two refinements done
 
 
-def test_sweep_stops_at_max_rate_and_when_the_first_step_fails() -> None:
+def test_sweep_keeps_ramping_past_low_rate_tail_failures() -> None:
+    plan = SweepPlan(start_rate=25, factor=2, max_rate=10_000, max_failures_in_a_row=3)
+    assert next_sweep_rate([point(25, False)], plan) == 50
+    assert next_sweep_rate([point(25, False), point(50, False)], plan) == 100
+    assert next_sweep_rate([point(25, False), point(50, False), point(100, False)], plan) is None
+    # A pass after the early failures: ramp on until a failure above it, then bisect.
+    done = [point(25, False), point(50, True), point(100, True), point(200, False)]
+    assert next_sweep_rate(done, plan) == 150
+
+
+def test_sweep_stops_ramping_at_saturation_and_at_max_rate() -> None:
     plan = SweepPlan(start_rate=100, factor=3, max_rate=500)
-    assert next_sweep_rate([(100, True), (300, True)], plan) == 500
-    assert next_sweep_rate([(100, True), (300, True), (500, True)], plan) is None
-    assert next_sweep_rate([(100, False)], plan) is None
+    assert next_sweep_rate([point(100, True), point(300, True)], plan) == 500
+    assert next_sweep_rate([point(100, True), point(300, True), point(500, True)], plan) is None
+    assert next_sweep_rate([point(100, False, saturated=True)], plan) is None
+    assert next_sweep_rate([point(100, True), point(300, False, saturated=True)], plan) == 200
 
 
 def test_sweep_stops_when_the_bracket_is_narrow() -> None:
     plan = SweepPlan(start_rate=1000, factor=1.05, resolution=0.1, refine_steps=5)
-    assert next_sweep_rate([(1000, True), (1050, False)], plan) is None
+    assert next_sweep_rate([point(1000, True), point(1050, False)], plan) is None
 
 
 def test_sweep_plan_is_validated() -> None:
