@@ -231,7 +231,7 @@ class SweepPlan:
     refine_steps: int = 2
     resolution: float = 0.08  # stop bisecting once the bracket is this narrow (relative)
     max_steps: int = 16
-    max_failures_in_a_row: int = 8
+    max_failures_in_a_row: int = 6
 
     def __post_init__(self) -> None:
         if not (self.start_rate > 0 and self.factor > 1 and self.max_rate >= self.start_rate):
@@ -251,9 +251,10 @@ def next_sweep_rate(done: Sequence[SweepPoint], plan: SweepPlan) -> float | None
     """The next rate to try; None when the sweep is finished.
 
     Ramp: multiply the highest rate so far by ``factor`` until a step is saturated (see
-    :func:`saturation_reasons`), a step fails above an earlier pass, ``max_failures_in_a_row``
-    steps fail, or ``max_rate`` is reached. Then bisect between the highest pass and the first
-    failure above it, ``refine_steps`` times at most.
+    :func:`saturation_reasons`), ``max_failures_in_a_row`` steps in a row fail, or ``max_rate``
+    is reached, so the latency-against-load curve runs from light load to saturation. Then bisect
+    between the capacity step (the highest pass below the first failure above the lowest pass,
+    as :func:`capacity` reads it) and that failure, ``refine_steps`` times at most.
     """
     if len(done) >= plan.max_steps:
         return None
@@ -263,14 +264,14 @@ def next_sweep_rate(done: Sequence[SweepPoint], plan: SweepPlan) -> float | None
     if ramp_over_at is None:
         top = max(p.rate for p in done)
         return None if top >= plan.max_rate else round(min(top * plan.factor, plan.max_rate), 1)
-    passes = [p.rate for p in done if p.passed]
+    passes = sorted(p.rate for p in done if p.passed)
     if not passes:
         return None
-    floor = max(passes)
-    above = [p.rate for p in done if not p.passed and p.rate > floor]
+    above = [p.rate for p in done if not p.passed and p.rate > passes[0]]
     if not above:
         return None
     ceiling = min(above)
+    floor = max(r for r in passes if r < ceiling)
     refinements = len(done) - ramp_over_at - 1
     if refinements >= plan.refine_steps or (ceiling - floor) <= plan.resolution * floor:
         return None
@@ -280,15 +281,9 @@ def next_sweep_rate(done: Sequence[SweepPoint], plan: SweepPlan) -> float | None
 def _ramp_end(done: Sequence[SweepPoint], plan: SweepPlan) -> int | None:
     """Index of the step that ended the ramp, or None while it goes on."""
     in_a_row = 0
-    seen_pass = False
     for i, point in enumerate(done):
-        if point.saturated or point.rate >= plan.max_rate:
-            return i
-        if point.passed:
-            seen_pass, in_a_row = True, 0
-            continue
-        in_a_row += 1
-        if seen_pass or in_a_row >= plan.max_failures_in_a_row:
+        in_a_row = 0 if point.passed else in_a_row + 1
+        if point.saturated or point.rate >= plan.max_rate or in_a_row >= plan.max_failures_in_a_row:
             return i
     return None
 

@@ -158,41 +158,46 @@ def point(rate: float, passed: bool, saturated: bool = False) -> SweepPoint:
     return SweepPoint(rate, passed, saturated)
 
 
-def test_sweep_ramps_then_bisects_then_stops() -> None:
+def test_sweep_ramps_to_saturation_then_bisects_then_stops() -> None:
     plan = SweepPlan(start_rate=100, factor=2, max_rate=10_000, refine_steps=2)
     done: list[SweepPoint] = []
     assert next_sweep_rate(done, plan) == 100
     done += [point(100, True)]
     assert next_sweep_rate(done, plan) == 200
     done += [point(200, True), point(400, True), point(800, False)]
-    assert next_sweep_rate(done, plan) == 600
+    assert next_sweep_rate(done, plan) == 1600  # past capacity, not yet saturated: the curve
+    done += [point(1600, False, saturated=True)]
+    assert next_sweep_rate(done, plan) == 600  # now bisect between 400 and 800
     done += [point(600, False)]
     assert next_sweep_rate(done, plan) == 500
     done += [point(500, True)]
     assert next_sweep_rate(done, plan) is None  # two refinements done
 
 
-def test_sweep_keeps_ramping_past_low_rate_tail_failures() -> None:
+def test_sweep_gives_up_after_failures_in_a_row() -> None:
     plan = SweepPlan(start_rate=25, factor=2, max_rate=10_000, max_failures_in_a_row=3)
     assert next_sweep_rate([point(25, False)], plan) == 50
     assert next_sweep_rate([point(25, False), point(50, False)], plan) == 100
     assert next_sweep_rate([point(25, False), point(50, False), point(100, False)], plan) is None
-    # A pass after the early failures: ramp on until a failure above it, then bisect.
-    done = [point(25, False), point(50, True), point(100, True), point(200, False)]
+
+
+def test_sweep_brackets_above_the_lowest_pass() -> None:
+    plan = SweepPlan(start_rate=25, factor=2, max_rate=10_000)
+    # An early tail failure at 25/s does not bracket; 100 -> 200 does.
+    done = [point(25, False), point(50, True), point(100, True), point(200, False, True)]
     assert next_sweep_rate(done, plan) == 150
 
 
-def test_sweep_stops_ramping_at_saturation_and_at_max_rate() -> None:
+def test_sweep_stops_ramping_at_max_rate() -> None:
     plan = SweepPlan(start_rate=100, factor=3, max_rate=500)
     assert next_sweep_rate([point(100, True), point(300, True)], plan) == 500
     assert next_sweep_rate([point(100, True), point(300, True), point(500, True)], plan) is None
     assert next_sweep_rate([point(100, False, saturated=True)], plan) is None
-    assert next_sweep_rate([point(100, True), point(300, False, saturated=True)], plan) == 200
 
 
 def test_sweep_stops_when_the_bracket_is_narrow() -> None:
     plan = SweepPlan(start_rate=1000, factor=1.05, resolution=0.1, refine_steps=5)
-    assert next_sweep_rate([point(1000, True), point(1050, False)], plan) is None
+    assert next_sweep_rate([point(1000, True), point(1050, False, saturated=True)], plan) is None
 
 
 def test_sweep_plan_is_validated() -> None:
