@@ -1,8 +1,16 @@
-"""Command line for the training tools: ``python -m training {simulate,train} ...``.
+"""Command line for the training tools: ``python -m training COMMAND ...``.
 
-``simulate`` writes a replayable labelled stream (gzip JSON lines) for load tests and
-experiments; ``train`` runs the whole pipeline of :mod:`training.train` and writes versioned
-artifacts under ``--model-dir`` (default ``models/``).
+- ``simulate``: write a replayable labelled stream (gzip JSON lines) for load tests / experiments.
+- ``train``: the whole pipeline of :mod:`training.train`; versioned artifacts under
+  ``--model-dir`` (default ``models/``) and ``models/registry.json`` pointing at them.
+- ``quantize``: INT8 / FP16 variants of the registered stage 2, measured on the held-out days
+  (:mod:`training.quantize`).
+- ``report``: regenerate ``docs/model_report.md`` and its charts (:mod:`training.report`).
+- ``calibrate``: a new policy version for a target escalation rate, from a separate calibration
+  stream; ``--activate`` makes the registry point at it.
+
+The defaults of ``--seed/--cards/--days/--holdout-days`` are those the committed models were
+trained with, so ``report`` and ``quantize`` evaluate on days the models never saw.
 """
 
 from __future__ import annotations
@@ -48,13 +56,38 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--escalation-rate", type=float, default=0.08)
     train.add_argument("--force", action="store_true", help="overwrite existing versions")
 
+    quantize = commands.add_parser("quantize", help="INT8 / FP16 variants of stage 2")
+    _simulation_args(quantize)
+    quantize.add_argument("--holdout-days", type=int, default=25)
+    quantize.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    quantize.add_argument("--margin", type=float, default=0.01, help="max PR-AUC loss")
+
+    report = commands.add_parser("report", help="regenerate docs/model_report.md")
+    _simulation_args(report)
+    report.add_argument("--holdout-days", type=int, default=25)
+    report.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    report.add_argument("--docs-dir", type=Path, default=DEFAULT_MODEL_DIR.parent / "docs")
+
+    calib = commands.add_parser("calibrate", help="write a policy for a target escalation rate")
+    calib.add_argument("--escalation-rate", type=float, required=True, help="e.g. 0.05")
+    calib.add_argument("--policy-version", required=True, help="e.g. policy-2")
+    calib.add_argument("--activate", action="store_true", help="point the registry at it")
+    calib.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    calib.add_argument("--seed", type=int, default=1007, help="calibration stream seed")
+    calib.add_argument("--cards", type=int, default=4000)
+    calib.add_argument("--days", type=int, default=60)
+
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("training").setLevel(logging.INFO)
 
     if args.command == "simulate":
         count = write_stream(args.out, simulate(_simulation_config(args)))
         print(f"wrote {count} transactions to {args.out}")
         return 0
+
+    if args.command in ("quantize", "report", "calibrate"):
+        return _evaluate(args)
 
     from training.train import TrainConfig, run_training
 
@@ -71,6 +104,46 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result.metrics, indent=2))
     print(f"policy: {result.policy.model_dump_json()}")
     print(f"wall time: {result.wall_s:.0f} s")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from cascade.model_registry import load_registry
+    from training.report import EvalConfig, calibrate, prepare_eval_set, write_report
+
+    if args.command == "calibrate":
+        config = EvalConfig(_simulation_config(args), first_day=14)
+        result = calibrate(
+            args.model_dir,
+            args.escalation_rate,
+            args.policy_version,
+            config,
+            activate=args.activate,
+        )
+        print(f"wrote {result.path}: {result.policy.model_dump_json()}")
+        print(
+            f"on the calibration stream: escalated {result.escalated_share:.2%}, "
+            f"REVIEW FPR {result.review_fpr:.3%} recall {result.recall_review:.3f}, "
+            f"DECLINE FPR {result.decline_fpr:.3%} recall {result.recall_decline:.3f}"
+            + (" (now active)" if args.activate else "")
+        )
+        return 0
+    config = EvalConfig(_simulation_config(args), first_day=args.days - args.holdout_days)
+    if args.command == "report":
+        print(f"wrote {write_report(args.model_dir, args.docs_dir, config)}")
+        return 0
+    from training.quantize import make_variants
+
+    registry = load_registry(args.model_dir)
+    eval_set = prepare_eval_set(registry, config)
+    for r in make_variants(
+        args.model_dir, registry.stage2.version, registry.stage2_path, eval_set, margin=args.margin
+    ):
+        print(
+            f"{r.version}: PR-AUC {r.pr_auc:.4f} (FP32 {r.baseline_pr_auc:.4f}), batch-1 "
+            f"{r.latency_b1_ms:.3f} ms (FP32 {r.baseline_latency_b1_ms:.3f} ms), "
+            f"servable={r.servable}"
+        )
     return 0
 
 

@@ -41,15 +41,18 @@ from cascade.features import (
     TOKEN_FEATURE_NAMES,
 )
 from cascade.model_registry import REGISTRY_FILE, Policy, sha256_file
-from training.datasets import (
-    ScreeningData,
-    average_precision,
-    recall_at_fpr,
-    replay_screening,
-    replay_sequences,
-    roc_auc,
+from training.datasets import ScreeningData, replay_screening, replay_sequences
+from training.evaluation import (
+    build_eval_set,
+    cascade_scores,
+    metrics_table,
+    pick_policy,
+    stage1_scores,
+    stage2_scores,
+    stratified_negatives,
+    time_onnx,
 )
-from training.simulator import SIMULATOR_VERSION, FraudPattern, SimulationConfig, simulate
+from training.simulator import SIMULATOR_VERSION, SimulationConfig, simulate
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -59,22 +62,12 @@ if TYPE_CHECKING:
 
     from training.simulator import LabelledTransaction
 
-__all__ = [
-    "HeldOut",
-    "TrainConfig",
-    "TrainResult",
-    "cascade_scores",
-    "metrics_table",
-    "pick_policy",
-    "run_training",
-    "time_onnx",
-]
+__all__ = ["TrainConfig", "TrainResult", "run_training"]
 
 logger = logging.getLogger(__name__)
 
 TRITON_MODEL_NAME: Final = "fraud_heavy"
 _HARD_TOP_SHARE: Final = 0.10  # training: "hard" genuine = top 10% of stage-1 scores
-_EVAL_TOP_SHARE: Final = 0.25  # held-out: strata split at the top 25% of stage-1 scores
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,18 +88,6 @@ class TrainConfig:
     seed: int = 11
 
 
-@dataclass(frozen=True, slots=True)
-class HeldOut:
-    """Held-out evaluation set: stage-1 scores for all, stage-2 scores for a weighted sample."""
-
-    stage1_all: NDArray[np.float32]  # every held-out transaction
-    labels_all: NDArray[np.int8]
-    patterns_all: NDArray[np.str_]
-    sample_index: NDArray[np.int64]  # positions in the held-out arrays of the sample
-    sample_weight: NDArray[np.float64]
-    stage2_sample: NDArray[np.float32]
-
-
 @dataclass(slots=True)
 class TrainResult:
     """What a run produced, for the CLI and the report."""
@@ -115,117 +96,6 @@ class TrainResult:
     metrics: dict[str, Any]
     policy: Policy
     wall_s: float
-
-
-def _stratified_negatives(
-    rng: np.random.Generator,
-    negatives: NDArray[np.int64],
-    scores: NDArray[np.float32],
-    top_share: float,
-    n_top: int,
-    n_rest: int,
-) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
-    """Sample genuine rows from the top ``top_share`` of scores and from the rest, with weights."""
-    cut = np.quantile(scores, 1.0 - top_share)
-    top = negatives[scores[negatives] >= cut]
-    rest = negatives[scores[negatives] < cut]
-    pick_top = rng.choice(top, size=min(n_top, len(top)), replace=False)
-    pick_rest = rng.choice(rest, size=min(n_rest, len(rest)), replace=False)
-    weights = np.r_[
-        np.full(len(pick_top), len(top) / max(len(pick_top), 1)),
-        np.full(len(pick_rest), len(rest) / max(len(pick_rest), 1)),
-    ]
-    return np.r_[pick_top, pick_rest].astype(np.int64), weights
-
-
-def cascade_scores(
-    stage1: NDArray[np.float32],
-    stage2: NDArray[np.float32],
-    threshold: float,
-    high: float = 1.01,
-) -> NDArray[np.float32]:
-    """Final scores: stage 2's where stage 1 lies in ``[threshold, high)``, else stage 1's."""
-    escalated = (stage1 >= threshold) & (stage1 < high)
-    return np.where(escalated, stage2, stage1).astype(np.float32)
-
-
-def _threshold_at_fpr(
-    scores: NDArray[np.float32],
-    labels: NDArray[np.int8],
-    weights: NDArray[np.float64],
-    fpr: float,
-) -> float:
-    """Lowest score threshold (``score >= t`` flags) whose weighted FPR is <= ``fpr``."""
-    order = np.argsort(-scores, kind="stable")
-    s = scores[order]
-    neg = np.cumsum((1 - labels[order]) * weights[order])
-    ok = np.r_[s[1:] != s[:-1], True] & (neg / neg[-1] <= fpr)
-    if not ok.any():
-        return float(np.nextafter(np.float32(s[0]), np.float32(2.0)))
-    return float(s[np.flatnonzero(ok)[-1]])
-
-
-def metrics_table(
-    scores: NDArray[np.float32],
-    labels: NDArray[np.int8],
-    patterns: NDArray[np.str_],
-    weights: NDArray[np.float64] | None = None,
-) -> dict[str, dict[str, float]]:
-    """PR-AUC, ROC-AUC, recall at 0.1% / 1% FPR: overall and per fraud pattern (vs all genuine)."""
-    table: dict[str, dict[str, float]] = {}
-    genuine = labels == 0
-    for name in ["all", *(p.value for p in FraudPattern)]:
-        rows = np.ones_like(genuine) if name == "all" else genuine | (patterns == name)
-        if name != "all" and not (patterns == name).any():
-            continue
-        w = None if weights is None else weights[rows]
-        s, y = scores[rows], labels[rows]
-        table[name] = {
-            "n_fraud": float(y.sum()),
-            "pr_auc": average_precision(s, y, w),
-            "roc_auc": roc_auc(s, y, w),
-            "recall_at_0.1%_fpr": recall_at_fpr(s, y, 0.001, w),
-            "recall_at_1%_fpr": recall_at_fpr(s, y, 0.01, w),
-        }
-    return table
-
-
-def pick_policy(held_out: HeldOut, escalation_rate: float, version: str) -> Policy:
-    """First policy: escalate the top ``escalation_rate`` of stage 1, cut at 1% / 0.1% FPR.
-
-    Thresholds are picked on the cascade's final score; REVIEW is never below the escalation cut.
-    """
-    low = float(np.quantile(held_out.stage1_all, 1.0 - escalation_rate))
-    idx = held_out.sample_index
-    final = cascade_scores(held_out.stage1_all[idx], held_out.stage2_sample, low)
-    labels = held_out.labels_all[idx]
-    # Never REVIEW what was not worth escalating: flags come only from the escalated band.
-    review = max(_threshold_at_fpr(final, labels, held_out.sample_weight, 0.01), low)
-    decline = max(_threshold_at_fpr(final, labels, held_out.sample_weight, 0.001), review)
-    return Policy(
-        version=version,
-        escalate_low=float(f"{low:.6g}"),
-        escalate_high=1.0,
-        review_threshold=float(f"{review:.6g}"),
-        decline_threshold=float(f"{decline:.6g}"),
-    )
-
-
-def time_onnx(path: Path, example: NDArray[np.float32], runs: int = 300) -> dict[str, float]:
-    """p50 / p99 latency in ms of one-thread onnxruntime CPU inference on ``example``."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    for _ in range(20):
-        session.run(None, {name: example})
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        session.run(None, {name: example})
-        times.append((time.perf_counter() - started) * 1000.0)
-    return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
 
 
 def _check_onnx(
@@ -314,26 +184,6 @@ onnxruntime {ort.__version__}, CPU, one thread, batch 1, on {platform.machine()}
 """
 
 
-def _stage1_scores(path: Path, features: NDArray[np.float32]) -> NDArray[np.float32]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = [
-        session.run(["score"], {"features": features[start : start + 65_536]})[0][:, 0]
-        for start in range(0, len(features), 65_536)
-    ]
-    scores: NDArray[np.float32] = np.concatenate(out).astype(np.float32)
-    return scores
-
-
-def _stage2_scores(path: Path, sequences: NDArray[np.float32]) -> NDArray[np.float32]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = [
-        session.run(["score"], {"sequence": sequences[start : start + 1024]})[0][:, 0]
-        for start in range(0, len(sequences), 1024)
-    ]
-    scores: NDArray[np.float32] = np.concatenate(out).astype(np.float32)
-    return scores
-
-
 def _new_version_dir(path: Path, force: bool) -> None:
     if path.exists() and any(path.iterdir()) and not force:
         raise FileExistsError(f"{path} exists: versions are immutable (pick a new version)")
@@ -382,7 +232,7 @@ def run_training(
     s1_path = s1_dir / "model.onnx"
     export_screening(trees, s1_path)
     logger.info("stage 1 trained and exported in %.0f s", time.perf_counter() - t)
-    s1_all = _stage1_scores(s1_path, data.features)
+    s1_all = stage1_scores(s1_path, data.features)
     s1_diff = _check_onnx(
         s1_path,
         "features",
@@ -393,7 +243,7 @@ def run_training(
     # --- stage 2 training set: every training fraud + stratified genuine rows
     train_pos = train_rows[data.labels[train_rows] == 1]
     train_neg = train_rows[data.labels[train_rows] == 0]
-    neg_idx, neg_w = _stratified_negatives(
+    neg_idx, neg_w = stratified_negatives(
         rng,
         train_neg,
         s1_all,
@@ -415,46 +265,39 @@ def run_training(
     export_heavy(net, s2_path)
 
     # --- held-out: stage 1 on everything, stage 2 on all fraud + a stratified genuine sample
-    hold_pos = np.flatnonzero(data.labels[hold_rows] == 1)
-    hold_neg = np.flatnonzero(data.labels[hold_rows] == 0)
-    s1_hold = s1_all[hold_rows]
-    eval_neg, eval_w = _stratified_negatives(
-        rng,
-        hold_neg,
-        s1_hold,
-        _EVAL_TOP_SHARE,
-        config.eval_negatives_per_stratum,
-        config.eval_negatives_per_stratum,
-    )
-    sample = np.r_[hold_pos, eval_neg].astype(np.int64)
-    sample_w = np.r_[np.ones(len(hold_pos)), eval_w]
     t = time.perf_counter()
-    eval_x = replay_sequences(records, hold_rows[sample])
-    s2_sample = _stage2_scores(s2_path, eval_x)
+    held_out = build_eval_set(
+        records,
+        data,
+        s1_all,
+        hold_rows,
+        negatives_per_stratum=config.eval_negatives_per_stratum,
+        seed=config.seed,
+    )
+    sequences = held_out.sequences
+    if sequences is None:
+        raise RuntimeError("build_eval_set returned no sequences")
+    held_out.stage2 = stage2_scores(s2_path, sequences)
     logger.info("stage 2 held-out scoring in %.0f s", time.perf_counter() - t)
     import torch
 
     with torch.inference_mode():
-        torch_ref = net(torch.from_numpy(eval_x[:32])).numpy()[:, 0]
-    s2_diff = _check_onnx(s2_path, "sequence", eval_x[:32], torch_ref)
+        torch_ref = net(torch.from_numpy(sequences[:32])).numpy()[:, 0]
+    s2_diff = _check_onnx(s2_path, "sequence", sequences[:32], torch_ref)
     s1_timing = time_onnx(s1_path, data.features[hold_rows[:1]])
-    s2_timing = time_onnx(s2_path, eval_x[:1])
-    del eval_x
-    held_out = HeldOut(
-        stage1_all=s1_hold,
-        labels_all=data.labels[hold_rows],
-        patterns_all=data.patterns[hold_rows],
-        sample_index=sample,
-        sample_weight=sample_w,
-        stage2_sample=s2_sample,
-    )
+    s2_timing = time_onnx(s2_path, sequences[:1])
+    held_out.sequences = None
+    del sequences
     policy = pick_policy(held_out, config.escalation_rate, config.policy_version)
-    labels_s = held_out.labels_all[sample]
-    patterns_s = held_out.patterns_all[sample]
+    sample_w = held_out.sample_weight
+    s1_hold = held_out.stage1_all
     s1_table = metrics_table(s1_hold, held_out.labels_all, held_out.patterns_all)
-    s2_table = metrics_table(s2_sample, labels_s, patterns_s, sample_w)
-    final = cascade_scores(s1_hold[sample], s2_sample, policy.escalate_low, policy.escalate_high)
-    cascade_table = metrics_table(final, labels_s, patterns_s, sample_w)
+    s2_table = metrics_table(held_out.stage2, held_out.labels, held_out.patterns, sample_w)
+    final = cascade_scores(
+        held_out.stage1, held_out.stage2, policy.escalate_low, policy.escalate_high
+    )
+    cascade_table = metrics_table(final, held_out.labels, held_out.patterns, sample_w)
+    n_eval_neg = int((held_out.labels == 0).sum())
 
     # --- artifacts
     data_info = {
@@ -517,7 +360,7 @@ def run_training(
             table=s2_table,
             timing=s2_timing,
             eval_note=(
-                f"All held-out fraud plus {len(eval_neg)} genuine transactions sampled from "
+                f"All held-out fraud plus {n_eval_neg} genuine transactions sampled from "
                 "two strata of stage-1 score and weighted back to the real mix."
             ),
         ),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from training.datasets import average_precision, recall_at_fpr, roc_auc
-from training.train import HeldOut, cascade_scores, pick_policy
+from training.evaluation import EvalSet, cascade_scores, pick_policy
 
 
 def test_perfect_and_inverted_ranking() -> None:
@@ -60,13 +60,14 @@ def test_pick_policy_escalates_the_requested_share() -> None:
     labels = (rng.random(n) < 0.01).astype(np.int8)
     stage1 = np.clip(rng.normal(0.1, 0.05, n) + 0.3 * labels, 0, 1).astype(np.float32)
     stage2 = np.clip(rng.normal(0.05, 0.05, n) + 0.6 * labels, 0, 1).astype(np.float32)
-    held_out = HeldOut(
+    held_out = EvalSet(
         stage1_all=stage1,
         labels_all=labels,
         patterns_all=np.array([""] * n),
         sample_index=np.arange(n, dtype=np.int64),
         sample_weight=np.ones(n),
-        stage2_sample=stage2,
+        sequences=None,
+        stage2=stage2,
     )
     policy = pick_policy(held_out, 0.08, "policy-t")
     assert np.mean(stage1 >= policy.escalate_low) == pytest.approx(0.08, abs=0.002)
