@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Final
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram, Info, start_http_server
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +21,9 @@ _LATENCY_BUCKETS_S: Final = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25,
 )  # fmt: skip
 
+MODELS: Final = Info(
+    "cascade_models", "The model, policy and feature-set versions this process serves."
+)
 SCORES: Final = Counter(
     "cascade_scores", "Answers by what decided them.", ["decided_by", "decision"]
 )

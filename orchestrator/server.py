@@ -282,6 +282,15 @@ class Orchestrator:
         self._warmup = asyncio.create_task(
             self._warm(store, screener, heavy, scorer), name="orchestrator-warmup"
         )
+        metrics.MODELS.info(
+            {
+                "role": "orchestrator",
+                "policy": self.versions.policy,
+                "stage1": self.versions.stage1,
+                "stage2": self.versions.stage2,
+                "feature_set": self.versions.feature_set,
+            }
+        )
         logger.info(
             "orchestrator listening on %s:%d (policy %s, stage1 %s, stage2 %s, features %s)",
             s.server.host,

@@ -101,7 +101,15 @@ class ScreeningWorker:
             self.subject, queue=self._queue_group, cb=self._enqueue
         )
         await self._nc.flush()
-        logger.info("screening worker serving %s on %s", self._model.version, self.subject)
+        metrics.MODELS.info(
+            {"role": "screening", "stage1": self._model.version, "feature_set": self._feature_set}
+        )
+        logger.info(
+            "screening worker serving %s (features %s) on %s",
+            self._model.version,
+            self._feature_set,
+            self.subject,
+        )
         return self
 
     async def __aexit__(

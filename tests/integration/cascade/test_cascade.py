@@ -262,6 +262,14 @@ async def test_answers_are_counted_in_prometheus_metrics(cascade: Running) -> No
             for d in ("APPROVE", "REVIEW", "DECLINE")
         )
 
+    info = {
+        "role": "orchestrator",
+        "policy": "policy-escalate-all",
+        "stage1": cascade.app.versions.stage1,
+        "stage2": cascade.app.versions.stage2,
+        "feature_set": cascade.app.versions.feature_set,
+    }
+    assert REGISTRY.get_sample_value("cascade_models_info", info) == 1.0
     before = stage2_answers()
     before_total = REGISTRY.get_sample_value("cascade_stage_seconds_count", {"stage": "total"}) or 0
     for _ in range(3):
