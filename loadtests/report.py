@@ -251,8 +251,8 @@ def next_sweep_rate(done: Sequence[SweepPoint], plan: SweepPlan) -> float | None
     """The next rate to try; None when the sweep is finished.
 
     Ramp: multiply the highest rate so far by ``factor`` until a step is saturated (see
-    :func:`saturation_reasons`), ``max_failures_in_a_row`` steps in a row fail, or ``max_rate``
-    is reached, so the latency-against-load curve runs from light load to saturation. Then bisect
+    :func:`saturation_reasons`), ``max_failures_in_a_row`` steps in a row fail after a pass, or
+    ``max_rate`` is reached, so the latency-against-load curve runs from light load to saturation. Then bisect
     between the capacity step (the highest pass below the first failure above the lowest pass,
     as :func:`capacity` reads it) and that failure, ``refine_steps`` times at most.
     """
@@ -281,9 +281,14 @@ def next_sweep_rate(done: Sequence[SweepPoint], plan: SweepPlan) -> float | None
 def _ramp_end(done: Sequence[SweepPoint], plan: SweepPlan) -> int | None:
     """Index of the step that ended the ramp, or None while it goes on."""
     in_a_row = 0
+    seen_pass = False
     for i, point in enumerate(done):
+        seen_pass = seen_pass or point.passed
         in_a_row = 0 if point.passed else in_a_row + 1
-        if point.saturated or point.rate >= plan.max_rate or in_a_row >= plan.max_failures_in_a_row:
+        # Failures in a row only end the ramp above a pass: with no pass at all, the curve is
+        # still wanted up to saturation.
+        enough_above = seen_pass and in_a_row >= plan.max_failures_in_a_row
+        if point.saturated or point.rate >= plan.max_rate or enough_above:
             return i
     return None
 

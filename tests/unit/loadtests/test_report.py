@@ -174,11 +174,18 @@ def test_sweep_ramps_to_saturation_then_bisects_then_stops() -> None:
     assert next_sweep_rate(done, plan) is None  # two refinements done
 
 
-def test_sweep_gives_up_after_failures_in_a_row() -> None:
-    plan = SweepPlan(start_rate=25, factor=2, max_rate=10_000, max_failures_in_a_row=3)
-    assert next_sweep_rate([point(25, False)], plan) == 50
-    assert next_sweep_rate([point(25, False), point(50, False)], plan) == 100
-    assert next_sweep_rate([point(25, False), point(50, False), point(100, False)], plan) is None
+def test_sweep_stops_after_failures_in_a_row_above_a_pass() -> None:
+    plan = SweepPlan(start_rate=25, factor=2, max_rate=10_000, max_failures_in_a_row=2)
+    assert next_sweep_rate([point(25, True), point(50, False)], plan) == 100  # ramp goes on
+    # Two failures in a row above the pass end the ramp: bisect between 25 and 50.
+    assert next_sweep_rate([point(25, True), point(50, False), point(100, False)], plan) == 37.5
+
+
+def test_sweep_without_any_pass_ramps_on_to_saturation() -> None:
+    plan = SweepPlan(start_rate=25, factor=2, max_rate=10_000, max_failures_in_a_row=2)
+    fails = [point(25, False), point(50, False), point(100, False)]
+    assert next_sweep_rate(fails, plan) == 200
+    assert next_sweep_rate([*fails, point(200, False, saturated=True)], plan) is None
 
 
 def test_sweep_brackets_above_the_lowest_pass() -> None:
