@@ -11,7 +11,6 @@ reaps (and cancels on close).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from types import TracebackType
 from typing import Final, Protocol
 
@@ -23,6 +22,7 @@ from tritonclient.grpc.aio import InferenceServerClient
 
 from cascade.errors import Dependency, DependencyFailed, DependencyTimeout, translate_triton_errors
 from cascade.telemetry import inject_headers
+from orchestrator.stage_twin import ScoreFn, StageTwin
 
 INPUT_NAME: Final = "sequence"
 OUTPUT_NAME: Final = "score"
@@ -124,30 +124,16 @@ class TritonHeavyScorer:
         return np.asarray(scores, dtype=np.float32).reshape(sequences.shape[0])
 
 
-class InMemoryHeavyScorer:
-    """Twin of :class:`TritonHeavyScorer` for unit tests: scores with a function, can fail or lag."""
+class InMemoryHeavyScorer(StageTwin):
+    """Twin of :class:`TritonHeavyScorer` for unit tests (see :class:`StageTwin`)."""
 
     def __init__(
-        self,
-        score_sequences: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]],
-        *,
-        delay_s: float = 0.0,
-        failure: Exception | None = None,
+        self, score_fn: ScoreFn, *, delay_s: float = 0.0, failure: Exception | None = None
     ) -> None:
-        self.score_sequences = score_sequences
-        self.delay_s = delay_s
-        self.failure = failure
-        self.calls = 0
+        super().__init__(Dependency.HEAVY, score_fn, delay_s=delay_s, failure=failure)
 
     async def score(
         self, sequences: npt.NDArray[np.float32], timeout_s: float
     ) -> npt.NDArray[np.float32]:
-        """Like the real one: raise ``failure``, or time out when ``delay_s`` exceeds the timeout."""
-        self.calls += 1
-        if self.failure is not None:
-            raise self.failure
-        if self.delay_s > timeout_s:
-            await asyncio.sleep(timeout_s)
-            raise DependencyTimeout(Dependency.HEAVY, "no answer in time")
-        await asyncio.sleep(self.delay_s)
-        return self.score_sequences(sequences)
+        """One score per sequence, as :meth:`TritonHeavyScorer.score`."""
+        return await self.run(sequences, timeout_s)

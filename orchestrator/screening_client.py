@@ -7,8 +7,6 @@ report as unavailable rather than waiting out the timeout.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
 
@@ -18,13 +16,14 @@ import numpy.typing as npt
 from nats.aio.client import Client as NatsClient
 from opentelemetry import trace
 
-from cascade.errors import Dependency, DependencyFailed, DependencyTimeout, translate_nats_errors
+from cascade.errors import Dependency, DependencyFailed, translate_nats_errors
 from cascade.screening_protocol import (
     encode_screening_request,
     parse_screening_reply,
     screening_subject,
 )
 from cascade.telemetry import inject_headers
+from orchestrator.stage_twin import ScoreFn, StageTwin
 
 
 class Screener(Protocol):
@@ -107,30 +106,16 @@ class NatsScreener:
         return reply.scores
 
 
-class InMemoryScreener:
-    """Twin of :class:`NatsScreener` for unit tests: scores with a function, can fail or lag."""
+class InMemoryScreener(StageTwin):
+    """Twin of :class:`NatsScreener` for unit tests (see :class:`StageTwin`)."""
 
     def __init__(
-        self,
-        score_rows: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]],
-        *,
-        delay_s: float = 0.0,
-        failure: Exception | None = None,
+        self, score_fn: ScoreFn, *, delay_s: float = 0.0, failure: Exception | None = None
     ) -> None:
-        self.score_rows = score_rows
-        self.delay_s = delay_s
-        self.failure = failure
-        self.calls = 0
+        super().__init__(Dependency.SCREENING, score_fn, delay_s=delay_s, failure=failure)
 
     async def screen(
         self, rows: npt.NDArray[np.float32], timeout_s: float
     ) -> npt.NDArray[np.float32]:
-        """Like the real one: raise ``failure``, or time out when ``delay_s`` exceeds the timeout."""
-        self.calls += 1
-        if self.failure is not None:
-            raise self.failure
-        if self.delay_s > timeout_s:
-            await asyncio.sleep(timeout_s)
-            raise DependencyTimeout(Dependency.SCREENING, "no reply in time")
-        await asyncio.sleep(self.delay_s)
-        return self.score_rows(rows)
+        """One score per row, as :meth:`NatsScreener.screen`."""
+        return await self.run(rows, timeout_s)

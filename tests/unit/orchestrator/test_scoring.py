@@ -95,7 +95,7 @@ async def test_low_stage1_score_answers_without_stage2(cascade: Cascade) -> None
 
 
 async def test_score_in_band_escalates_to_stage2(cascade: Cascade) -> None:
-    cascade.screener.score_rows = constant(0.5)
+    cascade.screener.score_fn = constant(0.5)
     result = await cascade.scorer.score(make_transaction(), budget())
     assert result.decided_by is DecidedBy.STAGE2
     assert result.escalated
@@ -106,7 +106,7 @@ async def test_score_in_band_escalates_to_stage2(cascade: Cascade) -> None:
 
 
 async def test_slow_stage2_falls_back_to_stage1_within_budget(cascade: Cascade) -> None:
-    cascade.screener.score_rows = constant(0.55)
+    cascade.screener.score_fn = constant(0.55)
     cascade.heavy.delay_s = 1.0
     start = time.monotonic()
     result = await cascade.scorer.score(make_transaction(), budget(30))
@@ -130,7 +130,7 @@ async def test_slow_stage2_falls_back_to_stage1_within_budget(cascade: Cascade) 
 async def test_stage2_failures_are_labelled(
     cascade: Cascade, failure: Exception, reason: Reason
 ) -> None:
-    cascade.screener.score_rows = constant(0.4)
+    cascade.screener.score_fn = constant(0.4)
     cascade.heavy.failure = failure
     result = await cascade.scorer.score(make_transaction(), budget())
     assert result.reasons == [reason]
@@ -175,7 +175,7 @@ async def test_repeat_transaction_is_served_from_cache(cascade: Cascade) -> None
 
 
 async def test_degraded_answers_are_not_cached(cascade: Cascade) -> None:
-    cascade.screener.score_rows = constant(0.5)
+    cascade.screener.score_fn = constant(0.5)
     cascade.heavy.failure = DependencyUnavailable(Dependency.HEAVY, "down")
     tx = make_transaction()
     degraded = await cascade.scorer.score(tx, budget())
@@ -225,7 +225,7 @@ async def test_no_budget_left_answers_default_at_once(cascade: Cascade) -> None:
 
 
 async def test_in_band_without_time_for_stage2_is_labelled(cascade: Cascade) -> None:
-    cascade.screener.score_rows = constant(0.5)
+    cascade.screener.score_fn = constant(0.5)
     cascade.screener.delay_s = 0.006
     result = await cascade.scorer.score(make_transaction(), budget(10))
     assert result.decided_by is DecidedBy.STAGE1
@@ -249,7 +249,7 @@ async def test_batch_scores_like_sequential_calls(cascade: Cascade) -> None:
         seen_rows.append(rows.copy())
         return np.full(rows.shape[0], 0.1, dtype=np.float32)
 
-    cascade.screener.score_rows = record
+    cascade.screener.score_fn = record
     batch = await cascade.scorer.score_many(txs, budget())
     await cascade.writer.flush()
     assert [r.transaction_id for r in batch] == [tx.transaction_id for tx in txs]
@@ -284,7 +284,7 @@ async def test_batch_escalates_only_rows_in_the_band_and_serves_cache_hits(
     calls_before = cascade.screener.calls
     # amount drives nothing here; use the screener twin to put exactly one row in the band
     scores = iter([0.1, 0.5, 0.9])
-    cascade.screener.score_rows = lambda rows: np.array(
+    cascade.screener.score_fn = lambda rows: np.array(
         [next(scores) for _ in range(rows.shape[0])], dtype=np.float32
     )
     txs = [cached] + [
