@@ -85,7 +85,32 @@ def read_log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
 
 
-class ManagedProcess:
+class StartStop:
+    """An async context manager made of ``start()`` and ``stop()``: stop runs however the block
+    ends (error, cancellation included)."""
+
+    async def start(self) -> None:
+        """Start and wait until ready."""
+        raise NotImplementedError
+
+    async def stop(self) -> object:
+        """Stop and clean up."""
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+class ManagedProcess(StartStop):
     """A subprocess in its own process group with a log file, a readiness wait and a sure stop.
 
     Use as ``async with ManagedProcess(...) as proc:``; entering starts the process and waits for
@@ -243,18 +268,6 @@ class ManagedProcess:
         assert self._proc is not None
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, sig)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 async def tcp_exchange(

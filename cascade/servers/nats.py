@@ -10,19 +10,20 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, Final
 
 from cascade.servers._binaries import find_executable, next_to_python
 from cascade.servers._process import (
     LOOPBACK,
     ManagedProcess,
+    StartStop,
     http_ok,
     resolve_port,
     tcp_exchange,
 )
 
 if TYPE_CHECKING:
-    from types import TracebackType
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def find_nats_server() -> Path:
     )
 
 
-class NatsServer:
+class NatsServer(StartStop):
     """``nats-server`` on 127.0.0.1, started on entry and stopped on exit.
 
     Ready means a TCP client received the server's ``INFO`` line (and ``/healthz`` answered, when
@@ -115,15 +116,3 @@ class NatsServer:
         finally:
             if self._own_store_dir and self.store_dir is not None:
                 shutil.rmtree(self.store_dir, ignore_errors=True)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()

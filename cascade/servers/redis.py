@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, Final
 
 from cascade.servers._binaries import find_executable
 from cascade.servers._process import (
     LOOPBACK,
     ManagedProcess,
+    StartStop,
     resolve_port,
     tcp_contains,
     tcp_exchange,
 )
 
 if TYPE_CHECKING:
-    from types import TracebackType
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def find_redis_server() -> Path:
     )
 
 
-class RedisServer:
+class RedisServer(StartStop):
     """``redis-server`` on 127.0.0.1, started on entry and stopped on exit.
 
     Ready means a PING was answered with PONG. ``port=0`` picks a free port.
@@ -114,15 +115,3 @@ class RedisServer:
     async def stop(self) -> None:
         """Stop the server (SIGTERM, SIGKILL after the grace period) and reap it."""
         await self.process.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()

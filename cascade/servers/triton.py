@@ -27,15 +27,15 @@ import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, Final
 
 import onnxruntime as ort
 
 from cascade.servers._errors import ServerBinaryNotFoundError, ServerError
-from cascade.servers._process import LOOPBACK, ManagedProcess, http_ok, resolve_port
+from cascade.servers._process import LOOPBACK, ManagedProcess, StartStop, http_ok, resolve_port
 
 if TYPE_CHECKING:
-    from types import TracebackType
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def triton_environment(tritonserver_dir: Path) -> dict[str, str]:
     return env
 
 
-class TritonServer:
+class TritonServer(StartStop):
     """Triton (from the ``nvidia-pytriton`` wheel) serving the heavy model on 127.0.0.1.
 
     Give the ONNX artifact and how to name it; ports 0 pick free ones. ``delay_ms`` makes every
@@ -364,15 +364,3 @@ class TritonServer:
         # A failed start keeps a temporary folder that holds the log: the log is the evidence.
         if self._own_work_dir and not (failed and self._log_dir == self.work_dir):
             shutil.rmtree(self.work_dir, ignore_errors=True)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
