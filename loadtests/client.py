@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Final
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cascade.v1 import scoring_pb2
 from loadtests.address import parse_loopback_target
@@ -117,6 +118,13 @@ class ScoringClient:
         channels, self._channels = self._channels, []
         for channel in channels:
             await channel.close()
+
+    async def health_check(self, timeout_s: float = 1.0) -> None:
+        """One gRPC health ``Check`` (the cheapest call the server answers: the gRPC floor)."""
+        if not self._channels:
+            raise RuntimeError("ScoringClient used outside its async with block")
+        stub = health_pb2_grpc.HealthStub(self._channels[0])
+        await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
 
     async def send(self, payload: bytes, timeout_s: float) -> scoring_pb2.ScoreResponse:
         """One Score call with ``timeout_s`` as its gRPC deadline."""

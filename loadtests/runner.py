@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final
 
+import grpc
+
 from loadtests.client import ScoringClient, run_serial
 from loadtests.cpu import CpuMeter, cpu_report
+from loadtests.histogram import Histogram
 from loadtests.processes import COUNTER_FIELDS, GeneratorProcesses, ShareJob, run_share_here
 from loadtests.progress import ProgressLine
 from loadtests.replay import ReplayStream, plan_requests
@@ -29,6 +32,7 @@ from loadtests.report import (
     SweepPoint,
     next_sweep_rate,
     step_report,
+    summarize,
 )
 from loadtests.results import Tally
 from loadtests.schedule import Arrivals, ScheduleSpec, schedule_offsets, window_s
@@ -171,8 +175,22 @@ class TargetRunner:
             criteria=s.criteria,
         )
         await self._add_cpu(self.serial, cpu_before, started, tally.ok)
+        self.serial["grpc_floor_ms"] = await self._grpc_floor(min(s.serial_count, 500))
         await asyncio.sleep(_SETTLE_S)
         return self.serial
+
+    async def _grpc_floor(self, count: int) -> dict[str, float] | None:
+        """Health checks one at a time: what any call to this server costs from this client."""
+        hist = Histogram()
+        try:
+            for _ in range(count):
+                start = time.perf_counter()
+                await self._client.health_check()
+                hist.record(round((time.perf_counter() - start) * 1e6))
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("%s: no health service to measure the gRPC floor (%s)", self.name, exc)
+            return None
+        return summarize(hist)
 
     async def step(self, rate: float, duration_s: float | None = None) -> dict[str, Any]:
         """One open-loop step at ``rate``; recorded in :attr:`steps`."""

@@ -128,19 +128,28 @@ def _render(header: list[str], rows: list[list[str]], *, markdown: bool) -> str:
 
 
 def _comparison_lines(report: Mapping[str, Any]) -> list[str]:
-    comp = report.get("comparison")
-    if not comp:
-        return []
+    comp = report.get("comparison") or {"capacity_rate": None}
     cap = comp["capacity_rate"]
-    lines = [
-        f"capacity at SLO: cascade {cap['cascade']}/s, naive {cap['naive']}/s, "
-        f"ratio {cap['ratio']}x"
-    ]
+    lines = (
+        []
+        if cap is None
+        else [
+            f"capacity at SLO: cascade {cap['cascade']}/s, naive {cap['naive']}/s, "
+            f"ratio {cap['ratio']}x"
+        ]
+    )
     for key, row in comp.get("capacity_by_p99_ms", {}).items():
         lines.append(
             f"capacity at p99 <= {key} ms (and every answer in budget): cascade "
             f"{row['cascade']}/s, naive {row['naive']}/s, ratio {row['ratio']}x"
         )
+    for name, target in report["targets"].items():
+        floor = (target.get("serial") or {}).get("grpc_floor_ms")
+        if floor:
+            lines.append(
+                f"gRPC floor ({name}, health Check, 1 in flight): p50 {floor['p50']:.2f} ms, "
+                f"p99 {floor['p99']:.2f} ms"
+            )
     serial = comp.get("serial_latency")
     if serial:
         lines.append(
