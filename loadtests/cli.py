@@ -98,6 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, default=REPO_ROOT / ".run" / "loadtest")
     out.add_argument(
+        "--render",
+        type=Path,
+        metavar="REPORT_JSON",
+        help="no load: redraw the tables and PNGs of an earlier report.json into --out",
+    )
+    out.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -358,6 +364,13 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         return 2
     out_dir: Path = args.out.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        report = json.loads(args.render.read_text())
+        if args.render.resolve() != (out_dir / "report.json"):
+            (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        _write_outputs(report, out_dir, sweep=bool(report["meta"].get("sweep")))
+        print(text_table(report))
+        return 0
     report = uvloop.run(run_loadtest(args, argv if argv is not None else sys.argv[2:], out_dir))
     _write_outputs(report, out_dir, sweep=args.sweep)
     print(text_table(report))

@@ -1,7 +1,7 @@
 """The report's pictures (PNG, matplotlib's Agg backend; matplotlib is imported lazily).
 
 * :func:`plot_summary` one row per target: latency percentiles at the serial step and at the
-  reference step, the per-stage decomposition (p50 and p99), and the step's rates.
+  reference step (the highest rate every target ran unsaturated, so the rows compare), the per-stage decomposition (p50 and p99), and the step's rates.
 * :func:`plot_sweep` latency percentiles against offered load for every target, with the p99
   target, the budget and each target's capacity marked, and achieved against offered rate.
 """
@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from loadtests.report import common_rate
+
 __all__ = ["plot_summary", "plot_sweep", "reference_step"]
 
 _STAGE_ORDER: Final = ("redis", "features", "stage1", "stage2", "orchestrator", "transport")
@@ -20,11 +22,17 @@ _TARGET_STYLE: Final = {"cascade": "-", "naive": "--"}
 _PERCENTILE_KEYS: Final = (("p50", "p50"), ("p99", "p99"), ("p99_9", "p99.9"), ("max", "max"))
 
 
-def reference_step(target: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """The open-loop step a summary is about: the capacity step, else the last one."""
+def reference_step(
+    target: Mapping[str, Any], rate: float | None = None
+) -> Mapping[str, Any] | None:
+    """The open-loop step a summary is about: the one at ``rate`` if given and run, else the
+    capacity step, else the last one."""
     steps: list[Mapping[str, Any]] = [s for s in target.get("steps", []) if s["mode"] == "open"]
     if not steps:
         return None
+    for step in steps:
+        if rate is not None and step["offered_rate"] == rate:
+            return step
     cap = target.get("capacity")
     if cap:
         for step in steps:
@@ -72,9 +80,10 @@ def plot_summary(report: Mapping[str, Any], path: Path) -> Path:
     """Write the per-target summary figure to ``path``."""
     plt = _pyplot()
     targets = report["targets"]
+    rate = common_rate(report)
     fig, axes = plt.subplots(len(targets), 3, figsize=(17, 4.2 * len(targets)), squeeze=False)
     for row, (name, target) in enumerate(targets.items()):
-        ref = reference_step(target)
+        ref = reference_step(target, rate)
         serial = target.get("serial")
         ax_lat, ax_stage, ax_text = axes[row]
         labelled = [(f"{name} 1 in flight", serial)] if serial else []

@@ -33,6 +33,7 @@ __all__ = [
     "SweepPoint",
     "capacity",
     "capacity_table",
+    "common_rate",
     "compare",
     "evaluate_goals",
     "next_sweep_rate",
@@ -231,7 +232,9 @@ class SweepPlan:
     refine_steps: int = 2
     resolution: float = 0.08  # stop bisecting once the bracket is this narrow (relative)
     max_steps: int = 16
-    max_failures_in_a_row: int = 6
+    # Failures in a row above a pass that end the ramp early; the default keeps every target
+    # ramping to saturation, so all curves cover the same range.
+    max_failures_in_a_row: int = 99
 
     def __post_init__(self) -> None:
         if not (self.start_rate > 0 and self.factor > 1 and self.max_rate >= self.start_rate):
@@ -291,6 +294,19 @@ def _ramp_end(done: Sequence[SweepPoint], plan: SweepPlan) -> int | None:
         if point.saturated or point.rate >= plan.max_rate or enough_above:
             return i
     return None
+
+
+def common_rate(report: Mapping[str, Any]) -> float | None:
+    """The highest offered rate every target ran unsaturated: where side by side is fair."""
+    rates: set[float] | None = None
+    for target in report["targets"].values():
+        mine = {
+            s["offered_rate"]
+            for s in target.get("steps", [])
+            if s["mode"] == "open" and not s.get("saturation_reasons")
+        }
+        rates = mine if rates is None else rates & mine
+    return max(rates) if rates else None
 
 
 def capacity_table(

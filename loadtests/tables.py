@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from loadtests.report import common_rate
+
 __all__ = ["markdown_tables", "text_table"]
 
 _STAGES = ("redis", "features", "stage1", "stage2", "orchestrator", "transport", "server_total")
@@ -83,17 +85,22 @@ _CPU_ROLES = (
 
 
 def _picked_steps(report: Mapping[str, Any]) -> list[tuple[str, str, Mapping[str, Any]]]:
-    """Per target: the serial step and the capacity step (else the fastest open step)."""
+    """Per target: the serial step, the capacity step, and the step at the highest rate every
+    target ran unsaturated (else its fastest step)."""
+    common = common_rate(report)
     picks = []
     for name, target in report["targets"].items():
         if target.get("serial"):
             picks.append((name, "1 in flight", target["serial"]))
         cap = target.get("capacity")
         steps = [s for s in target["steps"] if s["mode"] == "open"]
-        if cap:
-            step = next(s for s in steps if s["label"] == cap["label"])
-            picks.append((name, f"@{step['offered_rate']:g}/s (capacity)", step))
-        elif steps:
+        cap_step = next((s for s in steps if cap and s["label"] == cap["label"]), None)
+        if cap_step is not None:
+            picks.append((name, f"@{cap_step['offered_rate']:g}/s (capacity)", cap_step))
+        same = [s for s in steps if s["offered_rate"] == common]
+        if same and same[0] is not cap_step:
+            picks.append((name, f"@{common:g}/s (common)", same[0]))
+        elif not same and cap_step is None and steps:
             step = max(steps, key=lambda s: s["offered_rate"])
             picks.append((name, f"@{step['offered_rate']:g}/s", step))
     return picks

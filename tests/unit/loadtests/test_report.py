@@ -15,6 +15,7 @@ from loadtests.report import (
     SweepPoint,
     capacity,
     capacity_table,
+    common_rate,
     compare,
     evaluate_goals,
     next_sweep_rate,
@@ -270,3 +271,17 @@ def test_stack_env_pairs() -> None:
     assert stack_env(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         stack_env(["nope"])
+
+
+def test_common_rate_is_the_highest_rate_every_target_ran_unsaturated() -> None:
+    def step(rate: float, saturated: bool = False) -> dict[str, Any]:
+        return _fake(rate, True) | {"saturation_reasons": ["x"] if saturated else []}
+
+    report = {
+        "targets": {
+            "cascade": {"steps": [step(100), step(200), step(300)]},
+            "naive": {"steps": [step(100), step(200), step(300, saturated=True)]},
+        }
+    }
+    assert common_rate(report) == 200
+    assert common_rate({"targets": {"a": {"steps": [step(1)]}, "b": {"steps": []}}}) is None
