@@ -37,8 +37,9 @@ import grpc.experimental.gevent as grpc_gevent
 from locust import User, constant_throughput, events, task
 
 from cascade.v1 import scoring_pb2
+from cascade.wire import to_wire
 from loadtests.address import parse_loopback_target
-from loadtests.replay import ReplayStream, load_transactions, to_wire
+from loadtests.replay import ReplayStream, load_transactions
 
 # Patch grpc so that its blocking calls yield to gevent instead of blocking every user.
 grpc_gevent.init_gevent()

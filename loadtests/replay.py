@@ -21,36 +21,16 @@ import numpy.typing as npt
 
 from cascade.transaction import Transaction
 from cascade.v1 import scoring_pb2
+from cascade.wire import to_wire
 
 __all__ = [
     "ReplayStream",
     "RequestPlan",
     "load_transactions",
     "plan_requests",
-    "to_wire",
 ]
 
 _DAY_MS: Final = 86_400_000
-
-
-def to_wire(tx: Transaction) -> scoring_pb2.Transaction:
-    """The wire form of a domain transaction (empty optional fields are left unset)."""
-    wire = scoring_pb2.Transaction(
-        transaction_id=tx.transaction_id,
-        card_id=tx.card_id,
-        merchant_id=tx.merchant_id,
-        merchant_category=tx.merchant_category,
-        amount_minor=tx.amount_minor,
-        currency=tx.currency,
-        country=tx.country,
-        channel=int(tx.channel),  # type: ignore[arg-type]  # enum values match cascade.v1.Channel
-        timestamp_ms=tx.timestamp_ms,
-    )
-    if tx.device_id:
-        wire.device_id = tx.device_id
-    if tx.ip_country:
-        wire.ip_country = tx.ip_country
-    return wire
 
 
 class ReplayStream:

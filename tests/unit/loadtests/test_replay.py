@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cascade.transaction import Channel
 from cascade.v1 import scoring_pb2
-from loadtests.replay import ReplayStream, load_transactions, plan_requests, to_wire
+from cascade.wire import to_wire
+from loadtests.replay import ReplayStream, load_transactions, plan_requests
 from orchestrator.validation import validate_transaction
 from tests.conftest import BASE_TS_MS, make_transaction
 
@@ -19,16 +19,6 @@ def _base(n: int) -> list:  # type: ignore[type-arg]
         )
         for i in range(n)
     ]
-
-
-def test_to_wire_round_trips_through_validation() -> None:
-    tx = make_transaction(channel=Channel.ECOMMERCE)
-    assert validate_transaction(to_wire(tx)) == tx
-
-
-def test_to_wire_leaves_empty_optional_fields_unset() -> None:
-    wire = to_wire(make_transaction(device_id="", ip_country=""))
-    assert not wire.HasField("device_id") and not wire.HasField("ip_country")
 
 
 def test_stream_replays_in_time_order_with_a_nonce() -> None:
