@@ -8,6 +8,7 @@ stops every process it started, in reverse order, however the block ends.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
 from contextlib import AsyncExitStack
@@ -136,6 +137,10 @@ class LocalStack:
     """Every process of the local stack; an async context manager. ``target`` is the endpoint."""
 
     def __init__(self, config: StackConfig) -> None:
+        # Absolute paths: Triton and the services run with other working directories.
+        config = dataclasses.replace(
+            config, model_dir=config.model_dir.resolve(), run_dir=config.run_dir.resolve()
+        )
         self._config = config
         self._stack = AsyncExitStack()
         self.grpc_port = resolve_port(config.ports.grpc)
