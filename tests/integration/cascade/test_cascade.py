@@ -262,14 +262,6 @@ async def test_answers_are_counted_in_prometheus_metrics(cascade: Running) -> No
             for d in ("APPROVE", "REVIEW", "DECLINE")
         )
 
-    info = {
-        "role": "orchestrator",
-        "policy": "policy-escalate-all",
-        "stage1": cascade.app.versions.stage1,
-        "stage2": cascade.app.versions.stage2,
-        "feature_set": cascade.app.versions.feature_set,
-    }
-    assert REGISTRY.get_sample_value("cascade_models_info", info) == 1.0
     before = stage2_answers()
     before_total = REGISTRY.get_sample_value("cascade_stage_seconds_count", {"stage": "total"}) or 0
     for _ in range(3):
@@ -300,3 +292,19 @@ async def test_score_batch_answers_in_order_with_one_pass(cascade: Running) -> N
         await cascade.stub.ScoreBatch(bad, timeout=5.0)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "transactions[2].amount_minor" in (info.value.details() or "")
+
+
+async def test_served_versions_are_published_as_metrics(
+    model_dir: Path, redis_server: RedisServer, nats_server: NatsServer, heavy_triton: TritonServer
+) -> None:
+    # The info metric is per process; start a fresh orchestrator so no other test's is current.
+    settings = settings_for(model_dir, redis_server.url, nats_server.url, heavy_triton.grpc_url)
+    async with running(settings) as r:
+        info = {
+            "role": "orchestrator",
+            "policy": "policy-escalate-all",
+            "stage1": r.app.versions.stage1,
+            "stage2": r.app.versions.stage2,
+            "feature_set": r.app.versions.feature_set,
+        }
+        assert REGISTRY.get_sample_value("cascade_models_info", info) == 1.0
