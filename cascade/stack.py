@@ -11,15 +11,14 @@ import asyncio
 import dataclasses
 import os
 import sys
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Final
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cascade.lifecycle import AsyncResourceGroup
 from cascade.model_registry import load_registry
 from cascade.servers import ManagedProcess, NatsServer, RedisServer, TritonServer
 from cascade.servers._process import resolve_port
@@ -96,20 +95,27 @@ def service_env(
     return env
 
 
-def worker_process(name: str, env: dict[str, str], log_dir: Path) -> ManagedProcess:
-    """``python -m stages.screening``, ready once it printed its READY line (model warm)."""
+def worker_process(
+    name: str, env: dict[str, str], log_dir: Path, *, module: str = "stages.screening"
+) -> ManagedProcess:
+    """``python -m <module>`` (a screening worker), ready once it printed its READY line."""
     log_path = log_dir / f"{name}.log"
 
     async def ready() -> bool:
         return _log_has_ready_line(log_path)
 
     return ManagedProcess(
-        name, [sys.executable, "-m", "stages.screening"], log_dir=log_dir, env=env, probe=ready
+        name, [sys.executable, "-m", *module.split()], log_dir=log_dir, env=env, probe=ready
     )
 
 
 def orchestrator_process(
-    env: dict[str, str], log_dir: Path, *, wait_serving: bool = True
+    env: dict[str, str],
+    log_dir: Path,
+    *,
+    wait_serving: bool = True,
+    name: str = "orchestrator",
+    module: str = "orchestrator",
 ) -> ManagedProcess:
     """``python -m orchestrator``; ready when health says SERVING (or, if not ``wait_serving``,
     as soon as it answers health checks at all)."""
@@ -123,8 +129,8 @@ def orchestrator_process(
         return status is not None
 
     return ManagedProcess(
-        "orchestrator",
-        [sys.executable, "-m", "orchestrator"],
+        name,
+        [sys.executable, "-m", *module.split()],
         log_dir=log_dir,
         env=env,
         probe=ready,
@@ -133,38 +139,22 @@ def orchestrator_process(
     )
 
 
-class LocalStack:
+class LocalStack(AsyncResourceGroup):
     """Every process of the local stack; an async context manager. ``target`` is the endpoint."""
 
     def __init__(self, config: StackConfig) -> None:
         # Absolute paths: Triton and the services run with other working directories.
+        super().__init__()
         config = dataclasses.replace(
             config, model_dir=config.model_dir.resolve(), run_dir=config.run_dir.resolve()
         )
         self._config = config
-        self._stack = AsyncExitStack()
         self.grpc_port = resolve_port(config.ports.grpc)
         self.target = f"127.0.0.1:{self.grpc_port}"
         self.redis_url = ""
         self.nats_url = ""
         self.triton_url = ""
         self.log_dir = config.run_dir / "logs"
-
-    async def __aenter__(self) -> LocalStack:
-        try:
-            await self._start()
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._stack.aclose()
 
     async def _start(self) -> None:
         cfg = self._config

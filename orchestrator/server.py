@@ -12,8 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, AsyncExitStack, suppress
-from types import TracebackType
+from contextlib import AbstractContextManager, suppress
 from typing import Final, TypeVar
 
 import grpc
@@ -32,6 +31,7 @@ from cascade.errors import (
     grpc_status_for,
 )
 from cascade.features import FEATURE_SET_VERSION, N_SCREENING_FEATURES, SEQUENCE_LEN, TOKEN_DIM
+from cascade.lifecycle import AsyncResourceGroup
 from cascade.model_registry import Registry, load_policy, load_registry
 from cascade.runtime import freeze_heap
 from cascade.settings import Settings
@@ -177,6 +177,12 @@ def record_metrics(result: ScoreResult) -> None:
         metrics.STAGE_SECONDS.labels("stage2").observe(t.stage2_us / 1e6)
 
 
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with suppress(asyncio.CancelledError, Exception):
+        await task
+
+
 def model_versions(registry: Registry, policy_version: str) -> ModelVersions:
     """The versions named in responses and cache keys."""
     return ModelVersions(
@@ -187,7 +193,7 @@ def model_versions(registry: Registry, policy_version: str) -> ModelVersions:
     )
 
 
-class Orchestrator:
+class Orchestrator(AsyncResourceGroup):
     """The whole orchestrator process as one async context manager.
 
     ``port`` is the bound port (``settings.server.port`` 0 picks a free one).
@@ -205,20 +211,12 @@ class Orchestrator:
         self._policy = load_policy(policy_path)
         self.versions = model_versions(registry, self._policy.version)
         self._registry = registry
-        self._stack = AsyncExitStack()
+        super().__init__()
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._warmup: asyncio.Task[None] | None = None
         self.port = 0
         self.writer: PostAnswerWriter | None = None
-
-    async def __aenter__(self) -> Orchestrator:
-        try:
-            await self._start()
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
 
     async def _start(self) -> None:
         s = self._settings
@@ -279,9 +277,13 @@ class Orchestrator:
             raise ConfigurationError(f"cannot bind {s.server.host}:{s.server.port}")
         await server.start()
         self._server = server
+        # Unwound in reverse: warm-up cancelled, then the server stopped (in-flight calls get the
+        # grace), then the writer drained and the clients closed.
+        self._stack.push_async_callback(server.stop, s.server.drain_s)
         self._warmup = asyncio.create_task(
             self._warm(store, screener, heavy, scorer), name="orchestrator-warmup"
         )
+        self._stack.push_async_callback(_cancel, self._warmup)
         metrics.MODELS.info(
             {
                 "role": "orchestrator",
@@ -355,17 +357,3 @@ class Orchestrator:
         await asyncio.sleep(self._settings.server.shutdown_delay_s)
         if self._server is not None:
             await self._server.stop(grace=self._settings.server.drain_s)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._warmup is not None:
-            self._warmup.cancel()
-            with suppress(asyncio.CancelledError, Exception):
-                await self._warmup
-        if self._server is not None:
-            await self._server.stop(grace=self._settings.server.drain_s)
-        await self._stack.aclose()

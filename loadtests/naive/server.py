@@ -10,8 +10,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable
-from contextlib import AsyncExitStack
-from types import TracebackType
 from typing import Final, TypeVar
 
 import grpc
@@ -44,6 +42,7 @@ from cascade.features import (
     screening_features,
     sequence_tensor,
 )
+from cascade.lifecycle import AsyncResourceGroup
 from cascade.model_registry import Policy, Registry, load_policy, load_registry
 from cascade.screening_protocol import screening_subject
 from cascade.settings import Settings
@@ -264,24 +263,15 @@ class NaiveServicer(scoring_pb2_grpc.ScoringServiceServicer):
         return float(scores.reshape(-1)[0])
 
 
-class NaiveServer:
+class NaiveServer(AsyncResourceGroup):
     """The naive scoring server and its clients; an async context manager. ``port`` is bound."""
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self._settings = settings
         self._registry = load_registry(settings.model_dir)
         self._policy = load_policy(settings.policy_file or self._registry.policy_path)
-        self._stack = AsyncExitStack()
-        self._server: grpc.aio.Server | None = None
         self.port = 0
-
-    async def __aenter__(self) -> NaiveServer:
-        try:
-            await self._start()
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
 
     async def _start(self) -> None:
         s = self._settings
@@ -309,15 +299,5 @@ class NaiveServer:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.port = server.add_insecure_port(f"{s.server.host}:{s.server.port}")
         await server.start()
-        self._server = server
+        self._stack.push_async_callback(server.stop, 1.0)
         logger.info("naive scoring server listening on %s:%d", s.server.host, self.port)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._server is not None:
-            await self._server.stop(grace=1.0)
-        await self._stack.aclose()

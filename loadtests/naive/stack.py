@@ -7,18 +7,12 @@ and queue group, so the two cascades share the servers but never each other's me
 
 from __future__ import annotations
 
-import asyncio
-import sys
-from contextlib import AsyncExitStack
 from pathlib import Path
-from types import TracebackType
 from typing import Final
 
-from grpc_health.v1 import health_pb2
-
-from cascade.servers import ManagedProcess
-from cascade.servers._process import ReadinessProbe, resolve_port
-from cascade.stack import grpc_health_status, service_env
+from cascade.lifecycle import AsyncResourceGroup
+from cascade.servers._process import resolve_port
+from cascade.stack import orchestrator_process, service_env, worker_process
 
 __all__ = ["NAIVE_QUEUE_GROUP", "NAIVE_SUBJECT_PREFIX", "NaiveStack"]
 
@@ -26,26 +20,7 @@ NAIVE_SUBJECT_PREFIX: Final = "naive.screen"
 NAIVE_QUEUE_GROUP: Final = "naive-screening-workers"
 
 
-def _ready_line(log_path: Path) -> ReadinessProbe:
-    async def probe() -> bool:
-        try:
-            text = await asyncio.to_thread(log_path.read_text)
-        except FileNotFoundError:
-            return False
-        return any(line.strip() == "READY" for line in text.splitlines())
-
-    return probe
-
-
-def _serving(target: str) -> ReadinessProbe:
-    async def probe() -> bool:
-        status = await grpc_health_status(target)
-        return status is not None and status == int(health_pb2.HealthCheckResponse.SERVING)
-
-    return probe
-
-
-class NaiveStack:
+class NaiveStack(AsyncResourceGroup):
     """The naive server plus ``workers`` naive screening workers; an async context manager.
 
     ``target`` is the naive server's ``127.0.0.1:PORT``.
@@ -62,6 +37,7 @@ class NaiveStack:
         workers: int = 2,
         port: int = 0,
     ) -> None:
+        super().__init__()
         self.port = resolve_port(port)
         self.target = f"127.0.0.1:{self.port}"
         self._log_dir = log_dir
@@ -78,42 +54,17 @@ class NaiveStack:
                 "CASCADE_LOG_LEVEL": "WARNING",
             },
         )
-        self._stack = AsyncExitStack()
 
-    async def __aenter__(self) -> NaiveStack:
-        try:
-            self._log_dir.mkdir(parents=True, exist_ok=True)
-            for i in range(self._workers):
-                name = f"naive-worker-{i}"
-                await self._stack.enter_async_context(
-                    ManagedProcess(
-                        name,
-                        [sys.executable, "-m", "loadtests.naive", "worker"],
-                        log_dir=self._log_dir,
-                        env=self._env,
-                        probe=_ready_line(self._log_dir / f"{name}.log"),
-                    )
-                )
+    async def _start(self) -> None:
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(self._workers):
             await self._stack.enter_async_context(
-                ManagedProcess(
-                    "naive-server",
-                    [sys.executable, "-m", "loadtests.naive", "server"],
-                    log_dir=self._log_dir,
-                    env=self._env,
-                    probe=_serving(self.target),
-                    ports=(self.port,),
-                    start_timeout_s=60.0,
+                worker_process(
+                    f"naive-worker-{i}", self._env, self._log_dir, module="loadtests.naive worker"
                 )
             )
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._stack.aclose()
+        await self._stack.enter_async_context(
+            orchestrator_process(
+                self._env, self._log_dir, name="naive-server", module="loadtests.naive server"
+            )
+        )
