@@ -7,6 +7,7 @@ small ONNX file with the heavy stage's tensor contract, so no trained model is n
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
 
 import numpy as np
@@ -20,7 +21,6 @@ from cascade.servers import NatsServer, RedisServer, TritonServer
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-    from pathlib import Path
 
 SEQ_LEN: Final = SEQUENCE_LEN
 TINY_TOKEN_DIM: Final = TOKEN_DIM  # the feature set's width, so the orchestrator's tensors fit
@@ -112,3 +112,18 @@ async def triton_server(
     """Triton serving the tiny heavy model as ``fraud_heavy`` v1, no delay (``.grpc_url``)."""
     async with TritonServer(tiny_heavy_onnx(), log_dir=server_log_dir / "triton") as server:
         yield server
+
+
+def processes_mentioning(folder: Path) -> set[int]:
+    """Pids whose command line names ``folder`` (a run folder a test gave the stack)."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(folder) in cmdline:
+            pids.add(int(proc.name))
+    return pids

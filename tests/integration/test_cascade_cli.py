@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cascade.settings import DEFAULT_MODEL_DIR
+from tests.integration.conftest import processes_mentioning
 
 pytestmark = pytest.mark.integration
 
@@ -23,21 +24,6 @@ FREE_PORTS = [
     "--triton-http-port=0",
     "--triton-metrics-port=0",
 ]
-
-
-def _pids_of_children(run_dir: Path) -> set[int]:
-    """Processes whose command line mentions this run's folder (Triton's repository lives there)."""
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if str(run_dir) in cmdline:
-            pids.add(int(proc.name))
-    return pids
 
 
 async def run_cascade(*args: str, timeout_s: float = 180) -> tuple[int, str]:
@@ -73,7 +59,7 @@ async def test_up_scores_sample_traffic_and_stops_everything(tmp_path: Path) -> 
     assert all(re.search(r"\b(APPROVE|REVIEW|DECLINE)\b", row) for row in rows)
     assert any(re.search(r"\b(STAGE1|STAGE2)\b", row) for row in rows)
     assert not any("error" in row for row in rows), out
-    assert _pids_of_children(run_dir) == set()
+    assert processes_mentioning(run_dir) == set()
     logs = {p.name for p in (run_dir / "logs").iterdir()}
     assert {"orchestrator.log", "screening-worker-0.log", "screening-worker-1.log"} <= logs
 
@@ -100,9 +86,9 @@ async def test_up_stops_everything_on_sigterm(tmp_path: Path) -> None:
             line = await proc.stdout.readline()
             assert line, seen
             seen += line.decode()
-    assert len(_pids_of_children(run_dir)) >= 1  # Triton is up, its repository under run_dir
+    assert len(processes_mentioning(run_dir)) >= 1  # Triton is up, its repository under run_dir
     proc.send_signal(signal.SIGTERM)
     async with asyncio.timeout(60):
         await proc.communicate()
     assert proc.returncode == 0
-    assert _pids_of_children(run_dir) == set()
+    assert processes_mentioning(run_dir) == set()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from cascade.settings import DEFAULT_MODEL_DIR
+from tests.integration.conftest import processes_mentioning
 
 pytestmark = pytest.mark.integration
 
@@ -39,20 +40,6 @@ async def run_cli(*args: str, timeout_s: float = 400) -> tuple[int, str]:
         raise
     assert proc.returncode is not None
     return proc.returncode, out.decode()
-
-
-def _processes_mentioning(folder: Path) -> set[int]:
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if str(folder) in cmdline:
-            pids.add(int(proc.name))
-    return pids
 
 
 def _check_step(step: dict[str, Any], *, count_cap: int | None = None) -> None:
@@ -140,7 +127,7 @@ async def test_loadtest_sweeps_both_cascades_and_writes_a_consistent_report(
     }
     for png in ("summary.png", "sweep.png"):
         assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert _processes_mentioning(out_dir) == set()  # every server it started has stopped
+    assert processes_mentioning(out_dir) == set()  # every server it started has stopped
 
 
 async def test_loadtest_refuses_a_target_that_is_not_loopback(tmp_path: Path) -> None:
