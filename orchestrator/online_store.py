@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from cascade.errors import translate_redis_errors
+from cascade.errors import Dependency, DependencyTimeout, translate_redis_errors
 from cascade.features import HISTORY_LEN, HistoryEntry, decode_history_entry
 from cascade.transaction import Transaction
 from orchestrator.results import ModelVersions
@@ -184,13 +184,19 @@ class InMemoryOnlineStore:
         self.cache: dict[str, bytes] = {}
         self.histories: dict[str, list[bytes]] = {}
         self.failure: Exception | None = None
+        self.delay_s = 0.0
         self.lookups = 0
 
     async def lookup(self, keys: Sequence[tuple[str, str]], timeout_s: float) -> list[StoreLookup]:
-        """Return what :meth:`write` stored, or raise ``failure`` when one is set."""
+        """Return what :meth:`write` stored; raise ``failure`` when one is set, or time out when
+        ``delay_s`` exceeds the timeout (as a slow Redis would)."""
         self.lookups += 1
         if self.failure is not None:
             raise self.failure
+        if self.delay_s > timeout_s:
+            await asyncio.sleep(timeout_s)
+            raise DependencyTimeout(Dependency.REDIS, "timed out")
+        await asyncio.sleep(self.delay_s)
         return [
             StoreLookup(
                 cached=self.cache.get(cache_key),

@@ -301,3 +301,13 @@ async def test_batch_escalates_only_rows_in_the_band_and_serves_cache_hits(
     assert results[2].score == pytest.approx(0.9)  # the heavy twin's score
     assert cascade.screener.calls == calls_before + 1
     assert cascade.heavy.calls == 1
+
+
+async def test_slow_redis_is_cut_off_at_its_cap_and_labelled(cascade: Cascade) -> None:
+    cascade.store.delay_s = 1.0
+    start = time.monotonic()
+    result = await cascade.scorer.score(make_transaction(), budget())
+    assert (time.monotonic() - start) * 1000 < 500  # the 1 s Redis was not waited out
+    assert result.timings.redis_us < 1000 * (SETTINGS.redis_ms + 20)
+    assert result.reasons == [Reason.CACHE_UNAVAILABLE, Reason.FEATURES_UNAVAILABLE]
+    assert result.decided_by is DecidedBy.STAGE1
