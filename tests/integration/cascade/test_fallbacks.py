@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cascade.model_registry import load_registry
@@ -145,3 +146,32 @@ async def test_sigterm_drains_in_flight_calls_then_exits_cleanly(
     failed = [r for r in replies if not isinstance(r, scoring_pb2.ScoreResponse)]
     assert returncode == 0
     assert failed == [], "every call sent before SIGTERM must be answered during the drain"
+
+
+async def test_stalled_redis_is_cut_off_without_a_stall(
+    model_dir: Path, nats_server: NatsServer, heavy_triton: TritonServer, tmp_path: Path
+) -> None:
+    async with (
+        RedisServer(log_dir=tmp_path / "redis") as slow,
+        cascade_processes(
+            model_dir,
+            tmp_path / "logs",
+            redis_url=slow.url,
+            nats_url=nats_server.url,
+            triton_url=heavy_triton.grpc_url,
+        ) as (stub, _, _),
+    ):
+        admin = aioredis.Redis.from_url(slow.url)
+        try:
+            # DEBUG SLEEP blocks the whole server: every lookup meets a Redis that is there
+            # but silent, the case the millisecond timeouts exist for.
+            stall = asyncio.ensure_future(admin.execute_command("DEBUG", "SLEEP", "1"))
+            await asyncio.sleep(0.05)
+            for _ in range(3):
+                reply, elapsed_s = await timed_score(stub, 1.0)
+                assert elapsed_s < FAST_S
+                assert R.REASON_CACHE_UNAVAILABLE in reply.reasons
+                assert reply.decided_by == R.DECIDED_BY_STAGE2
+            await stall
+        finally:
+            await admin.aclose()
