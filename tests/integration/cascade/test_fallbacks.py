@@ -165,7 +165,7 @@ async def test_stalled_redis_is_cut_off_without_a_stall(
         try:
             # DEBUG SLEEP blocks the whole server: every lookup meets a Redis that is there
             # but silent, the case the millisecond timeouts exist for.
-            stall = asyncio.ensure_future(admin.execute_command("DEBUG", "SLEEP", "1"))
+            stall = asyncio.ensure_future(admin.execute_command("DEBUG", "SLEEP", "1"))  # type: ignore[no-untyped-call]
             await asyncio.sleep(0.05)
             for _ in range(3):
                 reply, elapsed_s = await timed_score(stub, 1.0)
