@@ -176,12 +176,13 @@ class CascadeScorer:
             return [r for r in results if r is not None]
 
         t0 = time.perf_counter_ns()
-        histories = self._histories(txs, todo, lookups)
+        new_entries = [history_entry(txs[i]) for i in todo]
+        histories = self._histories(txs, todo, lookups, new_entries)
         rows = np.stack(
             [screening_features(txs[i], h) for i, h in zip(todo, histories, strict=True)]
         )
         timings.features_us = _us_since(t0)
-        entries = [encode_history_entry(history_entry(txs[i])) for i in todo]
+        entries = [encode_history_entry(e) for e in new_entries]
 
         stage1_scores: list[float] | None = None
         if budget.remaining_ms() < cfg.min_useful_ms:
@@ -249,18 +250,21 @@ class CascadeScorer:
 
     @staticmethod
     def _histories(
-        txs: Sequence[Transaction], todo: list[int], lookups: list[StoreLookup] | None
+        txs: Sequence[Transaction],
+        todo: list[int],
+        lookups: list[StoreLookup] | None,
+        new_entries: list[HistoryEntry],
     ) -> list[list[HistoryEntry]]:
         """Each transaction's history, newest first, with earlier same-card transactions of this
         batch in front (what the store would hold had they been sent one by one)."""
         earlier: dict[str, list[HistoryEntry]] = {}
         histories: list[list[HistoryEntry]] = []
-        for i in todo:
-            tx = txs[i]
+        for i, entry in zip(todo, new_entries, strict=True):
+            card_id = txs[i].card_id
             stored = lookups[i].history if lookups is not None else []
-            in_batch = earlier.get(tx.card_id)
+            in_batch = earlier.get(card_id)
             histories.append((in_batch + stored)[:HISTORY_LEN] if in_batch else stored)
-            earlier.setdefault(tx.card_id, []).insert(0, history_entry(tx))
+            earlier.setdefault(card_id, []).insert(0, entry)
         return histories
 
     def _default(self, tx: Transaction, reasons: list[Reason]) -> ScoreResult:
