@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 import grpc
 
@@ -27,17 +28,38 @@ from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 
 logger = logging.getLogger("cascade")
 
+_BACKFILL_BATCH: Final = 500
+_HISTORY_SETTLE_S: Final = 0.5
 
-async def score_samples(target: str, count: int, seed: int, deadline_ms: float) -> list[str]:
-    """Score ``count`` sample transactions against ``target``; return the table's lines."""
+
+async def score_samples(
+    target: str, count: int, seed: int, deadline_ms: float, *, history: bool = True
+) -> list[str]:
+    """Score ``count`` sample transactions against ``target``; return the table's lines.
+
+    With ``history``, the sampled cards' earlier transactions are sent first (``ScoreBatch``).
+    """
     header = (
         f"{'transaction':<24} {'card':<12} {'amount':>14} {'decision':<8} {'score':>6} "
         f"{'by':<7} {'esc':<3} {'ms':>6} {'redis':>6} {'s1':>6} {'s2':>6}  {'truth':<20} reasons"
     )
-    lines = [header, "-" * len(header)]
+    sample = labelled_sample(count, seed=seed)
+    lines: list[str] = []
     async with grpc.aio.insecure_channel(target) as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
-        for tx, truth in labelled_sample(count, seed=seed):
+        if history:
+            # The cards' earlier transactions, in order, in a few ScoreBatch calls: the features
+            # then see the history a running deployment would have for these cards.
+            for i in range(0, len(sample.history), _BACKFILL_BATCH):
+                chunk = sample.history[i : i + _BACKFILL_BATCH]
+                await stub.ScoreBatch(scoring_pb2.ScoreBatchRequest(transactions=chunk), timeout=30)
+            lines.append(
+                f"(sent {len(sample.history)} earlier transactions of these cards with ScoreBatch)"
+            )
+            # History is written after the answers go out; give those writes a moment to land.
+            await asyncio.sleep(_HISTORY_SETTLE_S)
+        lines += [header, "-" * len(header)]
+        for tx, truth in sample.labelled:
             start = time.perf_counter()
             try:
                 reply = await stub.Score(
@@ -93,7 +115,9 @@ async def _up(args: argparse.Namespace) -> int:
             flush=True,
         )
         if args.sample:
-            for line in await score_samples(stack.target, args.sample, args.seed, args.deadline_ms):
+            for line in await score_samples(
+                stack.target, args.sample, args.seed, args.deadline_ms, history=not args.no_history
+            ):
                 print(line)
         if args.exit_after_sample:
             return 0
@@ -104,7 +128,9 @@ async def _up(args: argparse.Namespace) -> int:
 
 
 async def _score(args: argparse.Namespace) -> int:
-    for line in await score_samples(args.target, args.count, args.seed, args.deadline_ms):
+    for line in await score_samples(
+        args.target, args.count, args.seed, args.deadline_ms, history=not args.no_history
+    ):
         print(line)
     return 0
 
@@ -130,6 +156,11 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--count", type=int, default=20)
     for p in (up, score):
         p.add_argument("--seed", type=int, default=7, help="sample-traffic seed")
+        p.add_argument(
+            "--no-history",
+            action="store_true",
+            help="do not send the sampled cards' earlier transactions first",
+        )
         p.add_argument("--deadline-ms", type=float, default=50.0, help="per-call gRPC deadline")
     from loadtests.cli import add_arguments as add_loadtest_arguments
 

@@ -1,7 +1,9 @@
 """Work done after the answer is sent: output-cache writes and card-history updates.
 
 One owned background task drains a bounded queue and writes in batches (one Redis round trip per
-batch), a millisecond after the first item arrives so the response goes out first. Failures are
+batch), a millisecond after the first item arrives so the response goes out first. Batches stay
+small (64 writes): the pipeline is built on the request path's event loop, and a 256-write batch
+after a large ScoreBatch was seen to hold a concurrent lookup past its 5 ms cap. Failures are
 logged and counted, never raised into a request. On exit the queue is drained (bounded by
 ``drain_timeout_s``), then the task is cancelled.
 """
@@ -43,7 +45,7 @@ class PostAnswerWriter:
         store: OnlineStore,
         *,
         max_pending: int = 10_000,
-        max_batch: int = 256,
+        max_batch: int = 64,
         linger_s: float = 0.001,
         drain_timeout_s: float = 2.0,
     ) -> None:
