@@ -34,6 +34,7 @@ from cascade import metrics
 from cascade.screening_protocol import (
     ScreeningRequest,
     encode_screening_reply,
+    encode_screening_request,
     parse_screening_request,
     screening_subject,
 )
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_ROWS: Final = 256
 DEFAULT_MAX_WINDOW_US: Final = 300
+_READY_PROBE_TIMEOUT_S: Final = 10.0
 
 
 @dataclass(slots=True)
@@ -101,6 +103,7 @@ class ScreeningWorker:
             self.subject, queue=self._queue_group, cb=self._enqueue
         )
         await self._nc.flush()
+        await self._prove_answering(self._nc)
         metrics.MODELS.info(
             {"role": "screening", "stage1": self._model.version, "feature_set": self._feature_set}
         )
@@ -111,6 +114,28 @@ class ScreeningWorker:
             self.subject,
         )
         return self
+
+    async def _prove_answering(self, nc: NatsClient) -> None:
+        """Send one request on our subject after subscribing, so "ready" means requests there are
+        answered (by us, or by a sibling in the queue group).
+
+        A first request that raced a new worker's subscription was once answered "no
+        responders" in a test; this closes that window for whoever waits on the READY line.
+        """
+        probe = encode_screening_request(
+            np.zeros((1, self._model.n_features), dtype=np.float32),
+            self._model.version,
+            self._feature_set,
+        )
+        async with asyncio.timeout(_READY_PROBE_TIMEOUT_S):
+            while True:
+                try:
+                    await nc.request(self.subject, probe, timeout=1.0)
+                    break
+                except nats.errors.NoRespondersError:
+                    await asyncio.sleep(0.01)
+        await self._inbox.join()
+        self.stats = WorkerStats()  # the probe is not traffic
 
     async def __aexit__(
         self,
