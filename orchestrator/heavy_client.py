@@ -76,14 +76,6 @@ class TritonHeavyScorer:
         if not task.cancelled():
             task.exception()  # mark it retrieved: an abandoned call's error is expected, not news
 
-    async def is_ready(self, timeout_s: float = 1.0) -> bool:
-        """True when Triton reports the model (this version) ready."""
-        with translate_triton_errors():
-            ready: bool = await self._client.is_model_ready(
-                self._model_name, self._model_version, client_timeout=timeout_s
-            )
-        return ready
-
     async def score(
         self, sequences: npt.NDArray[np.float32], timeout_s: float
     ) -> npt.NDArray[np.float32]:
