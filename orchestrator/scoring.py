@@ -70,7 +70,7 @@ _STAGE2_REASONS: Final = {
     DependencyOverloaded: Reason.STAGE2_OVERLOADED,
 }
 # Scores that stand for each default decision, so a DEFAULT answer still carries a usable score.
-DEFAULT_SCORES: Final = {
+_DEFAULT_SCORES: Final = {
     DefaultDecision.APPROVE: 0.0,
     DefaultDecision.REVIEW: 0.5,
     DefaultDecision.DECLINE: 1.0,
@@ -104,7 +104,7 @@ class CascadeScorer:
         self._versions = versions
         self._budget = budget
         self._default_decision = Decision(default_decision.value)
-        self._default_score = DEFAULT_SCORES[default_decision]
+        self._default_score = _DEFAULT_SCORES[default_decision]
         self._writer = writer
         self._tracer = tracer
 
@@ -139,7 +139,7 @@ class CascadeScorer:
     ) -> list[ScoreResult]:
         cfg = self._budget
         if budget.remaining_ms() < cfg.min_useful_ms:
-            return [self._default(tx, [Reason.BUDGET_EXHAUSTED]) for tx in txs]
+            return [self.default_answer(tx, [Reason.BUDGET_EXHAUSTED]) for tx in txs]
 
         reasons: list[Reason] = []
         keys = [
@@ -197,7 +197,7 @@ class CascadeScorer:
             timings.stage1_us = _us_since(t0)
         if stage1_scores is None:
             for j, i in enumerate(todo):
-                results[i] = self._default(txs[i], [*reasons, stage1_reason])
+                results[i] = self.default_answer(txs[i], [*reasons, stage1_reason])
                 self._writer.submit(StoreWrite(keys[i][1], entries[j]))
             return [r for r in results if r is not None]
 
@@ -267,7 +267,8 @@ class CascadeScorer:
             earlier.setdefault(card_id, []).insert(0, entry)
         return histories
 
-    def _default(self, tx: Transaction, reasons: list[Reason]) -> ScoreResult:
+    def default_answer(self, tx: Transaction, reasons: list[Reason]) -> ScoreResult:
+        """The configured conservative answer, ``decided_by=DEFAULT``, labelled with ``reasons``."""
         return ScoreResult(
             transaction_id=tx.transaction_id,
             decision=self._default_decision,

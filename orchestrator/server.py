@@ -43,9 +43,8 @@ from orchestrator.codec import result_to_proto, versions_to_proto
 from orchestrator.heavy_client import HeavyScorer, TritonHeavyScorer
 from orchestrator.online_store import RedisOnlineStore
 from orchestrator.post_answer import PostAnswerWriter
-from orchestrator.results import DecidedBy, ModelVersions, Reason, ScoreResult, Timings
-from orchestrator.routing import Decision
-from orchestrator.scoring import DEFAULT_SCORES, CascadeScorer
+from orchestrator.results import ModelVersions, Reason, ScoreResult, Timings
+from orchestrator.scoring import CascadeScorer
 from orchestrator.screening_client import NatsScreener, Screener
 from orchestrator.validation import validate_batch, validate_request
 
@@ -142,23 +141,15 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             async with asyncio.timeout(guard_s):
                 results = await self._scorer.score_many(txs, budget)
         except TimeoutError:
-            results = [self._guard_default(tx, budget) for tx in txs]
+            budget_us = int(budget.total_ms * 1000)
+            results = [self._scorer.default_answer(tx, [Reason.BUDGET_EXHAUSTED]) for tx in txs]
+            for result in results:
+                result.timings = Timings(budget_us=budget_us, total_us=budget_us)
         except CascadeError as exc:  # the scorer labels dependency failures; this is a bug
             logger.exception("scoring failed")
             await context.abort(grpc_status_for(exc), str(exc))
         record_metrics(results)
         return results
-
-    def _guard_default(self, tx: Transaction, budget: Budget) -> ScoreResult:
-        budget_us = int(budget.total_ms * 1000)
-        return ScoreResult(
-            transaction_id=tx.transaction_id,
-            decision=Decision(self._settings.default_decision.value),
-            score=DEFAULT_SCORES[self._settings.default_decision],
-            decided_by=DecidedBy.DEFAULT,
-            reasons=[Reason.BUDGET_EXHAUSTED],
-            timings=Timings(budget_us=budget_us, total_us=budget_us),
-        )
 
 
 def record_metrics(results: list[ScoreResult]) -> None:
