@@ -8,11 +8,15 @@ and in the message (checked again by the worker).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
 from cascade.v1 import stages_pb2
+
+# Explicit byte order on the wire; a no-op view on the little-endian machines we run on.
+_F32LE: Final = np.dtype("<f4")
 
 
 def screening_subject(prefix: str, model_version: str) -> str:
@@ -26,11 +30,12 @@ def encode_screening_request(
     """Encode a [n, F] float32 feature matrix."""
     if rows.ndim != 2:
         raise ValueError(f"rows must be 2-D, got shape {rows.shape}")
-    message = stages_pb2.ScreeningRequest(
-        model_version=model_version, feature_set=feature_set, n_features=rows.shape[1]
-    )
-    message.features.extend(rows.astype(np.float32, copy=False).ravel().tolist())
-    return message.SerializeToString()
+    return stages_pb2.ScreeningRequest(
+        model_version=model_version,
+        feature_set=feature_set,
+        n_features=rows.shape[1],
+        features_f32le=np.ascontiguousarray(rows, dtype=_F32LE).tobytes(),
+    ).SerializeToString()
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +55,10 @@ def parse_screening_request(data: bytes) -> ScreeningRequest:
     except Exception as exc:  # protobuf raises DecodeError, a bare Exception subclass
         raise ValueError(f"not a ScreeningRequest: {exc}") from exc
     n_features = message.n_features
-    values = np.asarray(message.features, dtype=np.float32)
+    raw = message.features_f32le
+    if len(raw) % 4:
+        raise ValueError(f"{len(raw)} feature bytes are not whole float32 values")
+    values = np.frombuffer(raw, dtype=_F32LE).astype(np.float32, copy=False)
     if n_features == 0 or values.size % n_features:
         raise ValueError(f"{values.size} values do not fill rows of {n_features} features")
     return ScreeningRequest(
@@ -72,7 +80,7 @@ def encode_screening_reply(
         model_version=model_version, error=error, inference_us=inference_us
     )
     if scores is not None:
-        message.scores.extend(scores.astype(np.float32, copy=False).ravel().tolist())
+        message.scores_f32le = np.ascontiguousarray(scores, dtype=_F32LE).tobytes()
     return message.SerializeToString()
 
 
@@ -93,9 +101,12 @@ def parse_screening_reply(data: bytes) -> ScreeningReply:
         message.ParseFromString(data)
     except Exception as exc:  # protobuf raises DecodeError, a bare Exception subclass
         raise ValueError(f"not a ScreeningReply: {exc}") from exc
+    raw = message.scores_f32le
+    if len(raw) % 4:
+        raise ValueError(f"{len(raw)} score bytes are not whole float32 values")
     return ScreeningReply(
         model_version=message.model_version,
-        scores=np.asarray(message.scores, dtype=np.float32),
+        scores=np.frombuffer(raw, dtype=_F32LE).astype(np.float32, copy=False),
         error=message.error,
         inference_us=message.inference_us,
     )

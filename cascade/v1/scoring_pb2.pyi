@@ -105,6 +105,10 @@ class _ReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reason.ValueTy
     REASON_STAGE2_OVERLOADED: _Reason.ValueType  # 8
     REASON_STAGE2_ERROR: _Reason.ValueType  # 9
     REASON_STAGE1_ERROR: _Reason.ValueType  # 10
+    REASON_OVERLOADED: _Reason.ValueType  # 11
+    """The orchestrator shed the call on arrival (concurrency limit reached, or too little of the
+    caller's budget left to serve it in time): the configured default, answered at once.
+    """
 
 class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper):
     """Why an answer is degraded (or what was skipped). Empty for a normal answer."""
@@ -120,6 +124,10 @@ REASON_BUDGET_EXHAUSTED: Reason.ValueType  # 7
 REASON_STAGE2_OVERLOADED: Reason.ValueType  # 8
 REASON_STAGE2_ERROR: Reason.ValueType  # 9
 REASON_STAGE1_ERROR: Reason.ValueType  # 10
+REASON_OVERLOADED: Reason.ValueType  # 11
+"""The orchestrator shed the call on arrival (concurrency limit reached, or too little of the
+caller's budget left to serve it in time): the configured default, answered at once.
+"""
 Global___Reason: _TypeAlias = Reason  # noqa: Y015
 
 @_typing.final

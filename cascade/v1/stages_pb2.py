@@ -24,19 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61scade/v1/stages.proto\x12\ncascade.v1\"h\n\x10ScreeningRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_set\x18\x02 \x01(\t\x12\x12\n\nn_features\x18\x03 \x01(\r\x12\x14\n\x08\x66\x65\x61tures\x18\x04 \x03(\x02\x42\x02\x10\x01\"`\n\x0eScreeningReply\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x12\n\x06scores\x18\x02 \x03(\x02\x42\x02\x10\x01\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x14\n\x0cinference_us\x18\x04 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61scade/v1/stages.proto\x12\ncascade.v1\"p\n\x10ScreeningRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_set\x18\x02 \x01(\t\x12\x12\n\nn_features\x18\x03 \x01(\r\x12\x16\n\x0e\x66\x65\x61tures_f32le\x18\x05 \x01(\x0cJ\x04\x08\x04\x10\x05\"h\n\x0eScreeningReply\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x14\n\x0cscores_f32le\x18\x05 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x14\n\x0cinference_us\x18\x04 \x01(\x03J\x04\x08\x02\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cascade.v1.stages_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCREENINGREQUEST'].fields_by_name['features']._loaded_options = None
-  _globals['_SCREENINGREQUEST'].fields_by_name['features']._serialized_options = b'\020\001'
-  _globals['_SCREENINGREPLY'].fields_by_name['scores']._loaded_options = None
-  _globals['_SCREENINGREPLY'].fields_by_name['scores']._serialized_options = b'\020\001'
   _globals['_SCREENINGREQUEST']._serialized_start=39
-  _globals['_SCREENINGREQUEST']._serialized_end=143
-  _globals['_SCREENINGREPLY']._serialized_start=145
-  _globals['_SCREENINGREPLY']._serialized_end=241
+  _globals['_SCREENINGREQUEST']._serialized_end=151
+  _globals['_SCREENINGREPLY']._serialized_start=153
+  _globals['_SCREENINGREPLY']._serialized_end=257
 # @@protoc_insertion_point(module_scope)

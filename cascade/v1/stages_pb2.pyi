@@ -3,10 +3,8 @@
 isort:skip_file
 Internal messages between the orchestrator and the stages. Not part of the public API."""
 
-from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -29,26 +27,26 @@ class ScreeningRequest(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     FEATURE_SET_FIELD_NUMBER: _builtins.int
     N_FEATURES_FIELD_NUMBER: _builtins.int
-    FEATURES_FIELD_NUMBER: _builtins.int
+    FEATURES_F32LE_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     """the worker refuses rows computed for another version"""
     feature_set: _builtins.str
     n_features: _builtins.int
-    @_builtins.property
-    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """row-major, n_rows * n_features"""
-
+    features_f32le: _builtins.bytes
+    """Row-major little-endian float32, n_rows * n_features * 4 bytes: the array's own buffer, so
+    neither side converts floats one by one as a repeated float field needs.
+    """
     def __init__(
         self,
         *,
         model_version: _builtins.str = ...,
         feature_set: _builtins.str = ...,
         n_features: _builtins.int = ...,
-        features: _abc.Iterable[_builtins.float] | None = ...,
+        features_f32le: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_set", b"feature_set", "features", b"features", "model_version", b"model_version", "n_features", b"n_features"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_set", b"feature_set", "features_f32le", b"features_f32le", "model_version", b"model_version", "n_features", b"n_features"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -59,26 +57,26 @@ class ScreeningReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
-    SCORES_FIELD_NUMBER: _builtins.int
+    SCORES_F32LE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     INFERENCE_US_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
+    scores_f32le: _builtins.bytes
+    """little-endian float32, one per row"""
     error: _builtins.str
     """non-empty: the worker could not score (e.g. version mismatch)"""
     inference_us: _builtins.int
-    @_builtins.property
-    def scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     def __init__(
         self,
         *,
         model_version: _builtins.str = ...,
-        scores: _abc.Iterable[_builtins.float] | None = ...,
+        scores_f32le: _builtins.bytes = ...,
         error: _builtins.str = ...,
         inference_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "inference_us", b"inference_us", "model_version", b"model_version", "scores", b"scores"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "inference_us", b"inference_us", "model_version", b"model_version", "scores_f32le", b"scores_f32le"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
