@@ -40,9 +40,15 @@ STAGE_SECONDS: Final = Histogram(
 POST_ANSWER_WRITES: Final = Counter(
     "cascade_post_answer_writes", "Post-answer cache/history writes by outcome.", ["outcome"]
 )
+COALESCED_ITEMS: Final = Histogram(
+    "cascade_coalesced_items",
+    "Transactions per downstream request after coalescing concurrent calls, by stage.",
+    ["stage"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000),
+)
 WORKER_BATCH_ROWS: Final = Histogram(
     "cascade_screening_batch_rows",
-    "Rows per ONNX Runtime call in a screening worker.",
+    "Rows per screening request (one ONNX Runtime call) in a worker.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 WORKER_REQUESTS: Final = Counter(

@@ -51,6 +51,12 @@ class BudgetSettings(BaseModel):
         le=60_000,
         description="Budget of a ScoreBatch call without a shorter deadline.",
     )
+    batch_item_ms: float = Field(
+        0.05,
+        ge=0,
+        description="Added to the Redis and stage-1 caps per transaction beyond the first of a "
+        "ScoreBatch chunk, since a larger request takes longer.",
+    )
     min_useful_ms: float = Field(
         1.0,
         ge=0,
@@ -91,18 +97,60 @@ class TritonSettings(BaseModel):
 
 
 class ScreeningSettings(BaseModel):
-    """The screening workers' micro-batching."""
+    """The screening workers' ONNX Runtime."""
 
-    max_batch_rows: int = Field(
-        256, ge=1, le=4096, description="Most feature rows per ONNX Runtime call (1: no batching)."
-    )
-    max_window_us: int = Field(
-        300,
-        ge=0,
-        le=5_000,
-        description="Longest wait for more requests once load makes them overlap (0: never wait).",
-    )
     intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per worker.")
+
+
+class CoalescingSettings(BaseModel):
+    """How the orchestrator merges concurrent calls' work into shared downstream requests."""
+
+    enabled: bool = Field(
+        True,
+        description="Merge the Redis lookups, stage-1 rows and stage-2 sequences of calls that "
+        "reach a stage in the same event-loop pass into one request each.",
+    )
+    max_items: int = Field(
+        64,
+        ge=1,
+        le=1000,
+        description="Most transactions in one merged request; also the chunk a ScoreBatch is "
+        "scored in, so a large batch never holds a worker or Redis long enough to make a "
+        "concurrent Score call late.",
+    )
+
+
+class AdmissionSettings(BaseModel):
+    """Admission control: shed at once what cannot be answered in time."""
+
+    enabled: bool = Field(True, description="Off: every call is admitted (for A/B measurements).")
+    initial_limit: int = Field(32, ge=1, description="Concurrency limit before any measurement.")
+    min_limit: int = Field(4, ge=1, description="The adaptive limit never goes below this.")
+    max_limit: int = Field(512, ge=1, description="The adaptive limit never goes above this.")
+    min_budget_ms: float = Field(
+        5.0,
+        ge=0,
+        description="A call arriving with less of its budget left than this waited in queues "
+        "for the rest: it is shed at once.",
+    )
+    rtt_tolerance: float = Field(
+        2.0,
+        ge=1.0,
+        description="How much slower than the long-run service time calls may get before the "
+        "limit shrinks (Gradient2's tolerance).",
+    )
+    stage2_max_in_flight: int = Field(
+        128,
+        ge=1,
+        description="Most sequences in flight to stage 2; escalations beyond it get the stage-1 "
+        "answer labelled STAGE2_OVERLOADED.",
+    )
+
+    @model_validator(mode="after")
+    def _limits_ordered(self) -> AdmissionSettings:
+        if not self.min_limit <= self.initial_limit <= self.max_limit:
+            raise ValueError("admission needs min_limit <= initial_limit <= max_limit")
+        return self
 
 
 class ServerSettings(BaseModel):
@@ -144,6 +192,8 @@ class Settings(BaseSettings):
     triton: TritonSettings = Field(default_factory=TritonSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     screening: ScreeningSettings = Field(default_factory=ScreeningSettings)
+    coalescing: CoalescingSettings = Field(default_factory=CoalescingSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     gc_freeze: bool = Field(
         True, description="gc.freeze() after warm-up, so collections skip start-up objects."
     )

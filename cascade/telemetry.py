@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, MutableMapping
+import random
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
+from typing import Final
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -74,6 +76,13 @@ def tracer_provider(
         provider.shutdown()
 
 
+def records_spans(tracer: trace.Tracer) -> bool:
+    """Whether ``tracer`` can record anything; False for a no-op tracer or one that samples
+    nothing, so hot paths skip building spans (and their context) that would be dropped."""
+    sampler = getattr(tracer, "sampler", None)
+    return sampler is not None and sampler is not ALWAYS_OFF
+
+
 def inject_headers(carrier: MutableMapping[str, str], context: Context | None = None) -> None:
     """Write the current (or given) trace context into ``carrier`` as W3C headers."""
     _PROPAGATOR.inject(carrier, context=context)
@@ -94,6 +103,31 @@ _GETTER = _MetadataGetter()
 def extract_context(carrier: Mapping[str, str] | None) -> Context:
     """The trace context carried in ``carrier`` (gRPC metadata or NATS headers), if any."""
     return _PROPAGATOR.extract(carrier or {}, getter=_GETTER)
+
+
+_TRACEPARENT: Final = "traceparent"
+
+
+def untraced_span(metadata: Iterable[tuple[str, str | bytes]]) -> trace.Span:
+    """A non-recording span for a call when nothing records spans: it continues the caller's
+    W3C trace (or starts a new trace id) with a fresh span id, so the context still propagates
+    to the stages and the response still names the trace, without building an SDK span.
+    """
+    parent: trace.SpanContext | None = None
+    for key, value in metadata:
+        if key == _TRACEPARENT and isinstance(value, str):
+            parent = trace.get_current_span(extract_context({key: value})).get_span_context()
+            break
+    trace_id = parent.trace_id if parent is not None and parent.is_valid else _random_id(128)
+    flags = trace.TraceFlags(parent.trace_flags if parent is not None else trace.TraceFlags.DEFAULT)
+    return trace.NonRecordingSpan(
+        trace.SpanContext(trace_id, _random_id(64), is_remote=False, trace_flags=flags)
+    )
+
+
+def _random_id(bits: int) -> int:
+    # Never 0: an all-zero id is invalid in W3C trace context.
+    return random.getrandbits(bits) or 1
 
 
 def trace_id_hex(span: trace.Span) -> str:

@@ -18,9 +18,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol
+from typing import Final, Protocol
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -105,8 +106,26 @@ class OnlineStore(Protocol):
         ...
 
 
+# One post-answer write as one command: push the entry, trim to HISTORY_LEN, refresh the TTL,
+# and (when there is one) store the answer. KEYS: history[, cache]; ARGV: entry, history length,
+# history TTL[, answer, answer TTL].
+_WRITE_SCRIPT: Final = """
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if #KEYS > 1 then
+  redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+end
+return 1
+"""
+
+
 class RedisOnlineStore:
-    """:class:`OnlineStore` on Redis with millisecond timeouts and no retries."""
+    """:class:`OnlineStore` on Redis with millisecond timeouts and no retries.
+
+    Connections come from a blocking pool: when all are busy a call waits for one (within the
+    caller's timeout) rather than failing, since a busy pool is load, not an outage.
+    """
 
     def __init__(
         self,
@@ -119,16 +138,19 @@ class RedisOnlineStore:
     ) -> None:
         # redis-py's default retries back off for seconds on a refused port; inside a latency
         # budget a failed call must fail now, so: no retries, short socket timeouts.
-        self._redis = aioredis.Redis.from_url(
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=pool_size,
+            timeout=socket_timeout_s,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s,
             retry=Retry(NoBackoff(), 0),
-            max_connections=pool_size,
             health_check_interval=0,
         )
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._cache_ttl_s = cache_ttl_s
         self._feature_ttl_s = feature_ttl_s
+        self._write_sha = hashlib.sha1(_WRITE_SCRIPT.encode()).hexdigest()
 
     async def __aenter__(self) -> RedisOnlineStore:
         return self
@@ -162,19 +184,46 @@ class RedisOnlineStore:
         ]
 
     async def write(self, writes: Sequence[StoreWrite]) -> None:
-        """Write answers and append history entries for many transactions in one round trip."""
+        """Write answers and append history entries for many transactions in one round trip,
+        one script call per transaction (loading the script again if Redis lost it)."""
         if not writes:
             return
         with translate_redis_errors():
-            pipe = self._redis.pipeline(transaction=False)
-            for w in writes:
+            try:
+                await self._write(writes)
+            except redis.exceptions.NoScriptError:
+                await self._redis.script_load(_WRITE_SCRIPT)
+                await self._write(writes)
+
+    async def _write(self, writes: Sequence[StoreWrite]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        history_len = HISTORY_LEN
+        for w in writes:
+            if w.history_entry is None:
                 if w.cache_key is not None and w.cache_value is not None:
                     pipe.set(w.cache_key, w.cache_value, ex=self._cache_ttl_s)
-                if w.history_entry is not None:
-                    pipe.lpush(w.history_key, w.history_entry)
-                    pipe.ltrim(w.history_key, 0, HISTORY_LEN - 1)
-                    pipe.expire(w.history_key, self._feature_ttl_s)
-            await pipe.execute()
+            elif w.cache_key is not None and w.cache_value is not None:
+                pipe.evalsha(
+                    self._write_sha,
+                    2,
+                    w.history_key,
+                    w.cache_key,
+                    w.history_entry,
+                    history_len,
+                    self._feature_ttl_s,
+                    w.cache_value,
+                    self._cache_ttl_s,
+                )
+            else:
+                pipe.evalsha(
+                    self._write_sha,
+                    1,
+                    w.history_key,
+                    w.history_entry,
+                    history_len,
+                    self._feature_ttl_s,
+                )
+        await pipe.execute()
 
 
 class InMemoryOnlineStore:

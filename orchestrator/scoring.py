@@ -12,6 +12,9 @@ still-useful answer:
 * Too little time left for a step -> skip it, ``BUDGET_EXHAUSTED``; with under
   ``min_useful_ms`` at the start the default is answered at once.
 
+* More escalations in flight than ``admission.stage2_max_in_flight`` -> stage 1's answer with
+  ``STAGE2_OVERLOADED``, without asking.
+
 Cache and history writes are queued for after the answer (:mod:`orchestrator.post_answer`).
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -41,6 +45,7 @@ from cascade.features import (
 )
 from cascade.model_registry import Policy
 from cascade.settings import BudgetSettings, DefaultDecision
+from cascade.telemetry import records_spans
 from cascade.transaction import Transaction
 from orchestrator.budget import Budget
 from orchestrator.codec import decode_cached, encode_cached
@@ -81,8 +86,20 @@ def _us_since(start_ns: int) -> int:
     return (time.perf_counter_ns() - start_ns) // 1000
 
 
+@dataclass(slots=True)
+class _Chunk:
+    """What scoring one chunk of transactions produced."""
+
+    results: list[ScoreResult]
+    writes: list[StoreWrite]
+
+
+def _chunks(n: int, size: int) -> list[range]:
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 class CascadeScorer:
-    """Scores one validated transaction within a budget; never raises for a dependency."""
+    """Scores validated transactions within a budget; never raises for a dependency."""
 
     def __init__(
         self,
@@ -96,6 +113,8 @@ class CascadeScorer:
         default_decision: DefaultDecision,
         writer: PostAnswerWriter,
         tracer: trace.Tracer,
+        chunk_items: int = 64,
+        stage2_max_in_flight: int = 128,
     ) -> None:
         self._store = store
         self._screener = screener
@@ -107,6 +126,10 @@ class CascadeScorer:
         self._default_score = _DEFAULT_SCORES[default_decision]
         self._writer = writer
         self._tracer = tracer
+        self._spans = records_spans(tracer)
+        self._chunk_items = chunk_items
+        self._stage2_max_in_flight = stage2_max_in_flight
+        self.stage2_in_flight = 0
 
     @property
     def versions(self) -> ModelVersions:
@@ -114,32 +137,82 @@ class CascadeScorer:
         return self._versions
 
     async def score(self, tx: Transaction, budget: Budget) -> ScoreResult:
-        """The cascade's answer for ``tx``, inside ``budget``."""
-        (result,) = await self.score_many((tx,), budget)
+        """The cascade's answer for ``tx``, inside ``budget``, with timings of its own."""
+        start_ns = time.perf_counter_ns()
+        timings = Timings(budget_us=int(budget.total_ms * 1000))
+        chunk = await self._score_chunk([tx], budget, timings, {})
+        for write in chunk.writes:
+            self._writer.submit(write)
+        (result,) = chunk.results
+        timings.total_us = _us_since(start_ns)
+        result.timings = timings
         return result
 
     async def score_many(self, txs: Sequence[Transaction], budget: Budget) -> list[ScoreResult]:
         """Answers for ``txs`` in order, inside one ``budget``.
 
-        One Redis round trip, one stage-1 request and at most one stage-2 request serve the whole
-        batch. Transactions of one card see the earlier ones of the batch in their history, so
-        a batch scores exactly as the same transactions sent one by one would. The timings are
-        the batch's, shared by every result.
+        The batch is scored in chunks of ``chunk_items`` (one Redis round trip, one stage-1
+        request and at most one stage-2 request each), one after the other, so a large batch
+        never holds a worker, Redis or the event loop long enough to make a concurrent Score
+        call late; each chunk's stage caps grow with its size, within the batch's budget.
+        Transactions of one card see the earlier ones of the batch in their history, and the
+        batch's history writes are queued only once every chunk has been looked up, so a batch
+        scores exactly as the same transactions sent one by one would. The timings are the
+        batch's (summed over chunks), shared by every result.
         """
         start_ns = time.perf_counter_ns()
         timings = Timings(budget_us=int(budget.total_ms * 1000))
-        results = await self._score_many(txs, budget, timings)
+        earlier: dict[str, list[HistoryEntry]] = {}
+        results: list[ScoreResult] = []
+        writes: list[StoreWrite] = []
+        for span in _chunks(len(txs), self._chunk_items):
+            chunk_txs = [txs[i] for i in span]
+            if budget.remaining_ms() < self._budget.min_useful_ms:
+                results += [
+                    self.default_answer(tx.transaction_id, [Reason.BUDGET_EXHAUSTED])
+                    for tx in chunk_txs
+                ]
+                continue
+            chunk = await self._score_chunk(chunk_txs, budget, timings, earlier)
+            results += chunk.results
+            writes += chunk.writes
+        for write in writes:
+            self._writer.submit(write)
         timings.total_us = _us_since(start_ns)
         for result in results:
             result.timings = timings
         return results
 
-    async def _score_many(
-        self, txs: Sequence[Transaction], budget: Budget, timings: Timings
-    ) -> list[ScoreResult]:
+    def _cap_ms(self, base_ms: float, n: int) -> float:
+        return base_ms + (n - 1) * self._budget.batch_item_ms
+
+    async def _lookup(
+        self, keys: list[tuple[str, str]], budget: Budget
+    ) -> list[StoreLookup] | None:
+        timeout_s = budget.allot_s(self._cap_ms(self._budget.redis_ms, len(keys)))
+        try:
+            if not self._spans:
+                return await self._store.lookup(keys, timeout_s)
+            with self._tracer.start_as_current_span("redis.lookup", kind=trace.SpanKind.CLIENT):
+                return await self._store.lookup(keys, timeout_s)
+        except DependencyError as exc:
+            logger.debug("online store lookup failed: %s", exc)
+            return None
+
+    async def _score_chunk(
+        self,
+        txs: Sequence[Transaction],
+        budget: Budget,
+        timings: Timings,
+        earlier: dict[str, list[HistoryEntry]],
+    ) -> _Chunk:
         cfg = self._budget
+        n = len(txs)
         if budget.remaining_ms() < cfg.min_useful_ms:
-            return [self.default_answer(tx, [Reason.BUDGET_EXHAUSTED]) for tx in txs]
+            return _Chunk(
+                [self.default_answer(tx.transaction_id, [Reason.BUDGET_EXHAUSTED]) for tx in txs],
+                [],
+            )
 
         reasons: list[Reason] = []
         keys = [
@@ -150,18 +223,12 @@ class CascadeScorer:
             for tx in txs
         ]
         t0 = time.perf_counter_ns()
-        try:
-            with self._tracer.start_as_current_span("redis.lookup", kind=trace.SpanKind.CLIENT):
-                lookups: list[StoreLookup] | None = await self._store.lookup(
-                    keys, budget.allot_s(cfg.redis_ms)
-                )
-        except DependencyError as exc:
-            logger.debug("online store lookup failed: %s", exc)
-            lookups = None
+        lookups = await self._lookup(keys, budget)
+        if lookups is None:
             reasons += [Reason.CACHE_UNAVAILABLE, Reason.FEATURES_UNAVAILABLE]
-        timings.redis_us = _us_since(t0)
+        timings.redis_us += _us_since(t0)
 
-        results: list[ScoreResult | None] = [None] * len(txs)
+        results: list[ScoreResult | None] = [None] * n
         todo: list[int] = []
         for i, tx in enumerate(txs):
             cached = lookups[i].cached if lookups is not None else None
@@ -173,16 +240,17 @@ class CascadeScorer:
                     logger.warning("ignoring an unreadable output-cache entry")
             todo.append(i)
         if not todo:
-            return [r for r in results if r is not None]
+            return _Chunk([r for r in results if r is not None], [])
 
         t0 = time.perf_counter_ns()
         new_entries = [history_entry(txs[i]) for i in todo]
-        histories = self._histories(txs, todo, lookups, new_entries)
+        histories = self._histories(txs, todo, lookups, new_entries, earlier)
         rows = np.stack(
             [screening_features(txs[i], h) for i, h in zip(todo, histories, strict=True)]
         )
-        timings.features_us = _us_since(t0)
+        timings.features_us += _us_since(t0)
         entries = [encode_history_entry(e) for e in new_entries]
+        writes: list[StoreWrite] = []
 
         stage1_scores: list[float] | None = None
         if budget.remaining_ms() < cfg.min_useful_ms:
@@ -190,16 +258,18 @@ class CascadeScorer:
         else:
             t0 = time.perf_counter_ns()
             try:
-                scores = await self._screener.screen(rows, budget.allot_s(cfg.stage1_ms))
-                stage1_scores = [float(x) for x in scores]
+                scores = await self._screener.screen(
+                    rows, budget.allot_s(self._cap_ms(cfg.stage1_ms, len(todo)))
+                )
+                stage1_scores = scores.tolist()
             except DependencyError as exc:
                 stage1_reason = _STAGE1_REASONS.get(type(exc), Reason.STAGE1_ERROR)
-            timings.stage1_us = _us_since(t0)
+            timings.stage1_us += _us_since(t0)
         if stage1_scores is None:
             for j, i in enumerate(todo):
-                results[i] = self.default_answer(txs[i], [*reasons, stage1_reason])
-                self._writer.submit(StoreWrite(keys[i][1], entries[j]))
-            return [r for r in results if r is not None]
+                results[i] = self.default_answer(txs[i].transaction_id, [*reasons, stage1_reason])
+                writes.append(StoreWrite(keys[i][1], entries[j]))
+            return _Chunk([r for r in results if r is not None], writes)
 
         final = list(stage1_scores)
         batch_reasons = [list(reasons) for _ in todo]
@@ -213,21 +283,13 @@ class CascadeScorer:
         answered_by_stage2 = False
         if escalate:
             t0 = time.perf_counter_ns()
-            try:
-                sequences = np.stack(
-                    [sequence_tensor(txs[todo[j]], histories[j]) for j in escalate]
-                )
-                timeout_s = budget.allot_s(float("inf"), keep_ms=cfg.stage2_margin_ms)
-                heavy_scores = await self._heavy.score(sequences, timeout_s)
-                for j, score in zip(escalate, heavy_scores, strict=True):
-                    final[j] = float(score)
+            stage2_reason = await self._stage2(txs, todo, histories, escalate, final, budget)
+            if stage2_reason is None:
                 answered_by_stage2 = True
-            except DependencyError as exc:
-                logger.debug("stage 2 failed: %s", exc)
-                stage2_reason = _STAGE2_REASONS.get(type(exc), Reason.STAGE2_ERROR)
+            else:
                 for j in escalate:
                     batch_reasons[j].append(stage2_reason)
-            timings.stage2_us = _us_since(t0)
+            timings.stage2_us += _us_since(t0)
 
         escalated = set(escalate)
         for j, i in enumerate(todo):
@@ -245,8 +307,36 @@ class CascadeScorer:
             results[i] = result
             # A degraded answer is never cached: after the outage the full cascade should answer.
             cache_value = None if result.degraded else encode_cached(result)
-            self._writer.submit(StoreWrite(keys[i][1], entries[j], keys[i][0], cache_value))
-        return [r for r in results if r is not None]
+            writes.append(StoreWrite(keys[i][1], entries[j], keys[i][0], cache_value))
+        return _Chunk([r for r in results if r is not None], writes)
+
+    async def _stage2(
+        self,
+        txs: Sequence[Transaction],
+        todo: list[int],
+        histories: list[list[HistoryEntry]],
+        escalate: list[int],
+        final: list[float],
+        budget: Budget,
+    ) -> Reason | None:
+        """Ask stage 2 about ``escalate`` (positions in ``todo``), writing its scores into
+        ``final``; the reason it could not answer, or None."""
+        n = len(escalate)
+        if self.stage2_in_flight + n > self._stage2_max_in_flight:
+            return Reason.STAGE2_OVERLOADED
+        self.stage2_in_flight += n
+        try:
+            sequences = np.stack([sequence_tensor(txs[todo[j]], histories[j]) for j in escalate])
+            timeout_s = budget.allot_s(float("inf"), keep_ms=self._budget.stage2_margin_ms)
+            heavy_scores = await self._heavy.score(sequences, timeout_s)
+        except DependencyError as exc:
+            logger.debug("stage 2 failed: %s", exc)
+            return _STAGE2_REASONS.get(type(exc), Reason.STAGE2_ERROR)
+        finally:
+            self.stage2_in_flight -= n
+        for j, score in zip(escalate, heavy_scores.tolist(), strict=True):
+            final[j] = score
+        return None
 
     @staticmethod
     def _histories(
@@ -254,10 +344,11 @@ class CascadeScorer:
         todo: list[int],
         lookups: list[StoreLookup] | None,
         new_entries: list[HistoryEntry],
+        earlier: dict[str, list[HistoryEntry]],
     ) -> list[list[HistoryEntry]]:
         """Each transaction's history, newest first, with earlier same-card transactions of this
-        batch in front (what the store would hold had they been sent one by one)."""
-        earlier: dict[str, list[HistoryEntry]] = {}
+        batch (``earlier``, updated here) in front: what the store would hold had they been sent
+        one by one."""
         histories: list[list[HistoryEntry]] = []
         for i, entry in zip(todo, new_entries, strict=True):
             card_id = txs[i].card_id
@@ -267,10 +358,10 @@ class CascadeScorer:
             earlier.setdefault(card_id, []).insert(0, entry)
         return histories
 
-    def default_answer(self, tx: Transaction, reasons: list[Reason]) -> ScoreResult:
+    def default_answer(self, transaction_id: str, reasons: list[Reason]) -> ScoreResult:
         """The configured conservative answer, ``decided_by=DEFAULT``, labelled with ``reasons``."""
         return ScoreResult(
-            transaction_id=tx.transaction_id,
+            transaction_id=transaction_id,
             decision=self._default_decision,
             score=self._default_score,
             decided_by=DecidedBy.DEFAULT,

@@ -9,6 +9,7 @@ moment a drain starts.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import Counter
 
 from cascade import metrics
 from cascade.errors import (
@@ -35,15 +37,18 @@ from cascade.lifecycle import AsyncResourceGroup
 from cascade.model_registry import Registry, load_policy, load_registry
 from cascade.runtime import freeze_heap
 from cascade.settings import Settings
-from cascade.telemetry import extract_context, trace_id_hex
+from cascade.telemetry import extract_context, records_spans, trace_id_hex, untraced_span
 from cascade.transaction import Channel, Transaction
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+from orchestrator.admission import Admission
 from orchestrator.budget import Budget
+from orchestrator.coalescing import CoalescingHeavyScorer, CoalescingScreener, CoalescingStore
 from orchestrator.codec import result_to_proto, versions_to_proto
 from orchestrator.heavy_client import HeavyScorer, TritonHeavyScorer
-from orchestrator.online_store import RedisOnlineStore
+from orchestrator.online_store import OnlineStore, RedisOnlineStore
 from orchestrator.post_answer import PostAnswerWriter
-from orchestrator.results import ModelVersions, Reason, ScoreResult, Timings
+from orchestrator.results import DecidedBy, ModelVersions, Reason, ScoreResult, Timings
+from orchestrator.routing import Decision
 from orchestrator.scoring import CascadeScorer
 from orchestrator.screening_client import NatsScreener, Screener
 from orchestrator.validation import validate_batch, validate_request
@@ -74,37 +79,76 @@ def _warmup_transaction(i: int) -> Transaction:
 
 
 class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
-    """Implements ``Score``: validate, fix the budget, run the cascade, encode."""
+    """Implements ``Score``: admit, validate, fix the budget, run the cascade, encode."""
 
-    def __init__(self, scorer: CascadeScorer, settings: Settings, tracer: trace.Tracer) -> None:
+    def __init__(
+        self,
+        scorer: CascadeScorer,
+        settings: Settings,
+        tracer: trace.Tracer,
+        admission: Admission,
+    ) -> None:
         self._scorer = scorer
         self._settings = settings
         self._tracer = tracer
+        self._spans = records_spans(tracer)
+        self._admission = admission
         self._versions_pb = versions_to_proto(scorer.versions)
+        # Batches take turns: the chunks of one run between Score calls; two at once at most.
+        self._batch_slots = asyncio.Semaphore(2)
 
     async def Score(
         self, request: scoring_pb2.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> scoring_pb2.ScoreResponse:
         """Score one transaction inside the caller's deadline and the configured SLO."""
         budget = Budget.start(context.time_remaining(), self._settings.budget)
-        with self._span("cascade.Score", context) as span:
-            tx = await self._validated(validate_request, request, context, span)
-            span.set_attribute("cascade.transaction_id", tx.transaction_id)
-            (result,) = await self._score([tx], budget, context)
-            span.set_attribute("cascade.decided_by", result.decided_by.value)
-            if result.reasons:
-                span.set_attribute("cascade.reasons", [r.value for r in result.reasons])
-            return result_to_proto(result, self._versions_pb, trace_id_hex(span))
+        ticket = self._admission.admit(budget.remaining_ms())
+        if ticket is None:
+            return self._shed(request, budget)
+        try:
+            with self._span("cascade.Score", context) as span:
+                tx = await self._validated(validate_request, request, context, span)
+                (result,) = await self._score([tx], budget, context)
+                if self._spans:
+                    span.set_attribute("cascade.transaction_id", tx.transaction_id)
+                    span.set_attribute("cascade.decided_by", result.decided_by.value)
+                    if result.reasons:
+                        span.set_attribute("cascade.reasons", [r.value for r in result.reasons])
+                return result_to_proto(result, self._versions_pb, trace_id_hex(span))
+        finally:
+            self._admission.release(ticket)
+
+    def _shed(self, request: scoring_pb2.ScoreRequest, budget: Budget) -> scoring_pb2.ScoreResponse:
+        """The default answer, labelled OVERLOADED, built without touching any dependency."""
+        result = self._scorer.default_answer(
+            request.transaction.transaction_id, [Reason.OVERLOADED]
+        )
+        result.timings = Timings(budget_us=int(budget.total_ms * 1000))
+        record_metrics([result])
+        return result_to_proto(result, self._versions_pb, "")
 
     async def ScoreBatch(
         self, request: scoring_pb2.ScoreBatchRequest, context: grpc.aio.ServicerContext
     ) -> scoring_pb2.ScoreBatchResponse:
-        """Score many transactions in one pass of the cascade."""
+        """Score many transactions in one pass of the cascade, a chunk at a time."""
         budget = Budget.start(context.time_remaining(), self._settings.budget, batch=True)
         with self._span("cascade.ScoreBatch", context) as span:
             txs = await self._validated(validate_batch, request, context, span)
-            span.set_attribute("cascade.batch_size", len(txs))
-            results = await self._score(txs, budget, context)
+            if self._spans:
+                span.set_attribute("cascade.batch_size", len(txs))
+            try:
+                async with asyncio.timeout(budget.remaining_ms() / 1000.0):
+                    await self._batch_slots.acquire()
+            except TimeoutError:
+                results = [
+                    self._scorer.default_answer(tx.transaction_id, [Reason.OVERLOADED])
+                    for tx in txs
+                ]
+            else:
+                try:
+                    results = await self._score(txs, budget, context)
+                finally:
+                    self._batch_slots.release()
             trace_id = trace_id_hex(span)
             return scoring_pb2.ScoreBatchResponse(
                 results=[result_to_proto(r, self._versions_pb, trace_id) for r in results]
@@ -113,7 +157,12 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
     def _span(
         self, name: str, context: grpc.aio.ServicerContext
     ) -> AbstractContextManager[trace.Span]:
-        parent = extract_context(dict(context.invocation_metadata() or ()))
+        """The call's server span; when nothing records spans, a bare context carrying the
+        caller's trace (or a new trace id) so it still propagates to the stages."""
+        metadata = context.invocation_metadata() or ()
+        if not self._spans:
+            return trace.use_span(untraced_span(metadata), end_on_exit=False)
+        parent = extract_context(dict(metadata))
         return self._tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.SERVER)
 
     @staticmethod
@@ -136,13 +185,21 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
     ) -> list[ScoreResult]:
         # A backstop behind the budget: should the event loop stall, the caller still hears in
         # time. It fires halfway into the response margin, which is what the caller has left.
+        # It is the one timer a call arms; every stage's own cap is enforced by the round it
+        # joins (orchestrator.coalescing) or by the client's own timeout.
         guard_s = (budget.total_ms + self._settings.budget.response_margin_ms / 2) / 1000.0
         try:
             async with asyncio.timeout(guard_s):
-                results = await self._scorer.score_many(txs, budget)
+                if len(txs) == 1:
+                    results = [await self._scorer.score(txs[0], budget)]
+                else:
+                    results = await self._scorer.score_many(txs, budget)
         except TimeoutError:
             budget_us = int(budget.total_ms * 1000)
-            results = [self._scorer.default_answer(tx, [Reason.BUDGET_EXHAUSTED]) for tx in txs]
+            results = [
+                self._scorer.default_answer(tx.transaction_id, [Reason.BUDGET_EXHAUSTED])
+                for tx in txs
+            ]
             for result in results:
                 result.timings = Timings(budget_us=budget_us, total_us=budget_us)
         except CascadeError as exc:  # the scorer labels dependency failures; this is a bug
@@ -155,17 +212,34 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
 def record_metrics(results: list[ScoreResult]) -> None:
     """Count each answer; observe the call's stage timings once (a batch shares them)."""
     for result in results:
-        metrics.SCORES.labels(result.decided_by.value, result.decision.value).inc()
+        _answers(result.decided_by, result.decision).inc()
         for reason in result.reasons:
-            metrics.DEGRADED.labels(reason.value).inc()
+            _degraded(reason).inc()
     t = results[0].timings
-    metrics.STAGE_SECONDS.labels("total").observe(t.total_us / 1e6)
+    _STAGE_TOTAL.observe(t.total_us / 1e6)
     if t.redis_us:
-        metrics.STAGE_SECONDS.labels("redis").observe(t.redis_us / 1e6)
+        _STAGE_REDIS.observe(t.redis_us / 1e6)
     if t.stage1_us:
-        metrics.STAGE_SECONDS.labels("stage1").observe(t.stage1_us / 1e6)
+        _STAGE_1.observe(t.stage1_us / 1e6)
     if t.stage2_us:
-        metrics.STAGE_SECONDS.labels("stage2").observe(t.stage2_us / 1e6)
+        _STAGE_2.observe(t.stage2_us / 1e6)
+
+
+# Metric children bound once: ``labels()`` takes a lock and builds a key on every call.
+_STAGE_TOTAL: Final = metrics.STAGE_SECONDS.labels("total")
+_STAGE_REDIS: Final = metrics.STAGE_SECONDS.labels("redis")
+_STAGE_1: Final = metrics.STAGE_SECONDS.labels("stage1")
+_STAGE_2: Final = metrics.STAGE_SECONDS.labels("stage2")
+
+
+@functools.cache
+def _answers(decided_by: DecidedBy, decision: Decision) -> Counter:
+    return metrics.SCORES.labels(decided_by.value, decision.value)
+
+
+@functools.cache
+def _degraded(reason: Reason) -> Counter:
+    return metrics.DEGRADED.labels(reason.value)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -208,6 +282,7 @@ class Orchestrator(AsyncResourceGroup):
         self._warmup: asyncio.Task[None] | None = None
         self.port = 0
         self.writer: PostAnswerWriter | None = None
+        self.admission: Admission | None = None
 
     async def _start(self) -> None:
         s = self._settings
@@ -237,17 +312,34 @@ class Orchestrator(AsyncResourceGroup):
             )
         )
         self.writer = await self._stack.enter_async_context(PostAnswerWriter(store))
+        lookups: OnlineStore = store
+        screening: Screener = screener
+        heavyweight: HeavyScorer = heavy
+        if s.coalescing.enabled:
+            max_items = s.coalescing.max_items
+            lookups = await self._stack.enter_async_context(
+                CoalescingStore(store, max_items=max_items)
+            )
+            screening = await self._stack.enter_async_context(
+                CoalescingScreener(screener, max_items=max_items)
+            )
+            heavyweight = await self._stack.enter_async_context(
+                CoalescingHeavyScorer(heavy, max_items=max_items)
+            )
         scorer = CascadeScorer(
-            store=store,
-            screener=screener,
-            heavy=heavy,
+            store=lookups,
+            screener=screening,
+            heavy=heavyweight,
             policy=self._policy,
             versions=self.versions,
             budget=s.budget,
             default_decision=s.default_decision,
             writer=self.writer,
             tracer=self._tracer,
+            chunk_items=s.coalescing.max_items,
+            stage2_max_in_flight=s.admission.stage2_max_in_flight,
         )
+        self.admission = Admission(s.admission)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", s.server.max_message_bytes),
@@ -255,7 +347,7 @@ class Orchestrator(AsyncResourceGroup):
             ]
         )
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server(
-            ScoringServicer(scorer, s, self._tracer), server
+            ScoringServicer(scorer, s, self._tracer, self.admission), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

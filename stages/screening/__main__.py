@@ -37,8 +37,6 @@ async def serve(stop: asyncio.Event) -> None:
             queue_group=settings.nats.queue_group,
             feature_set=registry.feature_set,
             tracer=provider.get_tracer("cascade.screening"),
-            max_batch_rows=settings.screening.max_batch_rows,
-            max_window_us=settings.screening.max_window_us,
         ):
             if settings.gc_freeze:
                 freeze_heap()

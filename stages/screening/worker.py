@@ -3,19 +3,18 @@
 The model is loaded and warmed before the worker subscribes, so a worker that is listening can
 always answer at full speed. Every request gets a reply: scores, or an ``error`` naming the
 problem (wrong model version, wrong feature count, undecodable message). The worker continues the
-caller's trace from the W3C headers on the NATS message.
+caller's trace from the W3C headers on the NATS message when spans are being recorded.
 
-Adaptive micro-batching: the NATS callback only queues the message; one owned batcher task takes
-everything that queued up while the previous batch ran and scores it in one ONNX Runtime call.
-At low load a batch is one request and nothing waits; as load grows, batches grow by themselves.
-When the last batch was larger than one, the batcher also lingers up to ``max_window_us`` for
-more, a window far inside stage 1's share of the budget (15 ms by default).
+Each message is scored straight from the subscription's callback: no queue of our own, no task
+hop, no wait for company. Batching happens where it pays, in the orchestrator, which coalesces
+concurrent calls into one message of many rows (:mod:`orchestrator.coalescing`). nats-py runs a
+subscription's callbacks one at a time, so messages that arrive while one is scored wait in its
+pending queue and are answered in order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from typing import Final
 
 import nats
 import numpy as np
-import numpy.typing as npt
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -38,13 +36,11 @@ from cascade.screening_protocol import (
     parse_screening_request,
     screening_subject,
 )
-from cascade.telemetry import extract_context
+from cascade.telemetry import extract_context, records_spans
 from stages.screening.model import ScreeningModel
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH_ROWS: Final = 256
-DEFAULT_MAX_WINDOW_US: Final = 300
 _READY_PROBE_TIMEOUT_S: Final = 10.0
 
 
@@ -53,15 +49,8 @@ class WorkerStats:
     """Counters for monitoring and for the batching report."""
 
     requests: int = 0
-    batches: int = 0
     rows: int = 0
     errors: int = 0
-
-
-@dataclass(slots=True)
-class _Pending:
-    msg: Msg
-    request: ScreeningRequest
 
 
 class ScreeningWorker:
@@ -76,8 +65,6 @@ class ScreeningWorker:
         queue_group: str,
         feature_set: str,
         tracer: trace.Tracer,
-        max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
-        max_window_us: int = DEFAULT_MAX_WINDOW_US,
     ) -> None:
         self._model = model
         self._url = nats_url
@@ -85,23 +72,19 @@ class ScreeningWorker:
         self._queue_group = queue_group
         self._feature_set = feature_set
         self._tracer = tracer
-        self._max_batch_rows = max_batch_rows
-        self._max_window_s = max_window_us / 1e6
-        self._inbox: asyncio.Queue[Msg] = asyncio.Queue()
+        self._record_spans = records_spans(tracer)
         self._nc: NatsClient | None = None
         self._sub: Subscription | None = None
-        self._batcher: asyncio.Task[None] | None = None
+        self._answered_ok = metrics.WORKER_REQUESTS.labels("ok")
+        self._answered_error = metrics.WORKER_REQUESTS.labels("error")
         self.stats = WorkerStats()
 
     async def __aenter__(self) -> ScreeningWorker:
         self._model.warm()
-        self._batcher = asyncio.create_task(self._run_batches(), name="screening-batcher")
         self._nc = await nats.connect(
             self._url, name=f"screening-worker-{self._model.version}", max_reconnect_attempts=-1
         )
-        self._sub = await self._nc.subscribe(
-            self.subject, queue=self._queue_group, cb=self._enqueue
-        )
+        self._sub = await self._nc.subscribe(self.subject, queue=self._queue_group, cb=self._answer)
         await self._nc.flush()
         await self._prove_answering(self._nc)
         metrics.MODELS.info(
@@ -134,7 +117,6 @@ class ScreeningWorker:
                     break
                 except nats.errors.NoRespondersError:
                     await asyncio.sleep(0.01)
-        await self._inbox.join()
         self.stats = WorkerStats()  # the probe is not traffic
 
     async def __aexit__(
@@ -143,88 +125,56 @@ class ScreeningWorker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # Order matters: stop new deliveries, answer everything already queued while the
-        # connection is still up, then flush and close the connection, then stop the batcher.
+        # Order matters: stop new deliveries and answer everything already delivered (draining
+        # the subscription runs its pending callbacks) while the connection is still up, then
+        # flush and close the connection.
         if self._sub is not None:
             await self._sub.drain()  # type: ignore[no-untyped-call]  # nats-py is untyped here
-        await self._inbox.join()
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
             await nc.drain()
-        batcher, self._batcher = self._batcher, None
-        if batcher is not None:
-            batcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await batcher
 
-    async def _enqueue(self, msg: Msg) -> None:
-        self._inbox.put_nowait(msg)
+    async def _answer(self, msg: Msg) -> None:
+        try:
+            reply = self._reply_to(msg)
+        except Exception:  # one bad message must not stop the worker
+            logger.exception("screening request failed")
+            self.stats.errors += 1
+            reply = encode_screening_reply(self._model.version, error="internal error")
+        try:
+            await msg.respond(reply)
+        except Exception:  # a reply that cannot be sent has nobody left to tell
+            logger.exception("could not send a screening reply")
 
-    async def _run_batches(self) -> None:
-        last_batch = 1
-        while True:
-            msgs = [await self._inbox.get()]
-            if last_batch > 1 and self._inbox.empty() and self._max_window_s > 0:
-                # Load is high enough that requests overlap: wait a moment for company.
-                await asyncio.sleep(self._max_window_s)
-            while not self._inbox.empty() and len(msgs) < self._max_batch_rows:
-                msgs.append(self._inbox.get_nowait())
-            try:
-                await self._answer(msgs)
-            except Exception:  # one bad batch must not stop the worker
-                logger.exception("screening batch failed")
-                self.stats.errors += len(msgs)
-            finally:
-                for _ in msgs:
-                    self._inbox.task_done()
-            last_batch = len(msgs)
-
-    async def _answer(self, msgs: list[Msg]) -> None:
+    def _reply_to(self, msg: Msg) -> bytes:
         version = self._model.version
-        ok: list[_Pending] = []
-        for msg in msgs:
-            problem, request = self._check(msg.data)
-            if request is None:
-                self.stats.errors += 1
-                metrics.WORKER_REQUESTS.labels("error").inc()
-                await self._respond(msg, encode_screening_reply(version, error=problem))
-            else:
-                ok.append(_Pending(msg, request))
-        if not ok:
-            return
-        spans = [
-            self._tracer.start_span(
+        problem, request = self._check(msg.data)
+        if request is None:
+            self.stats.errors += 1
+            self._answered_error.inc()
+            return encode_screening_reply(version, error=problem)
+        span = None
+        if self._record_spans:
+            span = self._tracer.start_span(
                 "screening.score",
-                context=extract_context(p.msg.headers),
+                context=extract_context(msg.headers),
                 kind=trace.SpanKind.CONSUMER,
-                attributes={"messaging.system": "nats", "cascade.model_version": version},
+                attributes={
+                    "messaging.system": "nats",
+                    "cascade.model_version": version,
+                    "cascade.batch_rows": int(request.rows.shape[0]),
+                },
             )
-            for p in ok
-        ]
-        rows: npt.NDArray[np.float32] = (
-            ok[0].request.rows
-            if len(ok) == 1
-            else np.concatenate([p.request.rows for p in ok], axis=0)
-        )
         start_ns = time.perf_counter_ns()
-        scores = self._model.predict(rows)
+        scores = self._model.predict(request.rows)
         inference_us = (time.perf_counter_ns() - start_ns) // 1000
-        self.stats.batches += 1
-        self.stats.rows += rows.shape[0]
-        metrics.WORKER_BATCH_ROWS.observe(rows.shape[0])
-        metrics.WORKER_REQUESTS.labels("ok").inc(len(ok))
-        offset = 0
-        for pending, span in zip(ok, spans, strict=True):
-            n = pending.request.rows.shape[0]
-            if span.is_recording():
-                span.set_attribute("cascade.batch_rows", int(rows.shape[0]))
+        if span is not None:
             span.end()
-            reply = encode_screening_reply(
-                version, scores[offset : offset + n], inference_us=inference_us
-            )
-            offset += n
-            self.stats.requests += 1
-            await self._respond(pending.msg, reply)
+        self.stats.requests += 1
+        self.stats.rows += request.rows.shape[0]
+        metrics.WORKER_BATCH_ROWS.observe(request.rows.shape[0])
+        self._answered_ok.inc()
+        return encode_screening_reply(version, scores, inference_us=inference_us)
 
     def _check(self, data: bytes) -> tuple[str, ScreeningRequest | None]:
         try:
@@ -241,10 +191,3 @@ class ScreeningWorker:
                 None,
             )
         return "", request
-
-    @staticmethod
-    async def _respond(msg: Msg, reply: bytes) -> None:
-        try:
-            await msg.respond(reply)
-        except Exception:  # a reply that cannot be sent has nobody left to tell
-            logger.exception("could not send a screening reply")

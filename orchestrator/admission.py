@@ -1,0 +1,124 @@
+"""Admission control: calls that cannot be answered in time are answered at once, labelled.
+
+A Score call that is queued behind more work than the process can finish before its deadline
+would be late, and late is worse than any answer. Two checks run on arrival, before any work:
+
+* **An adaptive concurrency limit** (:class:`GradientLimit`, the Gradient2 algorithm of Netflix's
+  concurrency-limits, which Envoy's adaptive-concurrency filter also follows): the limit on calls
+  in flight moves with the ratio of the long-run service time to the recent one. While recent
+  calls are as fast as usual the limit grows by a queue allowance of ``sqrt(limit)``; when the
+  event loop or a dependency slows them down, it shrinks in proportion, so the process stops
+  taking work before the work queues.
+* **The call's own remaining budget**: a call that arrives with less than ``min_budget_ms`` of
+  its budget left has spent the rest waiting in queues (gRPC's, the event loop's) and could only
+  end in a late or ``BUDGET_EXHAUSTED`` answer, so it is not started. A fixed floor rather than
+  the recent service time: calls that waited out a slow dependency's timeout took long without
+  the process being overloaded.
+
+A refused call gets the configured default decision with reason ``OVERLOADED``. That answer
+costs no dependency and almost no CPU, which is what keeps the process in time when several
+times its capacity is offered.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Final
+
+from cascade.settings import AdmissionSettings
+
+_SHORT_WINDOW: Final = 10  # samples in the recent service-time average
+_LONG_WINDOW: Final = 600  # samples in the long-run average
+_SMOOTHING: Final = 0.2
+
+
+class GradientLimit:
+    """A concurrency limit that follows the gradient of long-run over recent service time.
+
+    Per sample (one finished call): ``gradient = clamp(tolerance * long_rtt / short_rtt, 0.5,
+    1)``, ``new = limit * gradient + sqrt(limit)``, smoothed into the limit. While fewer than half
+    the limit are in flight the limit does not grow (the load, not the limit, is what bounds
+    concurrency then). When the long-run average is far above the recent one (load has dropped)
+    it is pulled down, so the limit can grow again.
+    """
+
+    def __init__(
+        self, *, initial: int, min_limit: int, max_limit: int, tolerance: float = 2.0
+    ) -> None:
+        if not 1 <= min_limit <= initial <= max_limit:
+            raise ValueError("need 1 <= min_limit <= initial <= max_limit")
+        self._limit = float(initial)
+        self._min = float(min_limit)
+        self._max = float(max_limit)
+        self._tolerance = tolerance
+        self._short_s = 0.0
+        self._long_s = 0.0
+        self._samples = 0
+
+    @property
+    def limit(self) -> int:
+        """Calls that may be in flight now."""
+        return int(self._limit)
+
+    @property
+    def recent_rtt_s(self) -> float:
+        """Recent average service time (0 before the first sample)."""
+        return self._short_s
+
+    def update(self, rtt_s: float, in_flight: int) -> None:
+        """Account one finished call that took ``rtt_s`` with ``in_flight`` calls in flight."""
+        self._samples += 1
+        if self._samples == 1:
+            self._short_s = self._long_s = rtt_s
+        else:
+            self._short_s += (rtt_s - self._short_s) / min(self._samples, _SHORT_WINDOW)
+            self._long_s += (rtt_s - self._long_s) / min(self._samples, _LONG_WINDOW)
+        if self._long_s > 2.0 * self._short_s:
+            self._long_s *= 0.95
+        if in_flight < self._limit / 2:
+            return
+        gradient = max(0.5, min(1.0, self._tolerance * self._long_s / self._short_s))
+        target = self._limit * gradient + math.sqrt(self._limit)
+        limit = self._limit * (1.0 - _SMOOTHING) + target * _SMOOTHING
+        self._limit = max(self._min, min(self._max, limit))
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """An admitted call; hand it back to :meth:`Admission.release` when answered."""
+
+    start_ns: int
+
+
+class Admission:
+    """Decides on arrival whether a Score call is worked on or answered ``OVERLOADED`` at once."""
+
+    def __init__(self, settings: AdmissionSettings) -> None:
+        self._enabled = settings.enabled
+        self._min_budget_ms = settings.min_budget_ms
+        self.limit = GradientLimit(
+            initial=settings.initial_limit,
+            min_limit=settings.min_limit,
+            max_limit=settings.max_limit,
+            tolerance=settings.rtt_tolerance,
+        )
+        self.in_flight = 0
+        self.shed = 0
+
+    def admit(self, remaining_ms: float) -> Ticket | None:
+        """A ticket, or None when the call should be shed (the limit is reached, or less than
+        ``min_budget_ms`` of its budget is left)."""
+        if self._enabled and (
+            self.in_flight >= self.limit.limit or remaining_ms < self._min_budget_ms
+        ):
+            self.shed += 1
+            return None
+        self.in_flight += 1
+        return Ticket(time.perf_counter_ns())
+
+    def release(self, ticket: Ticket) -> None:
+        """The admitted call has been answered."""
+        self.in_flight -= 1
+        self.limit.update((time.perf_counter_ns() - ticket.start_ns) / 1e9, self.in_flight + 1)
