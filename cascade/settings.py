@@ -120,6 +120,12 @@ class ServerSettings(BaseModel):
         "so load balancers (and calls already on the wire) see the change before we stop.",
     )
     drain_s: float = Field(5.0, ge=0, description="Grace period for in-flight calls on SIGTERM.")
+    reuse_port: bool = Field(
+        False,
+        description="Bind with SO_REUSEPORT, so several orchestrator processes share one port "
+        "(the kernel spreads new connections over them). Off for a single process, so that a "
+        "port another server holds is an error at start-up rather than silently shared.",
+    )
 
 
 class Settings(BaseSettings):
