@@ -1,7 +1,7 @@
 """``cascade``: run the local stack and send it sample transactions.
 
-* ``cascade up``    start Redis, NATS, Triton, screening workers and the orchestrator on loopback,
-                    wait until healthy, print the endpoint, optionally send sample traffic, and run
+* ``cascade up``    start Redis, NATS, Triton, screening workers and the orchestrator processes on
+                    loopback (one per core, on one port), wait until healthy, print the endpoint, optionally send sample traffic, and run
                     until SIGINT/SIGTERM; then stop everything it started.
 * ``cascade score`` send sample transactions to a running stack and print the answers as a table.
 """
@@ -23,6 +23,7 @@ import grpc
 from cascade.iso_codes import minor_unit_exponent, to_major_units
 from cascade.samples import labelled_sample
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
+from cascade.shared_port import default_process_count
 from cascade.stack import LocalStack, StackConfig, StackPorts
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 
@@ -100,6 +101,7 @@ async def _up(args: argparse.Namespace) -> int:
             triton_metrics=args.triton_metrics_port,
         ),
         workers=args.workers,
+        orchestrators=args.orchestrators,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -110,7 +112,8 @@ async def _up(args: argparse.Namespace) -> int:
     async with LocalStack(config) as stack:
         print(
             f"stack healthy in {time.monotonic() - started:.1f}s\n"
-            f"  scoring endpoint  grpc://{stack.target}  (cascade.v1.ScoringService/Score)\n"
+            f"  scoring endpoint  grpc://{stack.target}  (cascade.v1.ScoringService/Score, "
+            f"{config.orchestrators} orchestrator process{'es' if config.orchestrators > 1 else ''})\n"
             f"  redis {stack.redis_url}   nats {stack.nats_url}   triton grpc {stack.triton_url}",
             flush=True,
         )
@@ -135,6 +138,13 @@ async def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascade", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +157,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--triton-http-port", type=int, default=defaults.triton_http)
     up.add_argument("--triton-metrics-port", type=int, default=defaults.triton_metrics)
     up.add_argument("--workers", type=int, default=2, help="screening workers in the queue group")
+    up.add_argument(
+        "--orchestrators",
+        type=_positive_int,
+        default=default_process_count(),
+        help="orchestrator processes sharing the port (default: one per CPU core)",
+    )
     up.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     up.add_argument("--run-dir", type=Path, default=REPO_ROOT / ".run", help="logs and Triton repo")
     up.add_argument("--sample", type=int, default=0, help="score this many sample transactions")

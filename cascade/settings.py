@@ -168,6 +168,21 @@ class ServerSettings(BaseModel):
         "so load balancers (and calls already on the wire) see the change before we stop.",
     )
     drain_s: float = Field(5.0, ge=0, description="Grace period for in-flight calls on SIGTERM.")
+    reuse_port: bool = Field(
+        False,
+        description="Bind with SO_REUSEPORT, so several orchestrator processes share one port "
+        "(the kernel spreads new connections over them). Off for a single process, so that a "
+        "port another server holds is an error at start-up rather than silently shared.",
+    )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Orchestrator processes on the one port. Above 1, `python -m orchestrator` "
+        "only supervises: it starts this many children with reuse_port on (child i serves "
+        "metrics on metrics_port + i), forwards SIGTERM so all drain, and exits non-zero if "
+        "one dies. `cascade up --orchestrators N` starts its N processes itself.",
+    )
 
 
 class Settings(BaseSettings):

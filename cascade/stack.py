@@ -1,8 +1,10 @@
-"""The local stack: Redis, NATS, Triton, N screening workers and the orchestrator, on loopback.
+"""The local stack: Redis, NATS, Triton, N screening workers and M orchestrator processes.
 
-:class:`LocalStack` starts them in dependency order, waits until each is healthy (the
-orchestrator's gRPC health check says SERVING only once both models answered a warm-up), and
-stops every process it started, in reverse order, however the block ends.
+:class:`LocalStack` starts them on loopback in dependency order, waits until each is healthy (an
+orchestrator process reports SERVING only once both models answered its warm-up), and stops
+every process it started, in reverse order, however the block ends. Several orchestrator
+processes share one port with reuse-port (:mod:`cascade.shared_port`); as a health check through
+that port reaches only one of them, each one's readiness is read from its own log.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import asyncio
 import dataclasses
 import os
 import sys
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -21,9 +25,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cascade.lifecycle import AsyncResourceGroup
 from cascade.model_registry import load_registry
 from cascade.servers import ManagedProcess, NatsServer, RedisServer, TritonServer
-from cascade.servers._process import resolve_port
+from cascade.servers._process import ReadinessProbe, resolve_port
+from cascade.shared_port import metrics_port_offset, shared_port_env
 
 _READY_LINE: Final = "READY"
+_SERVING_LINE: Final = "SERVING"
+_LISTENING_PREFIX: Final = "LISTENING "
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +53,8 @@ class StackConfig:
     run_dir: Path
     ports: StackPorts = field(default_factory=StackPorts)
     workers: int = 2
+    orchestrators: int = 1
+    """Orchestrator processes on the one port (``cascade up`` defaults to one per core)."""
     triton_instances: int = 1
     triton_delay_ms: float = 0.0
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -62,11 +71,27 @@ async def grpc_health_status(target: str, timeout_s: float = 1.0) -> int | None:
     return int(reply.status)
 
 
-def _log_has_ready_line(log_path: Path) -> bool:
+def log_line_probe(log_path: Path, matches: Callable[[str], bool]) -> ReadinessProbe:
+    """A probe that passes once a line ``matches`` in what is appended to ``log_path`` from now.
+
+    Logs are appended across runs: only what this start wrote counts, so build the probe right
+    before starting the process.
+    """
     try:
-        return any(line.strip() == _READY_LINE for line in log_path.read_text().splitlines())
+        offset = log_path.stat().st_size
     except FileNotFoundError:
-        return False
+        offset = 0
+
+    async def ready() -> bool:
+        try:
+            with log_path.open("rb") as fh:
+                fh.seek(offset)
+                text = fh.read().decode(errors="replace")
+        except FileNotFoundError:
+            return False
+        return any(matches(line.strip()) for line in text.splitlines())
+
+    return ready
 
 
 def service_env(
@@ -99,13 +124,9 @@ def worker_process(
     name: str, env: dict[str, str], log_dir: Path, *, module: str = "stages.screening"
 ) -> ManagedProcess:
     """``python -m <module>`` (a screening worker), ready once it printed its READY line."""
-    log_path = log_dir / f"{name}.log"
-
-    async def ready() -> bool:
-        return _log_has_ready_line(log_path)
-
+    probe = log_line_probe(log_dir / f"{name}.log", lambda line: line == _READY_LINE)
     return ManagedProcess(
-        name, [sys.executable, "-m", *module.split()], log_dir=log_dir, env=env, probe=ready
+        name, [sys.executable, "-m", *module.split()], log_dir=log_dir, env=env, probe=probe
     )
 
 
@@ -137,6 +158,41 @@ def orchestrator_process(
         ports=(port,),
         start_timeout_s=60.0,
     )
+
+
+def orchestrator_processes(
+    env: dict[str, str], log_dir: Path, count: int, *, wait_serving: bool = True
+) -> list[ManagedProcess]:
+    """``count`` ``python -m orchestrator`` processes on the one port ``env`` names, reuse-port on
+    when ``count`` > 1; logs ``orchestrator-<i>.log``; each ready once its log shows ``SERVING``
+    (or, if not ``wait_serving``, ``LISTENING``). Process ``i`` serves metrics on
+    ``CASCADE_METRICS_PORT`` + ``i`` when that is set.
+
+    Only the first checks that the port is free before it starts: the others join its socket.
+    """
+    if count < 1:
+        raise ValueError(f"need at least one orchestrator process, got {count}")
+    port = int(env["CASCADE_SERVER__PORT"])
+    processes = []
+    for i in range(count):
+        name = f"orchestrator-{i}"
+        log_path = log_dir / f"{name}.log"
+        if wait_serving:
+            probe = log_line_probe(log_path, lambda line: line == _SERVING_LINE)
+        else:
+            probe = log_line_probe(log_path, lambda line: line.startswith(_LISTENING_PREFIX))
+        processes.append(
+            ManagedProcess(
+                name,
+                [sys.executable, "-m", "orchestrator"],
+                log_dir=log_dir,
+                env=shared_port_env(env, i, count),
+                probe=probe,
+                ports=(port,) if i == 0 else (),
+                start_timeout_s=60.0,
+            )
+        )
+    return processes
 
 
 class LocalStack(AsyncResourceGroup):
@@ -176,13 +232,7 @@ class LocalStack(AsyncResourceGroup):
             delay_ms=cfg.triton_delay_ms,
             instance_count=cfg.triton_instances,
         )
-        servers = (redis_server, nats_server, triton)
-        results = await asyncio.gather(
-            *(self._stack.enter_async_context(s) for s in servers), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        await self._enter_together((redis_server, nats_server, triton))
         self.redis_url, self.nats_url, self.triton_url = (
             redis_server.url,
             nats_server.url,
@@ -196,8 +246,22 @@ class LocalStack(AsyncResourceGroup):
             grpc_port=self.grpc_port,
             extra=cfg.extra_env,
         )
-        for i in range(cfg.workers):
+        # With CASCADE_METRICS_PORT = B set: orchestrator i on B + i, worker j on B + N + j.
+        for j in range(cfg.workers):
+            worker_env = metrics_port_offset(env, cfg.orchestrators + j)
             await self._stack.enter_async_context(
-                worker_process(f"screening-worker-{i}", env, self.log_dir)
+                worker_process(f"screening-worker-{j}", worker_env, self.log_dir)
             )
-        await self._stack.enter_async_context(orchestrator_process(env, self.log_dir))
+        # Started together: each one's warm-up mostly waits. Entered in order, so the first
+        # one's check that the port is free runs before any of them is spawned.
+        await self._enter_together(orchestrator_processes(env, self.log_dir, cfg.orchestrators))
+
+    async def _enter_together(
+        self, resources: Sequence[AbstractAsyncContextManager[object]]
+    ) -> None:
+        results = await asyncio.gather(
+            *(self._stack.enter_async_context(r) for r in resources), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result

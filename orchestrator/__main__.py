@@ -1,9 +1,15 @@
-"""``python -m orchestrator``: run the scoring gRPC server until SIGTERM, then drain."""
+"""``python -m orchestrator``: run the scoring gRPC server until SIGTERM, then drain.
+
+With ``CASCADE_SERVER__PROCESSES`` above 1 it supervises that many serving processes on the one
+port instead (:mod:`orchestrator.supervisor`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+from typing import Final
 
 from opentelemetry import trace
 
@@ -12,8 +18,19 @@ from cascade.runtime import configure_logging, run_service
 from cascade.settings import Settings
 from cascade.telemetry import tracer_provider
 from orchestrator.server import Orchestrator
+from orchestrator.supervisor import run_supervisor
 
 logger = logging.getLogger("orchestrator")
+
+# Warm-up retries until Triton and a worker answer; whoever started us decides how long to wait.
+_SERVING_WAIT_S: Final = 7 * 24 * 3600.0
+
+
+async def _announce_serving(app: Orchestrator) -> None:
+    # With several processes on one port a health check reaches only one of them, so each one
+    # says for itself, on stdout, that it is SERVING (cascade up waits for this line in its log).
+    await app.wait_serving(_SERVING_WAIT_S)
+    print("SERVING", flush=True)
 
 
 async def serve(stop: asyncio.Event) -> None:
@@ -28,13 +45,20 @@ async def serve(stop: asyncio.Event) -> None:
         async with Orchestrator(settings, tracer_provider=provider) as app:
             # Machine-readable line for supervisors (cascade up) that started us with port 0.
             print(f"LISTENING {settings.server.host}:{app.port}", flush=True)
-            await stop.wait()
+            async with asyncio.TaskGroup() as tasks:
+                announce = tasks.create_task(_announce_serving(app), name="announce-serving")
+                await stop.wait()
+                announce.cancel()
             logger.info("stop requested: draining")
             await app.drain()
 
 
 def main() -> None:
     """Console entry point."""
+    settings = Settings()
+    if settings.server.processes > 1:
+        configure_logging(settings.log_level)
+        sys.exit(run_supervisor(settings))
     run_service(serve)
 
 

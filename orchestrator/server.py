@@ -343,7 +343,7 @@ class Orchestrator(AsyncResourceGroup):
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", s.server.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(s.server.reuse_port)),
             ]
         )
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server(

@@ -163,6 +163,12 @@ class ManagedProcess(StartStop):
         """True while the process has been started and has not exited."""
         return self._proc is not None and self._proc.returncode is None
 
+    async def wait(self) -> int:
+        """Wait until the process exits (without stopping it); return its exit status."""
+        if self._exited is None:
+            raise RuntimeError(f"{self.name} was not started")
+        return await asyncio.shield(self._exited)
+
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """The last ``lines`` lines of the process log."""
         return read_log_tail(self.log_path, lines)

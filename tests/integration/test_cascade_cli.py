@@ -47,6 +47,7 @@ async def test_up_scores_sample_traffic_and_stops_everything(tmp_path: Path) -> 
         "up",
         *FREE_PORTS,
         "--workers=2",
+        "--orchestrators=2",
         f"--model-dir={DEFAULT_MODEL_DIR}",
         f"--run-dir={run_dir}",
         "--sample=12",
@@ -61,7 +62,12 @@ async def test_up_scores_sample_traffic_and_stops_everything(tmp_path: Path) -> 
     assert not any("error" in row for row in rows), out
     assert processes_mentioning(run_dir) == set()
     logs = {p.name for p in (run_dir / "logs").iterdir()}
-    assert {"orchestrator.log", "screening-worker-0.log", "screening-worker-1.log"} <= logs
+    assert {
+        "orchestrator-0.log",
+        "orchestrator-1.log",
+        "screening-worker-0.log",
+        "screening-worker-1.log",
+    } <= logs
 
 
 async def test_up_stops_everything_on_sigterm(tmp_path: Path) -> None:
@@ -73,6 +79,7 @@ async def test_up_stops_everything_on_sigterm(tmp_path: Path) -> None:
         "up",
         *FREE_PORTS,
         "--workers=1",
+        "--orchestrators=2",
         f"--model-dir={DEFAULT_MODEL_DIR}",
         f"--run-dir={run_dir}",
         stdout=asyncio.subprocess.PIPE,
@@ -92,3 +99,6 @@ async def test_up_stops_everything_on_sigterm(tmp_path: Path) -> None:
         await proc.communicate()
     assert proc.returncode == 0
     assert processes_mentioning(run_dir) == set()
+    for i in range(2):  # every orchestrator process served, then drained on the SIGTERM
+        log = (run_dir / "logs" / f"orchestrator-{i}.log").read_text()
+        assert "\nSERVING\n" in log and "stop requested: draining" in log, log

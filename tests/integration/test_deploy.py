@@ -94,6 +94,19 @@ def test_compose_file_validates() -> None:
     assert re.search(r"replicas: 2", rendered)
 
 
+def test_prometheus_scrapes_every_orchestrator_process() -> None:
+    """Process i of CASCADE_SERVER__PROCESSES serves metrics on 9464 + i: one target each."""
+    processes = re.search(r'CASCADE_SERVER__PROCESSES: "(\d+)"', COMPOSE_FILE.read_text())
+    assert processes is not None, "the orchestrator no longer runs several processes"
+    count = int(processes[1])
+    assert count > 1
+    scrape = (REPO_ROOT / "deploy" / "prometheus.yml").read_text()
+    job = re.search(r"job_name: orchestrator\n\s+static_configs:\n\s+- targets: \[(.*)\]", scrape)
+    assert job is not None, scrape
+    targets = [t.strip().strip('"') for t in job[1].split(",")]
+    assert targets == [f"orchestrator:{9464 + i}" for i in range(count)]
+
+
 def test_local_and_deploy_configs_serve_the_same_model_and_tensors() -> None:
     local, deploy = local_config(), deploy_config()
     assert local.name == deploy.name == TritonSettings().model_name
