@@ -376,7 +376,12 @@ async def run_loadtest(
             )
             for spec in targets.specs
         ]
-        idle_cpu = await _idle_cpu(2.0)
+        # Each stack's idle CPU, its own subtree only (the compared stack apart).
+        idle = await asyncio.gather(
+            *(_idle_cpu(targets.meter(spec), 2.0) for spec in targets.specs)
+        )
+        idle_cpu = idle[0] if idle else {}
+        idle_by_target = {spec.name: cores for spec, cores in zip(targets.specs, idle, strict=True)}
         for runner in runners:
             if batches:
                 print(
@@ -403,6 +408,8 @@ async def run_loadtest(
     report = build_report(args, argv, runners, targets.endpoints, started)
     report["meta"]["load_average_1m_at_start"] = load_at_start
     report["meta"]["idle_cpu_cores"] = idle_cpu
+    if targets.compare:
+        targets.compare["idle_cpu_cores"] = idle_by_target.get(COMPARE_NAME, {})
     report["meta"]["history"] = {
         "mode": str(mode),
         "cards": len(prior) if prior else len({tx.card_id for tx in workload.load}),
@@ -432,11 +439,10 @@ def _print_overload(report: dict[str, Any]) -> None:
     )
 
 
-async def _idle_cpu(seconds: float) -> dict[str, float]:
+async def _idle_cpu(meter: CpuMeter | None, seconds: float) -> dict[str, float]:
     """Cores each component burns with no load at all (what per-answer CPU sits on top of)."""
-    if not CpuMeter.available():
+    if meter is None:
         return {}
-    meter = CpuMeter()
     before: CpuSnapshot = await asyncio.to_thread(meter.snapshot)
     await asyncio.sleep(seconds)
     after: CpuSnapshot = await asyncio.to_thread(meter.snapshot)
