@@ -7,6 +7,13 @@ running naive server too. For each target it warms up, measures one call in flig
 (``--serial-count``), then runs one open-loop step at ``--rate`` or, with ``--sweep``, the capacity
 sweep; the two targets' steps alternate so both see the same machine. Writes ``report.json``,
 ``tables.md``, ``summary.png`` and (with ``--sweep``) ``sweep.png`` into ``--out``.
+
+With ``--history mature`` (the default) the load uses simulated cards with a full history and
+backfills that history into every target with ``ScoreBatch`` before warm-up
+(:mod:`loadtests.history`). After the sweep (or with ``--overload-rate``) each target gets one
+overload step at ``--overload-factor`` times the cascade's capacity. ``--compare-ref REF`` starts
+that commit's own stack beside this one (:mod:`loadtests.compare`) and runs every step against it
+too, so the report shows both side by side.
 """
 
 from __future__ import annotations
@@ -24,13 +31,15 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
 from loadtests.address import parse_loopback_target
-from loadtests.cpu import CpuMeter, cpu_report
-from loadtests.replay import ReplayStream, load_transactions
+from loadtests.cpu import CpuMeter, CpuSnapshot, cpu_report
+from loadtests.history import HistoryMode, MatureSplit, backfill_batches
+from loadtests.replay import ReplayStream, load_mature, load_transactions
 from loadtests.report import (
     Criteria,
     Goals,
@@ -41,6 +50,7 @@ from loadtests.report import (
     compare,
     evaluate_goals,
     next_sweep_rate,
+    overload_basis,
 )
 from loadtests.runner import LoadSettings, TargetRunner, sweep_point
 from loadtests.schedule import Arrivals
@@ -49,6 +59,49 @@ from loadtests.tables import markdown_tables, text_table
 __all__ = ["add_arguments", "run"]
 
 logger = logging.getLogger(__name__)
+
+COMPARE_NAME: Final = "compare"
+_SHARED_ROLES: Final = ("redis", "nats", "triton")
+_STACK_ROLES: Final = {
+    "cascade": ("orchestrator", "screening-workers", *_SHARED_ROLES),
+    "naive": ("naive-server", "naive-workers", *_SHARED_ROLES),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TargetSpec:
+    """One system to load: its name in the report, endpoint, and where its CPU is measured.
+
+    ``stack_root`` is the process its servers descend from (None: this process); ``stack_roles``
+    the roles that make up its stack (None: everything measured but the generator).
+    """
+
+    name: str
+    target: str
+    stack_root: int | None = None
+    stack_roles: tuple[str, ...] | None = None
+
+
+@dataclass(slots=True)
+class Targets:
+    """Every target of a run, and what the report says about a compared checkout."""
+
+    specs: list[TargetSpec] = field(default_factory=list)
+    compare: dict[str, Any] | None = None
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """Name -> endpoint."""
+        return {spec.name: spec.target for spec in self.specs}
+
+    def meter(self, spec: TargetSpec) -> CpuMeter | None:
+        """The CPU meter for ``spec``: its own stack's subtree, never another target's."""
+        if not CpuMeter.available():
+            return None
+        others = {s.stack_root for s in self.specs if s.stack_root is not None}
+        if spec.stack_root is not None:
+            return CpuMeter(stack_root=spec.stack_root)
+        return CpuMeter(skip=others)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--baseline-target", help="with --target: HOST:PORT of a running naive baseline server"
     )
     where.add_argument("--no-baseline", action="store_true", help="do not measure the baseline")
+    where.add_argument(
+        "--compare-ref",
+        metavar="GIT_REF",
+        help="also start this commit's own stack (a worktree under .run/compare/) and run every "
+        "step against it, alternating with the current one",
+    )
     where.add_argument("--workers", type=int, default=2, help="screening workers (own stack)")
     where.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     where.add_argument(
@@ -86,6 +145,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--serial-count", type=int, default=1000, help="1-in-flight calls (0: skip)")
     load.add_argument("--serial-duration", type=float, default=10.0)
     load.add_argument("--source", choices=("simulator", "samples"), default="simulator")
+    load.add_argument(
+        "--history",
+        choices=[m.value for m in HistoryMode],
+        default=HistoryMode.MATURE.value,
+        help="mature: cards with a full history, backfilled with ScoreBatch before warm-up "
+        "(simulator only); as-simulated: histories grow from empty as the stream replays",
+    )
     load.add_argument("--seed", type=int, default=7, help="simulator and schedule seed")
     slo = parser.add_argument_group("SLO and sweep")
     slo.add_argument("--budget-ms", type=float, default=50.0, help="every answer within this")
@@ -95,6 +161,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     slo.add_argument("--sweep-factor", type=float, default=1.5)
     slo.add_argument("--sweep-max", type=float, default=6000.0)
     slo.add_argument("--sweep-refine", type=int, default=2, help="bisection steps after a fail")
+    over = parser.add_argument_group("overload step (after the sweep, or with --overload-rate)")
+    over.add_argument(
+        "--overload-rate", type=float, default=None, help="requests/s of the overload step"
+    )
+    over.add_argument(
+        "--overload-factor",
+        type=float,
+        default=3.0,
+        help="after --sweep: the overload rate as a multiple of the cascade's capacity",
+    )
+    over.add_argument("--overload-duration", type=float, default=10.0, help="seconds")
+    over.add_argument("--no-overload", action="store_true", help="no overload step")
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, default=REPO_ROOT / ".run" / "loadtest")
     out.add_argument(
@@ -157,48 +235,113 @@ def stack_env(pairs: Sequence[str]) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def _targets(args: argparse.Namespace, out_dir: Path) -> AsyncIterator[dict[str, str]]:
-    """Name -> loopback target of every system to load; starts and stops what it owns."""
-    if args.target:
-        parse_loopback_target(args.target)
-        found = {"cascade": args.target}
-        if args.baseline_target and not args.no_baseline:
-            parse_loopback_target(args.baseline_target)
-            found["naive"] = args.baseline_target
+async def _targets(args: argparse.Namespace, out_dir: Path) -> AsyncIterator[Targets]:
+    """Every system to load; starts and stops what it owns."""
+    found = Targets()
+    async with AsyncExitStack() as stack:
+        if args.target:
+            parse_loopback_target(args.target)
+            found.specs.append(TargetSpec("cascade", args.target))
+            if args.baseline_target and not args.no_baseline:
+                parse_loopback_target(args.baseline_target)
+                found.specs.append(TargetSpec("naive", args.baseline_target))
+        else:
+            await _start_own_stack(args, out_dir, stack, found)
+        if args.compare_ref:
+            await _start_compare(args, out_dir, stack, found)
         yield found
-        return
+
+
+async def _start_own_stack(
+    args: argparse.Namespace, out_dir: Path, stack: AsyncExitStack, found: Targets
+) -> None:
     from cascade.stack import LocalStack, StackConfig, StackPorts
     from loadtests.naive import NaiveStack
 
     model_dir = args.model_dir.resolve()
     run_dir = out_dir / "stack"
     print(f"starting the local stack (logs in {run_dir / 'logs'}) ...", file=sys.stderr, flush=True)
-    async with AsyncExitStack() as stack:
-        local = await stack.enter_async_context(
-            LocalStack(
-                StackConfig(
-                    model_dir=model_dir,
-                    run_dir=run_dir,
-                    ports=StackPorts(0, 0, 0, 0, 0, 0),
-                    workers=args.workers,
-                    extra_env=stack_env(args.stack_env),
-                )
+    local = await stack.enter_async_context(
+        LocalStack(
+            StackConfig(
+                model_dir=model_dir,
+                run_dir=run_dir,
+                ports=StackPorts(0, 0, 0, 0, 0, 0),
+                workers=args.workers,
+                extra_env=stack_env(args.stack_env),
             )
         )
-        found = {"cascade": local.target}
-        if not args.no_baseline:
-            naive = await stack.enter_async_context(
-                NaiveStack(
-                    model_dir=model_dir,
-                    redis_url=local.redis_url,
-                    nats_url=local.nats_url,
-                    triton_url=local.triton_url,
-                    log_dir=run_dir / "logs",
-                    workers=args.workers,
-                )
+    )
+    found.specs.append(TargetSpec("cascade", local.target, stack_roles=_STACK_ROLES["cascade"]))
+    if not args.no_baseline:
+        naive = await stack.enter_async_context(
+            NaiveStack(
+                model_dir=model_dir,
+                redis_url=local.redis_url,
+                nats_url=local.nats_url,
+                triton_url=local.triton_url,
+                log_dir=run_dir / "logs",
+                workers=args.workers,
             )
-            found["naive"] = naive.target
-        yield found
+        )
+        found.specs.append(TargetSpec("naive", naive.target, stack_roles=_STACK_ROLES["naive"]))
+
+
+async def _start_compare(
+    args: argparse.Namespace, out_dir: Path, stack: AsyncExitStack, found: Targets
+) -> None:
+    from loadtests.compare import CompareStack
+
+    run_dir = out_dir / "compare-stack"
+    print(
+        f"starting the stack of {args.compare_ref} (log in {run_dir / 'up.log'}) ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    other = await stack.enter_async_context(
+        CompareStack(
+            REPO_ROOT,
+            args.compare_ref,
+            run_dir=run_dir,
+            workers=args.workers,
+            extra_env=stack_env(args.stack_env),
+        )
+    )
+    found.specs.append(TargetSpec(COMPARE_NAME, other.target, stack_root=other.pid))
+    found.compare = {
+        "ref": args.compare_ref,
+        "commit": other.commit,
+        "worktree": str(other.path),
+        "target": other.target,
+    }
+
+
+def _workload(args: argparse.Namespace) -> tuple[HistoryMode, MatureSplit]:
+    """The history mode in effect and the transactions: history to backfill (empty when
+    as-simulated) and the load's base stream."""
+    per_step = int(max(args.rate, args.sweep_max if args.sweep else 0) * args.duration)
+    count = min(max(per_step, 5000), 200_000)
+    mode = HistoryMode(args.history)
+    if mode is HistoryMode.MATURE and args.source != "simulator":
+        logger.warning("--history mature needs --source simulator; using as-simulated histories")
+        mode = HistoryMode.AS_SIMULATED
+    if mode is HistoryMode.MATURE:
+        return mode, load_mature(count, seed=args.seed)
+    base = load_transactions(args.source, count=count, seed=args.seed)
+    return mode, MatureSplit(history=(), load=tuple(base))
+
+
+def overload_rate(args: argparse.Namespace, runners: Sequence[TargetRunner]) -> float | None:
+    """The overload step's rate: ``--overload-rate``, else after ``--sweep`` the factor times the
+    cascade's capacity (or its best achieved rate); None for no overload step."""
+    if args.no_overload:
+        return None
+    if args.overload_rate is not None:
+        return float(args.overload_rate)
+    if not args.sweep:
+        return None
+    basis = overload_basis({"capacity": capacity(runners[0].steps), "steps": runners[0].steps})
+    return None if basis is None else round(basis * args.overload_factor, 1)
 
 
 async def run_loadtest(
@@ -209,8 +352,9 @@ async def run_loadtest(
     settings = _settings(args)
     load_at_start = round(os.getloadavg()[0], 2)
     started = time.time()
-    per_step = int(max(args.rate, args.sweep_max if args.sweep else 0) * args.duration)
-    base = load_transactions(args.source, count=min(max(per_step, 5000), 200_000), seed=args.seed)
+    mode, workload = _workload(args)
+    batches = backfill_batches(workload.history)
+    prior = workload.prior_counts
     nonce = secrets.token_hex(3)
     plan = SweepPlan(
         start_rate=args.sweep_start,
@@ -222,16 +366,31 @@ async def run_loadtest(
         runners = [
             await stack.enter_async_context(
                 TargetRunner(
-                    name,
-                    target,
-                    ReplayStream(base, nonce=nonce),
+                    spec.name,
+                    spec.target,
+                    ReplayStream(workload.load, nonce=nonce, prior_history=prior),
                     settings,
-                    cpu_meter=CpuMeter() if CpuMeter.available() else None,
+                    cpu_meter=targets.meter(spec),
+                    stack_roles=spec.stack_roles,
                 )
             )
-            for name, target in targets.items()
+            for spec in targets.specs
         ]
-        idle_cpu = await _idle_cpu(2.0)
+        # Each stack's idle CPU, its own subtree only (the compared stack apart).
+        idle = await asyncio.gather(
+            *(_idle_cpu(targets.meter(spec), 2.0) for spec in targets.specs)
+        )
+        idle_cpu = idle[0] if idle else {}
+        idle_by_target = {spec.name: cores for spec, cores in zip(targets.specs, idle, strict=True)}
+        for runner in runners:
+            if batches:
+                print(
+                    f"{runner.name}: backfilling {len(workload.history)} earlier transactions of "
+                    f"{len(prior)} cards with ScoreBatch ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                await runner.backfill(batches, nonce=nonce)
         for runner in runners:
             await runner.warmup()
         for runner in runners:
@@ -241,20 +400,52 @@ async def run_loadtest(
         else:
             for runner in runners:
                 await runner.step(args.rate)
-    report = build_report(args, argv, runners, targets, started)
+        rate = overload_rate(args, runners)
+        if rate is not None:
+            for runner in runners:
+                report = await runner.overload_step(rate, args.overload_duration)
+                _print_overload(report)
+    report = build_report(args, argv, runners, targets.endpoints, started)
     report["meta"]["load_average_1m_at_start"] = load_at_start
     report["meta"]["idle_cpu_cores"] = idle_cpu
+    if targets.compare:
+        targets.compare["idle_cpu_cores"] = idle_by_target.get(COMPARE_NAME, {})
+    report["meta"]["history"] = {
+        "mode": str(mode),
+        "cards": len(prior) if prior else len({tx.card_id for tx in workload.load}),
+        "backfilled_cards": len(prior),
+        "backfilled_transactions": len(workload.history),
+        "backfill_batches": len(batches),
+        "load_base_transactions": len(workload.load),
+    }
+    report["meta"]["compare"] = targets.compare
+    report["meta"]["overload"] = {
+        "rate": rate,
+        "factor": None if args.overload_rate is not None else args.overload_factor,
+        "duration_s": args.overload_duration,
+    }
     return report
 
 
-async def _idle_cpu(seconds: float) -> dict[str, float]:
+def _print_overload(report: dict[str, Any]) -> None:
+    o = report["summary"]
+    print(
+        f"{report['label']}: {o['answers']} answers ({o['shed']} shed, "
+        f"{o['stage2_overloaded']} stage-2 overloaded), {o['late']} late, "
+        f"{o['deadline_exceeded']} DEADLINE_EXCEEDED, {o['other_failures']} other failures, "
+        f"p99 {o['latency_ms']['p99']:.2f} ms, max {o['latency_ms']['max']:.2f} ms",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+async def _idle_cpu(meter: CpuMeter | None, seconds: float) -> dict[str, float]:
     """Cores each component burns with no load at all (what per-answer CPU sits on top of)."""
-    if not CpuMeter.available():
+    if meter is None:
         return {}
-    meter = CpuMeter()
-    before = await asyncio.to_thread(meter.snapshot)
+    before: CpuSnapshot = await asyncio.to_thread(meter.snapshot)
     await asyncio.sleep(seconds)
-    after = await asyncio.to_thread(meter.snapshot)
+    after: CpuSnapshot = await asyncio.to_thread(meter.snapshot)
     cores: dict[str, float] = cpu_report(before, after, seconds, 0)["cores"]
     return cores
 
@@ -301,11 +492,18 @@ def build_report(
             "steps": r.steps,
             "capacity": capacity(r.steps),
             "capacity_by_p99_ms": capacity_table(r.steps, p99_targets, args.budget_ms),
+            "overload": r.overload,
+            "history": {"backfill": r.backfilled, "seen_by_load": r.history_seen},
         }
         for r in runners
     }
     comparison = (
         compare(per_target["cascade"], per_target["naive"]) if "naive" in per_target else None
+    )
+    compared = (
+        compare(per_target["cascade"], per_target[COMPARE_NAME], ("cascade", COMPARE_NAME))
+        if COMPARE_NAME in per_target and "cascade" in per_target
+        else None
     )
     report: dict[str, Any] = {
         "meta": {
@@ -329,9 +527,11 @@ def build_report(
             "source": args.source,
             "model_dir": str(args.model_dir),
             "stack_env": args.stack_env,
+            "late_after_ms": _settings(args).late_after_us / 1000,
         },
         "targets": per_target,
         "comparison": comparison,
+        "comparison_with_ref": compared,
     }
     report["goals"] = evaluate_goals(per_target["cascade"], comparison, Goals())
     return report
@@ -378,7 +578,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     problems = [
         p
         for t in report["targets"].values()
-        for s in [t["serial"], *t["steps"]]
+        for s in [t["serial"], *t["steps"], t.get("overload")]
         if s
         for p in s["bookkeeping_problems"]
     ]

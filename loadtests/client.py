@@ -35,6 +35,7 @@ from loadtests.replay import RequestPlan
 from loadtests.results import Failure, Tally
 
 __all__ = [
+    "SCORE_BATCH_METHOD",
     "SCORE_METHOD",
     "Clock",
     "ScoringClient",
@@ -47,6 +48,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SCORE_METHOD: Final = "/cascade.v1.ScoringService/Score"
+SCORE_BATCH_METHOD: Final = "/cascade.v1.ScoringService/ScoreBatch"
 _GRACE_S: Final = 2.0
 
 Sender = Callable[[bytes, float], Awaitable[scoring_pb2.ScoreResponse]]
@@ -125,6 +127,20 @@ class ScoringClient:
             raise RuntimeError("ScoringClient used outside its async with block")
         stub = health_pb2_grpc.HealthStub(self._channels[0])
         await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+
+    async def score_batch(
+        self, request: scoring_pb2.ScoreBatchRequest, timeout_s: float
+    ) -> scoring_pb2.ScoreBatchResponse:
+        """One ``ScoreBatch`` call (backfilling history) on the first channel."""
+        if not self._channels:
+            raise RuntimeError("ScoringClient used outside its async with block")
+        call = self._channels[0].unary_unary(
+            SCORE_BATCH_METHOD,
+            request_serializer=scoring_pb2.ScoreBatchRequest.SerializeToString,
+            response_deserializer=scoring_pb2.ScoreBatchResponse.FromString,
+        )
+        reply: scoring_pb2.ScoreBatchResponse = await call(request, timeout=timeout_s)
+        return reply
 
     async def send(self, payload: bytes, timeout_s: float) -> scoring_pb2.ScoreResponse:
         """One Score call with ``timeout_s`` as its gRPC deadline."""

@@ -7,16 +7,23 @@ Triton and its Python-backend stubs, the naive baseline) by role, and of the gen
 including its reaped children (the spawned generator processes). Take a snapshot before and
 after a step; :func:`cpu_report` turns the difference into cores used and CPU milliseconds per
 answer. :func:`role_of` (which process is what) is pure.
+
+Roles with several processes (the screening workers) are also kept per process, so a report can
+show each worker beside their sum. When two stacks run under the generator (the current one and a
+compared checkout's, see :mod:`loadtests.compare`), each gets its own meter: ``stack_root`` picks
+the subtree a meter counts and ``skip`` leaves out another stack's subtree; the generator
+(``loadgen``, the root with its reaped children) is counted by every meter.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
-__all__ = ["CpuMeter", "cpu_report", "role_of"]
+__all__ = ["LOADGEN", "PER_PROCESS_ROLES", "CpuMeter", "CpuSnapshot", "cpu_report", "role_of"]
 
 _PROC: Final = Path("/proc")
 _TICKS: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -31,6 +38,8 @@ _ROLES: Final = (
     ("triton_python_backend_stub", "triton"),
     ("multiprocessing", "loadgen"),
 )
+LOADGEN: Final = "loadgen"
+PER_PROCESS_ROLES: Final = frozenset({"screening-workers", "naive-workers"})
 
 
 def role_of(cmdline: Sequence[str]) -> str:
@@ -63,24 +72,44 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
-class CpuMeter:
-    """Snapshots of CPU seconds by role for ``root`` (default: this process) and its subtree."""
+@dataclass(frozen=True, slots=True)
+class CpuSnapshot:
+    """CPU seconds so far by role, and per process (``"PID"``) for :data:`PER_PROCESS_ROLES`."""
 
-    def __init__(self, root: int | None = None) -> None:
+    roles: Mapping[str, float] = field(default_factory=dict)
+    processes: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+
+class CpuMeter:
+    """Snapshots of CPU seconds by role for ``root`` (default: this process) and a subtree.
+
+    The stack counted is the subtree of ``stack_root`` (default ``root``) without the subtrees of
+    ``skip``; ``root``'s own CPU and its reaped children count as ``loadgen``.
+    """
+
+    def __init__(
+        self,
+        root: int | None = None,
+        *,
+        stack_root: int | None = None,
+        skip: Collection[int] = (),
+    ) -> None:
         self._root = os.getpid() if root is None else root
+        self._stack_root = self._root if stack_root is None else stack_root
+        self._skip = frozenset(skip)
 
     @staticmethod
     def available() -> bool:
         """Whether ``/proc`` can be read (Linux)."""
         return (_PROC / "self" / "stat").exists()
 
-    def snapshot(self) -> dict[str, float]:
-        """CPU seconds so far, by role. The root counts as ``loadgen`` with its reaped children."""
+    def snapshot(self) -> CpuSnapshot:
+        """CPU seconds so far, by role (and per process where a role has several)."""
         parents: dict[int, int] = {}
         usage: dict[int, float] = {}
         root_stat = _stat(self._root)
         if root_stat is None:
-            return {}
+            return CpuSnapshot()
         for entry in _PROC.iterdir():
             if not entry.name.isdigit():
                 continue
@@ -88,34 +117,73 @@ class CpuMeter:
             if stat is not None:
                 parents[int(entry.name)] = stat[0]
                 usage[int(entry.name)] = stat[1]
-        totals: dict[str, float] = {"loadgen": root_stat[1] + root_stat[2]}
+        totals: dict[str, float] = {LOADGEN: root_stat[1] + root_stat[2]}
+        processes: dict[str, dict[str, float]] = {}
         for pid in usage:
-            if pid == self._root or not self._descends(pid, parents):
+            if pid == self._root or not self._counted(pid, parents):
                 continue
             role = role_of(_cmdline(pid))
+            if pid == self._stack_root and role == "other":
+                role = "supervisor"
             totals[role] = totals.get(role, 0.0) + usage[pid]
-        return totals
+            if role in PER_PROCESS_ROLES:
+                processes.setdefault(role, {})[str(pid)] = usage[pid]
+        return CpuSnapshot(totals, processes)
 
-    def _descends(self, pid: int, parents: Mapping[int, int]) -> bool:
+    def _counted(self, pid: int, parents: Mapping[int, int]) -> bool:
+        """Whether ``pid`` is ``stack_root`` or below it, and not below a skipped process."""
         seen = 0
-        while pid in parents and seen < 64:
-            pid = parents[pid]
-            if pid == self._root:
+        while seen < 64:
+            if pid in self._skip:
+                return False
+            if pid == self._stack_root:
                 return True
+            if pid not in parents:
+                return False
+            pid = parents[pid]
             seen += 1
         return False
 
 
+def _per_answer_ms(seconds: float, answers: int) -> float:
+    return round(1000 * seconds / answers, 4) if answers else 0.0
+
+
 def cpu_report(
-    before: Mapping[str, float], after: Mapping[str, float], wall_s: float, answers: int
-) -> dict[str, dict[str, float]]:
-    """Cores used and CPU ms per answer, by role, between two snapshots (pure)."""
-    roles = sorted(set(before) | set(after))
-    used = {r: max(0.0, after.get(r, 0.0) - before.get(r, 0.0)) for r in roles}
+    before: CpuSnapshot,
+    after: CpuSnapshot,
+    wall_s: float,
+    answers: int,
+    *,
+    stack_roles: Collection[str] | None = None,
+) -> dict[str, Any]:
+    """Cores used and CPU ms per answer, by role, between two snapshots (pure).
+
+    ``total`` is everything measured, ``stack`` the roles in ``stack_roles`` (default: all but the
+    generator), and ``per_process_ms_per_answer`` each process of a role with several (a process
+    that started or ended between the snapshots counts what it used while seen).
+    """
+    roles = sorted(set(before.roles) | set(after.roles))
+    used = {r: max(0.0, after.roles.get(r, 0.0) - before.roles.get(r, 0.0)) for r in roles}
     total = sum(used.values())
+    in_stack = [r for r in roles if (r in stack_roles if stack_roles is not None else r != LOADGEN)]
+    stack = sum(used[r] for r in in_stack)
+
+    def cores(seconds: float) -> float:
+        return round(seconds / wall_s, 3) if wall_s > 0 else 0.0
+
+    per_process: dict[str, dict[str, float]] = {}
+    for role, now in sorted(after.processes.items()):
+        then = before.processes.get(role, {})
+        per_process[role] = {
+            pid: _per_answer_ms(max(0.0, seconds - then.get(pid, 0.0)), answers)
+            for pid, seconds in sorted(now.items())
+        }
     return {
-        "cores": {r: round(used[r] / wall_s, 3) if wall_s > 0 else 0.0 for r in roles}
-        | {"total": round(total / wall_s, 3) if wall_s > 0 else 0.0},
-        "ms_per_answer": {r: round(1000 * used[r] / answers, 4) if answers else 0.0 for r in roles}
-        | {"total": round(1000 * total / answers, 4) if answers else 0.0},
+        "cores": {r: cores(used[r]) for r in roles}
+        | {"stack": cores(stack), "total": cores(total)},
+        "ms_per_answer": {r: _per_answer_ms(used[r], answers) for r in roles}
+        | {"stack": _per_answer_ms(stack, answers), "total": _per_answer_ms(total, answers)},
+        "per_process_ms_per_answer": per_process,
+        "stack_roles": in_stack,
     }

@@ -185,7 +185,9 @@ def plot_sweep(report: Mapping[str, Any], path: Path) -> Path:
     _plain_ticks(ax_lat)
     ax_lat.set_xlabel("offered rate, requests/s")
     ax_lat.set_ylabel("latency from intended send, ms")
-    ax_lat.set_title("latency against offered load (solid: cascade, dashed: naive)")
+    ax_lat.set_title(
+        "latency against offered load (solid: cascade, dashed: naive, dotted: compared ref)"
+    )
     ax_lat.legend(fontsize=7, ncol=2)
     ax_rate.plot([0, top_rate], [0, top_rate], color="grey", alpha=0.4, label="achieved = offered")
     ax_rate.set_xlabel("offered rate, requests/s")

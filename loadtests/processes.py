@@ -55,6 +55,7 @@ class ShareJob:
     window_s: float
     deadline_s: float
     budget_us: int
+    late_after_us: int | None = None
 
 
 def _publish(tally: Tally, counters: Any, index: int) -> None:
@@ -93,7 +94,7 @@ async def run_share_here(
 
 
 async def _child(job: ShareJob, events: Any, go: Any, start_wall: Any, counters: Any) -> Tally:
-    tally = Tally(budget_us=job.budget_us)
+    tally = Tally(budget_us=job.budget_us, late_after_us=job.late_after_us)
     async with ScoringClient(job.target, channels=job.channels) as client:
         events.put(("ready", job.index, None))
         await asyncio.to_thread(go.wait)
@@ -188,7 +189,7 @@ class GeneratorProcesses:
             ready += kind == "ready"
         self._start_wall.value = time.time() + _START_LEAD_S
         self._go.set()
-        total = Tally(budget_us=self._budget_us)
+        total = Tally(budget_us=self._budget_us, late_after_us=self._jobs[0].late_after_us)
         window_s = max(job.window_s + job.deadline_s for job in self._jobs)
         results = 0
         while results < len(self._jobs):

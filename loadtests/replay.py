@@ -6,31 +6,49 @@ chronologically) with a pass suffix on the ids. :func:`plan_requests` turns a st
 offsets (one array per generator process) into serialised ``ScoreRequest`` bytes: each arrival is
 either the stream's next transaction or, with probability ``repeat_share``, an exact repeat of one
 sent at least ``repeat_min_age_s`` earlier (same id and fields, so the output cache can answer it).
+:func:`load_mature` gives the base for mature card histories (:mod:`loadtests.history`): a longer
+simulation, split into each kept card's backfilled history and the load.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
+from cascade.features import HISTORY_LEN
 from cascade.transaction import Transaction
 from cascade.v1 import scoring_pb2
 from cascade.wire import to_wire
+from loadtests.history import MatureSplit, split_mature
 
 __all__ = [
     "ReplayStream",
     "RequestPlan",
+    "load_mature",
     "load_transactions",
     "plan_requests",
+    "tagged",
 ]
 
 _DAY_MS: Final = 86_400_000
+_MATURE_DAYS: Final = 90
+_MATURE_LOAD_PER_CARD: Final = 50  # load transactions a simulated card gives, on average
+_MATURE_MAX_COUNT: Final = 50_000  # bounds the backfill (about 1.3x this many transactions)
+
+
+def tagged(tx: Transaction, nonce: str, pass_index: int = 0) -> Transaction:
+    """``tx`` with the run's nonce (and, from the second pass on, the pass) in its id; nothing
+    else changes (shifting the time of a later pass is the stream's job)."""
+    suffix = f".{nonce}" if pass_index == 0 else f".{nonce}p{pass_index}"
+    return dataclasses.replace(tx, transaction_id=tx.transaction_id + suffix)
 
 
 class ReplayStream:
@@ -38,9 +56,20 @@ class ReplayStream:
 
     Every id gets ``.{nonce}`` (and ``p{k}`` from the second pass on), so two load runs, or two
     passes of one run, never reuse an id unless they mean to.
+
+    ``prior_history`` (card id -> transactions already in the target, e.g. backfilled) starts each
+    card's count; :attr:`history_lengths` counts, per handed-out transaction, how long its card's
+    history was at that point (capped at ``HISTORY_LEN``), as planned: what the target really
+    stored also depends on which answers it wrote back.
     """
 
-    def __init__(self, base: Sequence[Transaction], *, nonce: str) -> None:
+    def __init__(
+        self,
+        base: Sequence[Transaction],
+        *,
+        nonce: str,
+        prior_history: Mapping[str, int] | None = None,
+    ) -> None:
         if not base:
             raise ValueError("the replay stream needs at least one transaction")
         self._base = tuple(sorted(base, key=lambda t: t.timestamp_ms))
@@ -48,6 +77,8 @@ class ReplayStream:
         self._span_ms = self._base[-1].timestamp_ms - self._base[0].timestamp_ms + _DAY_MS
         self._position = 0
         self._pass = 0
+        self._per_card: Counter[str] = Counter(prior_history or {})
+        self.history_lengths: Counter[int] = Counter()
 
     @property
     def position(self) -> tuple[int, int]:
@@ -57,12 +88,12 @@ class ReplayStream:
     def next(self) -> Transaction:
         """The next transaction of the endless, time-ordered stream."""
         tx = self._base[self._position]
-        suffix = f".{self._nonce}" if self._pass == 0 else f".{self._nonce}p{self._pass}"
         out = dataclasses.replace(
-            tx,
-            transaction_id=tx.transaction_id + suffix,
+            tagged(tx, self._nonce, self._pass),
             timestamp_ms=tx.timestamp_ms + self._pass * self._span_ms,
         )
+        self.history_lengths[min(self._per_card[tx.card_id], HISTORY_LEN)] += 1
+        self._per_card[tx.card_id] += 1
         self._position += 1
         if self._position == len(self._base):
             self._position = 0
@@ -146,3 +177,21 @@ def load_transactions(source: str, *, count: int, seed: int) -> list[Transaction
 
         return [validate_transaction(tx) for tx in sample_transactions(count, seed=seed)]
     raise ValueError(f"unknown transaction source {source!r} (simulator or samples)")
+
+
+def load_mature(count: int, *, seed: int) -> MatureSplit:
+    """About ``count`` load transactions (at most 50,000: the stream repeats beyond) of simulated
+    cards with a full history, and that history (``HISTORY_LEN`` per card) to backfill first.
+
+    Cards are simulated for 90 days so that most pass ``HISTORY_LEN`` transactions; the ones that
+    do not are left out (:func:`~loadtests.history.split_mature`).
+    """
+    from training.simulator import SimulationConfig, simulate
+
+    wanted = min(count, _MATURE_MAX_COUNT)
+    n_cards = max(20, math.ceil(wanted / _MATURE_LOAD_PER_CARD))
+    records = simulate(SimulationConfig(seed=seed, n_cards=n_cards, n_days=_MATURE_DAYS))
+    split = split_mature([record.tx for record in records])
+    if not split.load:
+        raise ValueError("no simulated card has more than HISTORY_LEN transactions")
+    return split

@@ -36,7 +36,11 @@ __all__ = [
     "common_rate",
     "compare",
     "evaluate_goals",
+    "max_degraded_under_capacity",
+    "nearest_step",
     "next_sweep_rate",
+    "overload_basis",
+    "overload_summary",
     "passes_at",
     "saturation_reasons",
     "step_report",
@@ -107,9 +111,14 @@ def step_report(
         "cache_hits": tally.cache_hits,
         "within_budget": tally.within_budget,
         "repeats_planned": tally.repeats_planned,
+        "shed": tally.shed,
+        "degraded_other": tally.degraded_other,
+        "unlabelled_fallbacks": tally.unlabelled_fallbacks,
+        "late": tally.late,
         "decided_by": dict(sorted(tally.decided_by.items())),
         "reasons": dict(sorted(tally.reasons.items())),
         "error_codes": dict(sorted(tally.error_codes.items())),
+        "timeout_codes": dict(sorted(tally.timeout_codes.items())),
     }
     rates = {
         "slo_attainment": _rate(tally.within_budget, tally.scheduled),
@@ -118,6 +127,8 @@ def step_report(
         "fallback": _rate(tally.degraded, tally.ok),
         "escalation": _rate(tally.escalated, tally.ok),
         "cache_hit": _rate(tally.cache_hits, tally.ok),
+        "shed": _rate(tally.shed, tally.ok),
+        "degraded_share": _rate(tally.degraded_other, tally.ok),
     }
     report: dict[str, Any] = {
         "label": label,
@@ -136,6 +147,8 @@ def step_report(
         "stages_ms": {name: summarize(tally.stages[name]) for name in STAGES},
         "bookkeeping_problems": tally.check(),
     }
+    if tally.late_after_us is not None:
+        report["late_after_ms"] = round(tally.late_after_us / 1000, 3)
     reasons = _fail_reasons(report, criteria)
     report["passed"] = not reasons
     report["fail_reasons"] = reasons
@@ -322,33 +335,39 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return round(num / den, 3)
 
 
-def compare(cascade: Mapping[str, Any], naive: Mapping[str, Any]) -> dict[str, Any]:
-    """Side-by-side ratios (cascade's gain over the naive baseline: >1 means cascade is better)."""
+def compare(
+    cascade: Mapping[str, Any],
+    naive: Mapping[str, Any],
+    names: tuple[str, str] = ("cascade", "naive"),
+) -> dict[str, Any]:
+    """Side-by-side ratios of two targets (``names``: how the report calls them; the ratio is the
+    first one's gain over the second: >1 means the first is better)."""
+    first, second = names
 
     def rate(cap: Mapping[str, Any] | None) -> float | None:
         return cap["rate"] if cap else None
 
-    out: dict[str, Any] = {}
+    def pair(a: float | None, b: float | None, gain: float | None) -> dict[str, Any]:
+        return {first: a, second: b, "ratio": gain}
+
+    def ms_pair(a: float, b: float) -> dict[str, Any]:
+        return {f"{first}_ms": a, f"{second}_ms": b, "ratio": _ratio(b, a)}
+
+    out: dict[str, Any] = {"names": [first, second]}
     cap_c, cap_n = rate(cascade.get("capacity")), rate(naive.get("capacity"))
-    out["capacity_rate"] = {"cascade": cap_c, "naive": cap_n, "ratio": _ratio(cap_c, cap_n)}
+    out["capacity_rate"] = pair(cap_c, cap_n, _ratio(cap_c, cap_n))
     by_c = cascade.get("capacity_by_p99_ms") or {}
     by_n = naive.get("capacity_by_p99_ms") or {}
     out["capacity_by_p99_ms"] = {
-        key: {
-            "cascade": rate(by_c[key]),
-            "naive": rate(by_n.get(key)),
-            "ratio": _ratio(rate(by_c[key]), rate(by_n.get(key))),
-        }
+        key: pair(
+            rate(by_c[key]), rate(by_n.get(key)), _ratio(rate(by_c[key]), rate(by_n.get(key)))
+        )
         for key in by_c
     }
     ser_c, ser_n = cascade.get("serial"), naive.get("serial")
     if ser_c and ser_n:
         out["serial_latency"] = {
-            name: {
-                "cascade_ms": ser_c["latency_ms"][name],
-                "naive_ms": ser_n["latency_ms"][name],
-                "ratio": _ratio(ser_n["latency_ms"][name], ser_c["latency_ms"][name]),
-            }
+            name: ms_pair(ser_c["latency_ms"][name], ser_n["latency_ms"][name])
             for name in ("p50", "p99")
         }
     steps_c = {s["offered_rate"]: s for s in cascade.get("steps", []) if s["mode"] == "open"}
@@ -358,19 +377,80 @@ def compare(cascade: Mapping[str, Any], naive: Mapping[str, Any]) -> dict[str, A
         {
             "rate": rate,
             **{
-                name: {
-                    "cascade_ms": steps_c[rate]["latency_ms"][name],
-                    "naive_ms": steps_n[rate]["latency_ms"][name],
-                    "ratio": _ratio(
-                        steps_n[rate]["latency_ms"][name], steps_c[rate]["latency_ms"][name]
-                    ),
-                }
+                name: ms_pair(steps_c[rate]["latency_ms"][name], steps_n[rate]["latency_ms"][name])
                 for name in ("p50", "p99")
             },
         }
         for rate in common
     ]
     return out
+
+
+def overload_basis(target: Mapping[str, Any]) -> float | None:
+    """The rate an overload step multiplies: the capacity at SLO, else the highest achieved rate
+    of an open step (a target that never met the SLO still has a throughput); None without steps."""
+    cap = target.get("capacity")
+    if cap:
+        return float(cap["rate"])
+    achieved = [s["achieved_rate"] for s in target.get("steps", []) if s["mode"] == "open"]
+    return max(achieved) if achieved else None
+
+
+def overload_summary(step: Mapping[str, Any]) -> dict[str, Any]:
+    """What an overload step shows about keeping deadlines: every sent call is exactly one of
+    served (answered, not shed), shed (answered ``OVERLOADED``), ``DEADLINE_EXCEEDED`` or another
+    failure (an error, or a call abandoned at the end of the step)."""
+    c = step["counts"]
+    deadline_exceeded = int(c.get("timeout_codes", {}).get("DEADLINE_EXCEEDED", 0))
+    other_failures = c["errors"] + c["timeouts"] - deadline_exceeded
+    served = c["ok"] - c["shed"]
+    lat = step["latency_ms"]
+    return {
+        "offered_rate": step["offered_rate"],
+        "achieved_rate": step["achieved_rate"],
+        "sent": c["sent"],
+        "unsent": c["unsent"],
+        "answers": c["ok"],
+        "served": served,
+        "shed": c["shed"],
+        "stage2_overloaded": int(c["reasons"].get("STAGE2_OVERLOADED", 0)),
+        "degraded_other": c["degraded_other"],
+        "unlabelled_fallbacks": c["unlabelled_fallbacks"],
+        "late": c["late"],
+        "late_after_ms": step.get("late_after_ms"),
+        "deadline_exceeded": deadline_exceeded,
+        "other_failures": other_failures,
+        "error_codes": c["error_codes"],
+        "latency_ms": {k: lat[k] for k in ("p50", "p99", "max")},
+        "service_ms": {k: step["service_ms"][k] for k in ("p50", "p99", "max")},
+        "adds_up": served + c["shed"] + deadline_exceeded + other_failures == c["sent"],
+    }
+
+
+def nearest_step(
+    steps: Sequence[Mapping[str, Any]], rate: float, tolerance: float = 0.2
+) -> Mapping[str, Any] | None:
+    """The open step whose offered rate is nearest ``rate``, if within ``tolerance`` (relative)."""
+    near = [
+        s
+        for s in steps
+        if s["mode"] == "open" and abs(s["offered_rate"] - rate) <= tolerance * rate
+    ]
+    return min(near, key=lambda s: abs(s["offered_rate"] - rate)) if near else None
+
+
+def max_degraded_under_capacity(target: Mapping[str, Any]) -> float | None:
+    """The highest degraded share (answers with a reason other than ``OVERLOADED``) of the open
+    steps at or below the capacity rate; None without a capacity."""
+    cap = target.get("capacity")
+    if not cap:
+        return None
+    shares = [
+        s["rates"]["degraded_share"]
+        for s in target.get("steps", [])
+        if s["mode"] == "open" and s["offered_rate"] <= cap["rate"]
+    ]
+    return max(shares) if shares else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +462,14 @@ class Goals:
     capacity_rate: float = 1500.0
     capacity_ratio: float = 1.5
     orchestrator_p50_ms: float = 0.3
+    cpu_rate: float = 300.0  # the CPU targets hold at this rate (nearest step within 20%)
+    orchestrator_cpu_ms: float = 0.6
+    screening_cpu_ms: float = 0.25
+    stack_cpu_ms: float = 1.2
+    degraded_share_under_capacity: float = 0.001
+    overload_late: int = 0
+    overload_deadline_exceeded: int = 0
+    overload_unlabelled: int = 0
 
 
 def evaluate_goals(
@@ -429,6 +517,44 @@ def evaluate_goals(
             False,
         ),
     ]
+    cpu_step = nearest_step(cascade.get("steps", []), goals.cpu_rate)
+    cpu = cpu_step.get("cpu") if cpu_step else None
+    at = f" at {cpu_step['offered_rate']:g}/s" if cpu_step else f" at ~{goals.cpu_rate:g}/s"
+    for name, role, goal in (
+        ("orchestrator_cpu_ms", "orchestrator", goals.orchestrator_cpu_ms),
+        ("screening_cpu_ms", "screening-workers", goals.screening_cpu_ms),
+        ("stack_cpu_ms", "stack", goals.stack_cpu_ms),
+    ):
+        label = {"stack": "whole stack", "screening-workers": "screening"}.get(role, role)
+        measured = cpu["ms_per_answer"].get(role) if cpu else None
+        rows.append((name, f"{label} CPU <= {{:g}} ms per answer{at}", measured, goal, False))
+    rows.append(
+        (
+            "degraded_share_under_capacity",
+            "degraded share (reasons other than OVERLOADED) <= {:.1%} at or below capacity",
+            max_degraded_under_capacity(cascade),
+            goals.degraded_share_under_capacity,
+            False,
+        )
+    )
+    overload = cascade.get("overload")
+    summary = overload["summary"] if overload else None
+    for name, key, text, goal in (
+        ("overload_late", "late", "overload: answers later than deadline + 2 ms == {:g}", 0),
+        (
+            "overload_deadline_exceeded",
+            "deadline_exceeded",
+            "overload: DEADLINE_EXCEEDED == {:g}",
+            0,
+        ),
+        (
+            "overload_unlabelled",
+            "unlabelled_fallbacks",
+            "overload: default or degraded answers without a reason == {:g}",
+            0,
+        ),
+    ):
+        rows.append((name, text, summary[key] if summary else None, goal, False))
     out = []
     for name, text, measured, goal, higher_is_better in rows:
         met = None

@@ -18,6 +18,12 @@ answers with the server's own timings: ``redis``, ``features``, ``stage1``, ``st
 the stage ran), ``server_total``, ``orchestrator`` (server total minus the stages: the
 orchestrator's own work between its downstream calls) and ``transport`` (client-side service time
 minus server total: both gRPC legs, the servicer's work outside the scorer, and client overhead).
+
+Overload bookkeeping: ``shed`` counts answers labelled ``OVERLOADED`` (turned away on arrival with
+the default decision), ``degraded_other`` answers with any other reason, ``unlabelled_fallbacks``
+default or degraded answers that carry no reason at all (an unlabelled shed), ``late`` OK answers
+whose client-measured service time exceeded ``late_after_us`` (the deadline plus a small grace),
+and ``timeout_codes`` how each timeout ended (gRPC ``DEADLINE_EXCEEDED`` or ``ABANDONED``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Final
 from cascade.v1 import scoring_pb2
 from loadtests.histogram import Histogram
 
-__all__ = ["STAGES", "Failure", "Tally"]
+__all__ = ["SHED_REASON", "STAGES", "Failure", "Tally"]
 
 STAGES: Final = (
     "redis",
@@ -47,6 +53,23 @@ _DECIDED_BY_NAMES: Final = {
 _REASON_NAMES: Final = {
     value: name.removeprefix("REASON_") for name, value in scoring_pb2.Reason.items()
 }
+SHED_REASON: Final = "OVERLOADED"
+_COUNTS: Final = (
+    "scheduled",
+    "sent",
+    "unsent",
+    "ok",
+    "errors",
+    "timeouts",
+    "degraded",
+    "escalated",
+    "within_budget",
+    "repeats_planned",
+    "shed",
+    "degraded_other",
+    "unlabelled_fallbacks",
+    "late",
+)
 
 
 class Failure(StrEnum):
@@ -65,6 +88,7 @@ class Tally:
     """Counts and histograms of one step (one process's share, or several merged)."""
 
     budget_us: int
+    late_after_us: int | None = None  # None: lateness is not counted
     scheduled: int = 0
     sent: int = 0
     unsent: int = 0
@@ -75,9 +99,14 @@ class Tally:
     escalated: int = 0
     within_budget: int = 0
     repeats_planned: int = 0
+    shed: int = 0
+    degraded_other: int = 0
+    unlabelled_fallbacks: int = 0
+    late: int = 0
     decided_by: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
     error_codes: Counter[str] = field(default_factory=Counter)
+    timeout_codes: Counter[str] = field(default_factory=Counter)
     latency: Histogram = field(default_factory=Histogram)
     service: Histogram = field(default_factory=Histogram)
     send_lag: Histogram = field(default_factory=Histogram)
@@ -111,6 +140,8 @@ class Tally:
         self.service.record(service_us)
         if latency_us <= self.budget_us:
             self.within_budget += 1
+        if self.late_after_us is not None and service_us > self.late_after_us:
+            self.late += 1
         path = _DECIDED_BY_NAMES.get(reply.decided_by, str(reply.decided_by))
         self.decided_by[path] += 1
         hist = self.by_path.get(path)
@@ -121,8 +152,14 @@ class Tally:
             self.degraded += 1
         if reply.escalated:
             self.escalated += 1
-        for reason in reply.reasons:
-            self.reasons[_REASON_NAMES.get(reason, str(reason))] += 1
+        names = [_REASON_NAMES.get(reason, str(reason)) for reason in reply.reasons]
+        self.reasons.update(names)
+        if SHED_REASON in names:
+            self.shed += 1
+        if any(name != SHED_REASON for name in names):
+            self.degraded_other += 1
+        if not names and (reply.degraded or path == "DEFAULT"):
+            self.unlabelled_fallbacks += 1
         t = reply.timings
         stages = self.stages
         for name, value in (
@@ -147,6 +184,7 @@ class Tally:
         self.latency.record(_us(done_s - intended_s))
         if failure is Failure.TIMEOUT:
             self.timeouts += 1
+            self.timeout_codes[code or "DEADLINE_EXCEEDED"] += 1
         else:
             self.errors += 1
             self.error_codes[code or "UNKNOWN"] += 1
@@ -154,24 +192,14 @@ class Tally:
 
     def merge(self, other: Tally) -> None:
         """Add ``other`` (another process's share of the same step) into this tally."""
-        if other.budget_us != self.budget_us:
+        if (other.budget_us, other.late_after_us) != (self.budget_us, self.late_after_us):
             raise ValueError("cannot merge tallies measured against different budgets")
-        for name in (
-            "scheduled",
-            "sent",
-            "unsent",
-            "ok",
-            "errors",
-            "timeouts",
-            "degraded",
-            "escalated",
-            "within_budget",
-            "repeats_planned",
-        ):
+        for name in _COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.decided_by.update(other.decided_by)
         self.reasons.update(other.reasons)
         self.error_codes.update(other.error_codes)
+        self.timeout_codes.update(other.timeout_codes)
         self.latency.merge(other.latency)
         self.service.merge(other.service)
         self.send_lag.merge(other.send_lag)

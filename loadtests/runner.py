@@ -5,6 +5,10 @@
 :class:`~loadtests.replay.ReplayStream`; give two runners streams over the same base transactions
 and they send the same workload, which is what makes the cascade and the naive baseline
 comparable. Each step returns its report dict (:func:`loadtests.report.step_report`).
+
+Before warm-up a runner can backfill card histories into its target (:meth:`TargetRunner.backfill`);
+after the steps, :meth:`TargetRunner.overload_step` runs one open-loop step past capacity and keeps
+it apart from the sweep's steps (:attr:`TargetRunner.overload`).
 """
 
 from __future__ import annotations
@@ -13,16 +17,19 @@ import asyncio
 import logging
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final
 
 import grpc
 
+from cascade.transaction import Transaction
+from loadtests.backfill import backfill
 from loadtests.client import ScoringClient, run_serial
-from loadtests.cpu import CpuMeter, cpu_report
+from loadtests.cpu import CpuMeter, CpuSnapshot, cpu_report
 from loadtests.histogram import Histogram
+from loadtests.history import history_summary
 from loadtests.processes import COUNTER_FIELDS, GeneratorProcesses, ShareJob, run_share_here
 from loadtests.progress import ProgressLine
 from loadtests.replay import ReplayStream, plan_requests
@@ -31,6 +38,7 @@ from loadtests.report import (
     SweepPlan,
     SweepPoint,
     next_sweep_rate,
+    overload_summary,
     step_report,
     summarize,
 )
@@ -56,6 +64,7 @@ class LoadSettings:
     processes: int = 1
     channels: int = 1
     deadline_ms: float = 50.0
+    late_grace_ms: float = 2.0  # an answer later than deadline + this counts as late
     criteria: Criteria = field(default_factory=Criteria)
     warmup_s: float = 2.0
     warmup_rate: float = 100.0
@@ -76,6 +85,15 @@ class LoadSettings:
     def budget_us(self) -> int:
         """The SLO budget in microseconds."""
         return round(self.criteria.budget_ms * 1000)
+
+    @property
+    def late_after_us(self) -> int:
+        """Client-measured service time beyond which an answer is late, in microseconds."""
+        return round((self.deadline_ms + self.late_grace_ms) * 1000)
+
+    def tally(self) -> Tally:
+        """An empty tally for one step."""
+        return Tally(budget_us=self.budget_us, late_after_us=self.late_after_us)
 
 
 def sweep_point(report: Mapping[str, Any]) -> SweepPoint:
@@ -102,15 +120,19 @@ class TargetRunner:
         settings: LoadSettings,
         *,
         cpu_meter: CpuMeter | None = None,
+        stack_roles: Collection[str] | None = None,
     ) -> None:
         self.name = name
         self._cpu_meter = cpu_meter
+        self._stack_roles = stack_roles
         self.target = target
         self._stream = stream
         self._settings = settings
         self._client = ScoringClient(target, channels=settings.channels)
         self.steps: list[dict[str, Any]] = []
         self.serial: dict[str, Any] | None = None
+        self.overload: dict[str, Any] | None = None
+        self.backfilled: dict[str, Any] | None = None
 
     async def __aenter__(self) -> TargetRunner:
         await self._client.__aenter__()
@@ -127,6 +149,29 @@ class TargetRunner:
     def _seed(self, rate: float, label: str) -> int:
         # The same step (rate and label) gets the same seed on every target: same arrivals.
         return zlib.crc32(f"{self._settings.seed}:{rate:.3f}:{label}".encode())
+
+    @property
+    def history_seen(self) -> dict[str, Any]:
+        """History lengths the load's fresh transactions met (as planned), summarized."""
+        return history_summary(self._stream.history_lengths)
+
+    async def backfill(self, batches: Sequence[Sequence[Transaction]], *, nonce: str) -> None:
+        """Send earlier transactions of the load's cards with ``ScoreBatch`` (see
+        :mod:`loadtests.backfill`); recorded in :attr:`backfilled`."""
+        self.backfilled = await backfill(self._client, batches, nonce=nonce)
+
+    async def overload_step(self, rate: float, duration_s: float) -> dict[str, Any]:
+        """One open-loop step at ``rate`` past capacity; recorded in :attr:`overload` with its
+        :func:`~loadtests.report.overload_summary`, not among the sweep's steps."""
+        s = self._settings
+        report = await self._open_step(
+            rate, duration_s, label=f"{self.name} overload @{rate:g}/s", processes=s.processes
+        )
+        report["mode"] = "overload"
+        report["summary"] = overload_summary(report)
+        self.overload = report
+        await asyncio.sleep(_SETTLE_S)
+        return report
 
     async def warmup(self) -> None:
         """A short open-loop step at a low rate whose numbers are thrown away."""
@@ -150,7 +195,7 @@ class TargetRunner:
             self._stream,
             repeat_share=0.0,
         )[0].payloads
-        tally = Tally(budget_us=s.budget_us)
+        tally = s.tally()
         label = f"{self.name} serial"
         cpu_before, started = await self._cpu_snapshot(), time.monotonic()
         async with ProgressLine(
@@ -239,12 +284,13 @@ class TargetRunner:
                 window_s=window,
                 deadline_s=s.deadline_ms / 1000,
                 budget_us=s.budget_us,
+                late_after_us=s.late_after_us,
             )
             for k, plan in enumerate(plans)
         ]
         cpu_before, started = await self._cpu_snapshot(), time.monotonic()
         if processes == 1:
-            tally = Tally(budget_us=s.budget_us)
+            tally = s.tally()
             async with ProgressLine(label, window, _tally_counts(tally), enabled=s.progress):
                 await run_share_here(jobs[0], tally, client=self._client)
         else:
@@ -266,16 +312,18 @@ class TargetRunner:
         await self._add_cpu(report, cpu_before, started, tally.ok)
         return report
 
-    async def _cpu_snapshot(self) -> dict[str, float]:
+    async def _cpu_snapshot(self) -> CpuSnapshot:
         if self._cpu_meter is None:
-            return {}
+            return CpuSnapshot()
         return await asyncio.to_thread(self._cpu_meter.snapshot)
 
     async def _add_cpu(
-        self, report: dict[str, Any], before: dict[str, float], started: float, answers: int
+        self, report: dict[str, Any], before: CpuSnapshot, started: float, answers: int
     ) -> None:
         """CPU by component during the step (spawned generators included once reaped)."""
         if self._cpu_meter is None:
             return
         after = await self._cpu_snapshot()
-        report["cpu"] = cpu_report(before, after, time.monotonic() - started, answers)
+        report["cpu"] = cpu_report(
+            before, after, time.monotonic() - started, answers, stack_roles=self._stack_roles
+        )

@@ -1,11 +1,16 @@
-"""Plain-text and Markdown tables of a report (pure), for the terminal and ``docs/latency.md``."""
+"""Plain-text and Markdown tables of a report (pure), for the terminal and ``docs/latency.md``.
+
+Tables: every step (serial, open-loop and overload) with latency and answer shares; per stage;
+CPU per answer by process for every step, with the issue's CPU targets beside it; the overload
+step; the comparisons (naive baseline, a compared ref); the goals.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from loadtests.report import common_rate
+from loadtests.report import Goals, common_rate
 
 __all__ = ["markdown_tables", "text_table"]
 
@@ -18,21 +23,32 @@ def _steps(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
         if target.get("serial"):
             rows.append((name, target["serial"]))
         rows += [(name, s) for s in sorted(target["steps"], key=lambda s: s["offered_rate"])]
+        if target.get("overload"):
+            rows.append((name, target["overload"]))
     return rows
+
+
+def _offered(step: Mapping[str, Any]) -> str:
+    if step["mode"] == "serial":
+        return "1 in flight"
+    if step["mode"] == "overload":
+        return f"{step['offered_rate']:g} (overload)"
+    return f"{step['offered_rate']:g}"
 
 
 def _step_cells(name: str, step: Mapping[str, Any]) -> list[str]:
     lat, rates = step["latency_ms"], step["rates"]
-    offered = "1 in flight" if step["mode"] == "serial" else f"{step['offered_rate']:g}"
     return [
         name,
-        offered,
+        _offered(step),
         f"{step['achieved_rate']:.0f}",
         *(f"{lat[k]:.2f}" for k in ("p50", "p95", "p99", "p99_9", "max")),
         f"{step['send_lag_ms']['p99']:.2f}",
         f"{rates['slo_attainment']:.2%}",
         f"{rates['error'] + rates['timeout']:.2%}",
         f"{rates['fallback']:.2%}",
+        _share(rates.get("degraded_share")),
+        _share(rates.get("shed")),
         f"{rates['escalation']:.1%}",
         f"{rates['cache_hit']:.1%}",
         "yes" if step["passed"] else "no",
@@ -52,10 +68,16 @@ _STEP_HEADER = [
     "in budget",
     "err+timeout",
     "fallback",
+    "degraded",
+    "shed",
     "escalated",
     "cache hits",
     "at SLO",
 ]
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
 
 
 def _stage_rows(report: Mapping[str, Any]) -> list[list[str]]:
@@ -69,19 +91,6 @@ def _stage_rows(report: Mapping[str, Any]) -> list[list[str]]:
             )
         rows.append(cells)
     return rows
-
-
-_CPU_ROLES = (
-    "orchestrator",
-    "screening-workers",
-    "naive-server",
-    "naive-workers",
-    "redis",
-    "nats",
-    "triton",
-    "loadgen",
-    "total",
-)
 
 
 def _picked_steps(report: Mapping[str, Any]) -> list[tuple[str, str, Mapping[str, Any]]]:
@@ -106,20 +115,147 @@ def _picked_steps(report: Mapping[str, Any]) -> list[tuple[str, str, Mapping[str
     return picks
 
 
+_CPU_HEADER = [
+    "target",
+    "step",
+    "orchestrator",
+    "screening total",
+    "screening each",
+    "triton",
+    "redis",
+    "nats",
+    "generator",
+    "stack",
+    "stack cores",
+    "total",
+]
+
+
+def _ms(cpu: Mapping[str, Any], role: str) -> str:
+    value = cpu["ms_per_answer"].get(role)
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _cpu_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    """CPU ms per answer of every step, by process role. The naive baseline's server and
+    workers go in the orchestrator and screening columns."""
     rows = []
-    for name, label, step in _picked_steps(report):
+    for name, step in _steps(report):
         cpu = step.get("cpu")
         if not cpu:
             continue
-        cells = [name, label]
-        for role in _CPU_ROLES:
-            if role in cpu["cores"] and (role == "total" or cpu["cores"][role] > 0.005):
-                cells.append(f"{cpu['ms_per_answer'][role]:.3f} ({cpu['cores'][role]:.2f})")
-            else:
-                cells.append("-")
-        rows.append(cells)
+        naive = name == "naive"
+        server, workers = (
+            ("naive-server", "naive-workers") if naive else ("orchestrator", "screening-workers")
+        )
+        each = cpu.get("per_process_ms_per_answer", {}).get(workers, {})
+        rows.append(
+            [
+                name,
+                _offered(step),
+                _ms(cpu, server),
+                _ms(cpu, workers),
+                " / ".join(f"{v:.3f}" for v in each.values()) or "-",
+                _ms(cpu, "triton"),
+                _ms(cpu, "redis"),
+                _ms(cpu, "nats"),
+                _ms(cpu, "loadgen"),
+                _ms(cpu, "stack"),
+                f"{cpu['cores'].get('stack', 0.0):.2f}",
+                _ms(cpu, "total"),
+            ]
+        )
     return rows
+
+
+def _cpu_targets_line() -> str:
+    g = Goals()
+    return (
+        f"targets at {g.cpu_rate:g}/s: orchestrator <= {g.orchestrator_cpu_ms:g} ms, each "
+        f"screening answer <= {g.screening_cpu_ms:g} ms, whole stack <= {g.stack_cpu_ms:g} ms "
+        "(stack: the target's own processes and the shared Redis, NATS and Triton; the generator "
+        "is apart)"
+    )
+
+
+_OVERLOAD_HEADER = [
+    "target",
+    "offered/s",
+    "achieved/s",
+    "sent",
+    "answers",
+    "shed",
+    "stage2 overloaded",
+    "other degraded",
+    "unlabelled",
+    "late (> deadline + 2 ms)",
+    "DEADLINE_EXCEEDED",
+    "other failures",
+    "unsent",
+    "p50 ms",
+    "p99 ms",
+    "max ms",
+]
+
+
+def _overload_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, target in report["targets"].items():
+        step = target.get("overload")
+        if not step:
+            continue
+        o = step["summary"]
+        rows.append(
+            [
+                name,
+                f"{o['offered_rate']:g}",
+                f"{o['achieved_rate']:.0f}",
+                *(
+                    str(o[k])
+                    for k in (
+                        "sent",
+                        "answers",
+                        "shed",
+                        "stage2_overloaded",
+                        "degraded_other",
+                        "unlabelled_fallbacks",
+                        "late",
+                        "deadline_exceeded",
+                        "other_failures",
+                        "unsent",
+                    )
+                ),
+                *(f"{o['latency_ms'][k]:.2f}" for k in ("p50", "p99", "max")),
+            ]
+        )
+    return rows
+
+
+def _overload_part(report: Mapping[str, Any], title: str, *, markdown: bool) -> list[str]:
+    rows = _overload_rows(report)
+    if not rows:
+        return []
+    return [title, _render(_OVERLOAD_HEADER, rows, markdown=markdown), ""]
+
+
+def _history_lines(report: Mapping[str, Any]) -> list[str]:
+    meta = report.get("meta", {}).get("history")
+    if not meta:
+        return []
+    lines = [
+        f"card history: {meta['mode']}; {meta['backfilled_transactions']} earlier transactions "
+        f"of {meta['backfilled_cards']} cards backfilled with ScoreBatch into every target"
+    ]
+    for name, target in report["targets"].items():
+        seen = (target.get("history") or {}).get("seen_by_load") or {}
+        fill = (target.get("history") or {}).get("backfill") or {}
+        if seen.get("count"):
+            lines.append(
+                f"{name}: history length at send (planned) min {seen['min']}, p50 {seen['p50']},"
+                f" max {seen['max']}, full {seen['full_share']:.1%} of {seen['count']} fresh "
+                f"transactions" + (f"; backfill took {fill['seconds']} s" if fill else "")
+            )
+    return lines
 
 
 def _render(header: list[str], rows: list[list[str]], *, markdown: bool) -> str:
@@ -134,22 +270,42 @@ def _render(header: list[str], rows: list[list[str]], *, markdown: bool) -> str:
     return "\n".join([fmt.format(*header), *(fmt.format(*r) for r in rows)])
 
 
-def _comparison_lines(report: Mapping[str, Any]) -> list[str]:
-    comp = report.get("comparison") or {"capacity_rate": None}
-    cap = comp["capacity_rate"]
-    lines = (
-        []
-        if cap is None
-        else [
-            f"capacity at SLO: cascade {cap['cascade']}/s, naive {cap['naive']}/s, "
+def _pair_lines(comp: Mapping[str, Any]) -> list[str]:
+    first, second = comp.get("names") or ("cascade", "naive")
+    lines = []
+    cap = comp.get("capacity_rate")
+    if cap is not None:
+        lines.append(
+            f"capacity at SLO: {first} {cap[first]}/s, {second} {cap[second]}/s, "
             f"ratio {cap['ratio']}x"
-        ]
-    )
+        )
     for key, row in comp.get("capacity_by_p99_ms", {}).items():
         lines.append(
-            f"capacity at p99 <= {key} ms (and every answer in budget): cascade "
-            f"{row['cascade']}/s, naive {row['naive']}/s, ratio {row['ratio']}x"
+            f"capacity at p99 <= {key} ms (and every answer in budget): {first} "
+            f"{row[first]}/s, {second} {row[second]}/s, ratio {row['ratio']}x"
         )
+    serial = comp.get("serial_latency")
+    if serial:
+        lines.append(
+            "1 in flight: "
+            + ", ".join(
+                f"{k} {first} {v[f'{first}_ms']:.2f} ms vs {second} {v[f'{second}_ms']:.2f} ms "
+                f"({v['ratio']}x)"
+                for k, v in serial.items()
+            )
+        )
+    for row in comp.get("same_rate", []):
+        p50, p99 = row["p50"], row["p99"]
+        lines.append(
+            f"@{row['rate']:g}/s: p50 {p50[f'{first}_ms']:.2f} vs {p50[f'{second}_ms']:.2f} "
+            f"ms ({p50['ratio']}x), p99 {p99[f'{first}_ms']:.2f} vs "
+            f"{p99[f'{second}_ms']:.2f} ms ({p99['ratio']}x)"
+        )
+    return lines
+
+
+def _comparison_lines(report: Mapping[str, Any]) -> list[str]:
+    lines = _pair_lines(report["comparison"]) if report.get("comparison") else []
     for name, target in report["targets"].items():
         floor = (target.get("serial") or {}).get("grpc_floor_ms")
         if floor:
@@ -157,22 +313,14 @@ def _comparison_lines(report: Mapping[str, Any]) -> list[str]:
                 f"gRPC floor ({name}, health Check, 1 in flight): p50 {floor['p50']:.2f} ms, "
                 f"p99 {floor['p99']:.2f} ms"
             )
-    serial = comp.get("serial_latency")
-    if serial:
+    ref = report.get("comparison_with_ref")
+    if ref:
+        about = report.get("meta", {}).get("compare") or {}
         lines.append(
-            "1 in flight: "
-            + ", ".join(
-                f"{k} cascade {v['cascade_ms']:.2f} ms vs naive {v['naive_ms']:.2f} ms "
-                f"({v['ratio']}x)"
-                for k, v in serial.items()
-            )
+            f"side by side with {about.get('ref', '?')} ({str(about.get('commit', ''))[:12]}), "
+            "'compare' in the tables:"
         )
-    for row in comp.get("same_rate", []):
-        lines.append(
-            f"@{row['rate']:g}/s: p50 {row['p50']['cascade_ms']:.2f} vs {row['p50']['naive_ms']:.2f} "
-            f"ms ({row['p50']['ratio']}x), p99 {row['p99']['cascade_ms']:.2f} vs "
-            f"{row['p99']['naive_ms']:.2f} ms ({row['p99']['ratio']}x)"
-        )
+        lines += _pair_lines(ref)
     return lines
 
 
@@ -199,9 +347,11 @@ def text_table(report: Mapping[str, Any]) -> str:
         "per stage, ms (p50 / p99):",
         _render(stage_header, _stage_rows(report), markdown=False),
         "",
-        "CPU per answer, ms (cores busy):",
-        _render(["target", "step", *_CPU_ROLES], _cpu_rows(report), markdown=False),
+        "CPU per answer, ms, every step; " + _cpu_targets_line() + ":",
+        _render(_CPU_HEADER, _cpu_rows(report), markdown=False),
         "",
+        *_overload_part(report, "overload step:", markdown=False),
+        *_history_lines(report),
         *_comparison_lines(report),
         "",
         _render(["goal", "measured", ""], _goal_rows(report), markdown=False),
@@ -219,10 +369,16 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
         "",
         _render(stage_header, _stage_rows(report), markdown=True),
         "",
-        "CPU per answer, ms (cores busy), by process:",
+        "CPU per answer, ms, by process, every step; " + _cpu_targets_line() + ":",
         "",
-        _render(["target", "step", *_CPU_ROLES], _cpu_rows(report), markdown=True),
+        _render(_CPU_HEADER, _cpu_rows(report), markdown=True),
         "",
+        *_overload_part(
+            report,
+            "Overload step (late: client-measured service time over the deadline + 2 ms):\n",
+            markdown=True,
+        ),
+        *(f"- {line}" for line in _history_lines(report)),
         *(f"- {line}" for line in _comparison_lines(report)),
         "",
         _render(["goal", "measured", ""], _goal_rows(report), markdown=True),

@@ -63,6 +63,8 @@ def _check_step(step: dict[str, Any], *, count_cap: int | None = None) -> None:
         "fallback",
         "escalation",
         "cache_hit",
+        "shed",
+        "degraded_share",
     }
     assert all(0.0 <= v <= 1.0 for v in step["rates"].values())
     if count_cap is not None:
@@ -96,7 +98,7 @@ async def test_loadtest_sweeps_both_cascades_and_writes_a_consistent_report(
     assert code == 0, out
     assert "capacity at SLO: cascade" in out
     report = json.loads((out_dir / "report.json").read_text())
-    assert set(report) == {"meta", "targets", "comparison", "goals"}
+    assert set(report) == {"meta", "targets", "comparison", "comparison_with_ref", "goals"}
     assert report["meta"]["command"].startswith("cascade loadtest ")
     assert set(report["targets"]) == {"cascade", "naive"}
     for name, target in report["targets"].items():
@@ -124,10 +126,79 @@ async def test_loadtest_sweeps_both_cascades_and_writes_a_consistent_report(
         "capacity_rate",
         "capacity_ratio",
         "orchestrator_p50_ms",
+        "orchestrator_cpu_ms",
+        "screening_cpu_ms",
+        "stack_cpu_ms",
+        "degraded_share_under_capacity",
+        "overload_late",
+        "overload_deadline_exceeded",
+        "overload_unlabelled",
     }
     for png in ("summary.png", "sweep.png"):
         assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert processes_mentioning(out_dir) == set()  # every server it started has stopped
+
+
+@pytest.mark.skipif(
+    not (DEFAULT_MODEL_DIR / "registry.json").exists(), reason="no committed models"
+)
+async def test_loadtest_backfills_mature_histories_and_reports_an_overload_step(
+    tmp_path: Path,
+) -> None:
+    out_dir = tmp_path / "out"
+    code, out = await run_cli(
+        f"--model-dir={DEFAULT_MODEL_DIR}",
+        f"--out={out_dir}",
+        "--workers=2",
+        "--no-baseline",
+        "--history=mature",
+        "--rate=30",
+        "--duration=1",
+        "--serial-count=20",
+        "--warmup=0.3",
+        "--overload-rate=150",
+        "--overload-duration=1.5",
+        "--p99-target-ms=50",
+        timeout_s=120,
+    )
+    assert code == 0, out
+    report = json.loads((out_dir / "report.json").read_text())
+    history = report["meta"]["history"]
+    assert history["mode"] == "mature"
+    assert history["backfilled_transactions"] == 64 * history["backfilled_cards"] > 0
+    assert history["backfill_batches"] * 500 >= history["backfilled_transactions"]
+    target = report["targets"]["cascade"]
+    backfill = target["history"]["backfill"]
+    assert backfill["transactions"] == history["backfilled_transactions"]
+    assert backfill["cards"] == history["backfilled_cards"]
+    seen = target["history"]["seen_by_load"]
+    assert seen["min"] == 64 and seen["full_share"] == 1.0
+    assert seen["count"] >= target["steps"][0]["counts"]["sent"]
+    overload = target["overload"]
+    _check_step(overload)
+    assert overload["mode"] == "overload" and overload["offered_rate"] == 150.0
+    o = overload["summary"]
+    c = overload["counts"]
+    assert o["adds_up"] is True
+    assert o["served"] + o["shed"] + o["deadline_exceeded"] + o["other_failures"] == o["sent"]
+    assert o["sent"] == c["sent"] > 0 and o["answers"] == c["ok"]
+    assert o["shed"] == c["reasons"].get("OVERLOADED", 0)
+    assert o["late"] <= o["answers"] and o["late_after_ms"] == 52.0
+    for step in [target["serial"], *target["steps"], overload]:
+        cpu = step["cpu"]
+        assert cpu["ms_per_answer"]["stack"] > 0
+        assert cpu["ms_per_answer"]["total"] >= cpu["ms_per_answer"]["stack"]
+        assert "loadgen" not in cpu["stack_roles"]
+        workers = cpu["per_process_ms_per_answer"]["screening-workers"]
+        assert len(workers) == 2
+        assert sum(workers.values()) == pytest.approx(
+            cpu["ms_per_answer"]["screening-workers"], abs=0.01
+        )
+    tables = (out_dir / "tables.md").read_text()
+    assert "150 (overload)" in tables and "Overload step" in tables
+    goals = {g["name"]: g for g in report["goals"]}
+    assert goals["overload_deadline_exceeded"]["measured"] == o["deadline_exceeded"]
+    assert processes_mentioning(out_dir) == set()
 
 
 async def test_loadtest_refuses_a_target_that_is_not_loopback(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from loadtests.cpu import CpuMeter, cpu_report, role_of
+from loadtests.cpu import CpuMeter, CpuSnapshot, cpu_report, role_of
 
 
 @pytest.mark.parametrize(
@@ -32,18 +32,42 @@ def test_role_of(cmdline: list[str], role: str) -> None:
 
 def test_cpu_report_gives_cores_and_ms_per_answer() -> None:
     report = cpu_report(
-        {"orchestrator": 10.0, "redis": 1.0},
-        {"orchestrator": 11.0, "redis": 1.25, "nats": 0.25},
+        CpuSnapshot({"orchestrator": 10.0, "redis": 1.0, "loadgen": 3.0}),
+        CpuSnapshot({"orchestrator": 11.0, "redis": 1.25, "nats": 0.25, "loadgen": 3.5}),
         wall_s=2.0,
         answers=1000,
     )
-    assert report["cores"] == {"nats": 0.125, "orchestrator": 0.5, "redis": 0.125, "total": 0.75}
+    assert report["cores"] == {
+        "loadgen": 0.25,
+        "nats": 0.125,
+        "orchestrator": 0.5,
+        "redis": 0.125,
+        "stack": 0.75,
+        "total": 1.0,
+    }
     assert report["ms_per_answer"]["orchestrator"] == 1.0
-    assert report["ms_per_answer"]["total"] == 1.5
+    assert report["ms_per_answer"]["stack"] == 1.5  # the generator is not the stack
+    assert report["ms_per_answer"]["total"] == 2.0
+
+
+def test_cpu_report_counts_only_the_named_stack_roles_and_each_worker() -> None:
+    before = CpuSnapshot(
+        {"orchestrator": 1.0, "naive-server": 1.0, "screening-workers": 0.5},
+        {"screening-workers": {"11": 0.2, "12": 0.3}},
+    )
+    after = CpuSnapshot(
+        {"orchestrator": 1.6, "naive-server": 1.1, "screening-workers": 0.8},
+        {"screening-workers": {"11": 0.3, "12": 0.5}},
+    )
+    report = cpu_report(before, after, 1.0, 1000, stack_roles=("orchestrator", "screening-workers"))
+    assert report["ms_per_answer"]["stack"] == pytest.approx(0.9)  # not the idle naive server
+    assert report["per_process_ms_per_answer"] == {
+        "screening-workers": {"11": pytest.approx(0.1), "12": pytest.approx(0.2)}
+    }
 
 
 def test_cpu_report_without_answers_or_time() -> None:
-    report = cpu_report({}, {"x": 1.0}, wall_s=0.0, answers=0)
+    report = cpu_report(CpuSnapshot(), CpuSnapshot({"x": 1.0}), wall_s=0.0, answers=0)
     assert report["cores"]["x"] == 0.0 and report["ms_per_answer"]["x"] == 0.0
 
 
@@ -64,4 +88,26 @@ def test_snapshot_counts_this_process_and_its_children() -> None:
         check=True,
     )
     after = meter.snapshot()
-    assert after["loadgen"] - before["loadgen"] >= 0.35
+    assert after.roles["loadgen"] - before.roles["loadgen"] >= 0.35
+
+
+@pytest.mark.skipif(not CpuMeter.available(), reason="needs /proc")
+def test_meters_split_two_stacks_by_subtree() -> None:
+    # A child whose command line reads like a screening worker (python -c ignores the rest).
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)", "-m", "stages.screening"]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while "screening-workers" not in CpuMeter().snapshot().roles:
+            assert time.monotonic() < deadline, "the child never showed up in /proc"
+            time.sleep(0.05)
+        mine = CpuMeter().snapshot()
+        assert str(child.pid) in mine.processes["screening-workers"]
+        assert "screening-workers" not in CpuMeter(skip={child.pid}).snapshot().roles
+        theirs = CpuMeter(stack_root=child.pid).snapshot()
+        assert set(theirs.processes["screening-workers"]) == {str(child.pid)}
+        assert "loadgen" in theirs.roles  # the generator counts for every meter
+    finally:
+        child.kill()
+        child.wait()
