@@ -133,6 +133,15 @@ class AdmissionSettings(BaseModel):
         description="A call arriving with less of its budget left than this waited in queues "
         "for the rest: it is shed at once.",
     )
+    max_loop_lag_ms: float = Field(
+        8.0,
+        gt=0,
+        description="While the event loop runs timers later than this, arrivals are shed: the "
+        "process is past its CPU capacity and calls are queueing in front of the handler.",
+    )
+    lag_probe_ms: float = Field(
+        2.0, gt=0, le=100, description="How often the event-loop lag is probed."
+    )
     rtt_tolerance: float = Field(
         2.0,
         ge=1.0,

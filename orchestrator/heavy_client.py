@@ -21,7 +21,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
 from tritonclient.grpc.aio import InferenceServerClient
 
 from cascade.errors import Dependency, DependencyFailed, DependencyTimeout, translate_triton_errors
-from cascade.telemetry import inject_headers
+from cascade.telemetry import inject_headers, records_spans
 from orchestrator.stage_twin import ScoreFn, StageTwin
 
 INPUT_NAME: Final = "sequence"
@@ -48,6 +48,7 @@ class TritonHeavyScorer:
         self._model_name = model_name
         self._model_version = model_version
         self._tracer = tracer
+        self._spans = records_spans(tracer)
         self._outputs = [InferRequestedOutput(OUTPUT_NAME)]
         self._abandoned: set[asyncio.Task[InferResult]] = set()
 
@@ -76,40 +77,46 @@ class TritonHeavyScorer:
         if not task.cancelled():
             task.exception()  # mark it retrieved: an abandoned call's error is expected, not news
 
+    async def _infer(self, infer_input: InferInput, timeout_s: float) -> InferResult:
+        headers: dict[str, str] = {}
+        inject_headers(headers)  # the current context, recording or not
+        call = asyncio.ensure_future(
+            self._client.infer(
+                self._model_name,
+                [infer_input],
+                model_version=self._model_version,
+                outputs=self._outputs,
+                client_timeout=timeout_s,
+                headers=headers,
+            )
+        )
+        try:
+            done, _ = await asyncio.wait((call,), timeout=timeout_s)
+        except asyncio.CancelledError:
+            call.cancel()  # our caller gave up (shutdown, guard): nothing waits for this call
+            self._abandon(call)
+            raise
+        if not done:
+            self._abandon(call)
+            raise DependencyTimeout(Dependency.HEAVY, "no answer in time")
+        with translate_triton_errors():
+            return call.result()
+
     async def score(
         self, sequences: npt.NDArray[np.float32], timeout_s: float
     ) -> npt.NDArray[np.float32]:
         """Infer ``sequences`` [n, L, D]; returns [n] scores."""
         infer_input = InferInput(INPUT_NAME, list(sequences.shape), "FP32")
         infer_input.set_data_from_numpy(np.ascontiguousarray(sequences, dtype=np.float32))
-        with self._tracer.start_as_current_span(
-            "stage2.infer",
-            kind=trace.SpanKind.CLIENT,
-            attributes={"rpc.system": "grpc", "triton.model": self._model_name},
-        ):
-            headers: dict[str, str] = {}
-            inject_headers(headers)
-            call = asyncio.ensure_future(
-                self._client.infer(
-                    self._model_name,
-                    [infer_input],
-                    model_version=self._model_version,
-                    outputs=self._outputs,
-                    client_timeout=timeout_s,
-                    headers=headers,
-                )
-            )
-            try:
-                done, _ = await asyncio.wait((call,), timeout=timeout_s)
-            except asyncio.CancelledError:
-                call.cancel()  # our caller gave up (shutdown, guard): nothing waits for this call
-                self._abandon(call)
-                raise
-            if not done:
-                self._abandon(call)
-                raise DependencyTimeout(Dependency.HEAVY, "no answer in time")
-            with translate_triton_errors():
-                result = call.result()
+        if not self._spans:
+            result = await self._infer(infer_input, timeout_s)
+        else:
+            with self._tracer.start_as_current_span(
+                "stage2.infer",
+                kind=trace.SpanKind.CLIENT,
+                attributes={"rpc.system": "grpc", "triton.model": self._model_name},
+            ):
+                result = await self._infer(infer_input, timeout_s)
         scores = result.as_numpy(OUTPUT_NAME)
         if scores is None or scores.shape[0] != sequences.shape[0]:
             raise DependencyFailed(Dependency.HEAVY, "Triton returned no usable 'score' output")

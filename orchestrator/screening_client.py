@@ -22,7 +22,7 @@ from cascade.screening_protocol import (
     parse_screening_reply,
     screening_subject,
 )
-from cascade.telemetry import inject_headers
+from cascade.telemetry import inject_headers, records_spans
 from orchestrator.stage_twin import ScoreFn, StageTwin
 
 
@@ -53,6 +53,7 @@ class NatsScreener:
         self._model_version = model_version
         self._feature_set = feature_set
         self._tracer = tracer
+        self._spans = records_spans(tracer)
         self._nc: NatsClient | None = None
 
     async def __aenter__(self) -> NatsScreener:
@@ -84,15 +85,25 @@ class NatsScreener:
         if nc is None:
             raise RuntimeError("NatsScreener used outside its async with block")
         payload = encode_screening_request(rows, self._model_version, self._feature_set)
-        with self._tracer.start_as_current_span(
-            "stage1.screen",
-            kind=trace.SpanKind.CLIENT,
-            attributes={"messaging.system": "nats", "messaging.destination.name": self._subject},
-        ):
-            headers: dict[str, str] = {}
-            inject_headers(headers)
+        headers: dict[str, str] = {}
+        if not self._spans:
+            inject_headers(headers)  # the call's (non-recording) context still propagates
             with translate_nats_errors():
                 msg = await nc.request(self._subject, payload, timeout=timeout_s, headers=headers)
+        else:
+            with self._tracer.start_as_current_span(
+                "stage1.screen",
+                kind=trace.SpanKind.CLIENT,
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.destination.name": self._subject,
+                },
+            ):
+                inject_headers(headers)
+                with translate_nats_errors():
+                    msg = await nc.request(
+                        self._subject, payload, timeout=timeout_s, headers=headers
+                    )
         try:
             reply = parse_screening_reply(msg.data)
         except ValueError as exc:
