@@ -86,10 +86,13 @@ async def cascade_processes(
     workers: int = 1,
     wait_serving: bool = True,
     extra_env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> AsyncIterator[tuple[scoring_pb2_grpc.ScoringServiceStub, grpc.aio.Channel, ManagedProcess]]:
     """Workers and the orchestrator as their own processes (as ``cascade up`` runs them) against
-    the given servers; yields a stub, its warm channel, and the orchestrator process."""
-    port = free_port()
+    the given servers; yields a stub, its warm channel, and the orchestrator process. The
+    orchestrator listens on ``port`` (default: a free one), for tests that open more channels;
+    a ``CASCADE_METRICS_PORT`` in ``extra_env`` is the orchestrator's alone."""
+    port = port or free_port()
     env = service_env(
         model_dir=model_dir,
         redis_url=redis_url,
@@ -102,10 +105,11 @@ async def cascade_processes(
             **(extra_env or {}),
         },
     )
+    worker_env = {k: v for k, v in env.items() if k != "CASCADE_METRICS_PORT"}
     log_dir.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
         for i in range(workers):
-            await stack.enter_async_context(worker_process(f"worker-{i}", env, log_dir))
+            await stack.enter_async_context(worker_process(f"worker-{i}", worker_env, log_dir))
         orchestrator = await stack.enter_async_context(
             orchestrator_process(env, log_dir, wait_serving=wait_serving)
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +25,7 @@ from orchestrator.budget import Budget
 from orchestrator.heavy_client import InMemoryHeavyScorer
 from orchestrator.online_store import InMemoryOnlineStore
 from orchestrator.post_answer import PostAnswerWriter
-from orchestrator.results import DecidedBy, ModelVersions, Reason
+from orchestrator.results import DecidedBy, ModelVersions, Reason, ScoreResult
 from orchestrator.routing import Decision
 from orchestrator.scoring import CascadeScorer
 from orchestrator.screening_client import InMemoryScreener
@@ -311,3 +312,101 @@ async def test_slow_redis_is_cut_off_at_its_cap_and_labelled(cascade: Cascade) -
     assert result.timings.redis_us < 1000 * (SETTINGS.redis_ms + 20)
     assert result.reasons == [Reason.CACHE_UNAVAILABLE, Reason.FEATURES_UNAVAILABLE]
     assert result.decided_by is DecidedBy.STAGE1
+
+
+async def test_escalations_beyond_the_stage2_limit_answer_overloaded_without_asking(
+    cascade: Cascade,
+) -> None:
+    limited = CascadeScorer(
+        store=cascade.store,
+        screener=cascade.screener,
+        heavy=cascade.heavy,
+        policy=POLICY,
+        versions=VERSIONS,
+        budget=SETTINGS,
+        default_decision=DefaultDecision.REVIEW,
+        writer=cascade.writer,
+        tracer=NoOpTracer(),
+        stage2_max_in_flight=1,
+    )
+    cascade.screener.score_fn = constant(0.55)
+    cascade.heavy.delay_s = 0.010
+    first, second = await asyncio.gather(
+        limited.score(make_transaction(transaction_id="a", card_id="ca"), budget()),
+        limited.score(make_transaction(transaction_id="b", card_id="cb"), budget()),
+    )
+    assert first.decided_by is DecidedBy.STAGE2 and first.reasons == []
+    assert second.reasons == [Reason.STAGE2_OVERLOADED]
+    assert second.decided_by is DecidedBy.STAGE1 and second.escalated
+    assert second.score == pytest.approx(0.55) and second.decision is Decision.REVIEW
+    assert cascade.heavy.calls == 1
+    assert limited.stage2_in_flight == 0
+    third = await limited.score(make_transaction(transaction_id="c", card_id="cc"), budget())
+    assert third.decided_by is DecidedBy.STAGE2  # the slot was given back
+    assert cascade.heavy.calls == 2
+
+
+def _feature_hash(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """A score in [0, 1) that changes with any feature, so a history that differs shows."""
+    flat = rows.reshape(rows.shape[0], -1).astype(np.float64)
+    weights = np.linspace(0.37, 1.91, flat.shape[1])
+    return np.asarray(np.abs(flat @ weights) % 1.0, dtype=np.float32)
+
+
+async def test_chunked_batch_scores_like_the_same_transactions_one_by_one() -> None:
+    # 23 transactions over 4 cards, 5 per chunk: every card has transactions in several chunks.
+    txs = [
+        make_transaction(
+            transaction_id=f"chunked-{i}",
+            card_id=f"card-{i % 4}",
+            amount_minor=1_000 + 997 * i,
+            merchant_id=f"m-{i % 3}",
+            timestamp_ms=1_763_800_000_000 + i * 45_000,
+        )
+        for i in range(23)
+    ]
+
+    async def run(*, batch: bool) -> tuple[list[ScoreResult], InMemoryOnlineStore, int]:
+        store = InMemoryOnlineStore()
+        # A little latency per stage, so the post-answer writer could run between chunks.
+        screener = InMemoryScreener(_feature_hash, delay_s=0.002)
+        heavy = InMemoryHeavyScorer(_feature_hash, delay_s=0.001)
+        async with PostAnswerWriter(store, linger_s=0.0) as writer:
+            scorer = CascadeScorer(
+                store=store,
+                screener=screener,
+                heavy=heavy,
+                policy=POLICY,
+                versions=VERSIONS,
+                budget=SETTINGS,
+                default_decision=DefaultDecision.REVIEW,
+                writer=writer,
+                tracer=NoOpTracer(),
+                chunk_items=5,
+            )
+            if batch:
+                results = await scorer.score_many(txs, Budget.start(1.0, SETTINGS, batch=True))
+            else:
+                results = []
+                for tx in txs:
+                    results.append(await scorer.score(tx, budget()))
+                    await writer.flush()
+            await writer.flush()
+        return results, store, screener.calls
+
+    batch, batch_store, batch_screens = await run(batch=True)
+    single, single_store, _ = await run(batch=False)
+    assert batch_screens == 5  # ceil(23 / 5) chunks, one stage-1 request each
+    assert [r.transaction_id for r in batch] == [tx.transaction_id for tx in txs]
+
+    def outcome(r: ScoreResult) -> tuple[object, ...]:
+        return (r.decision, r.decided_by, r.escalated, r.reasons)
+
+    assert [outcome(r) for r in batch] == [outcome(r) for r in single]
+    assert any(r.decided_by is DecidedBy.STAGE2 for r in batch)
+    assert any(r.decided_by is DecidedBy.STAGE1 for r in batch)
+    assert not any(r.degraded for r in batch)
+    np.testing.assert_allclose([r.score for r in batch], [r.score for r in single], rtol=1e-6)
+    assert [r.stage1_score for r in batch] == pytest.approx([r.stage1_score for r in single])
+    assert batch_store.histories == single_store.histories
+    assert batch_store.cache.keys() == single_store.cache.keys()

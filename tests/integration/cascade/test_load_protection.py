@@ -1,0 +1,324 @@
+"""Load protection end to end: admission under a burst, the blocking Redis pool, a large chunked
+ScoreBatch next to live Score calls, and coalescing of concurrent calls. The worker and the
+orchestrator run as their own processes (as ``cascade up`` starts them) against real Redis,
+NATS and Triton, so a measured time is the caller's time; each test offers a few seconds of load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Final
+
+import grpc
+import pytest
+
+from cascade.servers import NatsServer, RedisServer, TritonServer, free_port
+from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+from tests.conftest import BASE_TS_MS, make_wire_transaction
+from tests.integration.cascade.conftest import cascade_processes, new_request
+
+pytestmark = pytest.mark.integration
+
+R = scoring_pb2
+Stub = scoring_pb2_grpc.ScoringServiceStub
+DEADLINE_S: Final = 0.050
+DEGRADED_BY_REDIS: Final = {R.REASON_CACHE_UNAVAILABLE, R.REASON_FEATURES_UNAVAILABLE}
+MCCS: Final = ("5411", "5812", "5999", "4121", "5732")
+COUNTRIES: Final = ("DE", "FR", "NL", "US", "GB")
+
+
+@asynccontextmanager
+async def stubs(port: int, n: int) -> AsyncIterator[list[Stub]]:
+    """``n`` warm stubs, each on its own HTTP/2 connection (as ``n`` callers would hold)."""
+    async with AsyncExitStack() as stack:
+        out = []
+        for _ in range(n):
+            channel = await stack.enter_async_context(
+                grpc.aio.insecure_channel(
+                    f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+                )
+            )
+            await asyncio.wait_for(channel.channel_ready(), timeout=5)
+            out.append(Stub(channel))
+        yield out
+
+
+async def timed(
+    stub: Stub, request: scoring_pb2.ScoreRequest, timeout_s: float
+) -> tuple[scoring_pb2.ScoreResponse | grpc.StatusCode, float]:
+    """The reply (or the status code it failed with) and the caller-measured elapsed seconds."""
+    start = time.monotonic()
+    try:
+        reply: scoring_pb2.ScoreResponse | grpc.StatusCode = await stub.Score(
+            request, timeout=timeout_s
+        )
+    except grpc.aio.AioRpcError as exc:
+        reply = exc.code()
+    return reply, time.monotonic() - start
+
+
+async def burst(
+    stubs: list[Stub], requests: list[scoring_pb2.ScoreRequest], timeout_s: float
+) -> list[tuple[scoring_pb2.ScoreResponse | grpc.StatusCode, float]]:
+    """Every request at once, spread over the stubs."""
+    return await asyncio.gather(
+        *(timed(stubs[i % len(stubs)], r, timeout_s) for i, r in enumerate(requests))
+    )
+
+
+def card_transaction(prefix: str, card: int, k: int) -> scoring_pb2.Transaction:
+    """Transaction ``k`` of card ``card``: ids under ``prefix``; everything the models read
+    depends only on ``(card, k)``, so two prefixes give the same scores."""
+    return make_wire_transaction(
+        transaction_id=f"{prefix}-tx-{card}-{k}",
+        card_id=f"{prefix}-card-{card}",
+        merchant_id=f"m-{(card * 7 + k * 3) % 23}",
+        merchant_category=MCCS[(card + k) % len(MCCS)],
+        amount_minor=500 + (card * 7919 + k * 104_729) % 250_000,
+        country=COUNTRIES[(card // 3 + k) % len(COUNTRIES)],
+        timestamp_ms=BASE_TS_MS + card * 1_000 + k * 3_600_000,
+    )
+
+
+def interleaved(prefix: str, cards: int, per_card: int) -> list[scoring_pb2.Transaction]:
+    """Each card's transactions in time order, cards interleaved (round ``k`` of every card,
+    then round ``k + 1``): a card's transactions land in different chunks of a batch."""
+    return [card_transaction(prefix, c, k) for k in range(per_card) for c in range(cards)]
+
+
+def outcome(reply: scoring_pb2.ScoreResponse) -> tuple[object, ...]:
+    return (reply.decision, reply.decided_by, reply.escalated, list(reply.reasons))
+
+
+def metric_samples(port: int, name: str) -> dict[str, float]:
+    """``{labels: value}`` of one metric family's samples from a /metrics endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
+    return {m.group(1) or "": float(m.group(2)) for m in pattern.finditer(text)}
+
+
+def rounds_with_company(port: int, stage: str) -> float:
+    """Downstream requests of ``stage`` so far that carried more than one transaction."""
+    buckets = metric_samples(port, "cascade_coalesced_items_bucket")
+    count = metric_samples(port, "cascade_coalesced_items_count")
+    return count[f'{{stage="{stage}"}}'] - buckets[f'{{le="1.0",stage="{stage}"}}']
+
+
+async def test_burst_beyond_capacity_is_shed_in_time_with_labelled_defaults(
+    model_dir: Path,
+    redis_server: RedisServer,
+    nats_server: NatsServer,
+    heavy_triton: TritonServer,
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    env = {
+        "CASCADE_ADMISSION__MIN_LIMIT": "4",
+        "CASCADE_ADMISSION__INITIAL_LIMIT": "8",
+        "CASCADE_ADMISSION__MAX_LIMIT": "16",
+    }
+    async with (
+        cascade_processes(
+            model_dir,
+            tmp_path,
+            redis_url=redis_server.url,
+            nats_url=nats_server.url,
+            triton_url=heavy_triton.grpc_url,
+            extra_env=env,
+            port=port,
+        ),
+        stubs(port, 6) as callers,
+    ):
+        # Unhurried warm-up bursts: first calls of a fresh process (and first batch shapes in
+        # the worker and Triton) pay lazy initialisation.
+        for _ in range(2):
+            await burst(callers, [new_request() for _ in range(100)], 2.0)
+        await asyncio.sleep(0.2)
+        replies = await burst(callers, [new_request() for _ in range(600)], DEADLINE_S)
+
+    failed = [r for r, _ in replies if not isinstance(r, scoring_pb2.ScoreResponse)]
+    late = sorted(round(s * 1000, 1) for _, s in replies if s >= DEADLINE_S)
+    answers = [r for r, _ in replies if isinstance(r, scoring_pb2.ScoreResponse)]
+    shed = [r for r in answers if R.REASON_OVERLOADED in r.reasons]
+    assert failed == [], (
+        f"{len(failed)} of 600 calls failed ({sorted(set(map(str, failed)))}); "
+        f"{len(shed)} answered OVERLOADED, {len(answers) - len(shed)} scored"
+    )
+    assert late == [], f"{len(late)} answers at or past the {DEADLINE_S * 1000:.0f} ms deadline"
+    assert len(shed) > 0
+    for reply in shed:
+        assert reply.decided_by == R.DECIDED_BY_DEFAULT
+        assert list(reply.reasons) == [R.REASON_OVERLOADED]
+        assert reply.decision == R.DECISION_REVIEW and reply.degraded
+
+
+async def test_one_connection_redis_pool_waits_instead_of_failing(
+    model_dir: Path,
+    redis_server: RedisServer,
+    nats_server: NatsServer,
+    heavy_triton: TritonServer,
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    env = {"CASCADE_REDIS__POOL_SIZE": "1", "CASCADE_COALESCING__ENABLED": "false"}
+    async with (
+        cascade_processes(
+            model_dir,
+            tmp_path,
+            redis_url=redis_server.url,
+            nats_url=nats_server.url,
+            triton_url=heavy_triton.grpc_url,
+            extra_env=env,
+            port=port,
+        ),
+        stubs(port, 4) as callers,
+    ):
+        await burst(callers, [new_request() for _ in range(50)], 2.0)
+        await asyncio.sleep(0.2)
+        replies = await burst(callers, [new_request() for _ in range(50)], DEADLINE_S)
+
+    failed = [r for r, _ in replies if not isinstance(r, scoring_pb2.ScoreResponse)]
+    assert failed == [], f"{len(failed)} of 50 calls failed: {sorted(set(map(str, failed)))}"
+    answers = [r for r, _ in replies if isinstance(r, scoring_pb2.ScoreResponse)]
+    without_redis = [list(r.reasons) for r in answers if DEGRADED_BY_REDIS & set(r.reasons)]
+    shed = sum(1 for r in answers if R.REASON_OVERLOADED in r.reasons)
+    assert without_redis == [], (
+        f"{len(without_redis)} of {len(answers) - shed} scored answers went without Redis "
+        f"({shed} shed): {without_redis[:5]}"
+    )
+    assert all(s < DEADLINE_S for _, s in replies)
+
+
+async def test_large_batch_scores_like_single_calls_without_delaying_live_calls(
+    model_dir: Path,
+    redis_server: RedisServer,
+    nats_server: NatsServer,
+    heavy_triton: TritonServer,
+    tmp_path: Path,
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    cards, per_card = 100, 10
+    batch_txs = interleaved(f"b{run}", cards, per_card)
+    single_txs = interleaved(f"s{run}", cards, per_card)
+    port = free_port()
+    async with (
+        cascade_processes(
+            model_dir,
+            tmp_path,
+            redis_url=redis_server.url,
+            nats_url=nats_server.url,
+            triton_url=heavy_triton.grpc_url,
+            port=port,
+        ) as (stub, _, _),
+        stubs(port, 1) as (live_stub,),
+    ):
+        await burst([live_stub], [new_request() for _ in range(20)], 1.0)
+        batch_call = asyncio.ensure_future(
+            stub.ScoreBatch(R.ScoreBatchRequest(transactions=batch_txs), timeout=10.0)
+        )
+        live: list[tuple[scoring_pb2.ScoreResponse | grpc.StatusCode, float]] = []
+        while not batch_call.done() and len(live) < 20:
+            live.append(await timed(live_stub, new_request(), DEADLINE_S))
+            await asyncio.sleep(0.010)
+        batch = list((await batch_call).results)
+        await asyncio.sleep(0.2)  # the batch's history writes land
+        # One by one, in the same order; a card's next transaction is 100 calls later, so the
+        # previous one's post-answer history write has landed.
+        single = [
+            await stub.Score(R.ScoreRequest(transaction=tx), timeout=1.0) for tx in single_txs
+        ]
+
+    assert [r.transaction_id for r in batch] == [tx.transaction_id for tx in batch_txs]
+    assert [r for r in batch if r.degraded] == []
+    assert [r for r in single if r.degraded] == []
+    assert [outcome(r) for r in batch] == [outcome(r) for r in single]
+    assert [r.score for r in batch] == pytest.approx([r.score for r in single], abs=1e-5)
+    assert [r.stage1_score for r in batch] == pytest.approx(
+        [r.stage1_score for r in single], abs=1e-5
+    )
+    assert len(live) >= 5, "the batch finished before live calls could overlap it"
+    assert all(isinstance(r, scoring_pb2.ScoreResponse) for r, _ in live), live
+    assert [round(s * 1000, 1) for _, s in live if s >= DEADLINE_S] == []
+    degraded = [
+        (list(r.reasons), r.timings.redis_us)
+        for r, _ in live
+        if isinstance(r, scoring_pb2.ScoreResponse) and r.degraded
+    ]
+    assert degraded == [], f"{len(degraded)} of {len(live)} live calls degraded (reasons, redis_us)"
+
+
+async def test_coalesced_calls_score_like_uncoalesced_ones_with_their_own_timings(
+    model_dir: Path,
+    redis_server: RedisServer,
+    nats_server: NatsServer,
+    heavy_triton: TritonServer,
+    tmp_path: Path,
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    cards = 100
+    history = interleaved(run, cards, 3)
+    calls = [card_transaction(run, c, 3) for c in range(cards)]
+    base_url = redis_server.url.rsplit("/", 1)[0]
+    # Roomy budgets and no shedding: this test is about what coalescing answers, not when.
+    common = {"CASCADE_BUDGET__SLO_MS": "2000", "CASCADE_ADMISSION__ENABLED": "false"}
+    metrics_port = free_port()
+    replies: dict[bool, list[tuple[scoring_pb2.ScoreResponse | grpc.StatusCode, float]]] = {}
+    before = shared_rounds = 0.0
+    for coalescing in (True, False):
+        port = free_port()
+        env = {
+            **common,
+            "CASCADE_REDIS__URL": f"{base_url}/{1 if coalescing else 2}",  # own key space each
+            "CASCADE_COALESCING__ENABLED": str(coalescing).lower(),
+        }
+        if coalescing:
+            env["CASCADE_METRICS_PORT"] = str(metrics_port)
+        async with (
+            cascade_processes(
+                model_dir,
+                tmp_path / f"coalescing-{coalescing}",
+                redis_url=env["CASCADE_REDIS__URL"],
+                nats_url=nats_server.url,
+                triton_url=heavy_triton.grpc_url,
+                extra_env=env,
+                port=port,
+            ) as (stub, _, _),
+            stubs(port, 4) as callers,
+        ):
+            await stub.ScoreBatch(R.ScoreBatchRequest(transactions=history), timeout=10.0)
+            # Warm-up bursts: the worker and Triton meet each coalesced batch shape once first.
+            for _ in range(2):
+                await burst(callers, [new_request() for _ in range(cards)], 5.0)
+            await asyncio.sleep(0.2)  # the batch's history writes land
+            if coalescing:
+                before = rounds_with_company(metrics_port, "stage1")
+            requests = [R.ScoreRequest(transaction=tx) for tx in calls]
+            replies[coalescing] = await burst(callers, requests, 5.0)
+            if coalescing:
+                shared_rounds = rounds_with_company(metrics_port, "stage1") - before
+
+    answers = [r for r, _ in replies[True] if isinstance(r, scoring_pb2.ScoreResponse)]
+    baseline = [r for r, _ in replies[False] if isinstance(r, scoring_pb2.ScoreResponse)]
+    assert len(answers) == len(baseline) == cards, "some calls failed"
+    assert shared_rounds > 0, "no stage-1 request carried more than one call's transaction"
+    assert [r.transaction_id for r in answers] == [tx.transaction_id for tx in calls]
+    degraded = [(list(r.reasons), r.timings.redis_us) for r in answers if r.degraded]
+    assert degraded == [], f"{len(degraded)} of 100 coalesced answers degraded (reasons, redis_us)"
+    assert not any(r.degraded for r in baseline)
+    assert [outcome(r) for r in answers] == [outcome(r) for r in baseline]
+    assert [r.score for r in answers] == pytest.approx([r.score for r in baseline], abs=1e-5)
+    assert [r.versions for r in answers] == [r.versions for r in baseline]
+    # Each call's timings are its own: not one round's copied into each member.
+    totals_us = [r.timings.total_us for r in answers]
+    assert len(set(totals_us)) > len(totals_us) // 2
+    for reply, elapsed_s in replies[True]:
+        assert isinstance(reply, scoring_pb2.ScoreResponse)
+        assert 0 < reply.timings.total_us <= elapsed_s * 1e6
