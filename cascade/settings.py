@@ -78,7 +78,13 @@ class RedisSettings(BaseModel):
     )
     cache_ttl_s: int = Field(3600, gt=0, description="Output-cache entry lifetime.")
     feature_ttl_s: int = Field(30 * 24 * 3600, gt=0, description="Card-history lifetime.")
-    pool_size: int = Field(32, gt=0)
+    connections: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Dedicated connections per orchestrator process; each carries many "
+        "pipelined requests at once, so there is no pool to run out of.",
+    )
 
 
 class NatsSettings(BaseModel):

@@ -20,14 +20,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Protocol
 
-import redis.asyncio as aioredis
-import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from cascade.errors import Dependency, DependencyTimeout, translate_redis_errors
 from cascade.features import HISTORY_LEN, HistoryEntry, decode_history_entry
 from cascade.transaction import Transaction
+from orchestrator.redis_pipeline import Arg, PipelinedRedis
 from orchestrator.results import ModelVersions
 
 logger = logging.getLogger(__name__)
@@ -66,10 +62,11 @@ def card_history_key(card_id: str, feature_set: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class StoreLookup:
-    """What one lookup returns: the cached answer (if any) and the card's history, newest first."""
+    """What one lookup returns: the cached answer (if any) and the card's history, newest first,
+    still encoded (decoding is the scorer's work, not counted against Redis's time)."""
 
     cached: bytes | None
-    history: list[HistoryEntry]
+    history: list[bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,10 +118,8 @@ return 1
 
 
 class RedisOnlineStore:
-    """:class:`OnlineStore` on Redis with millisecond timeouts and no retries.
-
-    Connections come from a blocking pool: when all are busy a call waits for one (within the
-    caller's timeout) rather than failing, since a busy pool is load, not an outage.
+    """:class:`OnlineStore` on Redis: a few dedicated pipelined connections
+    (:class:`~orchestrator.redis_pipeline.PipelinedRedis`), millisecond timeouts, no retries.
     """
 
     def __init__(
@@ -133,26 +128,20 @@ class RedisOnlineStore:
         *,
         cache_ttl_s: int,
         feature_ttl_s: int,
-        pool_size: int = 32,
-        socket_timeout_s: float = 0.25,
+        connections: int = 2,
+        connect_timeout_s: float = 0.25,
+        write_timeout_s: float = 0.25,
     ) -> None:
-        # redis-py's default retries back off for seconds on a refused port; inside a latency
-        # budget a failed call must fail now, so: no retries, short socket timeouts.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=pool_size,
-            timeout=socket_timeout_s,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
+        self._redis = PipelinedRedis(
+            url, connections=connections, connect_timeout_s=connect_timeout_s
         )
-        self._redis = aioredis.Redis(connection_pool=pool)
         self._cache_ttl_s = cache_ttl_s
         self._feature_ttl_s = feature_ttl_s
+        self._write_timeout_s = write_timeout_s
         self._write_sha = hashlib.sha1(_WRITE_SCRIPT.encode()).hexdigest()
 
     async def __aenter__(self) -> RedisOnlineStore:
+        await self._redis.__aenter__()
         return self
 
     async def __aexit__(
@@ -161,69 +150,90 @@ class RedisOnlineStore:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._redis.aclose()
+        await self._redis.__aexit__(exc_type, exc, tb)
 
     async def ping(self, timeout_s: float = 1.0) -> None:
         """Raise a ``DependencyError`` unless Redis answers within ``timeout_s``."""
         with translate_redis_errors():
-            async with asyncio.timeout(timeout_s):
-                await self._redis.ping()
+            (reply,) = await self._redis.execute([("PING",)], timeout_s)
+            if isinstance(reply, Exception):
+                raise reply
 
     async def lookup(self, keys: Sequence[tuple[str, str]], timeout_s: float) -> list[StoreLookup]:
         """GET each answer and LRANGE each history in one pipelined round trip."""
+        commands: list[tuple[str, str] | tuple[str, str, int, int]] = []
+        for cache_key, history_key in keys:
+            commands.append(("GET", cache_key))
+            commands.append(("LRANGE", history_key, 0, HISTORY_LEN - 1))
         with translate_redis_errors():
-            async with asyncio.timeout(timeout_s):
-                pipe = self._redis.pipeline(transaction=False)
-                for cache_key, history_key in keys:
-                    pipe.get(cache_key)
-                    pipe.lrange(history_key, 0, HISTORY_LEN - 1)
-                replies = await pipe.execute()
-        return [
-            StoreLookup(cached=replies[2 * k], history=decode_history(replies[2 * k + 1]))
-            for k in range(len(keys))
-        ]
+            replies = await self._redis.execute(commands, timeout_s)
+            lookups: list[StoreLookup] = []
+            for k in range(len(keys)):
+                cached, history = replies[2 * k], replies[2 * k + 1]
+                if isinstance(cached, Exception):
+                    raise cached
+                if isinstance(history, Exception):
+                    raise history
+                lookups.append(
+                    StoreLookup(
+                        cached=cached if isinstance(cached, bytes) else None,
+                        history=history if isinstance(history, list) else [],  # type: ignore[arg-type]
+                    )
+                )
+        return lookups
 
     async def write(self, writes: Sequence[StoreWrite]) -> None:
         """Write answers and append history entries for many transactions in one round trip,
         one script call per transaction (loading the script again if Redis lost it)."""
         if not writes:
             return
+        commands = [self._write_command(w) for w in writes if w.history_entry or w.cache_value]
+        if not commands:
+            return
         with translate_redis_errors():
-            try:
-                await self._write(writes)
-            except redis.exceptions.NoScriptError:
-                await self._redis.script_load(_WRITE_SCRIPT)
-                await self._write(writes)
+            replies = await self._redis.execute(commands, self._write_timeout_s)
+            failed = [r for r in replies if isinstance(r, Exception)]
+            if failed and all(str(r).startswith("NOSCRIPT") for r in failed):
+                (loaded,) = await self._redis.execute(
+                    [("SCRIPT", "LOAD", _WRITE_SCRIPT)], self._write_timeout_s
+                )
+                if isinstance(loaded, Exception):
+                    raise loaded
+                # Only the script calls failed: the script was missing for every one of them.
+                retry = [
+                    c for c, r in zip(commands, replies, strict=True) if isinstance(r, Exception)
+                ]
+                replies = await self._redis.execute(retry, self._write_timeout_s)
+                failed = [r for r in replies if isinstance(r, Exception)]
+            if failed:
+                raise failed[0]
 
-    async def _write(self, writes: Sequence[StoreWrite]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        history_len = HISTORY_LEN
-        for w in writes:
-            if w.history_entry is None:
-                if w.cache_key is not None and w.cache_value is not None:
-                    pipe.set(w.cache_key, w.cache_value, ex=self._cache_ttl_s)
-            elif w.cache_key is not None and w.cache_value is not None:
-                pipe.evalsha(
-                    self._write_sha,
-                    2,
-                    w.history_key,
-                    w.cache_key,
-                    w.history_entry,
-                    history_len,
-                    self._feature_ttl_s,
-                    w.cache_value,
-                    self._cache_ttl_s,
-                )
-            else:
-                pipe.evalsha(
-                    self._write_sha,
-                    1,
-                    w.history_key,
-                    w.history_entry,
-                    history_len,
-                    self._feature_ttl_s,
-                )
-        await pipe.execute()
+    def _write_command(self, w: StoreWrite) -> tuple[Arg, ...]:
+        has_answer = w.cache_key is not None and w.cache_value is not None
+        if w.history_entry is None:
+            return ("SET", w.cache_key or "", w.cache_value or b"", "EX", self._cache_ttl_s)
+        if has_answer:
+            return (
+                "EVALSHA",
+                self._write_sha,
+                2,
+                w.history_key,
+                w.cache_key or "",
+                w.history_entry,
+                HISTORY_LEN,
+                self._feature_ttl_s,
+                w.cache_value or b"",
+                self._cache_ttl_s,
+            )
+        return (
+            "EVALSHA",
+            self._write_sha,
+            1,
+            w.history_key,
+            w.history_entry,
+            HISTORY_LEN,
+            self._feature_ttl_s,
+        )
 
 
 class InMemoryOnlineStore:
@@ -249,7 +259,7 @@ class InMemoryOnlineStore:
         return [
             StoreLookup(
                 cached=self.cache.get(cache_key),
-                history=decode_history(self.histories.get(history_key, [])[:HISTORY_LEN]),
+                history=self.histories.get(history_key, [])[:HISTORY_LEN],
             )
             for cache_key, history_key in keys
         ]

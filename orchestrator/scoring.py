@@ -55,6 +55,7 @@ from orchestrator.online_store import (
     StoreLookup,
     StoreWrite,
     card_history_key,
+    decode_history,
     output_cache_key,
 )
 from orchestrator.post_answer import PostAnswerWriter
@@ -352,7 +353,7 @@ class CascadeScorer:
         histories: list[list[HistoryEntry]] = []
         for i, entry in zip(todo, new_entries, strict=True):
             card_id = txs[i].card_id
-            stored = lookups[i].history if lookups is not None else []
+            stored = decode_history(lookups[i].history) if lookups is not None else []
             in_batch = earlier.get(card_id)
             histories.append((in_batch + stored)[:HISTORY_LEN] if in_batch else stored)
             earlier.setdefault(card_id, []).insert(0, entry)

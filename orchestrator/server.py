@@ -291,7 +291,7 @@ class Orchestrator(AsyncResourceGroup):
                 s.redis.url,
                 cache_ttl_s=s.redis.cache_ttl_s,
                 feature_ttl_s=s.redis.feature_ttl_s,
-                pool_size=s.redis.pool_size,
+                connections=s.redis.connections,
             )
         )
         screener = await self._stack.enter_async_context(

@@ -168,7 +168,7 @@ async def test_one_connection_redis_pool_waits_instead_of_failing(
     tmp_path: Path,
 ) -> None:
     port = free_port()
-    env = {"CASCADE_REDIS__POOL_SIZE": "1", "CASCADE_COALESCING__ENABLED": "false"}
+    env = {"CASCADE_REDIS__CONNECTIONS": "1", "CASCADE_COALESCING__ENABLED": "false"}
     async with (
         cascade_processes(
             model_dir,
