@@ -139,14 +139,14 @@ class AdmissionSettings(BaseModel):
         description="A call arriving with less of its budget left than this waited in queues "
         "for the rest: it is shed at once.",
     )
-    max_loop_lag_ms: float = Field(
-        8.0,
+    max_queue_ms: float = Field(
+        5.0,
         gt=0,
-        description="While the event loop runs timers later than this, arrivals are shed: the "
-        "process is past its CPU capacity and calls are queueing in front of the handler.",
+        description="Once calls stand in a queue in front of the handler (the least-waiting call "
+        "of an interval waited longer than this), calls that waited longer are shed.",
     )
-    lag_probe_ms: float = Field(
-        2.0, gt=0, le=100, description="How often the event-loop lag is probed."
+    queue_interval_ms: float = Field(
+        50.0, gt=0, description="The interval over which a standing queue is recognised."
     )
     rtt_tolerance: float = Field(
         2.0,

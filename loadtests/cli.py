@@ -122,6 +122,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "step against it, alternating with the current one",
     )
     where.add_argument("--workers", type=int, default=2, help="screening workers (own stack)")
+    where.add_argument(
+        "--orchestrators",
+        type=int,
+        default=1,
+        help="orchestrator processes sharing the port (own stack; cascade up defaults to one "
+        "per core)",
+    )
     where.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     where.add_argument(
         "--stack-env",
@@ -268,6 +275,7 @@ async def _start_own_stack(
                 run_dir=run_dir,
                 ports=StackPorts(0, 0, 0, 0, 0, 0),
                 workers=args.workers,
+                orchestrators=args.orchestrators,
                 extra_env=stack_env(args.stack_env),
             )
         )

@@ -15,12 +15,11 @@ would be late, and late is worse than any answer. Two checks run on arrival, bef
   the recent service time: calls that waited out a slow dependency's timeout took long without
   the process being overloaded.
 
-* **Event-loop lag** (:class:`LoopLagMonitor`): when the process as a whole is past its CPU
-  capacity, calls queue in front of the handler (in gRPC's queue and the event loop's), where no
-  in-flight count sees them, and they reach the handler with their budget half spent. A timer
-  that should fire every ``lag_probe_ms`` measures how late it fires; while that lag is above
-  ``max_loop_lag_ms``, arrivals are shed, which drains the queue within a few milliseconds since
-  a shed answer costs a fraction of a served one.
+* **The wait in front of the handler** (:class:`QueueWait`): when the process as a whole is past
+  its CPU capacity, calls queue before the handler runs (gRPC accepts them one event-loop pass
+  at a time), where no in-flight count sees them, and reach it with their budget half spent.
+  When a standing queue forms, calls that waited more than ``max_queue_ms`` are shed, which
+  drains it quickly: a shed answer costs a fraction of a served one.
 
 A refused call gets the configured default decision with reason ``OVERLOADED``. That answer
 costs no dependency and almost no CPU, which is what keeps the process in time when several
@@ -29,21 +28,17 @@ times its capacity is offered.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
 import time
-from collections import deque
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 from cascade.settings import AdmissionSettings
 
 _SHORT_WINDOW: Final = 10  # samples in the recent service-time average
 _LONG_WINDOW: Final = 600  # samples in the long-run average
 _SMOOTHING: Final = 0.2
-_LAG_PROBES: Final = 3
+_REFERENCE_DECAY_MS_PER_S: Final = 10.0
 
 
 class GradientLimit:
@@ -97,43 +92,39 @@ class GradientLimit:
         self._limit = max(self._min, min(self._max, limit))
 
 
-class LoopLagMonitor:
-    """Measures how late the event loop runs a timer; an async context manager owning its task.
+class QueueWait:
+    """Estimates how long calls waited before reaching the handler, and says when to drop.
 
-    ``lag_ms`` is the smallest lateness of the last three probes: a backlog makes every probe
-    late, while a one-off stall (a collection, a slow callback) makes only one late and must not
-    shed the calls that come after it.
+    gRPC does not say when a call arrived, but each call says how much of its deadline is left.
+    The freshest arrivals show the most (``reference_ms``: the largest remaining budget seen,
+    decaying by ``_REFERENCE_DECAY_MS_PER_S`` so it follows callers' deadlines as they change);
+    a call showing less has waited the difference. Following CoDel, one waiting call proves
+    nothing (another caller may simply send shorter deadlines), but when even the least-waiting
+    call of an interval waited more than ``target_ms`` there is a standing queue: until an
+    interval passes without one, calls that waited more than ``target_ms`` are shed.
     """
 
-    def __init__(self, probe_interval_ms: float) -> None:
-        self._interval_s = probe_interval_ms / 1000.0
-        self._task: asyncio.Task[None] | None = None
-        self._recent_ms: deque[float] = deque([0.0] * _LAG_PROBES, maxlen=_LAG_PROBES)
-        self.lag_ms = 0.0
+    def __init__(self, target_ms: float, interval_ms: float) -> None:
+        self._target_ms = target_ms
+        self._interval_s = interval_ms / 1000.0
+        self._reference_ms = 0.0
+        self._seen_s = 0.0
+        self._interval_end_s = 0.0
+        self._interval_min_ms = math.inf
+        self.dropping = False
 
-    async def __aenter__(self) -> Self:
-        self._task = asyncio.create_task(self._probe(), name="loop-lag-monitor")
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _probe(self) -> None:
-        interval_s = self._interval_s
-        while True:
-            due_s = time.monotonic() + interval_s
-            await asyncio.sleep(interval_s)
-            self._recent_ms.append(max(0.0, (time.monotonic() - due_s) * 1000.0))
-            self.lag_ms = min(self._recent_ms)
+    def should_shed(self, remaining_ms: float, now_s: float) -> bool:
+        """Account one arrival with ``remaining_ms`` of its budget left; True to shed it."""
+        decayed_ms = self._reference_ms - (now_s - self._seen_s) * _REFERENCE_DECAY_MS_PER_S
+        self._reference_ms = max(remaining_ms, decayed_ms)
+        self._seen_s = now_s
+        waited_ms = self._reference_ms - remaining_ms
+        if now_s >= self._interval_end_s:
+            self.dropping = self._interval_min_ms > self._target_ms
+            self._interval_min_ms = math.inf
+            self._interval_end_s = now_s + self._interval_s
+        self._interval_min_ms = min(self._interval_min_ms, waited_ms)
+        return self.dropping and waited_ms > self._target_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,11 +137,10 @@ class Ticket:
 class Admission:
     """Decides on arrival whether a Score call is worked on or answered ``OVERLOADED`` at once."""
 
-    def __init__(self, settings: AdmissionSettings, lag: LoopLagMonitor | None = None) -> None:
+    def __init__(self, settings: AdmissionSettings) -> None:
         self._enabled = settings.enabled
         self._min_budget_ms = settings.min_budget_ms
-        self._max_lag_ms = settings.max_loop_lag_ms
-        self._lag = lag
+        self.queue = QueueWait(settings.max_queue_ms, settings.queue_interval_ms)
         self.limit = GradientLimit(
             initial=settings.initial_limit,
             min_limit=settings.min_limit,
@@ -161,12 +151,13 @@ class Admission:
         self.shed = 0
 
     def admit(self, remaining_ms: float) -> Ticket | None:
-        """A ticket, or None when the call should be shed (the limit is reached, the event loop
-        lags, or less than ``min_budget_ms`` of its budget is left)."""
+        """A ticket, or None when the call should be shed (the limit is reached, a standing
+        queue formed and this call waited in it, or less than ``min_budget_ms`` of its budget is
+        left)."""
         if self._enabled and (
-            self.in_flight >= self.limit.limit
+            self.queue.should_shed(remaining_ms, time.monotonic())
+            or self.in_flight >= self.limit.limit
             or remaining_ms < self._min_budget_ms
-            or (self._lag is not None and self._lag.lag_ms > self._max_lag_ms)
         ):
             self.shed += 1
             return None

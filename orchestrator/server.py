@@ -40,7 +40,7 @@ from cascade.settings import Settings
 from cascade.telemetry import extract_context, records_spans, trace_id_hex, untraced_span
 from cascade.transaction import Channel, Transaction
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
-from orchestrator.admission import Admission, LoopLagMonitor
+from orchestrator.admission import Admission
 from orchestrator.budget import Budget
 from orchestrator.coalescing import CoalescingHeavyScorer, CoalescingScreener, CoalescingStore
 from orchestrator.codec import result_to_proto, versions_to_proto
@@ -339,8 +339,7 @@ class Orchestrator(AsyncResourceGroup):
             chunk_items=s.coalescing.max_items,
             stage2_max_in_flight=s.admission.stage2_max_in_flight,
         )
-        lag = await self._stack.enter_async_context(LoopLagMonitor(s.admission.lag_probe_ms))
-        self.admission = Admission(s.admission, lag)
+        self.admission = Admission(s.admission)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", s.server.max_message_bytes),
