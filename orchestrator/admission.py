@@ -38,7 +38,8 @@ from cascade.settings import AdmissionSettings
 _SHORT_WINDOW: Final = 10  # samples in the recent service-time average
 _LONG_WINDOW: Final = 600  # samples in the long-run average
 _SMOOTHING: Final = 0.2
-_REFERENCE_DECAY_MS_PER_S: Final = 10.0
+_REFERENCE_BUCKET_S: Final = 5.0
+_MIN_ARRIVALS: Final = 8  # in one interval, before a queue is believed
 
 
 class GradientLimit:
@@ -95,35 +96,51 @@ class GradientLimit:
 class QueueWait:
     """Estimates how long calls waited before reaching the handler, and says when to drop.
 
-    gRPC does not say when a call arrived, but each call says how much of its deadline is left.
-    The freshest arrivals show the most (``reference_ms``: the largest remaining budget seen,
-    decaying by ``_REFERENCE_DECAY_MS_PER_S`` so it follows callers' deadlines as they change);
-    a call showing less has waited the difference. Following CoDel, one waiting call proves
-    nothing (another caller may simply send shorter deadlines), but when even the least-waiting
-    call of an interval waited more than ``target_ms`` there is a standing queue: until an
-    interval passes without one, calls that waited more than ``target_ms`` are shed.
+    gRPC does not say when a call arrived, but each call says how much of its budget is left
+    (capped at the SLO). The freshest arrivals show the most: ``reference`` is the largest
+    remaining budget seen in the last 5-10 s (a two-bucket sliding maximum, so it follows
+    callers' deadlines when they change), and a call showing less has waited about the
+    difference. Following CoDel, one waiting call proves nothing (another caller may simply send
+    shorter deadlines), and neither does a sparse stream; a standing queue is believed when an
+    interval holds at least ``_MIN_ARRIVALS`` calls, even the least-waiting of them waited more
+    than ``target_ms``, and the process is busy (``busy``: half its concurrency limit in use).
+    Until an interval passes without one, calls that waited more than ``target_ms`` are shed.
+
+    Why the wait matters more than the in-flight count: grpc.aio accepts one new call per pass
+    of the event loop, so a loop made slow by many calls in flight accepts slowly, and calls
+    queue in gRPC's core where no count of ours sees them.
     """
 
     def __init__(self, target_ms: float, interval_ms: float) -> None:
         self._target_ms = target_ms
         self._interval_s = interval_ms / 1000.0
-        self._reference_ms = 0.0
-        self._seen_s = 0.0
+        self._bucket_end_s = 0.0
+        self._bucket_max_ms = 0.0
+        self._previous_max_ms = 0.0
         self._interval_end_s = 0.0
         self._interval_min_ms = math.inf
+        self._interval_arrivals = 0
         self.dropping = False
 
-    def should_shed(self, remaining_ms: float, now_s: float) -> bool:
+    def should_shed(self, remaining_ms: float, now_s: float, *, busy: bool) -> bool:
         """Account one arrival with ``remaining_ms`` of its budget left; True to shed it."""
-        decayed_ms = self._reference_ms - (now_s - self._seen_s) * _REFERENCE_DECAY_MS_PER_S
-        self._reference_ms = max(remaining_ms, decayed_ms)
-        self._seen_s = now_s
-        waited_ms = self._reference_ms - remaining_ms
+        if now_s >= self._bucket_end_s:
+            # The bucket that ended becomes the previous one; after a silence, neither counts.
+            recent = now_s < self._bucket_end_s + _REFERENCE_BUCKET_S
+            self._previous_max_ms = self._bucket_max_ms if recent else 0.0
+            self._bucket_max_ms = 0.0
+            self._bucket_end_s = now_s + _REFERENCE_BUCKET_S
+        self._bucket_max_ms = max(self._bucket_max_ms, remaining_ms)
+        waited_ms = max(self._bucket_max_ms, self._previous_max_ms) - remaining_ms
         if now_s >= self._interval_end_s:
-            self.dropping = self._interval_min_ms > self._target_ms
+            self.dropping = (
+                self._interval_arrivals >= _MIN_ARRIVALS and self._interval_min_ms > self._target_ms
+            )
             self._interval_min_ms = math.inf
+            self._interval_arrivals = 0
             self._interval_end_s = now_s + self._interval_s
         self._interval_min_ms = min(self._interval_min_ms, waited_ms)
+        self._interval_arrivals += 1
         return self.dropping and waited_ms > self._target_ms
 
 
@@ -155,7 +172,9 @@ class Admission:
         queue formed and this call waited in it, or less than ``min_budget_ms`` of its budget is
         left)."""
         if self._enabled and (
-            self.queue.should_shed(remaining_ms, time.monotonic())
+            self.queue.should_shed(
+                remaining_ms, time.monotonic(), busy=2 * self.in_flight >= self.limit.limit
+            )
             or self.in_flight >= self.limit.limit
             or remaining_ms < self._min_budget_ms
         ):

@@ -1,8 +1,10 @@
 """Request coalescing: the work of concurrent calls merged into shared downstream requests.
 
-Score calls that reach the same stage in the same pass of the event loop share one Redis
-pipeline, one NATS request and one Triton call, as ``ScoreBatch`` does for its items (measured
-7.2x the throughput of the same calls one by one). Nothing waits on a timer for company: the
+Score calls that reach the same stage in the same pass of the event loop share one NATS request
+(one message of many rows for a worker) and one Triton call, as ``ScoreBatch`` does for its items
+(measured 7.2x the throughput of the same calls one by one). Redis lookups are coalesced one
+level down, by the connection: requests of one loop pass go out in one write
+(:mod:`orchestrator.redis_pipeline`). Nothing waits on a timer for company: the
 first caller of a round yields once to the loop, every call that becomes ready in that pass
 joins it, and the round goes out. At one call in flight a round is that call alone and goes out
 directly, so coalescing costs the lone caller one loop pass and nothing else.
@@ -12,9 +14,9 @@ members; a member whose own deadline comes first stops waiting then, with
 :class:`~cascade.errors.DependencyTimeout`, exactly as if it had made the call alone. One timer
 per round serves every member. A failure of the shared request is every member's failure.
 
-:class:`Coalescer` is generic over how inputs join and outputs split; the three stage clients
-are wrapped by :class:`CoalescingStore`, :class:`CoalescingScreener` and
-:class:`CoalescingHeavyScorer`, which keep the interfaces of what they wrap.
+:class:`Coalescer` is generic over how inputs join and outputs split; the two stage clients are
+wrapped by :class:`CoalescingScreener` and :class:`CoalescingHeavyScorer`, which keep the
+interfaces of what they wrap.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sized
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Generic, Self, TypeVar
@@ -31,15 +33,14 @@ import numpy as np
 import numpy.typing as npt
 
 from cascade import metrics
-from cascade.errors import Dependency, DependencyTimeout
+from cascade.errors import Dependency, DependencyFailed, DependencyTimeout
 from orchestrator.heavy_client import HeavyScorer
-from orchestrator.online_store import OnlineStore, StoreLookup, StoreWrite
 from orchestrator.screening_client import Screener
 
 logger = logging.getLogger(__name__)
 
 InT = TypeVar("InT")
-OutT = TypeVar("OutT")
+OutT = TypeVar("OutT", bound=Sized)  # len() of an answer: how many items it covers
 
 
 @dataclass(slots=True)
@@ -171,7 +172,13 @@ class Coalescer(Generic[InT, OutT]):
             offset = 0
             for m in members:
                 if m.future is not None and not m.future.done():
-                    m.future.set_result(self._part(out, offset, offset + m.size))
+                    part = self._part(out, offset, offset + m.size)
+                    if len(part) == m.size:
+                        m.future.set_result(part)
+                    else:  # a short answer fails the members it does not cover
+                        m.future.set_exception(
+                            DependencyFailed(self._dependency, "fewer answers than items asked")
+                        )
                 offset += m.size
         finally:
             timer.cancel()
@@ -201,14 +208,6 @@ def _rows(array: npt.NDArray[np.float32]) -> int:
 
 def _row_slice(array: npt.NDArray[np.float32], start: int, stop: int) -> npt.NDArray[np.float32]:
     return array[start:stop]
-
-
-def _concat_lists(parts: list[Sequence[tuple[str, str]]]) -> Sequence[tuple[str, str]]:
-    return [key for part in parts for key in part]
-
-
-def _list_slice(items: list[StoreLookup], start: int, stop: int) -> list[StoreLookup]:
-    return items[start:stop]
 
 
 class CoalescingScreener(Coalescer[npt.NDArray[np.float32], npt.NDArray[np.float32]]):
@@ -251,28 +250,3 @@ class CoalescingHeavyScorer(Coalescer[npt.NDArray[np.float32], npt.NDArray[np.fl
     ) -> npt.NDArray[np.float32]:
         """One score per sequence, as the wrapped scorer."""
         return await self.run(sequences, timeout_s)
-
-
-class CoalescingStore(Coalescer[Sequence[tuple[str, str]], list[StoreLookup]]):
-    """An :class:`~orchestrator.online_store.OnlineStore` whose concurrent lookups share one
-    pipeline; writes go straight through (the post-answer writer batches them already)."""
-
-    def __init__(self, inner: OnlineStore, *, max_items: int) -> None:
-        super().__init__(
-            "redis",
-            Dependency.REDIS,
-            inner.lookup,
-            join=_concat_lists,
-            size=len,
-            part=_list_slice,
-            max_items=max_items,
-        )
-        self._inner = inner
-
-    async def lookup(self, keys: Sequence[tuple[str, str]], timeout_s: float) -> list[StoreLookup]:
-        """For each ``(cache_key, history_key)``, as the wrapped store."""
-        return await self.run(keys, timeout_s)
-
-    async def write(self, writes: Sequence[StoreWrite]) -> None:
-        """The wrapped store's write."""
-        await self._inner.write(writes)

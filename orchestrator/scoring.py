@@ -115,6 +115,7 @@ class CascadeScorer:
         writer: PostAnswerWriter,
         tracer: trace.Tracer,
         chunk_items: int = 64,
+        batch_stage2_items: int = 8,
         stage2_max_in_flight: int = 128,
     ) -> None:
         self._store = store
@@ -129,6 +130,7 @@ class CascadeScorer:
         self._tracer = tracer
         self._spans = records_spans(tracer)
         self._chunk_items = chunk_items
+        self._batch_stage2_items = batch_stage2_items
         self._stage2_max_in_flight = stage2_max_in_flight
         self.stage2_in_flight = 0
 
@@ -174,7 +176,9 @@ class CascadeScorer:
                     for tx in chunk_txs
                 ]
                 continue
-            chunk = await self._score_chunk(chunk_txs, budget, timings, earlier)
+            chunk = await self._score_chunk(
+                chunk_txs, budget, timings, earlier, self._batch_stage2_items
+            )
             results += chunk.results
             writes += chunk.writes
         for write in writes:
@@ -206,7 +210,10 @@ class CascadeScorer:
         budget: Budget,
         timings: Timings,
         earlier: dict[str, list[HistoryEntry]],
+        stage2_items: int | None = None,
     ) -> _Chunk:
+        """Score ``txs`` with one lookup and one request per stage (stage 2 in requests of at
+        most ``stage2_items`` sequences, one after the other, when given)."""
         cfg = self._budget
         n = len(txs)
         if budget.remaining_ms() < cfg.min_useful_ms:
@@ -281,15 +288,18 @@ class CascadeScorer:
                 escalate.append(j)
             elif step is Route.NO_TIME:
                 batch_reasons[j].append(Reason.BUDGET_EXHAUSTED)
-        answered_by_stage2 = False
+        stage2_failed: dict[int, Reason] = {}  # position in todo -> why stage 2 did not answer
         if escalate:
             t0 = time.perf_counter_ns()
-            stage2_reason = await self._stage2(txs, todo, histories, escalate, final, budget)
-            if stage2_reason is None:
-                answered_by_stage2 = True
-            else:
-                for j in escalate:
-                    batch_reasons[j].append(stage2_reason)
+            per_request = stage2_items or len(escalate)
+            for k in range(0, len(escalate), per_request):
+                part = escalate[k : k + per_request]
+                reason = await self._stage2(txs, todo, histories, part, final, budget)
+                if reason is not None:
+                    for j in escalate[k:]:  # what failed once is not asked again in this call
+                        stage2_failed[j] = reason
+                        batch_reasons[j].append(reason)
+                    break
             timings.stage2_us += _us_since(t0)
 
         escalated = set(escalate)
@@ -299,7 +309,9 @@ class CascadeScorer:
                 decision=decide(final[j], self._policy),
                 score=final[j],
                 decided_by=(
-                    DecidedBy.STAGE2 if answered_by_stage2 and j in escalated else DecidedBy.STAGE1
+                    DecidedBy.STAGE2
+                    if j in escalated and j not in stage2_failed
+                    else DecidedBy.STAGE1
                 ),
                 reasons=batch_reasons[j],
                 stage1_score=stage1_scores[j],
@@ -323,7 +335,8 @@ class CascadeScorer:
         """Ask stage 2 about ``escalate`` (positions in ``todo``), writing its scores into
         ``final``; the reason it could not answer, or None."""
         n = len(escalate)
-        if self.stage2_in_flight + n > self._stage2_max_in_flight:
+        # A request larger than the whole limit still goes when nothing else is in flight.
+        if self.stage2_in_flight and self.stage2_in_flight + n > self._stage2_max_in_flight:
             return Reason.STAGE2_OVERLOADED
         self.stage2_in_flight += n
         try:

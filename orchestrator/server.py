@@ -42,10 +42,10 @@ from cascade.transaction import Channel, Transaction
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from orchestrator.admission import Admission
 from orchestrator.budget import Budget
-from orchestrator.coalescing import CoalescingHeavyScorer, CoalescingScreener, CoalescingStore
+from orchestrator.coalescing import CoalescingHeavyScorer, CoalescingScreener
 from orchestrator.codec import result_to_proto, versions_to_proto
 from orchestrator.heavy_client import HeavyScorer, TritonHeavyScorer
-from orchestrator.online_store import OnlineStore, RedisOnlineStore
+from orchestrator.online_store import RedisOnlineStore
 from orchestrator.post_answer import PostAnswerWriter
 from orchestrator.results import DecidedBy, ModelVersions, Reason, ScoreResult, Timings
 from orchestrator.routing import Decision
@@ -312,14 +312,10 @@ class Orchestrator(AsyncResourceGroup):
             )
         )
         self.writer = await self._stack.enter_async_context(PostAnswerWriter(store))
-        lookups: OnlineStore = store
         screening: Screener = screener
         heavyweight: HeavyScorer = heavy
         if s.coalescing.enabled:
             max_items = s.coalescing.max_items
-            lookups = await self._stack.enter_async_context(
-                CoalescingStore(store, max_items=max_items)
-            )
             screening = await self._stack.enter_async_context(
                 CoalescingScreener(screener, max_items=max_items)
             )
@@ -327,7 +323,7 @@ class Orchestrator(AsyncResourceGroup):
                 CoalescingHeavyScorer(heavy, max_items=max_items)
             )
         scorer = CascadeScorer(
-            store=lookups,
+            store=store,
             screener=screening,
             heavy=heavyweight,
             policy=self._policy,
@@ -336,7 +332,8 @@ class Orchestrator(AsyncResourceGroup):
             default_decision=s.default_decision,
             writer=self.writer,
             tracer=self._tracer,
-            chunk_items=s.coalescing.max_items,
+            chunk_items=s.coalescing.batch_chunk_items,
+            batch_stage2_items=s.coalescing.batch_stage2_items,
             stage2_max_in_flight=s.admission.stage2_max_in_flight,
         )
         self.admission = Admission(s.admission)
