@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 from collections import deque
@@ -170,9 +171,15 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
 
-def _expire(future: asyncio.Future[list[Reply]]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError("no reply from Redis in time"))
+def _expire(future: asyncio.Future[list[Reply]], *, polled: bool = False) -> None:
+    if future.done():
+        return
+    if not polled:
+        # After the event loop was busy, libuv runs due timers before it reads the sockets:
+        # give it one pass to read replies that arrived in time before calling them late.
+        asyncio.get_running_loop().call_later(0.0, functools.partial(_expire, future, polled=True))
+        return
+    future.set_exception(TimeoutError("no reply from Redis in time"))
 
 
 class PipelinedRedis:

@@ -190,7 +190,9 @@ async def test_one_redis_connection_carries_concurrent_calls_without_degrading_t
     ):
         await burst(callers, [new_request() for _ in range(50)], 2.0)
         await asyncio.sleep(0.2)
-        replies = await burst(callers, [new_request() for _ in range(50)], DEADLINE_S)
+        # The server's budget is the 50 ms SLO whatever the deadline; the longer deadline only
+        # keeps this client's own slowness at issuing 50 calls at once out of the result.
+        replies = await burst(callers, [new_request() for _ in range(50)], 4 * DEADLINE_S)
 
     failed = [r for r, _ in replies if not isinstance(r, scoring_pb2.ScoreResponse)]
     assert failed == [], f"{len(failed)} of 50 calls failed: {sorted(set(map(str, failed)))}"
