@@ -21,7 +21,8 @@ from typing import Any, Final
 
 VARIANTS: Final[dict[str, tuple[str, ...]]] = {
     "all on": (),
-    "no micro-batching in workers": ("CASCADE_SCREENING__MAX_BATCH_ROWS=1",),
+    "no coalescing of concurrent calls": ("CASCADE_COALESCING__ENABLED=false",),
+    "no admission control": ("CASCADE_ADMISSION__ENABLED=false",),
     "no gc.freeze after warm-up": ("CASCADE_GC_FREEZE=false",),
     "spans recorded (OTEL_TRACES_SAMPLER=always_on, no exporter)": (
         "OTEL_TRACES_SAMPLER=always_on",
