@@ -11,7 +11,6 @@ still-useful answer:
   ``_OVERLOADED`` / ``_ERROR``.
 * Too little time left for a step -> skip it, ``BUDGET_EXHAUSTED``; with under
   ``min_useful_ms`` at the start the default is answered at once.
-
 * More escalations in flight than ``admission.stage2_max_in_flight`` -> stage 1's answer with
   ``STAGE2_OVERLOADED``, without asking.
 
@@ -95,10 +94,6 @@ class _Chunk:
     writes: list[StoreWrite]
 
 
-def _chunks(n: int, size: int) -> list[range]:
-    return [range(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 class CascadeScorer:
     """Scores validated transactions within a budget; never raises for a dependency."""
 
@@ -114,7 +109,7 @@ class CascadeScorer:
         default_decision: DefaultDecision,
         writer: PostAnswerWriter,
         tracer: trace.Tracer,
-        chunk_items: int = 64,
+        chunk_items: int = 16,
         batch_stage2_items: int = 8,
         stage2_max_in_flight: int = 128,
     ) -> None:
@@ -168,16 +163,13 @@ class CascadeScorer:
         earlier: dict[str, list[HistoryEntry]] = {}
         results: list[ScoreResult] = []
         writes: list[StoreWrite] = []
-        for span in _chunks(len(txs), self._chunk_items):
-            chunk_txs = [txs[i] for i in span]
-            if budget.remaining_ms() < self._budget.min_useful_ms:
-                results += [
-                    self.default_answer(tx.transaction_id, [Reason.BUDGET_EXHAUSTED])
-                    for tx in chunk_txs
-                ]
-                continue
+        for start in range(0, len(txs), self._chunk_items):
             chunk = await self._score_chunk(
-                chunk_txs, budget, timings, earlier, self._batch_stage2_items
+                txs[start : start + self._chunk_items],
+                budget,
+                timings,
+                earlier,
+                self._batch_stage2_items,
             )
             results += chunk.results
             writes += chunk.writes

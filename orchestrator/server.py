@@ -185,8 +185,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
     ) -> list[ScoreResult]:
         # A backstop behind the budget: should the event loop stall, the caller still hears in
         # time. It fires halfway into the response margin, which is what the caller has left.
-        # It is the one timer a call arms; every stage's own cap is enforced by the round it
-        # joins (orchestrator.coalescing) or by the client's own timeout.
+        # Besides it a call arms one timer per stage it waits on (a coalesced round arms one
+        # for all its members).
         guard_s = (budget.total_ms + self._settings.budget.response_margin_ms / 2) / 1000.0
         try:
             async with asyncio.timeout(guard_s):
