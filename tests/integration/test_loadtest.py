@@ -123,6 +123,7 @@ async def test_loadtest_sweeps_both_cascades_and_writes_a_consistent_report(
     assert {g["name"] for g in report["goals"]} == {
         "serial_stage1_p50_ms",
         "serial_stage1_p99_ms",
+        "serial_escalated_p99_ms",
         "capacity_rate",
         "capacity_ratio",
         "orchestrator_p50_ms",
