@@ -92,7 +92,8 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self._reader = hiredis.Reader(replyError=RedisReplyError)
         self._transport: asyncio.Transport | None = None
-        self._outgoing: list[bytes] = []
+        # Requests of this loop pass, written together by _flush: payload, future, timeout.
+        self._outgoing: list[tuple[bytes, asyncio.Future[list[Reply]], float]] = []
         # Per request: how many replies it waits for, what it got so far, its future.
         self._waiting: deque[tuple[int, list[Reply], asyncio.Future[list[Reply]]]] = deque()
         self.closed = asyncio.get_running_loop().create_future()
@@ -145,9 +146,10 @@ class _Connection(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(None)
 
-    def send(self, payload: bytes, count: int) -> asyncio.Future[list[Reply]]:
+    def send(self, payload: bytes, count: int, timeout_s: float) -> asyncio.Future[list[Reply]]:
         """Queue one request of ``count`` commands for this loop pass's write; its future gets
-        their replies in order."""
+        their replies in order, or ``TimeoutError`` when they have not been received
+        ``timeout_s`` after the write."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Reply]] = loop.create_future()
         if self._transport is None or self._transport.is_closing():
@@ -156,19 +158,29 @@ class _Connection(asyncio.Protocol):
         self._waiting.append((count, [], future))
         if not self._outgoing:
             loop.call_soon(self._flush)
-        self._outgoing.append(payload)
+        self._outgoing.append((payload, future, timeout_s))
         return future
 
     def _flush(self) -> None:
-        payload = b"".join(self._outgoing)
-        self._outgoing.clear()
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(payload)
+        outgoing = self._outgoing
+        self._outgoing = []
+        if self._transport is None or self._transport.is_closing():
+            return  # connection_lost fails the futures
+        self._transport.write(b"".join(payload for payload, _, _ in outgoing))
+        # The clocks start at the write: a busy event loop delaying it is not Redis's time.
+        loop = asyncio.get_running_loop()
+        for _, future, timeout_s in outgoing:
+            timer = loop.call_later(timeout_s, _expire, future)
+            future.add_done_callback(functools.partial(_cancel_timer, timer))
 
     def close(self) -> None:
         """Close the transport (pending requests fail with ``ConnectionError``)."""
         if self._transport is not None:
             self._transport.close()
+
+
+def _cancel_timer(timer: asyncio.TimerHandle, _: asyncio.Future[list[Reply]]) -> None:
+    timer.cancel()
 
 
 def _expire(future: asyncio.Future[list[Reply]], *, polled: bool = False) -> None:
@@ -227,20 +239,15 @@ class PipelinedRedis:
         have not arrived within ``timeout_s`` and ``ConnectionError`` when no connection is
         open.
 
-        The timeout fails the request only if its replies have not been received by then:
-        replies that arrived in time count as in time even if this coroutine resumes a moment
-        later because the event loop is busy, so Redis's cap measures Redis, not our queue.
+        The timeout runs from the moment the request is written until its replies are
+        received, not until this coroutine resumes: a busy event loop delaying either end is not
+        Redis's slowness, so Redis's cap measures Redis.
         """
         conn = self._least_busy()
         if conn is None:
             self._schedule_reconnect()
             raise ConnectionError("no Redis connection open")
-        future = conn.send(encode_commands(commands), len(commands))
-        timer = asyncio.get_running_loop().call_later(timeout_s, _expire, future)
-        try:
-            return await future
-        finally:
-            timer.cancel()
+        return await conn.send(encode_commands(commands), len(commands), timeout_s)
 
     def _least_busy(self) -> _Connection | None:
         best: _Connection | None = None
@@ -268,7 +275,9 @@ class PipelinedRedis:
             if a.db:
                 hello.append(["SELECT", a.db])
             if hello:
-                replies = await conn.send(encode_commands(hello), len(hello))
+                replies = await conn.send(
+                    encode_commands(hello), len(hello), self._connect_timeout_s
+                )
                 for reply in replies:
                     if isinstance(reply, Exception):
                         conn.close()
