@@ -151,8 +151,14 @@ class Coalescer(Generic[InT, OutT]):
     async def _send(self, members: list[_Member[InT, OutT]]) -> None:
         loop = asyncio.get_running_loop()
         now_s = time.monotonic()
-        timer = loop.call_later(
-            max(0.0, min(m.deadline_s for m in members) - now_s), self._expire, members
+        timer: list[asyncio.TimerHandle] = []  # the round's one pending expiry timer
+        timer.append(
+            loop.call_later(
+                max(0.0, min(m.deadline_s for m in members) - now_s),
+                self._expire,
+                members,
+                timer,
+            )
         )
         try:
             out = await self._call(
@@ -181,10 +187,10 @@ class Coalescer(Generic[InT, OutT]):
                         )
                 offset += m.size
         finally:
-            timer.cancel()
+            timer[0].cancel()
 
-    def _expire(self, members: list[_Member[InT, OutT]]) -> None:
-        """Fail the members whose own deadline has passed; re-arm for the next one."""
+    def _expire(self, members: list[_Member[InT, OutT]], timer: list[asyncio.TimerHandle]) -> None:
+        """Fail the members whose own deadline has passed; re-arm ``timer`` for the next one."""
         now_s = time.monotonic()
         next_deadline_s: float | None = None
         for m in members:
@@ -195,7 +201,9 @@ class Coalescer(Generic[InT, OutT]):
             elif next_deadline_s is None or m.deadline_s < next_deadline_s:
                 next_deadline_s = m.deadline_s
         if next_deadline_s is not None:
-            asyncio.get_running_loop().call_later(next_deadline_s - now_s, self._expire, members)
+            timer[0] = asyncio.get_running_loop().call_later(
+                next_deadline_s - now_s, self._expire, members, timer
+            )
 
 
 def _concat_rows(parts: list[npt.NDArray[np.float32]]) -> npt.NDArray[np.float32]:
