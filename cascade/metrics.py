@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Final
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Counter, Histogram, Info, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,28 @@ WORKER_BATCH_ROWS: Final = Histogram(
 )
 WORKER_REQUESTS: Final = Counter(
     "cascade_screening_requests", "Screening requests answered, by outcome.", ["outcome"]
+)
+BREAKER_STATE: Final = Gauge(
+    "cascade_breaker_state",
+    "Circuit breaker state per dependency: 0 closed, 1 half-open (probing), 2 open.",
+    ["dependency"],
+)
+BREAKER_TRANSITIONS: Final = Counter(
+    "cascade_breaker_transitions",
+    "Circuit breaker state changes, by the state entered.",
+    ["dependency", "state"],
+)
+SCREENING_HEDGES: Final = Counter(
+    "cascade_screening_hedges",
+    "Stage-1 hedges: sent, won (answered first), or skipped for want of budget or tokens.",
+    ["outcome"],
+)
+SCREENING_MEMBERS: Final = Gauge(
+    "cascade_screening_members", "Screening workers known from heartbeats, by state.", ["state"]
+)
+SCREENING_MEMBER_SUSPECTED: Final = Counter(
+    "cascade_screening_member_suspected",
+    "Times a screening worker stopped answering and was routed around.",
 )
 
 

@@ -7,6 +7,7 @@ and in the message (checked again by the worker).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -22,6 +23,39 @@ _F32LE: Final = np.dtype("<f4")
 def screening_subject(prefix: str, model_version: str) -> str:
     """The NATS subject that workers serving ``model_version`` listen on."""
     return f"{prefix}.{model_version}"
+
+
+_WORKER_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_LEAVING: Final = b"-"
+
+
+def worker_subject(subject: str, worker_id: str) -> str:
+    """The subject one worker of ``subject``'s queue group also listens on, alone."""
+    return f"{subject}.w.{worker_id}"
+
+
+def members_subject(subject: str) -> str:
+    """The subject the workers of ``subject`` send their heartbeats to."""
+    return f"{subject}.members"
+
+
+def worker_id_for(host: str, pid: int, suffix: str) -> str:
+    """A worker id that is a valid subject token: host, pid and a random suffix."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{host[:32]}-{pid}-{suffix}")[:64]
+
+
+def encode_heartbeat(worker_id: str, *, leaving: bool = False) -> bytes:
+    """A heartbeat ("I serve here") or, with ``leaving``, a goodbye."""
+    return (_LEAVING if leaving else b"") + worker_id.encode()
+
+
+def parse_heartbeat(data: bytes) -> tuple[str, bool]:
+    """``(worker_id, leaving)``; ValueError unless the id is a valid subject token."""
+    leaving = data.startswith(_LEAVING)
+    worker_id = (data[1:] if leaving else data).decode("ascii", errors="replace")
+    if not _WORKER_ID.fullmatch(worker_id):
+        raise ValueError(f"not a worker id: {worker_id[:70]!r}")
+    return worker_id, leaving
 
 
 def encode_screening_request(

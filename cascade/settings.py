@@ -139,6 +139,87 @@ class CoalescingSettings(BaseModel):
     )
 
 
+class BreakerSettings(BaseModel):
+    """Circuit breakers per dependency (Redis, stage 1, stage 2): see ``orchestrator/breaker.py``."""
+
+    enabled: bool = Field(True, description="Off: every dependency is always attempted.")
+    window: int = Field(20, ge=1, le=10_000, description="Outcomes the failure ratio is over.")
+    window_s: float = Field(
+        5.0, gt=0, description="Outcomes older than this leave the window whatever their number."
+    )
+    min_calls: int = Field(
+        10, ge=1, description="No trip before this many outcomes are in the window."
+    )
+    failure_ratio: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Trip when at least this share of the window failed. High on purpose: with "
+        "one of two workers stalled half the calls fail, and hedging, not the breaker, is the "
+        "answer to that.",
+    )
+    open_s: float = Field(
+        0.1, gt=0, description="How long an open breaker skips the dependency before a probe."
+    )
+    max_open_s: float = Field(
+        0.5,
+        gt=0,
+        description="Each failed probe doubles the open time up to this; it bounds how long a "
+        "recovered dependency goes unused (the target is useful answers within 1 s).",
+    )
+
+    @model_validator(mode="after")
+    def _open_times_ordered(self) -> BreakerSettings:
+        if self.open_s > self.max_open_s:
+            raise ValueError("breaker.open_s must not exceed breaker.max_open_s")
+        if self.min_calls > self.window:
+            raise ValueError("breaker.min_calls must not exceed breaker.window")
+        return self
+
+
+class HedgingSettings(BaseModel):
+    """Stage-1 routing around stalled workers: direct requests and budgeted hedges."""
+
+    enabled: bool = Field(
+        True,
+        description="Route each screening request to a live worker's own subject, mark a worker "
+        "that stops answering, and hedge a request that is later than recent answers. Off: every "
+        "request goes to the queue group and waits for whichever member NATS picked.",
+    )
+    heartbeat_s: float = Field(
+        0.25, gt=0, description="How often each worker announces itself on the members subject."
+    )
+    member_ttl_s: float = Field(
+        1.0,
+        gt=0,
+        description="A worker not heard from for this long is no longer routed to (a stalled "
+        "process sends no heartbeats).",
+    )
+    quantile: float = Field(
+        0.95, gt=0, lt=1, description="Hedge once a request is later than this quantile."
+    )
+    min_delay_ms: float = Field(
+        1.0, ge=0, description="Never hedge earlier than this, however fast recent answers were."
+    )
+    ratio: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Hedges earned per request (token bucket), so hedging adds at most this "
+        "share of load when everything is slow.",
+    )
+    burst: float = Field(10.0, ge=1, description="Hedges that may be spent at once.")
+    min_left_ms: float = Field(
+        1.0, ge=0, description="Hedge only if at least this much of the stage-1 time is left."
+    )
+
+    @model_validator(mode="after")
+    def _ttl_covers_heartbeats(self) -> HedgingSettings:
+        if self.member_ttl_s < 2 * self.heartbeat_s:
+            raise ValueError("hedging.member_ttl_s must be at least twice hedging.heartbeat_s")
+        return self
+
+
 class AdmissionSettings(BaseModel):
     """Admission control: shed at once what cannot be answered in time."""
 
@@ -239,6 +320,8 @@ class Settings(BaseSettings):
     screening: ScreeningSettings = Field(default_factory=ScreeningSettings)
     coalescing: CoalescingSettings = Field(default_factory=CoalescingSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    hedging: HedgingSettings = Field(default_factory=HedgingSettings)
     gc_freeze: bool = Field(
         True, description="gc.freeze() after warm-up, so collections skip start-up objects."
     )

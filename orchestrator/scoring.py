@@ -13,6 +13,8 @@ still-useful answer:
   ``min_useful_ms`` at the start the default is answered at once.
 * More escalations in flight than ``admission.stage2_max_in_flight`` -> stage 1's answer with
   ``STAGE2_OVERLOADED``, without asking.
+* A dependency whose circuit breaker is open (:mod:`orchestrator.breaker`) is not asked: the
+  answer is what its failure would have given, with the same reason code, at once.
 
 Cache and history writes are queued for after the answer (:mod:`orchestrator.post_answer`).
 """
@@ -43,9 +45,10 @@ from cascade.features import (
     sequence_tensor,
 )
 from cascade.model_registry import Policy
-from cascade.settings import BudgetSettings, DefaultDecision
+from cascade.settings import BreakerSettings, BudgetSettings, DefaultDecision
 from cascade.telemetry import records_spans
 from cascade.transaction import Transaction
+from orchestrator.breaker import CircuitBreaker, DependencyBreakers
 from orchestrator.budget import Budget
 from orchestrator.codec import decode_cached, encode_cached
 from orchestrator.heavy_client import HeavyScorer
@@ -82,6 +85,15 @@ _DEFAULT_SCORES: Final = {
 }
 
 
+def _settle(breaker: CircuitBreaker, exc: BaseException) -> None:
+    """Tell ``breaker`` how an attempt that raised ``exc`` went: a failure, or (shed on purpose,
+    cancelled, our own bug) no verdict."""
+    if isinstance(exc, DependencyError) and not isinstance(exc, DependencyOverloaded):
+        breaker.record(True)
+    else:
+        breaker.release()
+
+
 def _us_since(start_ns: int) -> int:
     return (time.perf_counter_ns() - start_ns) // 1000
 
@@ -112,6 +124,7 @@ class CascadeScorer:
         chunk_items: int = 16,
         batch_stage2_items: int = 8,
         stage2_max_in_flight: int = 128,
+        breakers: DependencyBreakers | None = None,
     ) -> None:
         self._store = store
         self._screener = screener
@@ -128,6 +141,7 @@ class CascadeScorer:
         self._batch_stage2_items = batch_stage2_items
         self._stage2_max_in_flight = stage2_max_in_flight
         self.stage2_in_flight = 0
+        self.breakers = breakers or DependencyBreakers(BreakerSettings(enabled=False))
 
     @property
     def versions(self) -> ModelVersions:
@@ -186,15 +200,30 @@ class CascadeScorer:
     async def _lookup(
         self, keys: list[tuple[str, str]], budget: Budget
     ) -> list[StoreLookup] | None:
+        breaker = self.breakers.redis
+        if not breaker.allow():
+            self._skipped(breaker)
+            return None
         timeout_s = budget.allot_s(self._cap_ms(self._budget.redis_ms, len(keys)))
         try:
             if not self._spans:
-                return await self._store.lookup(keys, timeout_s)
-            with self._tracer.start_as_current_span("redis.lookup", kind=trace.SpanKind.CLIENT):
-                return await self._store.lookup(keys, timeout_s)
-        except DependencyError as exc:
-            logger.debug("online store lookup failed: %s", exc)
-            return None
+                lookups = await self._store.lookup(keys, timeout_s)
+            else:
+                with self._tracer.start_as_current_span("redis.lookup", kind=trace.SpanKind.CLIENT):
+                    lookups = await self._store.lookup(keys, timeout_s)
+        except BaseException as exc:
+            _settle(breaker, exc)
+            if isinstance(exc, DependencyError):
+                logger.debug("online store lookup failed: %s", exc)
+                return None
+            raise
+        breaker.record(False)
+        return lookups
+
+    def _skipped(self, breaker: CircuitBreaker) -> None:
+        """Note on the call's span that ``breaker`` kept a dependency from being asked."""
+        if self._spans:
+            trace.get_current_span().set_attributes(self.breakers.open_ones())
 
     async def _score_chunk(
         self,
@@ -253,8 +282,12 @@ class CascadeScorer:
         writes: list[StoreWrite] = []
 
         stage1_scores: list[float] | None = None
+        breaker = self.breakers.stage1
         if budget.remaining_ms() < cfg.min_useful_ms:
             stage1_reason = Reason.BUDGET_EXHAUSTED
+        elif not breaker.allow():
+            self._skipped(breaker)
+            stage1_reason = Reason.STAGE1_UNAVAILABLE
         else:
             t0 = time.perf_counter_ns()
             try:
@@ -262,7 +295,11 @@ class CascadeScorer:
                     rows, budget.allot_s(self._cap_ms(cfg.stage1_ms, len(todo)))
                 )
                 stage1_scores = scores.tolist()
-            except DependencyError as exc:
+                breaker.record(False)
+            except BaseException as exc:
+                _settle(breaker, exc)
+                if not isinstance(exc, DependencyError):
+                    raise
                 stage1_reason = _STAGE1_REASONS.get(type(exc), Reason.STAGE1_ERROR)
             timings.stage1_us += _us_since(t0)
         if stage1_scores is None:
@@ -330,16 +367,24 @@ class CascadeScorer:
         # A request larger than the whole limit still goes when nothing else is in flight.
         if self.stage2_in_flight and self.stage2_in_flight + n > self._stage2_max_in_flight:
             return Reason.STAGE2_OVERLOADED
+        breaker = self.breakers.stage2
+        if not breaker.allow():
+            self._skipped(breaker)
+            return Reason.STAGE2_UNAVAILABLE
         self.stage2_in_flight += n
         try:
             sequences = np.stack([sequence_tensor(txs[todo[j]], histories[j]) for j in escalate])
             timeout_s = budget.allot_s(float("inf"), keep_ms=self._budget.stage2_margin_ms)
             heavy_scores = await self._heavy.score(sequences, timeout_s)
-        except DependencyError as exc:
+        except BaseException as exc:
+            _settle(breaker, exc)
+            if not isinstance(exc, DependencyError):
+                raise
             logger.debug("stage 2 failed: %s", exc)
             return _STAGE2_REASONS.get(type(exc), Reason.STAGE2_ERROR)
         finally:
             self.stage2_in_flight -= n
+        breaker.record(False)
         for j, score in zip(escalate, heavy_scores.tolist(), strict=True):
             final[j] = score
         return None

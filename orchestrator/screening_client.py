@@ -7,23 +7,49 @@ report as unavailable rather than waiting out the timeout.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol
+from typing import Final, Protocol
 
 import nats
 import numpy as np
 import numpy.typing as npt
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from opentelemetry import trace
 
-from cascade.errors import Dependency, DependencyFailed, translate_nats_errors
+from cascade import metrics
+from cascade.errors import (
+    Dependency,
+    DependencyError,
+    DependencyFailed,
+    DependencyTimeout,
+    DependencyUnavailable,
+    translate_nats_errors,
+)
 from cascade.screening_protocol import (
     encode_screening_request,
+    members_subject,
+    parse_heartbeat,
     parse_screening_reply,
     screening_subject,
+    worker_subject,
 )
+from cascade.settings import HedgingSettings
 from cascade.telemetry import inject_headers, records_spans
+from orchestrator.screening_routing import HedgeBudget, LatencyQuantile, MemberTable
 from orchestrator.stage_twin import ScoreFn, StageTwin
+
+logger = logging.getLogger(__name__)
+
+_STATUS: Final = "Status"  # the header NATS answers "no responders" (503) in
+_NO_RESPONDERS: Final = "503"
+_HEDGES_SENT: Final = metrics.SCREENING_HEDGES.labels("sent")
+_HEDGES_WON: Final = metrics.SCREENING_HEDGES.labels("won")
+_HEDGES_SKIPPED: Final = metrics.SCREENING_HEDGES.labels("skipped")
 
 
 class Screener(Protocol):
@@ -36,8 +62,32 @@ class Screener(Protocol):
         ...
 
 
+@dataclass(slots=True, eq=False)
+class _Call:
+    """One routed screening request in flight: one future, one or two copies sent.
+
+    ``tokens[i]`` is the reply token of copy ``i`` and ``targets[i]`` the worker it went to (None:
+    the queue group). Copy 1 is a hedge, or a resend after the first worker turned out gone.
+    """
+
+    future: asyncio.Future[Msg]
+    sent_s: float
+    payload: bytes
+    headers: dict[str, str]
+    tokens: list[str] = field(default_factory=list)
+    targets: list[str | None] = field(default_factory=list)
+    hedged: bool = False
+    won_by_hedge: bool = False
+
+
 class NatsScreener:
-    """:class:`Screener` over NATS; owns its connection (use as an async context manager)."""
+    """:class:`Screener` over NATS; owns its connection (use as an async context manager).
+
+    With ``hedging`` settings, requests go to live workers' own subjects and late ones are hedged
+    (:mod:`orchestrator.screening_routing`); without, every request goes to the queue group.
+    Routed replies come back on one inbox subscription of ours (``{inbox}.{token}``), so that a
+    request and its hedge share one future.
+    """
 
     def __init__(
         self,
@@ -47,6 +97,7 @@ class NatsScreener:
         model_version: str,
         feature_set: str,
         tracer: trace.Tracer,
+        hedging: HedgingSettings | None = None,
     ) -> None:
         self._url = url
         self._subject = screening_subject(subject_prefix, model_version)
@@ -55,16 +106,33 @@ class NatsScreener:
         self._tracer = tracer
         self._spans = records_spans(tracer)
         self._nc: NatsClient | None = None
+        self._hedging = hedging
+        self.members: MemberTable | None = None
+        self._latency: LatencyQuantile | None = None
+        self._budget: HedgeBudget | None = None
+        if hedging is not None:
+            self.members = MemberTable(ttl_s=hedging.member_ttl_s, heartbeat_s=hedging.heartbeat_s)
+            self._latency = LatencyQuantile(hedging.quantile)
+            self._budget = HedgeBudget(hedging.ratio, hedging.burst)
+        self._inbox = ""
+        self._calls: dict[str, _Call] = {}
+        self._next_token = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> NatsScreener:
         with translate_nats_errors():
-            self._nc = await nats.connect(
+            self._nc = nc = await nats.connect(
                 self._url,
                 name="cascade-orchestrator",
                 connect_timeout=2,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.25,
             )
+            if self._hedging is not None:
+                self._inbox = nc.new_inbox() + "."
+                await nc.subscribe(self._inbox + "*", cb=self._on_reply)
+                await nc.subscribe(members_subject(self._subject), cb=self._on_heartbeat)
+                await nc.flush()
         return self
 
     async def __aexit__(
@@ -73,6 +141,9 @@ class NatsScreener:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._nc is not None:
             await self._nc.close()
             self._nc = None
@@ -80,7 +151,7 @@ class NatsScreener:
     async def screen(
         self, rows: npt.NDArray[np.float32], timeout_s: float
     ) -> npt.NDArray[np.float32]:
-        """Request scores for ``rows`` from one worker of the queue group."""
+        """Request scores for ``rows`` from one worker (hedged to another when late)."""
         nc = self._nc
         if nc is None:
             raise RuntimeError("NatsScreener used outside its async with block")
@@ -88,8 +159,7 @@ class NatsScreener:
         headers: dict[str, str] = {}
         if not self._spans:
             inject_headers(headers)  # the call's (non-recording) context still propagates
-            with translate_nats_errors():
-                msg = await nc.request(self._subject, payload, timeout=timeout_s, headers=headers)
+            msg, _ = await self._request(nc, payload, timeout_s, headers)
         else:
             with self._tracer.start_as_current_span(
                 "stage1.screen",
@@ -98,12 +168,10 @@ class NatsScreener:
                     "messaging.system": "nats",
                     "messaging.destination.name": self._subject,
                 },
-            ):
+            ) as span:
                 inject_headers(headers)
-                with translate_nats_errors():
-                    msg = await nc.request(
-                        self._subject, payload, timeout=timeout_s, headers=headers
-                    )
+                msg, hedged = await self._request(nc, payload, timeout_s, headers)
+                span.set_attribute("cascade.stage1.hedge_won", hedged)
         try:
             reply = parse_screening_reply(msg.data)
         except ValueError as exc:
@@ -115,6 +183,117 @@ class NatsScreener:
                 Dependency.SCREENING, f"{reply.scores.shape[0]} scores for {rows.shape[0]} rows"
             )
         return reply.scores
+
+    async def _request(
+        self, nc: NatsClient, payload: bytes, timeout_s: float, headers: dict[str, str]
+    ) -> tuple[Msg, bool]:
+        """The reply, and whether a hedge gave it."""
+        if self._hedging is None:
+            with translate_nats_errors():
+                msg = await nc.request(self._subject, payload, timeout=timeout_s, headers=headers)
+            return msg, False
+        return await self._routed_request(nc, payload, timeout_s, headers)
+
+    async def _routed_request(
+        self, nc: NatsClient, payload: bytes, timeout_s: float, headers: dict[str, str]
+    ) -> tuple[Msg, bool]:
+        members, latency, budget, hedging = self.members, self._latency, self._budget, self._hedging
+        assert members is not None and latency is not None
+        assert budget is not None and hedging is not None
+        loop = asyncio.get_running_loop()
+        call = _Call(loop.create_future(), time.perf_counter(), payload, headers)
+        timer = None
+        try:
+            await self._send(nc, call, members.pick())
+            budget.earn()
+            hedge_s = max(hedging.min_delay_ms / 1000.0, latency.value_s or 0.0)
+            if timeout_s - hedge_s >= hedging.min_left_ms / 1000.0:
+                timer = loop.call_later(hedge_s, self._hedge, nc, call)
+            msg = await asyncio.wait_for(call.future, timeout_s)
+        except TimeoutError:
+            for worker_id in call.targets:
+                if worker_id is not None:
+                    members.suspect(worker_id, f"no reply within {timeout_s * 1000:.1f} ms")
+            raise DependencyTimeout(Dependency.SCREENING, "no reply in time") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for token in call.tokens:
+                self._calls.pop(token, None)
+        latency.observe(time.perf_counter() - call.sent_s)
+        return msg, call.won_by_hedge
+
+    async def _send(self, nc: NatsClient, call: _Call, worker_id: str | None) -> None:
+        self._next_token += 1
+        token = str(self._next_token)
+        call.tokens.append(token)
+        call.targets.append(worker_id)
+        self._calls[token] = call
+        subject = self._subject if worker_id is None else worker_subject(self._subject, worker_id)
+        with translate_nats_errors():
+            await nc.publish(subject, call.payload, reply=self._inbox + token, headers=call.headers)
+
+    def _hedge(self, nc: NatsClient, call: _Call) -> None:
+        """The request is later than recent answers: send it to another worker too."""
+        assert self._budget is not None and self.members is not None
+        if call.future.done() or len(call.tokens) > 1:
+            return
+        if not self._budget.spend():
+            _HEDGES_SKIPPED.inc()
+            return
+        call.hedged = True
+        _HEDGES_SENT.inc()
+        self._spawn(nc, call, self.members.pick(exclude=call.targets[0]))
+
+    def _spawn(self, nc: NatsClient, call: _Call, worker_id: str | None) -> None:
+        task = asyncio.ensure_future(self._send_second(nc, call, worker_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_second(self, nc: NatsClient, call: _Call, worker_id: str | None) -> None:
+        try:
+            await self._send(nc, call, worker_id)
+        except DependencyError as exc:  # the first copy may still answer; its wait reports
+            logger.debug("second screening request not sent: %s", exc)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        token = msg.subject[len(self._inbox) :]
+        call = self._calls.pop(token, None)
+        if call is None or call.future.done():
+            return
+        copy = call.tokens.index(token)
+        worker_id = call.targets[copy]
+        if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
+            if worker_id is not None and self.members is not None:
+                self.members.left(worker_id)  # its process is gone (its subscription with it)
+                if len(call.tokens) == 1 and self._nc is not None:
+                    self._spawn(self._nc, call, None)  # resend to the queue group at once
+                    return
+            if not any(t in self._calls for t in call.tokens):  # no copy left to wait for
+                call.future.set_exception(
+                    DependencyUnavailable(Dependency.SCREENING, "no screening worker listening")
+                )
+            return
+        if copy and call.hedged:
+            call.won_by_hedge = True
+            _HEDGES_WON.inc()
+            first = call.targets[0]
+            if first is not None and self.members is not None:
+                self.members.suspect(first, "overtaken by a hedge")
+        call.future.set_result(msg)
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        if self.members is None:
+            return
+        try:
+            worker_id, leaving = parse_heartbeat(msg.data)
+        except ValueError:
+            logger.debug("ignoring a malformed screening heartbeat")
+            return
+        if leaving:
+            self.members.left(worker_id)
+        else:
+            self.members.heard(worker_id)
 
 
 class InMemoryScreener(StageTwin):

@@ -41,6 +41,7 @@ from cascade.telemetry import extract_context, records_spans, trace_id_hex, untr
 from cascade.transaction import Channel, Transaction
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from orchestrator.admission import Admission
+from orchestrator.breaker import DependencyBreakers
 from orchestrator.budget import Budget
 from orchestrator.coalescing import CoalescingHeavyScorer, CoalescingScreener
 from orchestrator.codec import result_to_proto, versions_to_proto
@@ -301,6 +302,7 @@ class Orchestrator(AsyncResourceGroup):
                 model_version=self._registry.stage1.version,
                 feature_set=self._registry.feature_set,
                 tracer=self._tracer,
+                hedging=s.hedging if s.hedging.enabled else None,
             )
         )
         heavy = await self._stack.enter_async_context(
@@ -335,6 +337,7 @@ class Orchestrator(AsyncResourceGroup):
             chunk_items=s.coalescing.batch_chunk_items,
             batch_stage2_items=s.coalescing.batch_stage2_items,
             stage2_max_in_flight=s.admission.stage2_max_in_flight,
+            breakers=DependencyBreakers(s.breaker),
         )
         self.admission = Admission(s.admission)
         server = grpc.aio.server(

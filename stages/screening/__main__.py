@@ -37,6 +37,7 @@ async def serve(stop: asyncio.Event) -> None:
             queue_group=settings.nats.queue_group,
             feature_set=registry.feature_set,
             tracer=provider.get_tracer("cascade.screening"),
+            heartbeat_s=settings.hedging.heartbeat_s,
         ):
             if settings.gc_freeze:
                 freeze_heap()

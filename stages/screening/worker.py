@@ -10,12 +10,21 @@ hop, no wait for company. Batching happens where it pays, in the orchestrator, w
 concurrent calls into one message of many rows (:mod:`orchestrator.coalescing`). nats-py runs a
 subscription's callbacks one at a time, so messages that arrive while one is scored wait in its
 pending queue and are answered in order.
+
+Besides the queue group the worker listens alone on ``{subject}.w.{worker_id}`` and announces that
+id on ``{subject}.members`` every ``heartbeat_s``: the orchestrator routes to workers it hears
+from and around one that stops answering (:mod:`orchestrator.screening_routing`), which a queue
+group alone does not do. On shutdown it says goodbye first, then drains.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass
 from types import TracebackType
@@ -31,10 +40,14 @@ from opentelemetry import trace
 from cascade import metrics
 from cascade.screening_protocol import (
     ScreeningRequest,
+    encode_heartbeat,
     encode_screening_reply,
     encode_screening_request,
+    members_subject,
     parse_screening_request,
     screening_subject,
+    worker_id_for,
+    worker_subject,
 )
 from cascade.telemetry import extract_context, records_spans
 from stages.screening.model import ScreeningModel
@@ -65,6 +78,7 @@ class ScreeningWorker:
         queue_group: str,
         feature_set: str,
         tracer: trace.Tracer,
+        heartbeat_s: float | None = 0.25,
     ) -> None:
         self._model = model
         self._url = nats_url
@@ -75,6 +89,11 @@ class ScreeningWorker:
         self._record_spans = records_spans(tracer)
         self._nc: NatsClient | None = None
         self._sub: Subscription | None = None
+        self._own_sub: Subscription | None = None
+        self._heartbeat_s = heartbeat_s
+        self._heartbeats: asyncio.Task[None] | None = None
+        self.worker_id = worker_id_for(socket.gethostname(), os.getpid(), secrets.token_hex(3))
+        """This worker's id: its own subject's last token, and what its heartbeats carry."""
         self._answered_ok = metrics.WORKER_REQUESTS.labels("ok")
         self._answered_error = metrics.WORKER_REQUESTS.labels("error")
         self.stats = WorkerStats()
@@ -85,8 +104,16 @@ class ScreeningWorker:
             self._url, name=f"screening-worker-{self._model.version}", max_reconnect_attempts=-1
         )
         self._sub = await self._nc.subscribe(self.subject, queue=self._queue_group, cb=self._answer)
+        if self._heartbeat_s is not None:
+            self._own_sub = await self._nc.subscribe(
+                worker_subject(self.subject, self.worker_id), cb=self._answer
+            )
         await self._nc.flush()
         await self._prove_answering(self._nc)
+        if self._heartbeat_s is not None:
+            self._heartbeats = asyncio.create_task(
+                self._beat(self._nc, self._heartbeat_s), name="screening-heartbeats"
+            )
         metrics.MODELS.info(
             {"role": "screening", "stage1": self._model.version, "feature_set": self._feature_set}
         )
@@ -125,14 +152,36 @@ class ScreeningWorker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # Order matters: stop new deliveries and answer everything already delivered (draining
-        # the subscription runs its pending callbacks) while the connection is still up, then
-        # flush and close the connection.
-        if self._sub is not None:
-            await self._sub.drain()  # type: ignore[no-untyped-call]  # nats-py is untyped here
+        # Order matters: say goodbye (orchestrators stop routing here), stop new deliveries and
+        # answer everything already delivered (draining a subscription runs its pending
+        # callbacks) while the connection is still up, then flush and close the connection.
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeats
+            self._heartbeats = None
+            if self._nc is not None and self._nc.is_connected:
+                with contextlib.suppress(Exception):  # best effort: the heartbeats stop anyway
+                    await self._nc.publish(
+                        members_subject(self.subject),
+                        encode_heartbeat(self.worker_id, leaving=True),
+                    )
+        for sub in (self._own_sub, self._sub):
+            if sub is not None:
+                await sub.drain()  # type: ignore[no-untyped-call]  # nats-py is untyped here
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
             await nc.drain()
+
+    async def _beat(self, nc: NatsClient, every_s: float) -> None:
+        subject = members_subject(self.subject)
+        beat = encode_heartbeat(self.worker_id)
+        while True:
+            try:
+                await nc.publish(subject, beat)
+            except Exception as exc:  # reconnecting: the next beat will do
+                logger.debug("heartbeat not sent: %s", exc)
+            await asyncio.sleep(every_s)
 
     async def _answer(self, msg: Msg) -> None:
         try:

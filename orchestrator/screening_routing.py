@@ -1,0 +1,184 @@
+"""Where a screening request goes, and when it is hedged: pure bookkeeping, no I/O.
+
+NATS queue groups keep handing requests to a member that is connected but stalled (a SIGSTOPped
+or wedged process): with two workers, half the requests wait out their timeout, and nothing in
+NATS notices. So the orchestrator routes for itself:
+
+* every worker announces itself on ``{subject}.members`` every ``heartbeat_s`` and also listens
+  on its own subject ``{subject}.w.{worker_id}``; :class:`MemberTable` keeps the workers heard
+  from within ``member_ttl_s`` and picks one per request, round robin;
+* a worker whose request was overtaken by a hedge (or timed out) is *suspect*: it gets no new
+  requests until it is heard from again a heartbeat later, which a stalled process never is;
+* a request still unanswered after the recent ``quantile`` of answer times (:class:`LatencyQuantile`)
+  is sent once more to another live worker, and the first answer wins; :class:`HedgeBudget` (a
+  token bucket) keeps hedges to a small share of requests when everything is slow.
+
+With no member known (workers of an older release, or none heard yet) requests go to the queue
+group as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from cascade import metrics
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HedgeBudget", "LatencyQuantile", "MemberTable"]
+
+_LIVE: Final = metrics.SCREENING_MEMBERS.labels("live")
+_SUSPECT: Final = metrics.SCREENING_MEMBERS.labels("suspect")
+
+
+@dataclass(slots=True)
+class _Member:
+    last_heard_s: float
+    suspect_since_s: float | None = None
+
+
+class MemberTable:
+    """The screening workers heard from recently, and which of them to avoid."""
+
+    def __init__(
+        self,
+        *,
+        ttl_s: float,
+        heartbeat_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ttl_s = ttl_s
+        self._heartbeat_s = heartbeat_s
+        self._clock = clock
+        self._members: dict[str, _Member] = {}
+        self._order: list[str] = []
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def heard(self, worker_id: str) -> None:
+        """A heartbeat from ``worker_id``: it is alive (and, a heartbeat after being suspected,
+        answering again)."""
+        now = self._clock()
+        member = self._members.get(worker_id)
+        if member is None:
+            self._members[worker_id] = _Member(now)
+            self._order.append(worker_id)
+            logger.info("screening worker %s joined", worker_id)
+            self._publish()
+            return
+        member.last_heard_s = now
+        if member.suspect_since_s is not None and now - member.suspect_since_s >= self._heartbeat_s:
+            member.suspect_since_s = None
+            logger.info("screening worker %s is answering again", worker_id)
+            self._publish()
+
+    def left(self, worker_id: str) -> None:
+        """``worker_id`` said goodbye, or nobody listens on its subject any more."""
+        if self._members.pop(worker_id, None) is not None:
+            self._order.remove(worker_id)
+            logger.info("screening worker %s left", worker_id)
+            self._publish()
+
+    def suspect(self, worker_id: str, why: str) -> None:
+        """``worker_id`` did not answer in time: route around it until it is heard from again."""
+        member = self._members.get(worker_id)
+        if member is None or member.suspect_since_s is not None:
+            return
+        member.suspect_since_s = self._clock()
+        metrics.SCREENING_MEMBER_SUSPECTED.inc()
+        logger.warning(
+            "screening worker %s stopped answering (%s); routing around it", worker_id, why
+        )
+        self._publish()
+
+    def pick(self, exclude: str | None = None) -> str | None:
+        """The next live, unsuspected worker other than ``exclude`` (round robin), or None."""
+        order = self._order
+        n = len(order)
+        if not n:
+            return None
+        now = self._clock()
+        expired = False
+        for _ in range(n):
+            self._next = (self._next + 1) % n
+            worker_id = order[self._next]
+            member = self._members[worker_id]
+            if now - member.last_heard_s > self._ttl_s:
+                expired = True
+                continue
+            if member.suspect_since_s is None and worker_id != exclude:
+                if expired:
+                    self._expire(now)
+                return worker_id
+        if expired:
+            self._expire(now)
+        return None
+
+    def _expire(self, now: float) -> None:
+        for worker_id in [
+            w for w, m in self._members.items() if now - m.last_heard_s > self._ttl_s
+        ]:
+            del self._members[worker_id]
+            self._order.remove(worker_id)
+            logger.warning("screening worker %s went quiet (no heartbeat); dropped", worker_id)
+        self._next = 0
+        self._publish()
+
+    def _publish(self) -> None:
+        suspect = sum(m.suspect_since_s is not None for m in self._members.values())
+        _SUSPECT.set(suspect)
+        _LIVE.set(len(self._members) - suspect)
+
+
+class LatencyQuantile:
+    """A quantile of the last ``size`` observations, recomputed every ``every`` of them."""
+
+    def __init__(self, quantile: float, *, size: int = 256, every: int = 32) -> None:
+        self._quantile = quantile
+        self._size = size
+        self._every = every
+        self._values: list[float] = []
+        self._pos = 0
+        self._since = 0
+        self.value_s: float | None = None
+
+    def observe(self, seconds: float) -> None:
+        """Add one answer time."""
+        values = self._values
+        if len(values) < self._size:
+            values.append(seconds)
+        else:
+            values[self._pos] = seconds
+            self._pos = (self._pos + 1) % self._size
+        self._since += 1
+        if self._since >= self._every:
+            self._since = 0
+            ordered = sorted(values)
+            self.value_s = ordered[min(len(ordered) - 1, int(self._quantile * len(ordered)))]
+
+
+class HedgeBudget:
+    """A token bucket: each request earns ``ratio`` of a hedge, up to ``burst`` hedges."""
+
+    def __init__(self, ratio: float, burst: float) -> None:
+        self._ratio = ratio
+        self._burst = burst
+        self.tokens = burst
+
+    def earn(self) -> None:
+        """One request was sent."""
+        tokens = self.tokens + self._ratio
+        self.tokens = tokens if tokens < self._burst else self._burst
+
+    def spend(self) -> bool:
+        """Take one hedge if one is left."""
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True

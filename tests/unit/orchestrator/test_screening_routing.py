@@ -1,0 +1,121 @@
+"""Stage-1 routing bookkeeping: members from heartbeats, suspects, the hedge delay and budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from cascade.screening_protocol import (
+    encode_heartbeat,
+    members_subject,
+    parse_heartbeat,
+    worker_id_for,
+    worker_subject,
+)
+from orchestrator.screening_routing import HedgeBudget, LatencyQuantile, MemberTable
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 10.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def table(clock: Clock) -> MemberTable:
+    return MemberTable(ttl_s=1.0, heartbeat_s=0.25, clock=clock)
+
+
+def test_no_member_means_the_queue_group() -> None:
+    assert table(Clock()).pick() is None
+
+
+def test_round_robin_over_live_members() -> None:
+    members = table(Clock())
+    for w in ("a", "b", "c"):
+        members.heard(w)
+    picks = [members.pick() for _ in range(6)]
+    assert sorted(picks) == ["a", "a", "b", "b", "c", "c"]
+    assert picks[:3] == picks[3:]
+
+
+def test_suspect_is_avoided_until_heard_a_heartbeat_later() -> None:
+    clock = Clock()
+    members = table(clock)
+    members.heard("a")
+    members.heard("b")
+    members.suspect("a", "overtaken by a hedge")
+    assert {members.pick() for _ in range(10)} == {"b"}
+    clock.now += 0.1
+    members.heard("a")  # a heartbeat already on its way when it stalled: not proof
+    assert {members.pick() for _ in range(10)} == {"b"}
+    clock.now += 0.2
+    members.heard("a")
+    assert {members.pick() for _ in range(10)} == {"a", "b"}
+
+
+def test_quiet_member_expires_and_exclude_is_honoured() -> None:
+    clock = Clock()
+    members = table(clock)
+    members.heard("a")
+    members.heard("b")
+    assert members.pick(exclude="a") == "b"
+    clock.now += 0.9
+    members.heard("b")
+    clock.now += 0.2  # a: 1.1 s quiet, past the TTL
+    assert {members.pick() for _ in range(5)} == {"b"}
+    assert len(members) == 1
+    assert members.pick(exclude="b") is None
+
+
+def test_left_member_is_gone_at_once() -> None:
+    members = table(Clock())
+    members.heard("a")
+    members.left("a")
+    assert members.pick() is None and len(members) == 0
+    members.left("a")  # twice is harmless
+
+
+def test_all_suspect_gives_none() -> None:
+    members = table(Clock())
+    members.heard("a")
+    members.suspect("a", "timed out")
+    assert members.pick() is None
+
+
+def test_latency_quantile_tracks_recent_answers() -> None:
+    q = LatencyQuantile(0.95, size=100, every=10)
+    assert q.value_s is None
+    for i in range(100):
+        q.observe(i / 1000)
+    assert q.value_s == pytest.approx(0.095)
+    for _ in range(100):  # the window moves on: all fast now
+        q.observe(0.001)
+    assert q.value_s == pytest.approx(0.001)
+
+
+def test_hedge_budget_is_a_token_bucket() -> None:
+    budget = HedgeBudget(ratio=0.25, burst=2)
+    assert budget.spend() and budget.spend()
+    assert not budget.spend()
+    for _ in range(3):
+        budget.earn()
+    assert not budget.spend()  # 0.75 of a hedge earned
+    budget.earn()
+    assert budget.spend()
+    for _ in range(1000):
+        budget.earn()
+    assert budget.tokens == 2  # capped at the burst
+
+
+def test_heartbeat_round_trip_and_subjects() -> None:
+    worker_id = worker_id_for("host.example.com", 1234, "ab12cd")
+    assert worker_id == "host_example_com-1234-ab12cd"
+    assert parse_heartbeat(encode_heartbeat(worker_id)) == (worker_id, False)
+    assert parse_heartbeat(encode_heartbeat(worker_id, leaving=True)) == (worker_id, True)
+    assert worker_subject("cascade.screen.s1-1", worker_id) == f"cascade.screen.s1-1.w.{worker_id}"
+    assert members_subject("cascade.screen.s1-1") == "cascade.screen.s1-1.members"
+    with pytest.raises(ValueError, match="worker id"):
+        parse_heartbeat(b"a.b")
+    with pytest.raises(ValueError, match="worker id"):
+        parse_heartbeat(b"")
