@@ -201,6 +201,12 @@ class HedgingSettings(BaseModel):
     min_delay_ms: float = Field(
         1.0, ge=0, description="Never hedge earlier than this, however fast recent answers were."
     )
+    initial_delay_ms: float = Field(
+        5.0,
+        ge=0,
+        description="The hedge delay until enough answers were seen to know the quantile (a "
+        "fresh process's first answers are slow, and hedging them would only spend the budget).",
+    )
     ratio: float = Field(
         0.1,
         ge=0,

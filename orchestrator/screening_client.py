@@ -206,7 +206,12 @@ class NatsScreener:
         try:
             await self._send(nc, call, members.pick())
             budget.earn()
-            hedge_s = max(hedging.min_delay_ms / 1000.0, latency.value_s or 0.0)
+            known_s = latency.value_s
+            hedge_s = (
+                hedging.initial_delay_ms / 1000.0
+                if known_s is None
+                else max(hedging.min_delay_ms / 1000.0, known_s)
+            )
             if timeout_s - hedge_s >= hedging.min_left_ms / 1000.0:
                 timer = loop.call_later(hedge_s, self._hedge, nc, call)
             msg = await asyncio.wait_for(call.future, timeout_s)
@@ -243,7 +248,7 @@ class NatsScreener:
             return
         call.hedged = True
         _HEDGES_SENT.inc()
-        self._spawn(nc, call, self.members.pick(exclude=call.targets[0]))
+        self._spawn(nc, call, self.members.pick_other(call.targets[0]))
 
     def _spawn(self, nc: NatsClient, call: _Call, worker_id: str | None) -> None:
         task = asyncio.ensure_future(self._send_second(nc, call, worker_id))

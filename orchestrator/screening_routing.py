@@ -120,6 +120,19 @@ class MemberTable:
             self._expire(now)
         return None
 
+    def pick_other(self, exclude: str | None) -> str | None:
+        """Where a hedge of a request sent to ``exclude`` goes: a live, unsuspected other worker;
+        failing that, a suspect one that still sends heartbeats (it may only have been slow once,
+        whereas the queue group may hand the hedge straight back to ``exclude``); else None."""
+        worker_id = self.pick(exclude)
+        if worker_id is not None:
+            return worker_id
+        now = self._clock()
+        for worker_id in self._order:
+            if worker_id != exclude and now - self._members[worker_id].last_heard_s <= self._ttl_s:
+                return worker_id
+        return None
+
     def _expire(self, now: float) -> None:
         for worker_id in [
             w for w, m in self._members.items() if now - m.last_heard_s > self._ttl_s

@@ -34,7 +34,7 @@ def test_round_robin_over_live_members() -> None:
     members = table(Clock())
     for w in ("a", "b", "c"):
         members.heard(w)
-    picks = [members.pick() for _ in range(6)]
+    picks = [members.pick() or "" for _ in range(6)]
     assert sorted(picks) == ["a", "a", "b", "b", "c", "c"]
     assert picks[:3] == picks[3:]
 
@@ -119,3 +119,15 @@ def test_heartbeat_round_trip_and_subjects() -> None:
         parse_heartbeat(b"a.b")
     with pytest.raises(ValueError, match="worker id"):
         parse_heartbeat(b"")
+
+
+def test_hedge_prefers_a_suspect_other_worker_to_the_queue_group() -> None:
+    members = table(Clock())
+    members.heard("a")
+    members.heard("b")
+    members.suspect("b", "slow once")
+    assert members.pick(exclude="a") is None
+    assert members.pick_other("a") == "b"
+    assert members.pick_other("b") == "a"
+    members.left("b")
+    assert members.pick_other("a") is None
