@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cascade.model_registry import load_registry
 from cascade.servers import ManagedProcess, NatsServer, RedisServer, TritonServer, free_port
 from cascade.stack import orchestrator_process, service_env, worker_process
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
@@ -282,3 +283,35 @@ async def test_redis_breaker_opens_on_a_frozen_redis_and_closes_when_it_resumes(
                 break
             assert time.monotonic() - resumed < 1.0, "no useful answer within 1 s of the return"
             await asyncio.sleep(0.01)
+
+
+async def test_stage2_breaker_skips_a_slow_triton_at_once(
+    model_dir: Path, redis_server: RedisServer, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    registry = load_registry(model_dir)
+    async with (
+        TritonServer(
+            registry.stage2_path,
+            model_name=registry.stage2.triton_model or "",
+            model_version=registry.stage2.triton_version or 1,
+            delay_ms=300,
+            log_dir=tmp_path / "triton-slow",
+        ) as slow,
+        stack(
+            model_dir,
+            tmp_path,
+            redis_url=redis_server.url,
+            nats_url=nats_server.url,
+            triton_url=slow.grpc_url,
+            workers=1,
+        ) as s,
+    ):
+        replies = await score_many(s.stub, 40)
+        assert all(r.decided_by == R.DECIDED_BY_STAGE1 and r.escalated for r in replies)
+        assert R.REASON_STAGE2_TIMEOUT in replies[0].reasons
+        skipped = [r for r in replies if list(r.reasons) == [R.REASON_STAGE2_UNAVAILABLE]]
+        assert len(skipped) >= 15
+        # Not asked: no time spent in stage 2, where each time-out spent what the budget left.
+        assert all(r.timings.stage2_us < 1000 for r in skipped)
+        assert replies[0].timings.stage2_us > 20_000
+        assert metric(s.metrics_port, "cascade_breaker_state", 'dependency="heavy"') >= 1
