@@ -4,6 +4,7 @@
                     loopback (one per core, on one port), wait until healthy, print the endpoint, optionally send sample traffic, and run
                     until SIGINT/SIGTERM; then stop everything it started.
 * ``cascade score`` send sample transactions to a running stack and print the answers as a table.
+* ``cascade trace`` print one stored trace (``cascade up --traces``) as a waterfall.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import signal
 import sys
 import time
@@ -21,10 +23,12 @@ from typing import Final
 import grpc
 
 from cascade.iso_codes import minor_unit_exponent, to_major_units
+from cascade.otlp_receiver import SPANS_FILE, read_trace
 from cascade.samples import labelled_sample
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
 from cascade.shared_port import default_process_count
 from cascade.stack import LocalStack, StackConfig, StackPorts
+from cascade.trace_view import waterfall
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 
 logger = logging.getLogger("cascade")
@@ -42,7 +46,8 @@ async def score_samples(
     """
     header = (
         f"{'transaction':<24} {'card':<12} {'amount':>14} {'decision':<8} {'score':>6} "
-        f"{'by':<7} {'esc':<3} {'ms':>6} {'redis':>6} {'s1':>6} {'s2':>6}  {'truth':<20} reasons"
+        f"{'by':<7} {'esc':<3} {'ms':>6} {'redis':>6} {'s1':>6} {'s2':>6}  {'truth':<20} "
+        f"{'trace':<32} reasons"
     )
     sample = labelled_sample(count, seed=seed)
     lines: list[str] = []
@@ -83,7 +88,7 @@ async def score_samples(
                 f"{scoring_pb2.DecidedBy.Name(reply.decided_by).removeprefix('DECIDED_BY_'):<7} "
                 f"{'yes' if reply.escalated else '':<3} {elapsed_ms:6.2f} "
                 f"{t.redis_us / 1000:6.2f} {t.stage1_us / 1000:6.2f} {t.stage2_us / 1000:6.2f}  "
-                f"{truth or '-':<20} {reasons}"
+                f"{truth or '-':<20} {reply.trace_id or '-':<32} {reasons}"
             )
     return lines
 
@@ -102,6 +107,7 @@ async def _up(args: argparse.Namespace) -> int:
         ),
         workers=args.workers,
         orchestrators=args.orchestrators,
+        traces_dir=args.run_dir.resolve() / "traces" if args.traces else None,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -117,6 +123,12 @@ async def _up(args: argparse.Namespace) -> int:
             f"  redis {stack.redis_url}   nats {stack.nats_url}   triton grpc {stack.triton_url}",
             flush=True,
         )
+        if stack.traces is not None:
+            print(
+                f"  traces: every span goes to {stack.traces.spans_path}; "
+                f"see one with: cascade trace TRACE_ID --run-dir {config.run_dir}",
+                flush=True,
+            )
         if args.sample:
             for line in await score_samples(
                 stack.target, args.sample, args.seed, args.deadline_ms, history=not args.no_history
@@ -136,6 +148,27 @@ async def _score(args: argparse.Namespace) -> int:
     ):
         print(line)
     return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    store = args.run_dir.resolve() / "traces"
+    spans = read_trace(store, args.trace_id)
+    if not spans:
+        print(
+            f"no spans of trace {args.trace_id} in {store / SPANS_FILE} "
+            "(was the stack started with --traces? spans arrive a moment after the call)",
+            file=sys.stderr,
+        )
+        return 1
+    for line in waterfall(spans):
+        print(line)
+    return 0
+
+
+def _trace_id(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{32}", text):
+        raise argparse.ArgumentTypeError(f"a trace id is 32 hex characters, got {text!r}")
+    return text.lower()
 
 
 def _positive_int(text: str) -> int:
@@ -167,6 +200,22 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--run-dir", type=Path, default=REPO_ROOT / ".run", help="logs and Triton repo")
     up.add_argument("--sample", type=int, default=0, help="score this many sample transactions")
     up.add_argument("--exit-after-sample", action="store_true", help="stop after the sample")
+    up.add_argument(
+        "--traces",
+        action="store_true",
+        help="trace every call: a local OTLP receiver stores all spans (Triton's too) in "
+        "RUN_DIR/traces for `cascade trace`",
+    )
+    trace_cmd = sub.add_parser("trace", help="print one stored trace as a waterfall")
+    trace_cmd.add_argument(
+        "trace_id", type=_trace_id, help="32 hex characters (the answer's trace_id)"
+    )
+    trace_cmd.add_argument(
+        "--run-dir",
+        type=Path,
+        default=REPO_ROOT / ".run",
+        help="the run dir of `cascade up --traces`",
+    )
     score = sub.add_parser("score", help="score sample transactions against a running stack")
     score.add_argument("--target", default=f"127.0.0.1:{defaults.grpc}")
     score.add_argument("--count", type=int, default=20)
@@ -198,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_loadtest(args, list(argv) if argv is not None else sys.argv[2:])
         except KeyboardInterrupt:
             return 130
+    if args.command == "trace":
+        return _trace(args)
     command = _up if args.command == "up" else _score
     try:
         return asyncio.run(command(args))

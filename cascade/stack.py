@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cascade.lifecycle import AsyncResourceGroup
 from cascade.model_registry import load_registry
+from cascade.otlp_receiver import OtlpReceiver
 from cascade.servers import ManagedProcess, NatsServer, RedisServer, TritonServer
 from cascade.servers._process import ReadinessProbe, resolve_port
 from cascade.shared_port import metrics_port_offset, shared_port_env
@@ -58,6 +59,9 @@ class StackConfig:
     triton_instances: int = 1
     triton_delay_ms: float = 0.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    traces_dir: Path | None = None
+    """With a folder: run a local OTLP receiver storing every span there (``cascade trace``),
+    and have every service, Triton included, trace every call to it."""
 
 
 async def grpc_health_status(target: str, timeout_s: float = 1.0) -> int | None:
@@ -211,12 +215,23 @@ class LocalStack(AsyncResourceGroup):
         self.nats_url = ""
         self.triton_url = ""
         self.log_dir = config.run_dir / "logs"
+        self.traces: OtlpReceiver | None = None
 
     async def _start(self) -> None:
         cfg = self._config
         ports = cfg.ports
         registry = load_registry(cfg.model_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        trace_env: dict[str, str] = {}
+        if cfg.traces_dir is not None:
+            self.traces = await self._stack.enter_async_context(OtlpReceiver(cfg.traces_dir))
+            trace_env = {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": self.traces.grpc_endpoint,
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+                "OTEL_BSP_SCHEDULE_DELAY": "200",
+            }
         # The three servers start independently; start them together to save Triton's seconds.
         redis_server = RedisServer(ports.redis, log_dir=self.log_dir)
         nats_server = NatsServer(ports.nats, log_dir=self.log_dir)
@@ -231,6 +246,7 @@ class LocalStack(AsyncResourceGroup):
             log_dir=self.log_dir,
             delay_ms=cfg.triton_delay_ms,
             instance_count=cfg.triton_instances,
+            trace_url=self.traces.http_traces_url if self.traces is not None else None,
         )
         await self._enter_together((redis_server, nats_server, triton))
         self.redis_url, self.nats_url, self.triton_url = (
@@ -244,7 +260,7 @@ class LocalStack(AsyncResourceGroup):
             nats_url=self.nats_url,
             triton_url=self.triton_url,
             grpc_port=self.grpc_port,
-            extra=cfg.extra_env,
+            extra={**trace_env, **cfg.extra_env},
         )
         # With CASCADE_METRICS_PORT = B set: orchestrator i on B + i, worker j on B + N + j.
         for j in range(cfg.workers):

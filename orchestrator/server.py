@@ -95,6 +95,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         self._spans = records_spans(tracer)
         self._admission = admission
         self._versions_pb = versions_to_proto(scorer.versions)
+        v = scorer.versions
+        self._versions_attr = f"{v.policy}/{v.stage1}/{v.stage2}/{v.feature_set}"
         # Batches take turns: the chunks of one run between Score calls; two at once at most.
         self._batch_slots = asyncio.Semaphore(2)
 
@@ -112,7 +114,9 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
                 (result,) = await self._score([tx], budget, context)
                 if self._spans:
                     span.set_attribute("cascade.transaction_id", tx.transaction_id)
+                    span.set_attribute("cascade.decision", result.decision.value)
                     span.set_attribute("cascade.decided_by", result.decided_by.value)
+                    span.set_attribute("cascade.versions", self._versions_attr)
                     if result.reasons:
                         span.set_attribute("cascade.reasons", [r.value for r in result.reasons])
                 return result_to_proto(result, self._versions_pb, trace_id_hex(span))

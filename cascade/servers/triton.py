@@ -232,6 +232,7 @@ class TritonServer(StartStop):
         max_batch_size: int = 64,
         start_timeout_s: float = 120.0,
         stop_grace_s: float = 15.0,
+        trace_url: str | None = None,
     ) -> None:
         if model_version < 1:
             raise ValueError(f"model_version must be >= 1, got {model_version}")
@@ -257,6 +258,9 @@ class TritonServer(StartStop):
         self._log_dir = log_dir or self.work_dir
         self._start_timeout_s = start_timeout_s
         self._stop_grace_s = stop_grace_s
+        self.trace_url: Final = trace_url
+        """OTLP/HTTP traces URL: with it Triton traces every request in OpenTelemetry mode,
+        continuing the caller's W3C ``traceparent`` from the gRPC metadata."""
         self.process: ManagedProcess | None = None
 
     @property
@@ -314,6 +318,18 @@ class TritonServer(StartStop):
             f"--exit-timeout-secs={max(1, int(self._stop_grace_s) - 2)}",
             # A unique shared-memory prefix, so several servers on one machine never collide.
             f"--backend-config=python,shm-region-prefix-name=cascade-{os.getpid()}-{secrets.token_hex(4)}-",
+            *self._trace_args(),
+        ]
+
+    def _trace_args(self) -> list[str]:
+        if self.trace_url is None:
+            return []
+        return [
+            "--trace-config=mode=opentelemetry",
+            "--trace-config=rate=1",
+            "--trace-config=level=TIMESTAMPS",
+            f"--trace-config=opentelemetry,url={self.trace_url}",
+            "--trace-config=opentelemetry,resource=service.name=triton",
         ]
 
     async def start(self) -> None:

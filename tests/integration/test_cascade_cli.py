@@ -102,3 +102,44 @@ async def test_up_stops_everything_on_sigterm(tmp_path: Path) -> None:
     for i in range(2):  # every orchestrator process served, then drained on the SIGTERM
         log = (run_dir / "logs" / f"orchestrator-{i}.log").read_text()
         assert "\nSERVING\n" in log and "stop requested: draining" in log, log
+
+
+async def test_up_with_traces_stores_a_waterfall_of_every_hop(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    code, out = await run_cascade(
+        "up",
+        *FREE_PORTS,
+        "--workers=1",
+        "--orchestrators=1",
+        f"--model-dir={DEFAULT_MODEL_DIR}",
+        f"--run-dir={run_dir}",
+        "--sample=3",
+        "--exit-after-sample",
+        "--traces",
+    )
+    assert code == 0, out
+    rows = [line for line in out.splitlines() if line.startswith("tx-")]
+    escalated = [row for row in rows if " STAGE2 " in row]
+    assert escalated, out  # seed 7's third sample escalates
+    (trace_id,) = re.findall(r"\b[0-9a-f]{32}\b", escalated[0])
+    code, waterfall = await run_cascade("trace", trace_id, f"--run-dir={run_dir}")
+    assert code == 0, waterfall
+    lines = waterfall.splitlines()
+    assert lines[0].startswith(f"trace {trace_id}: ")
+    spans = {(line.split()[2], line.split()[3]) for line in lines[2:]}
+    assert {
+        ("cascade-orchestrator", "cascade.Score"),
+        ("cascade-orchestrator", "redis.lookup"),
+        ("cascade-orchestrator", "stage1.screen"),
+        ("cascade-screening-worker", "screening.score"),
+        ("cascade-orchestrator", "stage2.infer"),
+        ("triton", "InferRequest"),
+    } <= spans, waterfall
+    # Triton's spans continue the orchestrator's traceparent: InferRequest nests under
+    # stage2.infer, and the Score span names the decision and versions.
+    infer = next(line for line in lines if "stage2.infer" in line)
+    request = next(line for line in lines if "InferRequest" in line)
+    assert request.index("InferRequest") > infer.index("stage2.infer")
+    assert "decision=" in lines[2] and "versions=policy-" in lines[2]
+    code, missing = await run_cascade("trace", "0" * 31 + "1", f"--run-dir={run_dir}")
+    assert code == 1 and "no spans of trace" in missing
