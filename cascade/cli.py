@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
 import signal
 import sys
@@ -25,15 +26,30 @@ import grpc
 from cascade.iso_codes import minor_unit_exponent, to_major_units
 from cascade.otlp_receiver import SPANS_FILE, read_trace
 from cascade.samples import labelled_sample
+from cascade.servers import port_is_free
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
 from cascade.shared_port import default_process_count
 from cascade.stack import LocalStack, StackConfig, StackPorts
+from cascade.stack_settings import (
+    SettingsInputError,
+    check_settings,
+    parse_assignments,
+    parse_env_file,
+)
 from cascade.trace_view import waterfall
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 
 logger = logging.getLogger("cascade")
 
 _BACKFILL_BATCH: Final = 500
+_PORT_FLAGS: Final = (
+    "--port",
+    "--redis-port",
+    "--nats-port",
+    "--triton-grpc-port",
+    "--triton-http-port",
+    "--triton-metrics-port",
+)
 _HISTORY_SETTLE_S: Final = 0.5
 
 
@@ -93,7 +109,40 @@ async def score_samples(
     return lines
 
 
+def _busy_port(args: argparse.Namespace) -> str | None:
+    """A one-line complaint about the first fixed port that is taken, or None."""
+    for flag in _PORT_FLAGS:
+        port = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if port and not port_is_free(port):
+            return f"port {port} is in use; choose another with {flag} (0 picks a free one)"
+    return None
+
+
+def _service_settings(args: argparse.Namespace) -> dict[str, str]:
+    """What ``--env-file`` and ``--set`` pass to the services, checked against the settings
+    model together with the environment's ``CASCADE_*``; SettingsInputError names the problem."""
+    extra: dict[str, str] = {}
+    for path in args.env_file:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SettingsInputError(f"--env-file {path}: {exc.strerror}") from None
+        extra |= parse_env_file(text, name=str(path))
+    extra |= parse_assignments(args.set)
+    check_settings({**os.environ, **extra})
+    return extra
+
+
 async def _up(args: argparse.Namespace) -> int:
+    busy = _busy_port(args)
+    if busy is not None:
+        print(f"cascade up: {busy}", file=sys.stderr)
+        return 2
+    try:
+        extra_env = _service_settings(args)
+    except SettingsInputError as exc:
+        print(f"cascade up: {exc}", file=sys.stderr)
+        return 2
     config = StackConfig(
         model_dir=args.model_dir.resolve(),
         run_dir=args.run_dir.resolve(),
@@ -108,6 +157,7 @@ async def _up(args: argparse.Namespace) -> int:
         workers=args.workers,
         orchestrators=args.orchestrators,
         traces_dir=args.run_dir.resolve() / "traces" if args.traces else None,
+        extra_env=extra_env,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -205,6 +255,22 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="trace every call: a local OTLP receiver stores all spans (Triton's too) in "
         "RUN_DIR/traces for `cascade trace`",
+    )
+    up.add_argument(
+        "--env-file",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="KEY=VALUE lines (CASCADE_* settings, OTEL_*) for every service; repeatable",
+    )
+    up.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one setting for every service, e.g. --set CASCADE_BUDGET__SLO_MS=30; repeatable, "
+        "wins over --env-file",
     )
     trace_cmd = sub.add_parser("trace", help="print one stored trace as a waterfall")
     trace_cmd.add_argument(

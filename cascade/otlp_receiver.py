@@ -23,7 +23,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from cascade.servers._process import LOOPBACK, resolve_port
+from cascade.servers import LOOPBACK, resolve_port
 from cascade.trace_view import SpanRecord, parse_record, records_from_otlp
 
 logger = logging.getLogger(__name__)

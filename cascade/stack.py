@@ -25,8 +25,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cascade.lifecycle import AsyncResourceGroup
 from cascade.model_registry import load_registry
 from cascade.otlp_receiver import OtlpReceiver
-from cascade.servers import ManagedProcess, NatsServer, RedisServer, TritonServer
-from cascade.servers._process import ReadinessProbe, resolve_port
+from cascade.servers import (
+    ManagedProcess,
+    NatsServer,
+    ReadinessProbe,
+    RedisServer,
+    TritonServer,
+    resolve_port,
+)
 from cascade.shared_port import metrics_port_offset, shared_port_env
 
 _READY_LINE: Final = "READY"
@@ -107,8 +113,9 @@ def service_env(
     grpc_port: int,
     extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """Environment for worker and orchestrator processes: ours replaced, the rest inherited."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+    """Environment for worker and orchestrator processes: the user's (``CASCADE_*`` settings
+    included) with where the servers are set by the stack, then ``extra`` on top."""
+    env = dict(os.environ)
     env.update(
         {
             "CASCADE_MODEL_DIR": str(model_dir),

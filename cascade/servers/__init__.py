@@ -9,18 +9,29 @@ Port 0 means "pick a free port". Start failures raise ``ServerStartError`` quoti
 from __future__ import annotations
 
 from cascade.servers._errors import ServerBinaryNotFoundError, ServerError, ServerStartError
-from cascade.servers._process import ManagedProcess, free_port
+from cascade.servers._process import (
+    LOOPBACK,
+    ManagedProcess,
+    ReadinessProbe,
+    free_port,
+    port_is_free,
+    resolve_port,
+)
 from cascade.servers.nats import NatsServer
 from cascade.servers.redis import RedisServer
 from cascade.servers.triton import TritonServer
 
 __all__ = [
+    "LOOPBACK",
     "ManagedProcess",
     "NatsServer",
+    "ReadinessProbe",
     "RedisServer",
     "ServerBinaryNotFoundError",
     "ServerError",
     "ServerStartError",
     "TritonServer",
     "free_port",
+    "port_is_free",
+    "resolve_port",
 ]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Final
 
 from cascade.lifecycle import AsyncResourceGroup
-from cascade.servers._process import resolve_port
+from cascade.servers import resolve_port
 from cascade.stack import orchestrator_process, service_env, worker_process
 
 __all__ = ["NAIVE_QUEUE_GROUP", "NAIVE_SUBJECT_PREFIX", "NaiveStack"]

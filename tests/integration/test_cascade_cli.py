@@ -6,12 +6,18 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import sys
+import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
 
+from cascade.servers import free_port
 from cascade.settings import DEFAULT_MODEL_DIR
+from cascade.v1 import scoring_pb2_grpc
+from tests.integration.cascade.conftest import new_request
 from tests.integration.conftest import processes_mentioning
 
 pytestmark = pytest.mark.integration
@@ -143,3 +149,78 @@ async def test_up_with_traces_stores_a_waterfall_of_every_hop(tmp_path: Path) ->
     assert "decision=" in lines[2] and "versions=policy-" in lines[2]
     code, missing = await run_cascade("trace", "0" * 31 + "1", f"--run-dir={run_dir}")
     assert code == 1 and "no spans of trace" in missing
+
+
+async def test_up_refuses_a_taken_port_in_one_line_before_starting_anything(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = [a for a in FREE_PORTS if not a.startswith("--port=")]
+        code, out = await run_cascade(
+            "up", f"--port={port}", *args, f"--run-dir={tmp_path}", timeout_s=30
+        )
+    assert code == 2
+    assert (
+        out.strip()
+        == f"cascade up: port {port} is in use; choose another with --port (0 picks a free one)"
+    )
+    assert not (tmp_path / "logs").exists()  # nothing was started
+
+
+async def test_up_refuses_a_bad_setting_naming_it(tmp_path: Path) -> None:
+    code, out = await run_cascade(
+        "up", *FREE_PORTS, "--set", "CASCADE_BUDGET__SLO_MS=-5", timeout_s=30
+    )
+    assert code == 2
+    assert (
+        out.startswith("cascade up: CASCADE_BUDGET__SLO_MS: ")
+        and len(out.strip().splitlines()) == 1
+    )
+
+
+async def test_up_passes_env_file_and_set_settings_to_the_services(tmp_path: Path) -> None:
+    metrics_port = free_port()
+    env_file = tmp_path / "stack.env"
+    env_file.write_text(
+        f"# for this test\nCASCADE_METRICS_PORT={metrics_port}\nCASCADE_BUDGET__SLO_MS=30\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cascade.cli",
+        "up",
+        *FREE_PORTS,
+        "--workers=1",
+        "--orchestrators=1",
+        f"--run-dir={tmp_path / 'run'}",
+        f"--env-file={env_file}",
+        "--set",
+        "CASCADE_BUDGET__RESPONSE_MARGIN_MS=4",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    try:
+        target = ""
+        async with asyncio.timeout(180):
+            while not (line := (await proc.stdout.readline()).decode()).startswith("running;"):
+                assert line, "cascade up exited early"
+                if found := re.search(r"grpc://(127\.0\.0\.1:\d+)", line):
+                    target = found.group(1)
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+            reply = await stub.Score(new_request(), timeout=1.0)
+        # The budget is min(deadline, SLO) - margin: 30 ms and 4 ms from the file and --set.
+        assert reply.timings.budget_us == 26_000
+        metrics = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(
+                f"http://127.0.0.1:{metrics_port}/metrics", timeout=2
+            ).read()
+        )
+        assert b"cascade_scores_total" in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 60)
+    assert proc.returncode == 0
