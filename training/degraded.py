@@ -63,8 +63,11 @@ __all__ = [
     "RECALL_FLOOR",
     "DegradedReport",
     "Option",
+    "Outcome",
+    "Window",
     "candidate_sections",
     "decisions",
+    "outcome",
     "write_degraded_report",
 ]
 
@@ -201,7 +204,12 @@ def candidate_sections(calibration: Window, stage2_path: Path, policy: Policy) -
     """Every candidate, its thresholds picked on the ``calibration`` window."""
     s1 = calibration.stage1_empty
     options = [
-        Option("a", f"current: `{policy.version}` thresholds and band, empty history", policy)
+        Option(
+            "a",
+            f"no section (as before it, e.g. policy-1): `{policy.version}`'s normal band and "
+            "thresholds on the empty history",
+            policy,
+        )
     ]
     for budget in REVIEW_FPR_BUDGETS:
         review = _fpr_threshold(s1, calibration, budget)
@@ -455,7 +463,8 @@ def _render(
         "",
         "## What was measured",
         f"- Models: stage 1 `{registry.stage1.version}`, stage 2 `{registry.stage2.version}`; "
-        f"normal thresholds of `{normal.version}`; active policy `{active.version}`.",
+        f"normal band and thresholds of `{normal.version}` (the section aside); active policy "
+        f"`{active.version}`.",
         "- When the Redis lookup fails the orchestrator has no card history: stage 1 reads "
         "the transaction alone (`screening_features(tx, [])`) and stage 2, if asked, a sequence "
         "holding only the transaction.",
@@ -541,10 +550,10 @@ def _render(
         f'`"features_unavailable": {json.dumps(section.model_dump(exclude_none=True))}`. '
         f"On the held-out window it sends {_pct(h.recall['all'])} of fraud to REVIEW or DECLINE "
         f"({_pct(h.recall_decline['all'])} DECLINE) against {_pct(held['a'].recall['all'])} "
-        f"({_pct(held['a'].recall_decline['all'])}) today, at the cost of "
+        f"({_pct(held['a'].recall_decline['all'])}) without a section, at the cost of "
         f"{_pct(h.genuine_review)} of genuine traffic sent to REVIEW and "
         f"{_pct(h.genuine_decline, 2)} declined while the outage lasts. It answers more "
-        f"permissively than today's behaviour on {more_permissive:,} held-out transactions "
+        f"permissively than option a on {more_permissive:,} held-out transactions "
         f"({fraud_more_permissive:,} of them fraud).",
         "",
         "How to read this: without history, stage 1 still sees what the transaction itself "
