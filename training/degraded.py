@@ -527,7 +527,7 @@ def _render(
             if o.serves is None
             else f"`{json.dumps(o.serves.model_dump(exclude_none=True))}`"
             if isinstance(o.serves, FeaturesUnavailable)
-            else f"`{o.serves.version}` as is"
+            else f"`{o.serves.version}`'s normal band and thresholds, no section"
         )
         m = calib[o.key]
         worst = min(v for k, v in m.recall.items() if k != "all")
