@@ -29,6 +29,7 @@ from cascade.features import FEATURE_SET_VERSION
 __all__ = [
     "REGISTRY_FILE",
     "Decision",
+    "FeaturesUnavailable",
     "Policy",
     "Registry",
     "RegistryError",
@@ -97,12 +98,77 @@ class Registry(BaseModel):
         return self._model_dir / self.policy
 
 
+class FeaturesUnavailable(BaseModel):
+    """How to decide when the card's history could not be read (Redis slow or down).
+
+    Stage 1 then scores the transaction alone, on an empty history, where the normal thresholds
+    (chosen for scores computed *with* history) let almost all fraud through. This section holds
+    thresholds measured for that input (``python -m training degraded-report``). With ``escalate``
+    true, stage-1 scores in ``[escalate_low, escalate_high)`` also go to stage 2 on a sequence
+    holding only the transaction; otherwise stage 1 decides. ``review_threshold: 0`` reviews
+    every such answer.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    review_threshold: float = Field(
+        ge=0.0, le=1.0, description="Final score for REVIEW without history."
+    )
+    decline_threshold: float = Field(
+        ge=0.0, le=1.0, description="Final score for DECLINE without history."
+    )
+    escalate: bool = Field(False, description="Whether stage 2 is asked without history.")
+    escalate_low: float | None = Field(
+        None, ge=0.0, le=1.0, description="Lowest stage-1 score escalated (with escalate only)."
+    )
+    escalate_high: float | None = Field(
+        None, ge=0.0, le=1.0, description="Stage-1 scores at or above this are not escalated."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeaturesUnavailable:
+        if self.review_threshold > self.decline_threshold:
+            raise ValueError(
+                "features_unavailable.review_threshold must not exceed decline_threshold"
+            )
+        has_band = (self.escalate_low, self.escalate_high) != (None, None)
+        if self.escalate:
+            if self.escalate_low is None or self.escalate_high is None:
+                raise ValueError(
+                    "features_unavailable.escalate is true: escalate_low and escalate_high "
+                    "are required"
+                )
+            if self.escalate_low > self.escalate_high:
+                raise ValueError("features_unavailable.escalate_low must not exceed escalate_high")
+        elif has_band:
+            raise ValueError(
+                "features_unavailable.escalate_low/escalate_high are only allowed with "
+                "escalate: true"
+            )
+        return self
+
+    def as_policy(self, version: str) -> Policy:
+        """This section as a :class:`Policy` (band empty unless ``escalate``), named ``version``."""
+        low, high = (1.0, 1.0)  # [1, 1) holds no score: never escalate
+        if self.escalate and self.escalate_low is not None and self.escalate_high is not None:
+            low, high = self.escalate_low, self.escalate_high
+        return Policy(
+            version=version,
+            escalate_low=low,
+            escalate_high=high,
+            review_threshold=self.review_threshold,
+            decline_threshold=self.decline_threshold,
+        )
+
+
 class Policy(BaseModel):
     """How scores route and decide.
 
     Stage-1 scores in ``[escalate_low, escalate_high)`` go to stage 2; the final score is
     DECLINE at or above ``decline_threshold``, REVIEW at or above ``review_threshold``, else
-    APPROVE.
+    APPROVE. ``features_unavailable``, when present, replaces all four for answers computed
+    without the card's history (:meth:`when_features_unavailable`); a policy without it decides
+    those with its normal thresholds, as versions before it did.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -114,6 +180,9 @@ class Policy(BaseModel):
     )
     review_threshold: float = Field(ge=0.0, le=1.0, description="Final score for REVIEW.")
     decline_threshold: float = Field(ge=0.0, le=1.0, description="Final score for DECLINE.")
+    features_unavailable: FeaturesUnavailable | None = Field(
+        None, description="Band and thresholds for answers scored without the card's history."
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> Policy:
@@ -134,6 +203,13 @@ class Policy(BaseModel):
         if score >= self.review_threshold:
             return "REVIEW"
         return "APPROVE"
+
+    def when_features_unavailable(self) -> Policy:
+        """The policy that routes and decides when the card's history could not be read: the
+        ``features_unavailable`` section (same version), or this policy when it has none."""
+        if self.features_unavailable is None:
+            return self
+        return self.features_unavailable.as_policy(self.version)
 
 
 def sha256_file(path: Path) -> str:

@@ -3,7 +3,10 @@
 Every step gets at most what the budget leaves; every failure becomes a reason code on a
 still-useful answer:
 
-* Redis fails -> score without history (``CACHE_UNAVAILABLE``, ``FEATURES_UNAVAILABLE``).
+* Redis fails -> score without history (``CACHE_UNAVAILABLE``, ``FEATURES_UNAVAILABLE``) and
+  route and decide by the policy's ``features_unavailable`` section: the normal thresholds were
+  chosen for scores computed with history and let almost all fraud through without it
+  (``docs/degraded_policy.md``).
 * Stage 1 fails -> the configured conservative default, ``decided_by=DEFAULT``. We do not send the
   whole stream to stage 2 instead: that tier is sized for the escalated few percent, and flooding
   it would turn one outage into two.
@@ -130,6 +133,7 @@ class CascadeScorer:
         self._screener = screener
         self._heavy = heavy
         self._policy = policy
+        self._degraded_policy = policy.when_features_unavailable()
         self._versions = versions
         self._budget = budget
         self._default_decision = Decision(default_decision.value)
@@ -253,8 +257,10 @@ class CascadeScorer:
         ]
         t0 = time.perf_counter_ns()
         lookups = await self._lookup(keys, budget)
+        policy = self._policy
         if lookups is None:
             reasons += [Reason.CACHE_UNAVAILABLE, Reason.FEATURES_UNAVAILABLE]
+            policy = self._degraded_policy
         timings.redis_us += _us_since(t0)
 
         results: list[ScoreResult | None] = [None] * n
@@ -312,7 +318,7 @@ class CascadeScorer:
         batch_reasons = [list(reasons) for _ in todo]
         escalate: list[int] = []  # positions in todo
         for j, score in enumerate(stage1_scores):
-            step = route(score, self._policy, budget.remaining_ms(), cfg.stage2_min_ms)
+            step = route(score, policy, budget.remaining_ms(), cfg.stage2_min_ms)
             if step is Route.ESCALATE:
                 escalate.append(j)
             elif step is Route.NO_TIME:
@@ -335,7 +341,7 @@ class CascadeScorer:
         for j, i in enumerate(todo):
             result = ScoreResult(
                 transaction_id=txs[i].transaction_id,
-                decision=decide(final[j], self._policy),
+                decision=decide(final[j], policy),
                 score=final[j],
                 decided_by=(
                     DecidedBy.STAGE2

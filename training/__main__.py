@@ -8,6 +8,9 @@
 - ``report``: regenerate ``docs/model_report.md`` and its charts (:mod:`training.report`).
 - ``calibrate``: a new policy version for a target escalation rate, from a separate calibration
   stream; ``--activate`` makes the registry point at it.
+- ``degraded-report``: measure how to decide without card history (Redis down) and write
+  ``docs/degraded_policy.md`` (:mod:`training.degraded`); ``--write-policy`` writes the chosen
+  ``features_unavailable`` section into a new policy version.
 
 The defaults of ``--seed/--cards/--days/--holdout-days`` are those the committed models were
 trained with, so ``report`` and ``quantize`` evaluate on days the models never saw.
@@ -81,6 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     calib.add_argument("--cards", type=int, default=4000)
     calib.add_argument("--days", type=int, default=60)
 
+    degraded = commands.add_parser(
+        "degraded-report", help="measure decisions without card history, write the policy section"
+    )
+    degraded.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    degraded.add_argument("--docs-dir", type=Path, default=DEFAULT_MODEL_DIR.parent / "docs")
+    degraded.add_argument(
+        "--write-policy", metavar="VERSION", help="write the active thresholds + chosen section"
+    )
+    degraded.add_argument("--activate", action="store_true", help="point the registry at it")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("training").setLevel(logging.INFO)
@@ -88,6 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "simulate":
         count = write_stream(args.out, simulate(_simulation_config(args)))
         print(f"wrote {count} transactions to {args.out}")
+        return 0
+
+    if args.command == "degraded-report":
+        from training.degraded import write_degraded_report
+
+        if args.activate and not args.write_policy:
+            parser.error("--activate needs --write-policy")
+        measured = write_degraded_report(
+            args.model_dir, args.docs_dir, write_policy=args.write_policy, activate=args.activate
+        )
+        print(
+            f"wrote {measured.path}; chosen {measured.chosen.key}: "
+            f"{measured.section.model_dump_json(exclude_none=True)}"
+        )
         return 0
 
     if args.command in ("quantize", "report", "calibrate"):

@@ -11,7 +11,8 @@ issue's acceptance checks, stated as measured.
 
 ``calibrate`` picks the escalation band and REVIEW / DECLINE thresholds for a target escalation
 rate on a *separate* calibration stream (another simulator seed), writes them as a new policy
-version and, with ``--activate``, points ``models/registry.json`` at it.
+version (keeping the active policy's ``features_unavailable`` section, see
+:mod:`training.degraded`) and, with ``--activate``, points ``models/registry.json`` at it.
 """
 
 from __future__ import annotations
@@ -178,9 +179,15 @@ def calibrate(
     registry = load_registry(model_dir)
     eval_set = prepare_eval_set(registry, config)
     policy = pick_policy(eval_set, escalation_rate, version)
+    # The features-unavailable section depends on stage 1 alone, not on the escalation rate:
+    # carry the active policy's forward (python -m training degraded-report measures it).
+    active = load_policy(registry.policy_path)
+    policy = policy.model_copy(update={"features_unavailable": active.features_unavailable})
     outcome = _policy_outcome(eval_set, policy)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(policy.model_dump(), indent=2) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps(policy.model_dump(exclude_none=True), indent=2) + "\n", encoding="utf-8"
+    )
     if activate:
         registry_path = model_dir / REGISTRY_FILE
         doc = json.loads(registry_path.read_text(encoding="utf-8"))

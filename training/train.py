@@ -367,7 +367,9 @@ def run_training(
         encoding="utf-8",
     )
     policy_path.parent.mkdir(parents=True, exist_ok=True)
-    policy_path.write_text(json.dumps(policy.model_dump(), indent=2) + "\n", encoding="utf-8")
+    policy_path.write_text(
+        json.dumps(policy.model_dump(exclude_none=True), indent=2) + "\n", encoding="utf-8"
+    )
     registry = {
         "feature_set": FEATURE_SET_VERSION,
         "policy": policy_path.relative_to(model_dir).as_posix(),

@@ -46,6 +46,8 @@ def test_calibrate_writes_a_new_policy_without_activating_it(model_dir: Path) ->
     assert result.review_fpr <= 0.0105
     assert result.decline_fpr <= 0.0015
     assert result.recall_review >= result.recall_decline > 0.5
+    active = load_policy(load_registry(model_dir).policy_path)
+    assert policy.features_unavailable == active.features_unavailable  # carried forward
     assert (model_dir / "registry.json").read_text() == registry_before
     with pytest.raises(FileExistsError, match="immutable"):
         calibrate(model_dir, 0.05, "policy-test", SMALL)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from cascade.model_registry import (
+    FeaturesUnavailable,
     Policy,
     RegistryError,
     load_policy,
@@ -170,3 +171,99 @@ def test_committed_registry_loads() -> None:
     assert policy.escalate_low < policy.escalate_high
     assert registry.stage1_path.stat().st_size < 5_000_000
     assert registry.stage2_path.stat().st_size < 5_000_000
+
+
+def _policy_doc(**section: Any) -> dict[str, Any]:
+    return {
+        "version": "p",
+        "escalate_low": 0.1,
+        "escalate_high": 0.9,
+        "review_threshold": 0.5,
+        "decline_threshold": 0.8,
+        "features_unavailable": section,
+    }
+
+
+def test_features_unavailable_section_loads_and_decides(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(_policy_doc(review_threshold=0.01, decline_threshold=0.2)))
+    policy = load_policy(path)
+    assert policy.features_unavailable == FeaturesUnavailable(
+        review_threshold=0.01, decline_threshold=0.2, escalate=False
+    )
+    degraded = policy.when_features_unavailable()
+    assert degraded.version == "p"
+    assert not degraded.escalates(0.5) and not degraded.escalates(1.0)  # escalate is off
+    assert [degraded.decide(s) for s in (0.005, 0.01, 0.2)] == ["APPROVE", "REVIEW", "DECLINE"]
+    assert policy.decide(0.2) == "APPROVE"  # the normal thresholds are untouched
+
+
+def test_features_unavailable_section_can_escalate() -> None:
+    section = FeaturesUnavailable(
+        review_threshold=0.0, decline_threshold=0.9, escalate=True, escalate_low=0.3,
+        escalate_high=0.6,
+    )  # fmt: skip
+    degraded = section.as_policy("p")
+    assert degraded.escalates(0.3) and not degraded.escalates(0.6)
+    assert degraded.decide(0.0) == "REVIEW"  # review_threshold 0: every answer at least REVIEW
+
+
+def test_policy_without_section_decides_the_same_without_features() -> None:
+    policy = Policy(
+        version="p", escalate_low=0.1, escalate_high=0.6, review_threshold=0.5,
+        decline_threshold=0.8,
+    )  # fmt: skip
+    assert policy.features_unavailable is None
+    assert policy.when_features_unavailable() is policy
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"review_threshold": 0.3, "decline_threshold": 0.2}, "review_threshold must not exceed"),
+        ({"review_threshold": 0.1, "decline_threshold": 1.2}, "less than or equal to 1"),
+        ({"decline_threshold": 0.2}, "review_threshold\n  Field required"),
+        (
+            {"review_threshold": 0.1, "decline_threshold": 0.2, "escalate": True},
+            "escalate is true: escalate_low and escalate_high are required",
+        ),
+        (
+            {"review_threshold": 0.1, "decline_threshold": 0.2, "escalate_low": 0.1},
+            "only allowed with escalate: true",
+        ),
+        (
+            {
+                "review_threshold": 0.1,
+                "decline_threshold": 0.2,
+                "escalate": True,
+                "escalate_low": 0.5,
+                "escalate_high": 0.4,
+            },
+            "escalate_low must not exceed escalate_high",
+        ),
+        ({"review_threshold": 0.1, "decline_threshold": 0.2, "mode": "x"}, "Extra inputs"),
+    ],
+)
+def test_features_unavailable_validation_names_the_problem(
+    tmp_path: Path, section: dict[str, Any], message: str
+) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(_policy_doc(**section)))
+    with pytest.raises(RegistryError, match=r"policy .*p\.json is invalid") as caught:
+        load_policy(path)
+    assert "features_unavailable" in str(caught.value)
+    assert message in str(caught.value)
+
+
+def test_committed_policies_keep_their_meaning() -> None:
+    """policy-1 never gains a features-unavailable section (a version always means the same
+    decisions); the active one is policy-1's thresholds plus the section."""
+    policies = DEFAULT_MODEL_DIR / "policies"
+    if not (policies / "policy-3.json").exists():
+        pytest.skip("no committed policy-3")
+    one = load_policy(policies / "policy-1.json")
+    three = load_policy(policies / "policy-3.json")
+    assert one.features_unavailable is None
+    assert three.model_copy(update={"version": "policy-1", "features_unavailable": None}) == one
+    assert three.features_unavailable is not None
+    assert load_registry(DEFAULT_MODEL_DIR).policy_path.name == "policy-3.json"

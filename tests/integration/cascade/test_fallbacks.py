@@ -125,7 +125,8 @@ async def test_redis_stopped_still_answers_without_a_stall(
             assert elapsed_s < FAST_S
             assert R.REASON_CACHE_UNAVAILABLE in reply.reasons
             assert R.REASON_FEATURES_UNAVAILABLE in reply.reasons
-            assert reply.decided_by == R.DECIDED_BY_STAGE2
+            # The policy's features-unavailable section decides, and it does not escalate.
+            assert reply.decided_by == R.DECIDED_BY_STAGE1 and not reply.escalated
 
 
 async def test_sigterm_drains_in_flight_calls_then_exits_cleanly(
@@ -174,7 +175,7 @@ async def test_stalled_redis_is_cut_off_without_a_stall(
                 reply, elapsed_s = await timed_score(stub, 1.0)
                 assert elapsed_s < FAST_S
                 assert R.REASON_CACHE_UNAVAILABLE in reply.reasons
-                assert reply.decided_by == R.DECIDED_BY_STAGE2
+                assert reply.decided_by == R.DECIDED_BY_STAGE1 and not reply.escalated
             await stall
         finally:
             await admin.aclose()

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,14 +20,14 @@ from cascade.errors import (
     DependencyOverloaded,
     DependencyUnavailable,
 )
-from cascade.model_registry import Policy
-from cascade.settings import BudgetSettings, DefaultDecision
+from cascade.model_registry import FeaturesUnavailable, Policy, load_policy, load_registry
+from cascade.settings import DEFAULT_MODEL_DIR, BudgetSettings, DefaultDecision
 from orchestrator.budget import Budget
 from orchestrator.heavy_client import InMemoryHeavyScorer
 from orchestrator.online_store import InMemoryOnlineStore
 from orchestrator.post_answer import PostAnswerWriter
 from orchestrator.results import DecidedBy, ModelVersions, Reason, ScoreResult
-from orchestrator.routing import Decision
+from orchestrator.routing import Decision, decide
 from orchestrator.scoring import CascadeScorer
 from orchestrator.screening_client import InMemoryScreener
 from tests.conftest import make_transaction
@@ -410,3 +411,101 @@ async def test_chunked_batch_scores_like_the_same_transactions_one_by_one() -> N
     assert [r.stage1_score for r in batch] == pytest.approx([r.stage1_score for r in single])
     assert batch_store.histories == single_store.histories
     assert batch_store.cache.keys() == single_store.cache.keys()
+
+
+# --- features unavailable: the policy's own section decides -----------------------------------
+
+DEGRADED = FeaturesUnavailable(review_threshold=0.05, decline_threshold=0.3)
+POLICY_WITH_SECTION = POLICY.model_copy(update={"features_unavailable": DEGRADED})
+SEVERITY = {Decision.APPROVE: 0, Decision.REVIEW: 1, Decision.DECLINE: 2}
+
+
+@asynccontextmanager
+async def scorer_with(policy: Policy, stage1: float) -> AsyncIterator[Cascade]:
+    store = InMemoryOnlineStore()
+    screener = InMemoryScreener(constant(stage1))
+    heavy = InMemoryHeavyScorer(constant(0.9))
+    async with PostAnswerWriter(store) as writer:
+        scorer = CascadeScorer(
+            store=store,
+            screener=screener,
+            heavy=heavy,
+            policy=policy,
+            versions=VERSIONS,
+            budget=SETTINGS,
+            default_decision=DefaultDecision.REVIEW,
+            writer=writer,
+            tracer=NoOpTracer(),
+        )
+        yield Cascade(scorer, store, screener, heavy, writer)
+
+
+async def test_features_unavailable_answers_by_the_degraded_thresholds() -> None:
+    async with scorer_with(POLICY_WITH_SECTION, 0.1) as cascade:
+        normal = await cascade.scorer.score(make_transaction(transaction_id="n"), budget())
+        assert normal.decision is Decision.APPROVE and not normal.degraded  # 0.1 < 0.5
+        cascade.store.failure = DependencyUnavailable(Dependency.REDIS, "refused")
+        result = await cascade.scorer.score(make_transaction(transaction_id="d"), budget())
+    assert result.decision is Decision.REVIEW  # 0.1 >= the section's 0.05
+    assert result.reasons == [Reason.CACHE_UNAVAILABLE, Reason.FEATURES_UNAVAILABLE]
+    assert result.degraded and result.decided_by is DecidedBy.STAGE1
+    assert not result.escalated and cascade.heavy.calls == 0
+
+
+@pytest.mark.parametrize("stage1", [0.0, 0.01, 0.05, 0.1, 0.29, 0.3, 0.5, 0.69, 0.75, 0.99])
+async def test_features_unavailable_is_never_more_permissive_than_its_section(
+    stage1: float,
+) -> None:
+    async with scorer_with(POLICY_WITH_SECTION, stage1) as cascade:
+        cascade.store.failure = DependencyUnavailable(Dependency.REDIS, "refused")
+        result = await cascade.scorer.score(make_transaction(), budget())
+        assert cascade.heavy.calls == 0
+    assert result.decision == Decision(DEGRADED.as_policy("x").decide(stage1))
+    assert result.score == pytest.approx(stage1)
+
+
+async def test_features_unavailable_escalates_only_in_the_sections_band() -> None:
+    section = FeaturesUnavailable(
+        review_threshold=0.05, decline_threshold=0.95, escalate=True, escalate_low=0.2,
+        escalate_high=0.4,
+    )  # fmt: skip
+    policy = POLICY.model_copy(update={"features_unavailable": section})
+    async with scorer_with(policy, 0.25) as cascade:  # outside the normal band [0.3, 0.7)
+        cascade.store.failure = DependencyUnavailable(Dependency.REDIS, "refused")
+        result = await cascade.scorer.score(make_transaction(), budget())
+        assert cascade.heavy.calls == 1
+    assert result.escalated and result.decided_by is DecidedBy.STAGE2
+    assert result.score == pytest.approx(0.9) and result.decision is Decision.REVIEW  # < 0.95
+    assert result.reasons == [Reason.CACHE_UNAVAILABLE, Reason.FEATURES_UNAVAILABLE]
+
+
+async def test_batch_without_features_uses_the_degraded_thresholds() -> None:
+    txs = [make_transaction(transaction_id=f"b-{i}", card_id=f"c-{i}") for i in range(5)]
+    async with scorer_with(POLICY_WITH_SECTION, 0.4) as cascade:  # normal: in band, REVIEW
+        cascade.store.failure = DependencyUnavailable(Dependency.REDIS, "refused")
+        results = await cascade.scorer.score_many(txs, budget())
+        assert cascade.heavy.calls == 0
+    assert {r.decision for r in results} == {Decision.DECLINE}  # 0.4 >= the section's 0.3
+    assert all(r.decided_by is DecidedBy.STAGE1 and r.degraded for r in results)
+
+
+async def test_policy_without_section_keeps_its_normal_meaning() -> None:
+    async with scorer_with(POLICY, 0.1) as cascade:
+        cascade.store.failure = DependencyUnavailable(Dependency.REDIS, "refused")
+        result = await cascade.scorer.score(make_transaction(), budget())
+    assert result.decision is Decision.APPROVE  # policy-1 and policy-2 decide as they always did
+
+
+def test_committed_policy_is_stricter_without_features() -> None:
+    """For any stage-1 score, the served degraded answer is at least as severe as the normal
+    one; the scores that the normal policy approves without history are what it exists for."""
+    registry = load_registry(DEFAULT_MODEL_DIR)
+    policy = load_policy(registry.policy_path)
+    assert policy.features_unavailable is not None
+    degraded = policy.when_features_unavailable()
+    assert degraded.version == policy.version
+    scores = [0.0, 1e-7, *np.geomspace(1e-6, 1.0, 400).tolist()]
+    for score in scores:
+        assert SEVERITY[decide(score, degraded)] >= SEVERITY[decide(score, policy)], score
+    assert decide(policy.features_unavailable.review_threshold, degraded) is not Decision.APPROVE
+    assert decide(policy.features_unavailable.review_threshold, policy) is Decision.APPROVE
