@@ -19,7 +19,6 @@ from typing import Final, TypeVar
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import Counter
@@ -48,6 +47,7 @@ from orchestrator.codec import result_to_proto, versions_to_proto
 from orchestrator.heavy_client import HeavyScorer, TritonHeavyScorer
 from orchestrator.online_store import RedisOnlineStore
 from orchestrator.post_answer import PostAnswerWriter
+from orchestrator.reflection import enable_reflection
 from orchestrator.results import DecidedBy, ModelVersions, Reason, ScoreResult, Timings
 from orchestrator.routing import Decision
 from orchestrator.scoring import CascadeScorer
@@ -354,9 +354,7 @@ class Orchestrator(AsyncResourceGroup):
             ScoringServicer(scorer, s, self._tracer, self.admission), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = server.add_insecure_port(f"{s.server.host}:{s.server.port}")

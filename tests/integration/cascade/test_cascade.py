@@ -252,6 +252,23 @@ async def test_health_is_serving_and_reflection_lists_the_service(cascade: Runni
         break
 
 
+async def test_reflection_v1_is_served_beside_v1alpha(cascade: Running) -> None:
+    # Current grpcurl asks for v1 first; its messages are v1alpha's under another package name.
+    v1 = cascade.channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="cascade.v1.ScoringService"),
+    ]
+    replies = [reply async for reply in v1(iter(requests), timeout=2.0)]
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {"cascade.v1.ScoringService", "grpc.reflection.v1.ServerReflection"} <= names
+    assert replies[1].file_descriptor_response.file_descriptor_proto  # the .proto, serialized
+
+
 async def test_answers_are_counted_in_prometheus_metrics(cascade: Running) -> None:
     def stage2_answers() -> float:
         return sum(
