@@ -229,16 +229,38 @@ def _positive_int(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cascade", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="cascade",
+        description="Run the fraud-scoring cascade's local stack, score sample transactions "
+        "against it, load-test it, and look at its traces.",
+        epilog="Each command has its own --help. Settings of the services are CASCADE_* "
+        "variables (cascade/settings.py lists them): pass them with cascade up --env-file/--set.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="run the local stack until SIGINT/SIGTERM")
+    up = sub.add_parser(
+        "up",
+        help="run the local stack until SIGINT/SIGTERM",
+        description="Start redis-server, nats-server, Triton, the screening workers and the "
+        "orchestrator processes on 127.0.0.1, wait until every one is healthy, print the "
+        "scoring endpoint, optionally score sample traffic, and run until SIGINT/SIGTERM; then "
+        "stop every process it started. Any port may be 0 (a free one).",
+    )
     defaults = StackPorts()
     up.add_argument("--port", type=int, default=defaults.grpc, help="orchestrator gRPC port")
-    up.add_argument("--redis-port", type=int, default=defaults.redis)
-    up.add_argument("--nats-port", type=int, default=defaults.nats)
-    up.add_argument("--triton-grpc-port", type=int, default=defaults.triton_grpc)
-    up.add_argument("--triton-http-port", type=int, default=defaults.triton_http)
-    up.add_argument("--triton-metrics-port", type=int, default=defaults.triton_metrics)
+    up.add_argument("--redis-port", type=int, default=defaults.redis, help="redis-server port")
+    up.add_argument("--nats-port", type=int, default=defaults.nats, help="nats-server port")
+    up.add_argument(
+        "--triton-grpc-port", type=int, default=defaults.triton_grpc, help="Triton's gRPC port"
+    )
+    up.add_argument(
+        "--triton-http-port", type=int, default=defaults.triton_http, help="Triton's HTTP port"
+    )
+    up.add_argument(
+        "--triton-metrics-port",
+        type=int,
+        default=defaults.triton_metrics,
+        help="Triton's Prometheus port",
+    )
     up.add_argument("--workers", type=int, default=2, help="screening workers in the queue group")
     up.add_argument(
         "--orchestrators",
@@ -246,8 +268,18 @@ def _parser() -> argparse.ArgumentParser:
         default=default_process_count(),
         help="orchestrator processes sharing the port (default: one per CPU core)",
     )
-    up.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
-    up.add_argument("--run-dir", type=Path, default=REPO_ROOT / ".run", help="logs and Triton repo")
+    up.add_argument(
+        "--model-dir",
+        type=Path,
+        default=DEFAULT_MODEL_DIR,
+        help="folder with registry.json, the models and policies (default: the repo's models/)",
+    )
+    up.add_argument(
+        "--run-dir",
+        type=Path,
+        default=REPO_ROOT / ".run",
+        help="where logs, Triton's model repository and traces go (default: .run/)",
+    )
     up.add_argument("--sample", type=int, default=0, help="score this many sample transactions")
     up.add_argument("--exit-after-sample", action="store_true", help="stop after the sample")
     up.add_argument(
@@ -272,7 +304,12 @@ def _parser() -> argparse.ArgumentParser:
         help="one setting for every service, e.g. --set CASCADE_BUDGET__SLO_MS=30; repeatable, "
         "wins over --env-file",
     )
-    trace_cmd = sub.add_parser("trace", help="print one stored trace as a waterfall")
+    trace_cmd = sub.add_parser(
+        "trace",
+        help="print one stored trace as a waterfall",
+        description="Print the spans of one trace stored by `cascade up --traces` (service, "
+        "span, start offset and duration in ms, and the attributes that matter).",
+    )
     trace_cmd.add_argument(
         "trace_id", type=_trace_id, help="32 hex characters (the answer's trace_id)"
     )
@@ -282,9 +319,19 @@ def _parser() -> argparse.ArgumentParser:
         default=REPO_ROOT / ".run",
         help="the run dir of `cascade up --traces`",
     )
-    score = sub.add_parser("score", help="score sample transactions against a running stack")
-    score.add_argument("--target", default=f"127.0.0.1:{defaults.grpc}")
-    score.add_argument("--count", type=int, default=20)
+    score = sub.add_parser(
+        "score",
+        help="score sample transactions against a running stack",
+        description="Send simulated transactions (with the simulator's ground truth) to a "
+        "running stack and print each answer: decision, score, what decided it, per-stage "
+        "times, the trace id and the reasons.",
+    )
+    score.add_argument(
+        "--target", default=f"127.0.0.1:{defaults.grpc}", help="the scoring endpoint, host:port"
+    )
+    score.add_argument(
+        "--count", type=_positive_int, default=20, help="how many transactions to score"
+    )
     for p in (up, score):
         p.add_argument("--seed", type=int, default=7, help="sample-traffic seed")
         p.add_argument(

@@ -129,7 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="orchestrator processes sharing the port (own stack; cascade up defaults to one "
         "per core)",
     )
-    where.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    where.add_argument(
+        "--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="models for the stack it starts"
+    )
     where.add_argument(
         "--stack-env",
         action="append",
@@ -142,7 +144,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--duration", type=float, default=10.0, help="seconds per step")
     load.add_argument("--count", type=int, default=None, help="at most this many per step")
     load.add_argument(
-        "--arrivals", choices=[a.value for a in Arrivals], default=Arrivals.POISSON.value
+        "--arrivals",
+        choices=[a.value for a in Arrivals],
+        default=Arrivals.POISSON.value,
+        help="how send times are spaced at the offered rate (open loop either way)",
     )
     load.add_argument("--repeat-share", type=float, default=0.1, help="share of repeated tx")
     load.add_argument("--processes", type=int, default=1, help="generator processes")
@@ -150,8 +155,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--deadline-ms", type=float, default=50.0, help="gRPC deadline per call")
     load.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per target")
     load.add_argument("--serial-count", type=int, default=1000, help="1-in-flight calls (0: skip)")
-    load.add_argument("--serial-duration", type=float, default=10.0)
-    load.add_argument("--source", choices=("simulator", "samples"), default="simulator")
+    load.add_argument(
+        "--serial-duration",
+        type=float,
+        default=10.0,
+        help="most seconds of the one-in-flight step (it also stops at --serial-count calls)",
+    )
+    load.add_argument(
+        "--source",
+        choices=("simulator", "samples"),
+        default="simulator",
+        help="transactions from the seeded simulator stream, or the CLI's labelled samples",
+    )
     load.add_argument(
         "--history",
         choices=[m.value for m in HistoryMode],
@@ -164,9 +179,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     slo.add_argument("--budget-ms", type=float, default=50.0, help="every answer within this")
     slo.add_argument("--p99-target-ms", type=float, default=10.0, help="p99 at capacity")
     slo.add_argument("--sweep", action="store_true", help="find the capacity at SLO")
-    slo.add_argument("--sweep-start", type=float, default=50.0)
-    slo.add_argument("--sweep-factor", type=float, default=1.5)
-    slo.add_argument("--sweep-max", type=float, default=6000.0)
+    slo.add_argument("--sweep-start", type=float, default=50.0, help="first offered rate (/s)")
+    slo.add_argument(
+        "--sweep-factor", type=float, default=1.5, help="each step offers this times the last"
+    )
+    slo.add_argument("--sweep-max", type=float, default=6000.0, help="highest rate tried (/s)")
     slo.add_argument("--sweep-refine", type=int, default=2, help="bisection steps after a fail")
     over = parser.add_argument_group("overload step (after the sweep, or with --overload-rate)")
     over.add_argument(
@@ -181,7 +198,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     over.add_argument("--overload-duration", type=float, default=10.0, help="seconds")
     over.add_argument("--no-overload", action="store_true", help="no overload step")
     out = parser.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=REPO_ROOT / ".run" / "loadtest")
+    out.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT / ".run" / "loadtest",
+        help="folder for report.json, tables.md and the PNGs",
+    )
     out.add_argument(
         "--render",
         type=Path,
