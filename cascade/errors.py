@@ -5,6 +5,7 @@ Tree::
     CascadeError
     ├── InvalidInputError            bad caller input; names the field      -> INVALID_ARGUMENT
     ├── ConfigurationError           bad settings or artifacts at start-up  -> FAILED_PRECONDITION
+    │   └── RegistryError            registry, policy or model file unusable (cascade.model_registry)
     └── DependencyError              Redis, NATS/screening or Triton failed (``.dependency``)
         ├── DependencyTimeout        it did not answer within its budget    -> DEADLINE_EXCEEDED
         ├── DependencyUnavailable    refused, closed, no responders         -> UNAVAILABLE

@@ -24,6 +24,7 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from cascade.errors import ConfigurationError
 from cascade.features import FEATURE_SET_VERSION
 
 __all__ = [
@@ -44,8 +45,9 @@ REGISTRY_FILE: Final[str] = "registry.json"
 Decision = Literal["APPROVE", "REVIEW", "DECLINE"]
 
 
-class RegistryError(ValueError):
-    """The registry, a policy or an artifact is missing, malformed or fails its checksum."""
+class RegistryError(ConfigurationError, ValueError):
+    """The registry, a policy or an artifact is missing, malformed or fails its checksum (a
+    :class:`~cascade.errors.ConfigurationError`: a deployment that fails before serving)."""
 
 
 class StageArtifact(BaseModel):

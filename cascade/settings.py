@@ -99,7 +99,7 @@ class TritonSettings(BaseModel):
     """Triton endpoint for the heavyweight stage."""
 
     url: str = Field("127.0.0.1:8001", description="Triton gRPC host:port.")
-    model_name: str = Field("fraud_heavy")
+    # The model's name and version come from models/registry.json, which versions them together.
 
 
 class ScreeningSettings(BaseModel):
@@ -331,7 +331,6 @@ class Settings(BaseSettings):
     gc_freeze: bool = Field(
         True, description="gc.freeze() after warm-up, so collections skip start-up objects."
     )
-    screening_workers: int = Field(2, ge=1, le=64, description="Workers `cascade up` starts.")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Serve Prometheus /metrics here (None: off)."

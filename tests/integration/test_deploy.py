@@ -20,8 +20,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from cascade.features import SEQUENCE_LEN, TOKEN_DIM
+from cascade.model_registry import load_registry
 from cascade.servers.triton import CONFIG_TEMPLATE, HeavyModelShape, render_model_config
-from cascade.settings import TritonSettings
+from cascade.settings import DEFAULT_MODEL_DIR
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +45,7 @@ def local_config() -> model_config_pb2.ModelConfig:
     """The local template rendered as ``cascade up`` would render it for the feature set."""
     text = render_model_config(
         CONFIG_TEMPLATE.read_text(),
-        model_name=TritonSettings().model_name,
+        model_name=load_registry(DEFAULT_MODEL_DIR).stage2.triton_model or "",
         shape=HeavyModelShape(seq_len=SEQUENCE_LEN, token_dim=TOKEN_DIM),
     )
     return parse_config(text)
@@ -109,7 +110,7 @@ def test_prometheus_scrapes_every_orchestrator_process() -> None:
 
 def test_local_and_deploy_configs_serve_the_same_model_and_tensors() -> None:
     local, deploy = local_config(), deploy_config()
-    assert local.name == deploy.name == TritonSettings().model_name
+    assert local.name == deploy.name == load_registry(DEFAULT_MODEL_DIR).stage2.triton_model
     assert tensors(local) == tensors(deploy)
     assert tensors(deploy) == (
         [("sequence", FP32, [SEQUENCE_LEN, TOKEN_DIM])],
