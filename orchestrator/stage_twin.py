@@ -33,12 +33,15 @@ class StageTwin:
         self.delay_s = delay_s
         self.failure = failure
         self.calls = 0
+        self.timeouts_s: list[float] = []
+        """The timeout each call was given, so tests can check the caller's caps."""
 
     async def run(
         self, batch: npt.NDArray[np.float32], timeout_s: float
     ) -> npt.NDArray[np.float32]:
         """Score ``batch`` as the real stage would, within ``timeout_s``."""
         self.calls += 1
+        self.timeouts_s.append(timeout_s)
         if self.failure is not None:
             raise self.failure
         if self.delay_s > timeout_s:

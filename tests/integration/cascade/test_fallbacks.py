@@ -9,6 +9,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.integration
 R = scoring_pb2
 # Every fallback must come back well inside this, whatever failed (no multi-second stalls).
 FAST_S = 0.050
+REDIS_CAP_US = 5_000  # budget.redis_ms
 
 
 async def timed_score(
@@ -97,7 +99,8 @@ async def test_no_screening_worker_answers_labelled_default_fast(
             assert reply.decided_by == R.DECIDED_BY_DEFAULT
             assert list(reply.reasons) == [R.REASON_STAGE1_UNAVAILABLE]
             assert reply.decision == R.DECISION_REVIEW and reply.degraded
-            # NATS answers "no responders" at once: we do not wait out the stage-1 timeout.
+            # NATS answers "no responders" at once: we do not wait out the 15 ms stage-1 cap.
+            assert reply.timings.stage1_us < 2_000
             assert elapsed_s < FAST_S
         health = health_pb2_grpc.HealthStub(channel)
         status = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
@@ -123,6 +126,7 @@ async def test_redis_stopped_still_answers_without_a_stall(
         for _ in range(3):
             reply, elapsed_s = await timed_score(stub, 1.0)
             assert elapsed_s < FAST_S
+            assert reply.timings.redis_us < REDIS_CAP_US + 2_000  # refused: no wait at all
             assert R.REASON_CACHE_UNAVAILABLE in reply.reasons
             assert R.REASON_FEATURES_UNAVAILABLE in reply.reasons
             # The policy's features-unavailable section decides, and it does not escalate.
@@ -142,14 +146,37 @@ async def test_sigterm_drains_in_flight_calls_then_exits_cleanly(
         redis_url=redis_server.url,
         nats_url=nats_server.url,
         triton_url=heavy_triton.grpc_url,
+        extra_env={"CASCADE_SERVER__SHUTDOWN_DELAY_S": "0"},
     ) as (stub, _, orchestrator):
-        calls = [asyncio.ensure_future(stub.Score(new_request(), timeout=2.0)) for _ in range(20)]
-        await asyncio.sleep(0.005)
-        returncode = await orchestrator.stop()  # SIGTERM, then waits (SIGKILL only past grace)
+        # Four 1000-item batches (two run at once) keep calls in flight for a few hundred ms.
+        batch = scoring_pb2.ScoreBatchRequest(
+            transactions=[new_request().transaction for _ in range(1000)]
+        )
+        answered_at: list[float] = []
+
+        async def call_batch() -> scoring_pb2.ScoreBatchResponse:
+            reply = await stub.ScoreBatch(batch, timeout=10.0)
+            answered_at.append(time.monotonic())
+            return reply
+
+        calls = [asyncio.ensure_future(call_batch()) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        stopping = asyncio.ensure_future(orchestrator.stop())  # SIGTERM, waits for the exit
+        await asyncio.sleep(0.1)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Score(new_request(), timeout=1.0)
+        refused_at = time.monotonic()
         replies = await asyncio.gather(*calls, return_exceptions=True)
-    failed = [r for r in replies if not isinstance(r, scoring_pb2.ScoreResponse)]
-    assert returncode == 0
+        returncode = await stopping
+    failed = [r for r in replies if not isinstance(r, scoring_pb2.ScoreBatchResponse)]
     assert failed == [], "every call sent before SIGTERM must be answered during the drain"
+    assert all(
+        len(r.results) == 1000 for r in replies if isinstance(r, scoring_pb2.ScoreBatchResponse)
+    )
+    # Draining, not still accepting: a new call was refused while earlier ones were in flight.
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert max(answered_at) > refused_at
+    assert returncode == 0
 
 
 async def test_stalled_redis_is_cut_off_without_a_stall(
@@ -174,6 +201,8 @@ async def test_stalled_redis_is_cut_off_without_a_stall(
             for _ in range(3):
                 reply, elapsed_s = await timed_score(stub, 1.0)
                 assert elapsed_s < FAST_S
+                # Silent Redis: the lookup waits exactly its 5 ms cap, not the 1 s sleep.
+                assert REDIS_CAP_US * 0.9 <= reply.timings.redis_us < REDIS_CAP_US + 2_000
                 assert R.REASON_CACHE_UNAVAILABLE in reply.reasons
                 assert reply.decided_by == R.DECIDED_BY_STAGE1 and not reply.escalated
             await stall

@@ -118,7 +118,11 @@ async def test_slow_stage2_falls_back_to_stage1_within_budget(cascade: Cascade) 
     assert result.score == pytest.approx(0.55)
     assert result.decision is Decision.REVIEW
     assert result.degraded and result.escalated
-    assert elapsed_ms < 500  # the 1 s stage 2 was not waited out (precise timing: integration)
+    # Stage 2 gets what the budget leaves less its margin, and the answer comes inside the
+    # 28 ms budget (30 ms deadline - 2 ms response margin), not after the 1 s stage 2.
+    (stage2_timeout_s,) = cascade.heavy.timeouts_s
+    assert stage2_timeout_s <= (30 - SETTINGS.response_margin_ms - SETTINGS.stage2_margin_ms) / 1000
+    assert elapsed_ms < 30
 
 
 @pytest.mark.parametrize(
@@ -153,7 +157,9 @@ async def test_slow_stage1_times_out_inside_its_sub_budget(cascade: Cascade) -> 
     cascade.screener.delay_s = 1.0
     start = time.monotonic()
     result = await cascade.scorer.score(make_transaction(), budget())
-    assert (time.monotonic() - start) * 1000 < 500  # the 1 s stage 1 was not waited out
+    elapsed_ms = (time.monotonic() - start) * 1000
+    assert cascade.screener.timeouts_s == [SETTINGS.stage1_ms / 1000]  # its cap, not the budget
+    assert elapsed_ms < SETTINGS.stage1_ms + 4
     assert result.reasons == [Reason.STAGE1_TIMEOUT]
     assert result.decided_by is DecidedBy.DEFAULT
 
@@ -307,10 +313,8 @@ async def test_batch_escalates_only_rows_in_the_band_and_serves_cache_hits(
 
 async def test_slow_redis_is_cut_off_at_its_cap_and_labelled(cascade: Cascade) -> None:
     cascade.store.delay_s = 1.0
-    start = time.monotonic()
     result = await cascade.scorer.score(make_transaction(), budget())
-    assert (time.monotonic() - start) * 1000 < 500  # the 1 s Redis was not waited out
-    assert result.timings.redis_us < 1000 * (SETTINGS.redis_ms + 20)
+    assert result.timings.redis_us < 1000 * (SETTINGS.redis_ms + 3)  # cut off at the 5 ms cap
     assert result.reasons == [Reason.CACHE_UNAVAILABLE, Reason.FEATURES_UNAVAILABLE]
     assert result.decided_by is DecidedBy.STAGE1
 
