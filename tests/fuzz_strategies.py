@@ -241,3 +241,19 @@ def mutated(valid: bytes) -> st.SearchStrategy[bytes]:
         return bytes(body)
 
     return mutate()
+
+
+# W3C traceparent values a caller might send in gRPC metadata: well-formed (any version, ids,
+# flags, also all-zero ids), a valid one mutated, or any printable ASCII (what gRPC lets through).
+_HEX: Final = "0123456789abcdef"
+traceparents: Final = st.one_of(
+    st.builds(
+        "{}-{}-{}-{}".format,
+        st.text(_HEX, min_size=2, max_size=2),
+        st.one_of(st.just("0" * 32), st.text(_HEX, min_size=32, max_size=32)),
+        st.one_of(st.just("0" * 16), st.text(_HEX, min_size=16, max_size=16)),
+        st.text(_HEX, min_size=2, max_size=2),
+    ),
+    st.text(_HEX + "-", max_size=60),
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=80),
+)

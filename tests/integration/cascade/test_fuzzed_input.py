@@ -35,6 +35,7 @@ from tests.fuzz_strategies import (
     first_invalid_field,
     mutated,
     raw_fields,
+    traceparents,
     transaction_fields,
     wire_transaction,
 )
@@ -116,10 +117,15 @@ def _log_since(path: Path, offset: int) -> list[str]:
         return log.read().decode(errors="replace").splitlines()
 
 
-def _call(ch: grpc.Channel, method: str, body: bytes) -> tuple[grpc.StatusCode, bytes | str]:
+def _call(
+    ch: grpc.Channel, method: str, body: bytes, traceparent: str | None = None
+) -> tuple[grpc.StatusCode, bytes | str]:
     """The status and, for OK, the response body; otherwise the details."""
+    metadata = None if traceparent is None else (("traceparent", traceparent),)
     try:
-        return grpc.StatusCode.OK, _raw(ch, method)(body, timeout=_CALL_TIMEOUT_S)
+        return grpc.StatusCode.OK, _raw(ch, method)(
+            body, timeout=_CALL_TIMEOUT_S, metadata=metadata
+        )
     except grpc.RpcError as exc:
         return exc.code(), exc.details() or ""
 
@@ -157,10 +163,10 @@ def test_fuzzed_score_requests_are_scored_or_refused_naming_the_field(
     channel: grpc.Channel,
 ) -> None:
     @FUZZ_WIRE
-    @given(transaction_fields())
-    def fuzz(fields: dict[str, object]) -> None:
+    @given(transaction_fields(), st.one_of(st.none(), traceparents))
+    def fuzz(fields: dict[str, object], traceparent: str | None) -> None:
         request = scoring_pb2.ScoreRequest(transaction=wire_transaction(fields))
-        code, answer = _call(channel, SCORE, request.SerializeToString())
+        code, answer = _call(channel, SCORE, request.SerializeToString(), traceparent)
         expected = first_invalid_field(fields)
         if expected is None:
             assert code == grpc.StatusCode.OK, (code, answer)
@@ -168,6 +174,7 @@ def test_fuzzed_score_requests_are_scored_or_refused_naming_the_field(
             response = scoring_pb2.ScoreResponse.FromString(answer)
             assert response.transaction_id == fields["transaction_id"]
             assert response.decision != scoring_pb2.DECISION_UNSPECIFIED
+            assert len(response.trace_id) == 32 and response.trace_id != "0" * 32
         else:
             _assert_refused_naming_a_field(code, answer)
             assert isinstance(answer, str) and answer.startswith(f"transaction.{expected}: ")
