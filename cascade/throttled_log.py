@@ -22,6 +22,7 @@ class ThrottledLog:
     The first event logs at once; events within the next ``interval_s`` are only counted, and the
     first event after it logs again with the count since the previous line (itself included). A
     burst's tail is therefore reported with the next event, not on a timer: no task to own.
+    Not thread-safe: meant for one event loop's callbacks.
     """
 
     def __init__(

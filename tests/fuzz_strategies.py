@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import string
+from datetime import timedelta
 from typing import Final
 
 from hypothesis import HealthCheck, settings
@@ -27,10 +28,12 @@ from orchestrator.validation import (
 from tests.conftest import BASE_TS_MS
 
 # Reproducible in CI: a fixed derivation of the examples from each test, no example database.
+# An example takes about 1 ms (pure) or 5 ms (one call); the deadline catches a hang or a
+# pathological input, with room for a machine busy with other tests.
 FUZZ: Final = settings(
     derandomize=True,
     database=None,
-    deadline=None,
+    deadline=timedelta(seconds=2),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 

@@ -174,6 +174,7 @@ def test_fuzzed_score_requests_are_scored_or_refused_naming_the_field(
             response = scoring_pb2.ScoreResponse.FromString(answer)
             assert response.transaction_id == fields["transaction_id"]
             assert response.decision != scoring_pb2.DECISION_UNSPECIFIED
+            assert 0.0 <= response.score <= 1.0
             assert len(response.trace_id) == 32 and response.trace_id != "0" * 32
         else:
             _assert_refused_naming_a_field(code, answer)
@@ -199,6 +200,7 @@ def test_fuzzed_batches_are_scored_or_refused_naming_the_index_and_field(
             assert isinstance(answer, bytes)
             results = scoring_pb2.ScoreBatchResponse.FromString(answer).results
             assert [r.transaction_id for r in results] == [f["transaction_id"] for f in batch]
+            assert all(0.0 <= r.score <= 1.0 for r in results)
         else:
             _assert_refused_naming_a_field(code, answer)
             field = "transactions" if bad is None else f"transactions[{bad[0]}].{bad[1]}"
