@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, TypeVar
 
+from google.protobuf.message import DecodeError, Message
+
+from cascade.errors import InvalidInputError
 from cascade.v1 import scoring_pb2
 from orchestrator.results import DecidedBy, ModelVersions, Reason, ScoreResult, Timings
 from orchestrator.routing import Decision
@@ -19,6 +22,22 @@ _DECIDED_BY_TO_PB: Final = {
 }
 _DECIDED_BY_FROM_PB: Final = {v: k for k, v in _DECIDED_BY_TO_PB.items()}
 _REASON_TO_PB: Final = {r: scoring_pb2.Reason.Value(f"REASON_{r.value}") for r in Reason}
+
+MessageT = TypeVar("MessageT", bound=Message)
+
+
+def decode_request(message: type[MessageT], body: bytes) -> MessageT:
+    """Parse a request body as ``message``, or raise ``InvalidInputError`` naming ``request``.
+
+    The caller hears that the body is not a ``cascade.v1`` message of that type (truncated,
+    mangled, a string field not UTF-8, nested too deep): nothing of the parser's internals.
+    """
+    try:
+        return message.FromString(body)
+    except DecodeError:
+        raise InvalidInputError(
+            "request", f"is not a decodable {message.DESCRIPTOR.full_name} ({len(body)} bytes)"
+        ) from None
 
 
 def versions_to_proto(versions: ModelVersions) -> scoring_pb2.ModelVersions:

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, suppress
 from typing import Final, TypeVar
 
@@ -37,13 +37,14 @@ from cascade.model_registry import Registry, load_policy, load_registry
 from cascade.runtime import freeze_heap
 from cascade.settings import Settings
 from cascade.telemetry import extract_context, records_spans, trace_id_hex, untraced_span
+from cascade.throttled_log import ThrottledLog
 from cascade.transaction import Channel, Transaction
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from orchestrator.admission import Admission
 from orchestrator.breaker import DependencyBreakers
 from orchestrator.budget import Budget
 from orchestrator.coalescing import CoalescingHeavyScorer, CoalescingScreener
-from orchestrator.codec import result_to_proto, versions_to_proto
+from orchestrator.codec import MessageT, decode_request, result_to_proto, versions_to_proto
 from orchestrator.heavy_client import HeavyScorer, TritonHeavyScorer
 from orchestrator.online_store import RedisOnlineStore
 from orchestrator.post_answer import PostAnswerWriter
@@ -58,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 RequestT = TypeVar("RequestT")
 ValidT = TypeVar("ValidT")
+ResponseT = TypeVar("ResponseT")
+Handler = Callable[[RequestT, grpc.aio.ServicerContext], Awaitable[ResponseT]]
 
 SERVICE_NAME: Final = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
 _WARMUP_RETRY_S: Final = 0.2
@@ -180,9 +183,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         try:
             return validate(request)
         except InvalidInputError as exc:
-            metrics.INVALID.labels(exc.field.split(".")[-1]).inc()
             span.set_status(trace.StatusCode.ERROR, str(exc))
-            await context.abort(grpc_status_for(exc), str(exc))
+            await _refuse(exc, context)
             raise  # unreachable: abort raises
 
     async def _score(
@@ -212,6 +214,54 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             await context.abort(grpc_status_for(exc), str(exc))
         record_metrics(results)
         return results
+
+
+async def _refuse(exc: InvalidInputError, context: grpc.aio.ServicerContext) -> None:
+    """Count the refusal by field and end the call with the status ``exc`` maps to."""
+    metrics.INVALID.labels(exc.field.split(".")[-1]).inc()
+    await context.abort(grpc_status_for(exc), str(exc))
+
+
+def _decoding(
+    message: type[MessageT], handler: Handler[MessageT, ResponseT], undecodable: ThrottledLog
+) -> Handler[bytes, ResponseT]:
+    """``handler`` taking the raw request body: decoded here, so that an undecodable one is
+    INVALID_ARGUMENT (grpc's own deserializer would answer UNKNOWN, naming the exception class,
+    and log a traceback per call) and costs one throttled log line at most."""
+
+    async def decode_then_handle(body: bytes, context: grpc.aio.ServicerContext) -> ResponseT:
+        try:
+            request = decode_request(message, body)
+        except InvalidInputError as exc:
+            undecodable.event(
+                "refused undecodable request bodies, the latest %d bytes for %s from %s",
+                len(body),
+                message.DESCRIPTOR.name,
+                context.peer(),
+            )
+            await _refuse(exc, context)
+            raise  # unreachable: abort raises
+        return await handler(request, context)
+
+    return decode_then_handle
+
+
+def add_scoring_service(servicer: ScoringServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` on ``server`` as ``add_ScoringServiceServicer_to_server`` does, but
+    with request bodies decoded by :func:`decode_request` (see :func:`_decoding`)."""
+    undecodable = ThrottledLog(logger)
+    handlers = {
+        "Score": grpc.unary_unary_rpc_method_handler(
+            _decoding(scoring_pb2.ScoreRequest, servicer.Score, undecodable),
+            response_serializer=scoring_pb2.ScoreResponse.SerializeToString,
+        ),
+        "ScoreBatch": grpc.unary_unary_rpc_method_handler(
+            _decoding(scoring_pb2.ScoreBatchRequest, servicer.ScoreBatch, undecodable),
+            response_serializer=scoring_pb2.ScoreBatchResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def record_metrics(results: list[ScoreResult]) -> None:
@@ -350,9 +400,7 @@ class Orchestrator(AsyncResourceGroup):
                 ("grpc.so_reuseport", int(s.server.reuse_port)),
             ]
         )
-        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(
-            ScoringServicer(scorer, s, self._tracer, self.admission), server
-        )
+        add_scoring_service(ScoringServicer(scorer, s, self._tracer, self.admission), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
         for name in ("", SERVICE_NAME):

@@ -22,8 +22,13 @@ MAX_AMOUNT_MINOR: Final = 10**13
 # 2000-01-01 .. 2100-01-01: a timestamp outside this is in seconds or microseconds, not ms.
 MIN_TIMESTAMP_MS: Final = 946_684_800_000
 MAX_TIMESTAMP_MS: Final = 4_102_444_800_000
-_ID_CHARS: Final = re.compile(r"^[\x21-\x7e]+$")
-_MCC: Final = re.compile(r"^[0-9]{4}$")
+# What scoring.proto allows in an id. Letters, digits and "-_.:/+=@" cover UUIDs, URNs, base64 and
+# base64url tokens; left out are whitespace and control characters, quotes and backslash, Redis
+# glob characters (*?[]) and hash-tag braces ({}), and everything outside ASCII.
+ID_ALPHABET: Final = "A-Z a-z 0-9 - _ . : / + = @"
+_ID_CHARS: Final = re.compile(r"[A-Za-z0-9_.:/+=@-]+")
+# fullmatch, not "^...$": "$" also matches before a trailing newline ("5411\n" passed as an MCC).
+_MCC: Final = re.compile(r"[0-9]{4}")
 _PREFIX: Final = "transaction."
 
 
@@ -34,8 +39,8 @@ def _identifier(value: str, field: str, *, limit: int = MAX_ID_CHARS, required: 
         return ""
     if len(value) > limit:
         raise InvalidInputError(_PREFIX + field, f"is {len(value)} chars; at most {limit} allowed")
-    if not _ID_CHARS.match(value):
-        raise InvalidInputError(_PREFIX + field, "must be printable ASCII without spaces")
+    if not _ID_CHARS.fullmatch(value):
+        raise InvalidInputError(_PREFIX + field, f"may hold only {ID_ALPHABET}")
     return value
 
 
@@ -89,7 +94,7 @@ def validate_transaction(tx: scoring_pb2.Transaction) -> Transaction:
     merchant_id = _identifier(tx.merchant_id, "merchant_id")
     if not tx.merchant_category:
         raise InvalidInputError(_PREFIX + "merchant_category", "is required (4-digit MCC)")
-    if not _MCC.match(tx.merchant_category):
+    if not _MCC.fullmatch(tx.merchant_category):
         raise InvalidInputError(
             _PREFIX + "merchant_category", f"{tx.merchant_category[:8]!r} is not a 4-digit MCC"
         )

@@ -134,6 +134,11 @@ Global___Reason: _TypeAlias = Reason  # noqa: Y015
 class Transaction(_message.Message):
     """One payment to be scored. Money is never a float: amounts are integers in the currency's
     minor unit (cents for USD, yen for JPY).
+
+    Ids (transaction_id, card_id, merchant_id, device_id) may hold only the ASCII characters
+    A-Z a-z 0-9 and - _ . : / + = @ (no spaces, no control characters, nothing outside ASCII), so
+    UUIDs, URNs and base64 or base64url tokens fit as they are. Any other character is refused
+    with INVALID_ARGUMENT naming the field.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -150,11 +155,11 @@ class Transaction(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     IP_COUNTRY_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
-    """required, <= 64 chars, caller-unique"""
+    """required, 1..64 id characters, caller-unique"""
     card_id: _builtins.str
-    """required, <= 64 chars (a token, never a PAN)"""
+    """required, 1..64 id characters (a token, never a PAN)"""
     merchant_id: _builtins.str
-    """required, <= 64 chars"""
+    """required, 1..64 id characters"""
     merchant_category: _builtins.str
     """required, ISO 18245 MCC, 4 digits"""
     amount_minor: _builtins.int
@@ -168,7 +173,7 @@ class Transaction(_message.Message):
     timestamp_ms: _builtins.int
     """required, unix epoch milliseconds"""
     device_id: _builtins.str
-    """<= 128 chars"""
+    """0..128 id characters (empty: unknown)"""
     ip_country: _builtins.str
     """ISO 3166-1 alpha-2"""
     def __init__(

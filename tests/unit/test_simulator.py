@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import itertools
 import os
+import secrets
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -17,6 +18,9 @@ from cascade.features import APPROX_USD_PER_UNIT
 from cascade.iso_codes import COUNTRIES, CURRENCY_EXPONENTS, to_major_units
 from cascade.settings import REPO_ROOT
 from cascade.transaction import Channel
+from cascade.wire import to_wire
+from loadtests.replay import tagged
+from orchestrator.validation import validate_transaction
 from training.simulator import (
     FraudPattern,
     LabelledTransaction,
@@ -112,6 +116,17 @@ def test_transactions_are_valid_and_plausible(stream: list[LabelledTransaction])
     assert 5.0 < median < 100.0
     channels = Counter(r.tx.channel for r in stream)
     assert set(channels) == set(Channel)
+
+
+def test_every_simulated_transaction_passes_validation_also_tagged_by_a_load_run(
+    stream: list[LabelledTransaction],
+) -> None:
+    """The ids the simulator makes, and the pass tags a load run appends (``.{hex nonce}p{k}``),
+    stay within the id alphabet scoring.proto documents."""
+    for r in stream:
+        assert validate_transaction(to_wire(r.tx)) == r.tx
+        tagged_tx = tagged(r.tx, secrets.token_hex(3), pass_index=3)
+        assert validate_transaction(to_wire(tagged_tx)) == tagged_tx
 
 
 def _by_card(stream: list[LabelledTransaction]) -> dict[str, list[LabelledTransaction]]:

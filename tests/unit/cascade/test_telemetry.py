@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from cascade.telemetry import build_tracer_provider, extract_context, inject_headers, trace_id_hex
+from cascade.telemetry import (
+    build_tracer_provider,
+    extract_context,
+    inject_headers,
+    trace_id_hex,
+    untraced_span,
+)
+from tests.fuzz_strategies import FUZZ, traceparents
 
 CALLER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -42,3 +50,16 @@ def test_an_explicit_sampler_is_respected(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
     with build_tracer_provider("t").get_tracer("t").start_as_current_span("s") as span:
         assert span.is_recording()
+
+
+@FUZZ
+@given(traceparents)
+def test_any_traceparent_a_caller_sends_gives_a_valid_trace(traceparent: str) -> None:
+    """Fuzzed metadata: whatever the header holds, the call gets a valid trace id, continued
+    from the caller's when theirs is valid."""
+    span = untraced_span([("traceparent", traceparent), ("traceparent", b"\xff")])
+    trace_id = trace_id_hex(span)
+    assert len(trace_id) == 32 and trace_id != "0" * 32
+    tracer = build_tracer_provider("t").get_tracer("t")
+    with tracer.start_as_current_span("s", context=extract_context({"traceparent": traceparent})):
+        inject_headers({})

@@ -45,7 +45,7 @@ def test_missing_transaction_is_named() -> None:
         ({"card_id": ""}, "transaction.card_id", "required"),
         ({"merchant_id": ""}, "transaction.merchant_id", "required"),
         ({"card_id": "x" * 65}, "transaction.card_id", "at most 64"),
-        ({"transaction_id": "has space"}, "transaction.transaction_id", "printable"),
+        ({"transaction_id": "has space"}, "transaction.transaction_id", "A-Z a-z 0-9"),
         ({"merchant_category": "54a1"}, "transaction.merchant_category", "MCC"),
         ({"merchant_category": ""}, "transaction.merchant_category", "required"),
         ({"amount_minor": -5}, "transaction.amount_minor", "> 0"),
