@@ -2,7 +2,10 @@
 
 The request goes to ``{prefix}.{model_version}``; the workers share a queue group, so NATS hands
 each request to one of them. With nobody listening NATS answers "no responders" at once, which we
-report as unavailable rather than waiting out the timeout.
+report as unavailable rather than waiting out the timeout. While the connection to NATS is down
+(the client reconnects by itself, :mod:`cascade.nats_connection`) a request fails at once as
+unavailable too: nats-py would buffer it until the reconnect, long after its caller gave up, and
+then flood the workers with stale requests just when they are needed again.
 """
 
 from __future__ import annotations
@@ -10,13 +13,18 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Protocol
 
-import nats
 import numpy as np
 import numpy.typing as npt
 from nats.aio.client import Client as NatsClient
 from opentelemetry import trace
 
-from cascade.errors import Dependency, DependencyFailed, translate_nats_errors
+from cascade.errors import (
+    Dependency,
+    DependencyFailed,
+    DependencyUnavailable,
+    translate_nats_errors,
+)
+from cascade.nats_connection import connect_nats
 from cascade.screening_protocol import (
     encode_screening_request,
     parse_screening_reply,
@@ -58,13 +66,7 @@ class NatsScreener:
 
     async def __aenter__(self) -> NatsScreener:
         with translate_nats_errors():
-            self._nc = await nats.connect(
-                self._url,
-                name="cascade-orchestrator",
-                connect_timeout=2,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
-            )
+            self._nc = await connect_nats(self._url, name="cascade-orchestrator")
         return self
 
     async def __aexit__(
@@ -84,6 +86,8 @@ class NatsScreener:
         nc = self._nc
         if nc is None:
             raise RuntimeError("NatsScreener used outside its async with block")
+        if not nc.is_connected:
+            raise DependencyUnavailable(Dependency.SCREENING, "not connected to NATS")
         payload = encode_screening_request(rows, self._model_version, self._feature_set)
         headers: dict[str, str] = {}
         if not self._spans:
@@ -115,6 +119,11 @@ class NatsScreener:
                 Dependency.SCREENING, f"{reply.scores.shape[0]} scores for {rows.shape[0]} rows"
             )
         return reply.scores
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection to NATS is up (a reconnect may be under way otherwise)."""
+        return self._nc is not None and self._nc.is_connected
 
 
 class InMemoryScreener(StageTwin):

@@ -29,6 +29,7 @@ from nats.aio.subscription import Subscription
 from opentelemetry import trace
 
 from cascade import metrics
+from cascade.nats_connection import connect_nats
 from cascade.screening_protocol import (
     ScreeningRequest,
     encode_screening_reply,
@@ -81,9 +82,7 @@ class ScreeningWorker:
 
     async def __aenter__(self) -> ScreeningWorker:
         self._model.warm()
-        self._nc = await nats.connect(
-            self._url, name=f"screening-worker-{self._model.version}", max_reconnect_attempts=-1
-        )
+        self._nc = await connect_nats(self._url, name=f"screening-worker-{self._model.version}")
         self._sub = await self._nc.subscribe(self.subject, queue=self._queue_group, cb=self._answer)
         await self._nc.flush()
         await self._prove_answering(self._nc)
