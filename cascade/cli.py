@@ -1,8 +1,10 @@
 """``cascade``: run the local stack and send it sample transactions.
 
 * ``cascade up``    start Redis, NATS, Triton, screening workers and the orchestrator processes on
-                    loopback (one per core, on one port), wait until healthy, print the endpoint, optionally send sample traffic, and run
-                    until SIGINT/SIGTERM; then stop everything it started.
+                    loopback (one per core, on one port), wait until healthy, print the endpoint,
+                    optionally send sample traffic, and run until SIGINT/SIGTERM, restarting any
+                    process that exits on its own (printed, and counted); then stop everything it
+                    started.
 * ``cascade score`` send sample transactions to a running stack and print the answers as a table.
 """
 
@@ -14,7 +16,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -25,6 +27,7 @@ from cascade.samples import labelled_sample
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
 from cascade.shared_port import default_process_count
 from cascade.stack import LocalStack, StackConfig, StackPorts
+from cascade.supervision import RestartEvent
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 
 logger = logging.getLogger("cascade")
@@ -88,6 +91,26 @@ async def score_samples(
     return lines
 
 
+def restart_line(event: RestartEvent) -> str:
+    """What ``cascade up`` prints when the supervisor restarted a process."""
+    what = (
+        "back"
+        if event.ready_at is not None
+        else f"restart failed ({event.error}); retrying with backoff"
+    )
+    return (
+        f"{event.child} exited with status {event.exit_status}: restart #{event.restart_number} "
+        f"after {event.delay_s:.2f} s, {what}"
+    )
+
+
+def restart_summary(restarts: Mapping[str, int]) -> str:
+    """The restart counter, one entry per process that was restarted."""
+    if not restarts:
+        return "restarts: none"
+    return "restarts: " + ", ".join(f"{name} {n}" for name, n in sorted(restarts.items()))
+
+
 async def _up(args: argparse.Namespace) -> int:
     config = StackConfig(
         model_dir=args.model_dir.resolve(),
@@ -109,7 +132,11 @@ async def _up(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     print(f"starting the local stack (logs in {config.run_dir / 'logs'}) ...", flush=True)
     started = time.monotonic()
-    async with LocalStack(config) as stack:
+
+    def report(event: RestartEvent) -> None:
+        print(restart_line(event), flush=True)
+
+    async with LocalStack(config, on_restart=report) as stack:
         print(
             f"stack healthy in {time.monotonic() - started:.1f}s\n"
             f"  scoring endpoint  grpc://{stack.target}  (cascade.v1.ScoringService/Score, "
@@ -126,7 +153,8 @@ async def _up(args: argparse.Namespace) -> int:
             return 0
         print("running; Ctrl-C (SIGINT) or SIGTERM stops every process", flush=True)
         await stop.wait()
-        print("stopping ...", flush=True)
+        restarts = stack.supervisor.restarts if stack.supervisor is not None else {}
+        print(f"stopping ... ({restart_summary(restarts)})", flush=True)
     return 0
 
 
