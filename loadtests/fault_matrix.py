@@ -14,6 +14,7 @@ the target working again (:meth:`Timeline.recovery_s`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -181,6 +182,15 @@ class Timeline:
             )
         )
 
+    def unclean_per_s(self, window_s: float) -> list[int]:
+        """Calls that were not clean (failed, late or labelled), by the second they were sent in:
+        how the fault and the recovery looked over the phase."""
+        counts = [0] * max(1, math.ceil(window_s))
+        for call in self.calls:
+            if not call.clean:
+                counts[min(len(counts) - 1, max(0, int(call.sent_s)))] += 1
+        return counts
+
     def recovery_s(self, fault_end_s: float | None, target: Target) -> float | None:
         """Seconds from ``fault_end_s`` until answers showed ``target`` working again: the send
         time of the first call that proves it (for Triton an answer stage 2 decided; for workers
@@ -237,6 +247,7 @@ def phase_summary(
         "decided_by": dict(sorted(tally.decided_by.items())),
         "reasons": dict(sorted(tally.reasons.items())),
         "clean_answers": sum(c.clean for c in timeline.calls),
+        "unclean_per_s": timeline.unclean_per_s(window_s),
         "recovery_s": (
             None
             if spec.kind is FaultKind.NONE

@@ -149,3 +149,12 @@ def test_the_table_has_one_row_per_phase_and_says_why_there_is_no_recovery() -> 
     assert lines[2].startswith("| baseline | 4 | 3 | 1 | 1 | 0 |")
     assert lines[2].endswith("| STAGE1_UNAVAILABLE 1 | - |")
     assert lines[3].endswith("| fault did not end |")
+
+
+def test_unclean_calls_are_counted_by_the_second_they_were_sent_in() -> None:
+    timeline = Timeline(late_after_s=LATE_AFTER_S)
+    timeline.record(0.2, 0.21, reply())
+    timeline.record(1.5, 1.51, reply(R.DECIDED_BY_DEFAULT, R.REASON_STAGE1_TIMEOUT))
+    timeline.record(1.7, 1.8, reply())  # late
+    timeline.record(2.9, 3.0, None)
+    assert timeline.unclean_per_s(3.0) == [0, 2, 1]
