@@ -57,6 +57,7 @@ from orchestrator.online_store import (
     decode_history,
     output_cache_key,
 )
+from orchestrator.outage_log import OutageLog
 from orchestrator.post_answer import PostAnswerWriter
 from orchestrator.results import DecidedBy, ModelVersions, Reason, ScoreResult, Timings
 from orchestrator.routing import Decision, Route, decide, route
@@ -128,6 +129,9 @@ class CascadeScorer:
         self._batch_stage2_items = batch_stage2_items
         self._stage2_max_in_flight = stage2_max_in_flight
         self.stage2_in_flight = 0
+        self._redis_log = OutageLog("Redis (cache and features)")
+        self._stage1_log = OutageLog("stage 1 (screening workers over NATS)")
+        self._stage2_log = OutageLog("stage 2 (Triton)")
 
     @property
     def versions(self) -> ModelVersions:
@@ -189,12 +193,15 @@ class CascadeScorer:
         timeout_s = budget.allot_s(self._cap_ms(self._budget.redis_ms, len(keys)))
         try:
             if not self._spans:
-                return await self._store.lookup(keys, timeout_s)
-            with self._tracer.start_as_current_span("redis.lookup", kind=trace.SpanKind.CLIENT):
-                return await self._store.lookup(keys, timeout_s)
+                found = await self._store.lookup(keys, timeout_s)
+            else:
+                with self._tracer.start_as_current_span("redis.lookup", kind=trace.SpanKind.CLIENT):
+                    found = await self._store.lookup(keys, timeout_s)
         except DependencyError as exc:
-            logger.debug("online store lookup failed: %s", exc)
+            self._redis_log.failed(exc)
             return None
+        self._redis_log.answered()
+        return found
 
     async def _score_chunk(
         self,
@@ -262,7 +269,9 @@ class CascadeScorer:
                     rows, budget.allot_s(self._cap_ms(cfg.stage1_ms, len(todo)))
                 )
                 stage1_scores = scores.tolist()
+                self._stage1_log.answered()
             except DependencyError as exc:
+                self._stage1_log.failed(exc)
                 stage1_reason = _STAGE1_REASONS.get(type(exc), Reason.STAGE1_ERROR)
             timings.stage1_us += _us_since(t0)
         if stage1_scores is None:
@@ -336,10 +345,11 @@ class CascadeScorer:
             timeout_s = budget.allot_s(float("inf"), keep_ms=self._budget.stage2_margin_ms)
             heavy_scores = await self._heavy.score(sequences, timeout_s)
         except DependencyError as exc:
-            logger.debug("stage 2 failed: %s", exc)
+            self._stage2_log.failed(exc)
             return _STAGE2_REASONS.get(type(exc), Reason.STAGE2_ERROR)
         finally:
             self.stage2_in_flight -= n
+        self._stage2_log.answered()
         for j, score in zip(escalate, heavy_scores.tolist(), strict=True):
             final[j] = score
         return None
