@@ -10,11 +10,12 @@ each test leaves it recovered. Time-bound asserts follow the targets: non-degrad
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -115,7 +116,9 @@ async def seconds_until_undegraded(
         assert elapsed_s < LATE_S
         if undegraded(reply):
             return time.monotonic() - since
-        assert time.monotonic() - since < limit_s, f"still degraded: {list(reply.reasons)}"
+        assert time.monotonic() - since < limit_s, (
+            f"still degraded: {[R.Reason.Name(r) for r in reply.reasons]}"
+        )
         await asyncio.sleep(0.01)
 
 
@@ -161,13 +164,28 @@ async def test_killed_worker_is_restarted_and_answers_again(
     )
 
 
+@contextlib.contextmanager
+def restarts_delayed(stack: LocalStack, delay_s: float) -> Iterator[None]:
+    """The supervisor waits ``delay_s`` before its next restart (a longer outage)."""
+    sup = supervisor(stack)
+    saved = sup.backoff
+    sup.backoff = Backoff(initial_s=delay_s, max_s=delay_s)
+    try:
+        yield
+    finally:
+        sup.backoff = saved
+
+
 async def test_killed_triton_is_restarted_and_used_again_without_restarting_the_orchestrator(
     stack: LocalStack, stub: scoring_pb2_grpc.ScoringServiceStub
 ) -> None:
     triton = stack.triton
     assert triton is not None
     orchestrator_pid = stack.orchestrators[0].pid
-    event, replies = await kill_and_watch(stack, stub, triton.pid, triton.name)
+    # Down for 5 s and more: long enough for gRPC's default reconnect backoff (1 s, x1.6 per
+    # attempt) to have grown past the target; the orchestrator's channel caps it.
+    with restarts_delayed(stack, 5.0):
+        event, replies = await kill_and_watch(stack, stub, triton.pid, triton.name)
     assert event.exit_status == -signal.SIGKILL
     stage2_down = [r for r in replies if R.REASON_STAGE2_UNAVAILABLE in r.reasons]
     assert stage2_down, "answers during the outage are stage 1's, labelled"
