@@ -9,7 +9,7 @@ the fault ends when the restarted process is ready (the window leaves ``kill_wai
 
 Per phase: sent, answered, late (answered later than the deadline + grace), DEADLINE_EXCEEDED,
 other errors, answers by reason code, and the time from the fault's end until the answers show
-the target working again (:meth:`Timeline.recovery_s`).
+the target working again, for good (:meth:`Timeline.recovery_s`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from loadtests.results import Tally
 
 __all__ = [
     "PHASES",
+    "RECOVERY_STREAK",
     "Call",
     "FaultKind",
     "PhaseSpec",
@@ -114,6 +115,9 @@ class PhaseTiming:
         return self.pre_s + middle + self.post_s
 
 
+RECOVERY_STREAK: Final = 20
+"""Calls in a row (0.2 s at 100/s) that must not show the fault for a phase to count as
+recovered from the first of them."""
 _OVERLOAD_REASONS: Final = frozenset({"OVERLOADED", "BUDGET_EXHAUSTED"})
 _STAGE1_REASONS: Final = frozenset({"STAGE1_TIMEOUT", "STAGE1_UNAVAILABLE", "STAGE1_ERROR"})
 _TARGET_REASONS: Final = {
@@ -191,12 +195,15 @@ class Timeline:
                 counts[min(len(counts) - 1, max(0, int(call.sent_s)))] += 1
         return counts
 
-    def recovery_s(self, fault_end_s: float | None, target: Target) -> float | None:
+    def recovery_s(
+        self, fault_end_s: float | None, target: Target, *, streak: int = RECOVERY_STREAK
+    ) -> float | None:
         """Seconds from ``fault_end_s`` until answers showed ``target`` working again: the send
-        time of the first call that proves it (for Triton an answer stage 2 decided; for workers
-        and NATS one stage 1 or 2 decided; for Redis any answer without Redis's reasons), sent
-        after the fault ended and after the last call that still showed the fault (failed, late,
-        or labelled with the target's reasons). None when no call proved it within the phase."""
+        time of the first call, sent after the fault ended, that proves it (for Triton an answer
+        stage 2 decided; for workers and NATS one stage 1 or 2 decided; for Redis any answer
+        without Redis's reasons) and begins ``streak`` calls none of which still shows the fault
+        (failed, late, or labelled with the target's reasons or as shed). A lone blip later in
+        the phase (a busy shared machine) does not count. None when no call proved it."""
         if fault_end_s is None:
             return None
         bad_reasons = _TARGET_REASONS[target]
@@ -206,10 +213,16 @@ class Timeline:
         def bad(call: Call) -> bool:
             return not call.in_time or bool(call.reasons & bad_reasons)
 
-        last_bad = max((i for i, c in enumerate(calls) if bad(c)), default=-1)
-        for call in calls[last_bad + 1 :]:
-            if proof is None or call.decided_by in proof:
+        i = 0
+        while i < len(calls):
+            call = calls[i]
+            if bad(call) or (proof is not None and call.decided_by not in proof):
+                i += 1
+                continue
+            relapse = next((k for k, c in enumerate(calls[i : i + streak]) if bad(c)), None)
+            if relapse is None:
                 return call.sent_s - fault_end_s
+            i += relapse + 1
         return None
 
 

@@ -158,3 +158,15 @@ def test_unclean_calls_are_counted_by_the_second_they_were_sent_in() -> None:
     timeline.record(1.7, 1.8, reply())  # late
     timeline.record(2.9, 3.0, None)
     assert timeline.unclean_per_s(3.0) == [0, 2, 1]
+
+
+def test_a_lone_blip_long_after_the_recovery_does_not_move_it() -> None:
+    timeline = Timeline(late_after_s=LATE_AFTER_S)
+    timeline.record(3.05, 3.06, reply(R.DECIDED_BY_STAGE1, R.REASON_CACHE_UNAVAILABLE))
+    for k in range(30):
+        timeline.record(3.1 + k * 0.01, 3.105 + k * 0.01, reply())
+    timeline.record(4.0, 4.001, reply(R.DECIDED_BY_STAGE1, R.REASON_CACHE_UNAVAILABLE))
+    timeline.record(4.1, 4.101, reply())
+    assert timeline.recovery_s(3.0, Target.REDIS) == pytest.approx(0.1)
+    # ... but a relapse within the streak does.
+    assert timeline.recovery_s(3.0, Target.REDIS, streak=40) == pytest.approx(1.1)
