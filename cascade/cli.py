@@ -1,8 +1,10 @@
 """``cascade``: run the local stack and send it sample transactions.
 
 * ``cascade up``    start Redis, NATS, Triton, screening workers and the orchestrator processes on
-                    loopback (one per core, on one port), wait until healthy, print the endpoint, optionally send sample traffic, and run
-                    until SIGINT/SIGTERM; then stop everything it started.
+                    loopback (one per core, on one port), wait until healthy, print the endpoint,
+                    optionally send sample traffic, and run until SIGINT/SIGTERM, restarting any
+                    process that exits on its own (printed, and counted); then stop everything it
+                    started.
 * ``cascade score`` send sample transactions to a running stack and print the answers as a table.
 * ``cascade trace`` print one stored trace (``cascade up --traces``) as a waterfall.
 """
@@ -17,7 +19,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -36,6 +38,7 @@ from cascade.stack_settings import (
     parse_assignments,
     parse_env_file,
 )
+from cascade.supervision import RestartEvent
 from cascade.trace_view import waterfall
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 
@@ -133,6 +136,26 @@ def _service_settings(args: argparse.Namespace) -> dict[str, str]:
     return extra
 
 
+def restart_line(event: RestartEvent) -> str:
+    """What ``cascade up`` prints when the supervisor restarted a process."""
+    what = (
+        "back"
+        if event.ready_at is not None
+        else f"restart failed ({event.error}); retrying with backoff"
+    )
+    return (
+        f"{event.child} exited with status {event.exit_status}: restart #{event.restart_number} "
+        f"after {event.delay_s:.2f} s, {what}"
+    )
+
+
+def restart_summary(restarts: Mapping[str, int]) -> str:
+    """The restart counter, one entry per process that was restarted."""
+    if not restarts:
+        return "restarts: none"
+    return "restarts: " + ", ".join(f"{name} {n}" for name, n in sorted(restarts.items()))
+
+
 async def _up(args: argparse.Namespace) -> int:
     busy = _busy_port(args)
     if busy is not None:
@@ -165,7 +188,11 @@ async def _up(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     print(f"starting the local stack (logs in {config.run_dir / 'logs'}) ...", flush=True)
     started = time.monotonic()
-    async with LocalStack(config) as stack:
+
+    def report(event: RestartEvent) -> None:
+        print(restart_line(event), flush=True)
+
+    async with LocalStack(config, on_restart=report) as stack:
         print(
             f"stack healthy in {time.monotonic() - started:.1f}s\n"
             f"  scoring endpoint  grpc://{stack.target}  (cascade.v1.ScoringService/Score, "
@@ -188,7 +215,8 @@ async def _up(args: argparse.Namespace) -> int:
             return 0
         print("running; Ctrl-C (SIGINT) or SIGTERM stops every process", flush=True)
         await stop.wait()
-        print("stopping ...", flush=True)
+        restarts = stack.supervisor.restarts if stack.supervisor is not None else {}
+        print(f"stopping ... ({restart_summary(restarts)})", flush=True)
     return 0
 
 

@@ -5,6 +5,10 @@ orchestrator process reports SERVING only once both models answered its warm-up)
 every process it started, in reverse order, however the block ends. Several orchestrator
 processes share one port with reuse-port (:mod:`cascade.shared_port`); as a health check through
 that port reaches only one of them, each one's readiness is read from its own log.
+
+Once everything is up, a :class:`~cascade.supervision.ChildSupervisor` restarts any of these
+processes that exits on its own, on the same port, with a capped exponential backoff
+(``StackConfig.supervise``); :attr:`LocalStack.supervisor` counts the restarts.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from cascade.servers import (
     resolve_port,
 )
 from cascade.shared_port import metrics_port_offset, shared_port_env
+from cascade.supervision import Backoff, ChildSupervisor, Restartable, RestartEvent
 
 _READY_LINE: Final = "READY"
 _SERVING_LINE: Final = "SERVING"
@@ -68,6 +73,9 @@ class StackConfig:
     traces_dir: Path | None = None
     """With a folder: run a local OTLP receiver storing every span there (``cascade trace``),
     and have every service, Triton included, trace every call to it."""
+    supervise: bool = True
+    """Restart a process that exits on its own (on the same port, after ``restart_backoff``)."""
+    restart_backoff: Backoff = field(default_factory=Backoff)
 
 
 async def grpc_health_status(target: str, timeout_s: float = 1.0) -> int | None:
@@ -81,21 +89,14 @@ async def grpc_health_status(target: str, timeout_s: float = 1.0) -> int | None:
     return int(reply.status)
 
 
-def log_line_probe(log_path: Path, matches: Callable[[str], bool]) -> ReadinessProbe:
-    """A probe that passes once a line ``matches`` in what is appended to ``log_path`` from now.
-
-    Logs are appended across runs: only what this start wrote counts, so build the probe right
-    before starting the process.
-    """
-    try:
-        offset = log_path.stat().st_size
-    except FileNotFoundError:
-        offset = 0
+def log_line_probe(process: ManagedProcess, matches: Callable[[str], bool]) -> ReadinessProbe:
+    """A probe that passes once a line ``matches`` in what ``process`` wrote to its log since its
+    latest start (logs are appended across starts and restarts: only this start's lines count)."""
 
     async def ready() -> bool:
         try:
-            with log_path.open("rb") as fh:
-                fh.seek(offset)
+            with process.log_path.open("rb") as fh:
+                fh.seek(process.log_offset)
                 text = fh.read().decode(errors="replace")
         except FileNotFoundError:
             return False
@@ -135,10 +136,11 @@ def worker_process(
     name: str, env: dict[str, str], log_dir: Path, *, module: str = "stages.screening"
 ) -> ManagedProcess:
     """``python -m <module>`` (a screening worker), ready once it printed its READY line."""
-    probe = log_line_probe(log_dir / f"{name}.log", lambda line: line == _READY_LINE)
-    return ManagedProcess(
-        name, [sys.executable, "-m", *module.split()], log_dir=log_dir, env=env, probe=probe
+    process = ManagedProcess(
+        name, [sys.executable, "-m", *module.split()], log_dir=log_dir, env=env
     )
+    process.probe = log_line_probe(process, lambda line: line == _READY_LINE)
+    return process
 
 
 def orchestrator_process(
@@ -186,30 +188,33 @@ def orchestrator_processes(
     port = int(env["CASCADE_SERVER__PORT"])
     processes = []
     for i in range(count):
-        name = f"orchestrator-{i}"
-        log_path = log_dir / f"{name}.log"
-        if wait_serving:
-            probe = log_line_probe(log_path, lambda line: line == _SERVING_LINE)
-        else:
-            probe = log_line_probe(log_path, lambda line: line.startswith(_LISTENING_PREFIX))
-        processes.append(
-            ManagedProcess(
-                name,
-                [sys.executable, "-m", "orchestrator"],
-                log_dir=log_dir,
-                env=shared_port_env(env, i, count),
-                probe=probe,
-                ports=(port,) if i == 0 else (),
-                start_timeout_s=60.0,
-            )
+        process = ManagedProcess(
+            f"orchestrator-{i}",
+            [sys.executable, "-m", "orchestrator"],
+            log_dir=log_dir,
+            env=shared_port_env(env, i, count),
+            ports=(port,) if i == 0 else (),
+            start_timeout_s=60.0,
+            # A restarted one joins the others' reuse-port socket: the port is rightly taken.
+            check_ports_on_restart=count == 1,
         )
+        if wait_serving:
+            process.probe = log_line_probe(process, lambda line: line == _SERVING_LINE)
+        else:
+            process.probe = log_line_probe(process, lambda line: line.startswith(_LISTENING_PREFIX))
+        processes.append(process)
     return processes
 
 
 class LocalStack(AsyncResourceGroup):
-    """Every process of the local stack; an async context manager. ``target`` is the endpoint."""
+    """Every process of the local stack; an async context manager. ``target`` is the endpoint.
 
-    def __init__(self, config: StackConfig) -> None:
+    ``on_restart`` hears of every restart the supervisor makes (``cascade up`` prints them).
+    """
+
+    def __init__(
+        self, config: StackConfig, *, on_restart: Callable[[RestartEvent], None] | None = None
+    ) -> None:
         # Absolute paths: Triton and the services run with other working directories.
         super().__init__()
         config = dataclasses.replace(
@@ -223,6 +228,14 @@ class LocalStack(AsyncResourceGroup):
         self.triton_url = ""
         self.log_dir = config.run_dir / "logs"
         self.traces: OtlpReceiver | None = None
+        self._on_restart = on_restart
+        self.redis: RedisServer | None = None
+        self.nats: NatsServer | None = None
+        self.triton: TritonServer | None = None
+        self.workers: list[ManagedProcess] = []
+        self.orchestrators: list[ManagedProcess] = []
+        self.supervisor: ChildSupervisor | None = None
+        """Restarts what exits on its own (None with ``supervise`` off or before start)."""
 
     async def _start(self) -> None:
         cfg = self._config
@@ -256,6 +269,7 @@ class LocalStack(AsyncResourceGroup):
             trace_url=self.traces.http_traces_url if self.traces is not None else None,
         )
         await self._enter_together((redis_server, nats_server, triton))
+        self.redis, self.nats, self.triton = redis_server, nats_server, triton
         self.redis_url, self.nats_url, self.triton_url = (
             redis_server.url,
             nats_server.url,
@@ -272,12 +286,27 @@ class LocalStack(AsyncResourceGroup):
         # With CASCADE_METRICS_PORT = B set: orchestrator i on B + i, worker j on B + N + j.
         for j in range(cfg.workers):
             worker_env = metrics_port_offset(env, cfg.orchestrators + j)
-            await self._stack.enter_async_context(
-                worker_process(f"screening-worker-{j}", worker_env, self.log_dir)
+            self.workers.append(
+                await self._stack.enter_async_context(
+                    worker_process(f"screening-worker-{j}", worker_env, self.log_dir)
+                )
             )
         # Started together: each one's warm-up mostly waits. Entered in order, so the first
         # one's check that the port is free runs before any of them is spawned.
-        await self._enter_together(orchestrator_processes(env, self.log_dir, cfg.orchestrators))
+        self.orchestrators = orchestrator_processes(env, self.log_dir, cfg.orchestrators)
+        await self._enter_together(self.orchestrators)
+        if cfg.supervise:
+            # Entered last, so left first: its watch tasks are gone before anything is stopped.
+            children: list[Restartable] = [
+                redis_server,
+                nats_server,
+                triton,
+                *self.workers,
+                *self.orchestrators,
+            ]
+            self.supervisor = await self._stack.enter_async_context(
+                ChildSupervisor(children, cfg.restart_backoff, self._on_restart)
+            )
 
     async def _enter_together(
         self, resources: Sequence[AbstractAsyncContextManager[object]]

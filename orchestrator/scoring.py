@@ -63,6 +63,7 @@ from orchestrator.online_store import (
     decode_history,
     output_cache_key,
 )
+from orchestrator.outage_log import OutageLog
 from orchestrator.post_answer import PostAnswerWriter
 from orchestrator.results import DecidedBy, ModelVersions, Reason, ScoreResult, Timings
 from orchestrator.routing import Decision, Route, decide, route
@@ -146,6 +147,9 @@ class CascadeScorer:
         self._stage2_max_in_flight = stage2_max_in_flight
         self.stage2_in_flight = 0
         self.breakers = breakers or DependencyBreakers(BreakerSettings(enabled=False))
+        self._redis_log = OutageLog("Redis (cache and features)")
+        self._stage1_log = OutageLog("stage 1 (screening workers over NATS)")
+        self._stage2_log = OutageLog("stage 2 (Triton)")
 
     @property
     def versions(self) -> ModelVersions:
@@ -218,10 +222,11 @@ class CascadeScorer:
         except BaseException as exc:
             _settle(breaker, exc)
             if isinstance(exc, DependencyError):
-                logger.debug("online store lookup failed: %s", exc)
+                self._redis_log.failed(exc)
                 return None
             raise
         breaker.record(False)
+        self._redis_log.answered()
         return lookups
 
     def _skipped(self, breaker: CircuitBreaker) -> None:
@@ -302,10 +307,12 @@ class CascadeScorer:
                 )
                 stage1_scores = scores.tolist()
                 breaker.record(False)
+                self._stage1_log.answered()
             except BaseException as exc:
                 _settle(breaker, exc)
                 if not isinstance(exc, DependencyError):
                     raise
+                self._stage1_log.failed(exc)
                 stage1_reason = _STAGE1_REASONS.get(type(exc), Reason.STAGE1_ERROR)
             timings.stage1_us += _us_since(t0)
         if stage1_scores is None:
@@ -386,11 +393,12 @@ class CascadeScorer:
             _settle(breaker, exc)
             if not isinstance(exc, DependencyError):
                 raise
-            logger.debug("stage 2 failed: %s", exc)
+            self._stage2_log.failed(exc)
             return _STAGE2_REASONS.get(type(exc), Reason.STAGE2_ERROR)
         finally:
             self.stage2_in_flight -= n
         breaker.record(False)
+        self._stage2_log.answered()
         for j, score in zip(escalate, heavy_scores.tolist(), strict=True):
             final[j] = score
         return None

@@ -2,7 +2,10 @@
 
 The request goes to ``{prefix}.{model_version}``; the workers share a queue group, so NATS hands
 each request to one of them. With nobody listening NATS answers "no responders" at once, which we
-report as unavailable rather than waiting out the timeout.
+report as unavailable rather than waiting out the timeout. While the connection to NATS is down
+(the client reconnects by itself, :mod:`cascade.nats_connection`) a request fails at once as
+unavailable too: nats-py would buffer it until the reconnect, long after its caller gave up, and
+then flood the workers with stale requests just when they are needed again.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final, Protocol
 
-import nats
 import numpy as np
 import numpy.typing as npt
 from nats.aio.client import Client as NatsClient
@@ -30,6 +32,7 @@ from cascade.errors import (
     DependencyUnavailable,
     translate_nats_errors,
 )
+from cascade.nats_connection import connect_nats
 from cascade.screening_protocol import (
     encode_screening_request,
     members_subject,
@@ -121,13 +124,7 @@ class NatsScreener:
 
     async def __aenter__(self) -> NatsScreener:
         with translate_nats_errors():
-            self._nc = nc = await nats.connect(
-                self._url,
-                name="cascade-orchestrator",
-                connect_timeout=2,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
-            )
+            self._nc = nc = await connect_nats(self._url, name="cascade-orchestrator")
             if self._hedging is not None:
                 self._inbox = nc.new_inbox() + "."
                 await nc.subscribe(self._inbox + "*", cb=self._on_reply)
@@ -155,6 +152,8 @@ class NatsScreener:
         nc = self._nc
         if nc is None:
             raise RuntimeError("NatsScreener used outside its async with block")
+        if not nc.is_connected:
+            raise DependencyUnavailable(Dependency.SCREENING, "not connected to NATS")
         payload = encode_screening_request(rows, self._model_version, self._feature_set)
         headers: dict[str, str] = {}
         if not self._spans:
@@ -299,6 +298,11 @@ class NatsScreener:
             self.members.left(worker_id)
         else:
             self.members.heard(worker_id)
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection to NATS is up (a reconnect may be under way otherwise)."""
+        return self._nc is not None and self._nc.is_connected
 
 
 class InMemoryScreener(StageTwin):

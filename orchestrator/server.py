@@ -4,6 +4,12 @@
 the post-answer writer and the grpc.aio server, and closes them in reverse order. Health reports
 NOT_SERVING until a warm-up request has gone through stage 1 and stage 2, and again from the
 moment a drain starts.
+
+After warm-up, health follows whether a useful answer is possible: only stage 1 decides that
+(without it every answer is the configured default; without Redis or Triton answers are still
+scored, labelled). A readiness task probes stage 1 twice a second, off the request path, with one
+tiny screening request (or none while the NATS connection is down): NOT_SERVING after two failed
+rounds in a row, SERVING again at the first success.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Final, TypeVar
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -66,6 +73,11 @@ SERVICE_NAME: Final = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].
 _WARMUP_RETRY_S: Final = 0.2
 _WARMUP_PASSES: Final = 5
 _WARMUP_CARD: Final = "__cascade_warmup__"
+_READINESS_INTERVAL_S: Final = 0.5
+_READINESS_PROBE_TIMEOUT_S: Final = 0.25
+# Tries per round: with one of two workers stalled a single probe fails half the time.
+_READINESS_TRIES: Final = 3
+_READINESS_FAILED_ROUNDS: Final = 2
 
 
 def _warmup_transaction(i: int) -> Transaction:
@@ -335,6 +347,9 @@ class Orchestrator(AsyncResourceGroup):
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._warmup: asyncio.Task[None] | None = None
+        self._readiness: asyncio.Task[None] | None = None
+        self.serving = False
+        """What health says (SERVING or not), as the readiness task last set it."""
         self.port = 0
         self.writer: PostAnswerWriter | None = None
         self.admission: Admission | None = None
@@ -417,6 +432,10 @@ class Orchestrator(AsyncResourceGroup):
             self._warm(store, screener, heavy, scorer), name="orchestrator-warmup"
         )
         self._stack.push_async_callback(_cancel, self._warmup)
+        self._readiness = asyncio.create_task(
+            self._follow_readiness(self._warmup, screener), name="orchestrator-readiness"
+        )
+        self._stack.push_async_callback(_cancel, self._readiness)
         metrics.MODELS.info(
             {
                 "role": "orchestrator",
@@ -473,9 +492,51 @@ class Orchestrator(AsyncResourceGroup):
             await scorer.score(_warmup_transaction(i), Budget.start(None, self._settings.budget))
         if self._settings.gc_freeze:
             freeze_heap()
-        for name in ("", SERVICE_NAME):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_serving(True)
         logger.info("models warm: health SERVING")
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)  # ignored once a drain began
+        self.serving = serving
+
+    async def _follow_readiness(self, warmup: asyncio.Task[None], screener: NatsScreener) -> None:
+        """After warm-up: NOT_SERVING while stage 1 cannot be reached, SERVING again after."""
+        await asyncio.shield(warmup)
+        rows = np.zeros((1, N_SCREENING_FEATURES), dtype=np.float32)
+        failed_rounds = 0
+        while True:
+            await asyncio.sleep(_READINESS_INTERVAL_S)
+            if await self._stage1_answers(screener, rows):
+                failed_rounds = 0
+                if not self.serving:
+                    await self._set_serving(True)
+                    logger.warning("stage 1 answers again: health SERVING")
+                continue
+            failed_rounds += 1
+            if self.serving and failed_rounds >= _READINESS_FAILED_ROUNDS:
+                await self._set_serving(False)
+                logger.warning(
+                    "stage 1 unreachable (%s): health NOT_SERVING, answers are the default",
+                    "NATS disconnected" if not screener.connected else "no worker answers",
+                )
+
+    @staticmethod
+    async def _stage1_answers(screener: NatsScreener, rows: npt.NDArray[np.float32]) -> bool:
+        for _ in range(_READINESS_TRIES):
+            if not screener.connected:
+                return False
+            try:
+                await screener.screen(rows, timeout_s=_READINESS_PROBE_TIMEOUT_S)
+            except DependencyError:
+                continue
+            return True
+        return False
 
     async def wait_serving(self, timeout_s: float) -> None:
         """Wait until warm-up finished (raises TimeoutError after ``timeout_s``)."""

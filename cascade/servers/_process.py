@@ -4,6 +4,10 @@
 our stdout); the tail of that file is quoted in every start error. Stopping sends SIGTERM to the
 whole process group, SIGKILL after a grace period, and waits for the process even when the caller
 is being cancelled, so no server outlives the block that started it.
+
+A process that exited can be started again with :meth:`ManagedProcess.restart` (same command,
+same ports, same log file); :mod:`cascade.supervision` does that for a process that exits on its
+own, and never for one that :meth:`ManagedProcess.stop` stopped.
 """
 
 from __future__ import annotations
@@ -131,6 +135,7 @@ class ManagedProcess(StartStop):
         start_timeout_s: float = 30.0,
         probe_interval_s: float = 0.05,
         stop_grace_s: float = DEFAULT_STOP_GRACE_S,
+        check_ports_on_restart: bool = True,
     ) -> None:
         if not argv:
             raise ValueError("argv must name the executable")
@@ -140,13 +145,19 @@ class ManagedProcess(StartStop):
         """Where stdout and stderr go (appended, one header line per start)."""
         self._env = dict(env) if env is not None else None
         self._cwd = cwd
-        self._probe = probe
+        self.probe = probe
+        """Readiness check run until it passes after each start (settable after construction,
+        for probes that need the process itself, e.g. its :attr:`log_offset`)."""
         self._ports = tuple(ports)
+        self._check_ports_on_restart = check_ports_on_restart
         self._start_timeout_s = start_timeout_s
         self._probe_interval_s = probe_interval_s
         self._stop_grace_s = stop_grace_s
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Task[int] | None = None
+        self._stopping = False
+        self.log_offset = 0
+        """Where in :attr:`log_path` the output of the latest start begins (bytes)."""
 
     @property
     def pid(self) -> int | None:
@@ -157,6 +168,11 @@ class ManagedProcess(StartStop):
     def returncode(self) -> int | None:
         """The exit status once the process ended (negative: killed by that signal), else None."""
         return self._proc.returncode if self._proc is not None else None
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called: the process ends on purpose, not by accident."""
+        return self._stopping
 
     @property
     def running(self) -> bool:
@@ -182,12 +198,30 @@ class ManagedProcess(StartStop):
         """
         if self._proc is not None:
             raise RuntimeError(f"{self.name} was already started")
-        taken = [port for port in self._ports if not port_is_free(port)]
+        await self._spawn(check_ports=True)
+
+    async def restart(self) -> None:
+        """Start the exited process again (same command, ports and log) and wait until ready.
+
+        What is left of its process group (children that outlived the leader) is killed first.
+        Raises ``ServerStartError`` as :meth:`start` does; ``RuntimeError`` if it is still
+        running, was never started, or was stopped on purpose.
+        """
+        if self._proc is None or self._stopping:
+            raise RuntimeError(f"{self.name} was not started, or was stopped on purpose")
+        if self._proc.returncode is None:
+            raise RuntimeError(f"{self.name} is still running")
+        self._signal_group(signal.SIGKILL)
+        await self._spawn(check_ports=self._check_ports_on_restart)
+
+    async def _spawn(self, *, check_ports: bool) -> None:
+        taken = [port for port in self._ports if check_ports and not port_is_free(port)]
         if taken:
             raise ServerStartError(
                 f"{self.name}: port {', '.join(map(str, taken))} on {LOOPBACK} is already in use"
             )
         with self.log_path.open("ab") as log:
+            self.log_offset = log.tell()
             log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {self.argv!r}\n".encode())
             log.flush()
             self._proc = await asyncio.create_subprocess_exec(
@@ -204,7 +238,7 @@ class ManagedProcess(StartStop):
         try:
             await self._wait_ready()
         except BaseException:
-            await self.stop()
+            await self._terminate()
             raise
 
     async def _wait_ready(self) -> None:
@@ -216,7 +250,7 @@ class ManagedProcess(StartStop):
         while True:
             if proc.returncode is not None:
                 raise ServerStartError(self._start_failure(f"exited with status {proc.returncode}"))
-            if self._probe is None or await self._probe_once():
+            if self.probe is None or await self._probe_once():
                 logger.info("%s ready after %.2f s", self.name, time.monotonic() - started)
                 return
             if time.monotonic() >= deadline:
@@ -227,9 +261,9 @@ class ManagedProcess(StartStop):
             await asyncio.wait({exited}, timeout=self._probe_interval_s)
 
     async def _probe_once(self) -> bool:
-        assert self._probe is not None
+        assert self.probe is not None
         try:
-            return await self._probe()
+            return await self.probe()
         except Exception as exc:  # the probe's failures only mean "not ready yet"
             logger.debug("%s probe: %r", self.name, exc)
             return False
@@ -242,8 +276,13 @@ class ManagedProcess(StartStop):
         """Stop the process group (SIGTERM, then SIGKILL after the grace period) and reap it.
 
         Safe to call more than once; returns the exit status. If cancelled while waiting, the
-        group is killed with SIGKILL and reaped before the cancellation propagates.
+        group is killed with SIGKILL and reaped before the cancellation propagates. A process
+        stopped here is never restarted by a supervisor.
         """
+        self._stopping = True
+        return await self._terminate()
+
+    async def _terminate(self) -> int | None:
         proc, exited = self._proc, self._exited
         if proc is None or exited is None:
             return None

@@ -117,6 +117,24 @@ class NatsServer(StartStop):
             return True
         return await http_ok(f"{self.monitor_url}/healthz")
 
+    @property
+    def name(self) -> str:
+        """The process's name in logs (``redis-PORT`` / ``nats-PORT``)."""
+        return self.process.name
+
+    @property
+    def stopping(self) -> bool:
+        """True once stopped on purpose."""
+        return self.process.stopping
+
+    async def wait(self) -> int:
+        """Wait until the server process exits; its exit status."""
+        return await self.process.wait()
+
+    async def restart(self) -> None:
+        """Start the exited server again on the same port and wait until it is ready."""
+        await self.process.restart()
+
     async def start(self) -> None:
         """Start the server and wait until it accepts clients."""
         self._config_file.write_text(self._config)

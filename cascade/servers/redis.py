@@ -108,6 +108,24 @@ class RedisServer(StartStop):
         info = b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n"
         return await tcp_contains(self.host, self.port, info, f"process_id:{self.pid}\r\n".encode())
 
+    @property
+    def name(self) -> str:
+        """The process's name in logs (``redis-PORT`` / ``nats-PORT``)."""
+        return self.process.name
+
+    @property
+    def stopping(self) -> bool:
+        """True once stopped on purpose."""
+        return self.process.stopping
+
+    async def wait(self) -> int:
+        """Wait until the server process exits; its exit status."""
+        return await self.process.wait()
+
+    async def restart(self) -> None:
+        """Start the exited server again on the same port and wait until it is ready."""
+        await self.process.restart()
+
     async def start(self) -> None:
         """Start the server and wait until it answers PING."""
         await self.process.start()

@@ -201,6 +201,12 @@ def triton_environment(tritonserver_dir: Path) -> dict[str, str]:
     return env
 
 
+def _remove_shm(prefix: str, shm_dir: Path = Path("/dev/shm")) -> None:
+    """Remove shared-memory regions named ``prefix*`` (a killed server cannot clean up)."""
+    for path in shm_dir.glob(f"{prefix}*"):
+        path.unlink(missing_ok=True)
+
+
 class TritonServer(StartStop):
     """Triton (from the ``nvidia-pytriton`` wheel) serving the heavy model on 127.0.0.1.
 
@@ -262,6 +268,9 @@ class TritonServer(StartStop):
         """OTLP/HTTP traces URL: with it Triton traces every request in OpenTelemetry mode,
         continuing the caller's W3C ``traceparent`` from the gRPC metadata."""
         self.process: ManagedProcess | None = None
+        self._shm_prefix = ""
+        self._tritonserver_dir: Path | None = None
+        self._backends_dir: Path | None = None
 
     @property
     def grpc_url(self) -> str:
@@ -316,8 +325,7 @@ class TritonServer(StartStop):
             "--strict-readiness=true",
             "--exit-on-error=true",
             f"--exit-timeout-secs={max(1, int(self._stop_grace_s) - 2)}",
-            # A unique shared-memory prefix, so several servers on one machine never collide.
-            f"--backend-config=python,shm-region-prefix-name=cascade-{os.getpid()}-{secrets.token_hex(4)}-",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
             *self._trace_args(),
         ]
 
@@ -351,22 +359,60 @@ class TritonServer(StartStop):
                 delay_ms=self.delay_ms,
                 intra_op_threads=self.intra_op_threads,
             )
-            self.process = ManagedProcess(
-                f"triton-{self.grpc_port}",
-                self._argv(tritonserver_dir, backends_dir),
-                log_dir=self._log_dir,
-                env=triton_environment(tritonserver_dir),
-                cwd=self.work_dir,
-                probe=self.ready,
-                ports=(self.grpc_port, self.http_port, self.metrics_port),
-                start_timeout_s=self._start_timeout_s,
-                probe_interval_s=0.1,
-                stop_grace_s=self._stop_grace_s,
-            )
+            self._tritonserver_dir, self._backends_dir = tritonserver_dir, backends_dir
+            self.process = self._new_process()
             await self.process.start()
         except BaseException:
             self._remove_work_dir(failed=True)
             raise
+
+    def _new_process(self) -> ManagedProcess:
+        assert self._tritonserver_dir is not None
+        assert self._backends_dir is not None
+        # A unique shared-memory prefix per start, so several servers on one machine never
+        # collide, nor does a restarted server with what a killed one left in /dev/shm.
+        self._shm_prefix = f"cascade-{os.getpid()}-{secrets.token_hex(4)}-"
+        return ManagedProcess(
+            f"triton-{self.grpc_port}",
+            self._argv(self._tritonserver_dir, self._backends_dir),
+            log_dir=self._log_dir,
+            env=triton_environment(self._tritonserver_dir),
+            cwd=self.work_dir,
+            probe=self.ready,
+            ports=(self.grpc_port, self.http_port, self.metrics_port),
+            start_timeout_s=self._start_timeout_s,
+            probe_interval_s=0.1,
+            stop_grace_s=self._stop_grace_s,
+        )
+
+    @property
+    def name(self) -> str:
+        """The process's name in logs (``triton-GRPC_PORT``)."""
+        return f"triton-{self.grpc_port}"
+
+    @property
+    def stopping(self) -> bool:
+        """True once stopped on purpose."""
+        return self.process is not None and self.process.stopping
+
+    async def wait(self) -> int:
+        """Wait until the current Triton process exits; its exit status."""
+        if self.process is None:
+            raise RuntimeError("this TritonServer was not started")
+        return await self.process.wait()
+
+    async def restart(self) -> None:
+        """Start Triton again after its process exited: same ports and model repository, a fresh
+        shared-memory prefix (the killed server's regions are removed); wait until ready."""
+        old = self.process
+        if old is None or old.stopping:
+            raise RuntimeError("this TritonServer was not started, or was stopped on purpose")
+        if old.running:
+            raise RuntimeError(f"{old.name} is still running")
+        await old.stop()  # reaps what is left of its process group (the backend stubs)
+        _remove_shm(self._shm_prefix)
+        self.process = self._new_process()
+        await self.process.start()
 
     async def stop(self) -> None:
         """Stop Triton (SIGTERM, SIGKILL after a grace period), reap it, remove a temp work_dir."""
@@ -374,6 +420,8 @@ class TritonServer(StartStop):
             if self.process is not None:
                 await self.process.stop()
         finally:
+            if self._shm_prefix:
+                _remove_shm(self._shm_prefix)
             self._remove_work_dir(failed=False)
 
     def _remove_work_dir(self, *, failed: bool) -> None:

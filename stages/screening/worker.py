@@ -38,6 +38,7 @@ from nats.aio.subscription import Subscription
 from opentelemetry import trace
 
 from cascade import metrics
+from cascade.nats_connection import connect_nats
 from cascade.screening_protocol import (
     ScreeningRequest,
     encode_heartbeat,
@@ -100,9 +101,7 @@ class ScreeningWorker:
 
     async def __aenter__(self) -> ScreeningWorker:
         self._model.warm()
-        self._nc = await nats.connect(
-            self._url, name=f"screening-worker-{self._model.version}", max_reconnect_attempts=-1
-        )
+        self._nc = await connect_nats(self._url, name=f"screening-worker-{self._model.version}")
         self._sub = await self._nc.subscribe(self.subject, queue=self._queue_group, cb=self._answer)
         if self._heartbeat_s is not None:
             self._own_sub = await self._nc.subscribe(

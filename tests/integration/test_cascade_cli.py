@@ -224,3 +224,65 @@ async def test_up_passes_env_file_and_set_settings_to_the_services(tmp_path: Pat
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 60)
     assert proc.returncode == 0
+
+
+def children_running(parent: int, module: str) -> list[int]:
+    """Pids of ``python -m <module>`` processes whose parent is ``parent``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and cmdline[1:3] == [b"-m", module.encode()]:
+            found.append(int(proc.name))
+    return found
+
+
+async def test_up_restarts_a_killed_orchestrator_process_prints_it_and_still_drains(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cascade.cli",
+        "up",
+        *FREE_PORTS,
+        "--workers=1",
+        "--orchestrators=2",
+        f"--model-dir={DEFAULT_MODEL_DIR}",
+        f"--run-dir={run_dir}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    seen = ""
+
+    async def read_until(needle: str) -> None:
+        nonlocal seen
+        while not re.search(needle, seen):
+            line = await proc.stdout.readline()  # type: ignore[union-attr]
+            assert line, seen
+            seen += line.decode()
+
+    async with asyncio.timeout(180):
+        await read_until("running;")
+    orchestrators = children_running(proc.pid, "orchestrator")
+    assert len(orchestrators) == 2
+    os.kill(orchestrators[0], signal.SIGKILL)  # shares the reuse-port socket with the other
+    async with asyncio.timeout(90):
+        await read_until(r"orchestrator-\d exited with status -9: restart #1 after [\d.]+ s, back")
+    assert len(children_running(proc.pid, "orchestrator")) == 2
+    proc.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(60):
+        rest, _ = await proc.communicate()
+    seen += rest.decode()
+    assert proc.returncode == 0, seen
+    assert re.search(r"restarts: orchestrator-\d 1\)", seen), seen
+    assert processes_mentioning(run_dir) == set()

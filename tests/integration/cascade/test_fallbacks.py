@@ -155,7 +155,7 @@ async def test_sigterm_drains_in_flight_calls_then_exits_cleanly(
         answered_at: list[float] = []
 
         async def call_batch() -> scoring_pb2.ScoreBatchResponse:
-            reply = await stub.ScoreBatch(batch, timeout=10.0)
+            reply: scoring_pb2.ScoreBatchResponse = await stub.ScoreBatch(batch, timeout=10.0)
             answered_at.append(time.monotonic())
             return reply
 
