@@ -12,7 +12,8 @@ The card history's key names its storage layout as well as the feature set. Layo
 (``feat:{feature_set}:card:...``: entries without a transaction id, in arrival order) cannot be
 ordered or de-duplicated by the write script, so a deploy must not read it; the features computed
 from a history did not change, so the feature-set version (which the models and their registry
-name) stays, and the new prefix alone keeps the layouts apart.
+name) stays, and the new prefix alone keeps the layouts apart. Layout-1 keys are never read
+again; they expire with their TTL (``feature_ttl_s``).
 
 :class:`RedisOnlineStore` is the real backend; :class:`InMemoryOnlineStore` is its twin for unit
 tests. Redis errors leave this module only as :mod:`cascade.errors` types.
