@@ -9,13 +9,15 @@ the memory per card key once every card holds a full history.
 
 Phases: every transaction in time order; the same stream arriving late (each transaction up to
 a few hours late, so many are inserted behind newer ones); the whole stream again (every write a
-retry, skipped). The layout-1 script runs the in-order phase only: it cannot do the others.
+retry, skipped); every transaction of a card at one timestamp (ties are ordered by id, the
+script's slowest case). The layout-1 script runs the in-order phase only: it cannot do the others.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import random
 import struct
@@ -87,6 +89,10 @@ async def measure(cards: int) -> None:
     stream = [r.tx for r in simulate(SimulationConfig(seed=7, n_cards=cards, n_days=60))]
     rng = random.Random(1)
     late = sorted(stream, key=lambda tx: tx.timestamp_ms + rng.expovariate(1 / 10_800_000))
+    first_ms: dict[str, int] = {}
+    for tx in stream:
+        first_ms.setdefault(tx.card_id, tx.timestamp_ms)
+    ties = [dataclasses.replace(tx, timestamp_ms=first_ms[tx.card_id]) for tx in stream]
     sizes = [len(encode_history_entry(history_entry(tx))) for tx in stream]
     old_sizes = [len(_layout1_entry(tx)) for tx in stream]
     print(
@@ -122,6 +128,7 @@ async def measure(cards: int) -> None:
         await _phase(redis, "in time order", writes(stream, "fs-a"), store)
         await _phase(redis, "arriving late", writes(late, "fs-b"), store)
         await _phase(redis, "the stream again (all retries)", writes(stream, "fs-a"), store)
+        await _phase(redis, "one timestamp per card (all ties)", writes(ties, "fs-c"), store)
         new_keys = sorted({card_history_key(tx.card_id, "fs-a") for tx in stream})
         await redis.execute([("CONFIG", "RESETSTAT")], 5.0)
         await redis.execute([("LRANGE", k, 0, HISTORY_LEN - 1) for k in new_keys], 5.0)
