@@ -6,6 +6,13 @@ a stream through :class:`CardHistories`; the orchestrator reads the same history
 of :func:`encode_history_entry` blobs, newest first, trimmed to :data:`HISTORY_LEN`) and calls the
 same two functions, so offline and online values are identical by construction.
 
+A card's stored history follows one rule on both sides (:func:`insert_entry`): a transaction id
+enters at most once (the first write wins), entries are ordered by ``(timestamp_ms,
+transaction_id)`` newest first whatever order they arrived in, and only the :data:`HISTORY_LEN`
+newest are kept. What a transaction's features read of it is :func:`visible_history`: the stored
+entries that are not newer than it and are not itself, so a retry, a late arrival or a replay sees
+what it would have seen in time order.
+
 Inputs
     ``tx``: the transaction being scored. ``history``: the card's previous transactions, newest
     first, *excluding* ``tx``, at most :data:`HISTORY_LEN` of them. Nothing else is read.
@@ -33,7 +40,6 @@ from __future__ import annotations
 
 import math
 import struct
-from collections import deque
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 import numpy as np
@@ -61,9 +67,11 @@ __all__ = [
     "decode_history_entry",
     "encode_history_entry",
     "history_entry",
+    "insert_entry",
     "mcc_group",
     "screening_features",
     "sequence_tensor",
+    "visible_history",
 ]
 
 FEATURE_SET_VERSION: Final[str] = "fs-1"
@@ -178,8 +186,9 @@ _MS_7D: Final = 7 * _MS_24H
 _NEVER_LOG_SECS: Final = math.log1p(90 * 86_400.0)
 _TWO_PI: Final = 2.0 * math.pi
 
-_ENCODING_VERSION: Final = 1
-_HEAD: Final = struct.Struct("<BqqB")
+_ENCODING_VERSION: Final = 2
+# Big-endian, so the timestamp sits at a fixed offset a Redis script can read (bytes 1..8).
+_HEAD: Final = struct.Struct(">BqqB")
 _SEPARATOR: Final = "\x1f"
 _CHANNEL_BY_VALUE: Final[dict[int, Channel]] = {c.value: c for c in Channel}
 
@@ -188,9 +197,11 @@ class HistoryEntry(NamedTuple):
     """What the online store keeps per past transaction of a card (all the features read).
 
     A named tuple rather than a frozen dataclass: the online path decodes 64 of these per
-    transaction scored, which took 95 us as dataclasses and takes 42 us as tuples.
+    transaction scored, which took 95 us as dataclasses and takes 42 us as tuples. The features
+    never read ``transaction_id``: it makes an entry unique in its card's history.
     """
 
+    transaction_id: str
     timestamp_ms: int
     amount_minor: int
     currency: str
@@ -205,6 +216,7 @@ class HistoryEntry(NamedTuple):
 def history_entry(tx: Transaction) -> HistoryEntry:
     """The history entry to store for ``tx`` once it has been scored."""
     return HistoryEntry(
+        transaction_id=tx.transaction_id,
         timestamp_ms=tx.timestamp_ms,
         amount_minor=tx.amount_minor,
         currency=tx.currency,
@@ -220,11 +232,14 @@ def history_entry(tx: Transaction) -> HistoryEntry:
 def encode_history_entry(entry: HistoryEntry) -> bytes:
     """Compact, deterministic bytes for ``entry``.
 
-    Layout: a version byte, timestamp and amount as little-endian int64, the channel byte, then
-    the six strings UTF-8 encoded and joined by the unit separator ``0x1f`` (which no field may
-    contain: ``ValueError``).
+    Layout (version 2): the version byte, timestamp and amount as big-endian int64, the channel
+    byte, then the seven strings, transaction id first, UTF-8 encoded and joined by the unit
+    separator ``0x1f`` (which no field may contain: ``ValueError``). The Redis write script reads
+    the timestamp at bytes 1..8 and the transaction id from byte 18 to the first separator
+    (:mod:`orchestrator.online_store`): change the layout, change the script and the key prefix.
     """
     texts = (
+        entry.transaction_id,
         entry.currency,
         entry.merchant_id,
         entry.merchant_category,
@@ -251,11 +266,12 @@ def decode_history_entry(data: bytes) -> HistoryEntry:
     if channel is None:
         raise ValueError(f"unknown channel {channel_value} in history entry")
     texts = data[_HEAD.size :].decode().split(_SEPARATOR)  # UnicodeDecodeError is a ValueError
-    if len(texts) != 6:
-        raise ValueError(f"history entry has {len(texts)} text fields, expected 6")
-    currency, merchant_id, merchant_category, country, device_id, ip_country = texts
+    if len(texts) != 7:
+        raise ValueError(f"history entry has {len(texts)} text fields, expected 7")
+    transaction_id, currency, merchant_id, merchant_category, country, device_id, ip_country = texts
     return _new_entry(
         (
+            transaction_id,
             timestamp_ms,
             amount_minor,
             currency,
@@ -270,6 +286,46 @@ def decode_history_entry(data: bytes) -> HistoryEntry:
 
 
 _new_entry: Final = HistoryEntry._make
+
+
+def insert_entry(entries: list[HistoryEntry], entry: HistoryEntry) -> bool:
+    """Add ``entry`` to a card's stored history ``entries`` (newest first), in place, by the one
+    rule the Redis store applies too: nothing happens when its transaction id is already there;
+    otherwise it goes where ``(timestamp_ms, transaction_id)`` puts it, newest first, and only the
+    :data:`HISTORY_LEN` newest entries stay. Returns whether ``entry`` was added."""
+    transaction_id = entry.transaction_id
+    key = (entry.timestamp_ms, transaction_id)
+    position = -1
+    for i, stored in enumerate(entries):
+        if stored.transaction_id == transaction_id:
+            return False
+        if position < 0 and (stored.timestamp_ms, stored.transaction_id) < key:
+            position = i
+    if position < 0:
+        if len(entries) >= HISTORY_LEN:
+            return False
+        entries.append(entry)
+        return True
+    entries.insert(position, entry)
+    del entries[HISTORY_LEN:]
+    return True
+
+
+def visible_history(tx: Transaction, entries: Sequence[HistoryEntry]) -> Sequence[HistoryEntry]:
+    """What ``tx``'s features read of its card's stored history ``entries`` (newest first): the
+    entries not newer than ``tx`` and other than ``tx`` itself (so a retry whose own entry was
+    already written sees what its first attempt saw). ``entries`` itself when nothing is left
+    out, which is the usual case and costs no copy."""
+    timestamp_ms = tx.timestamp_ms
+    transaction_id = tx.transaction_id
+    for entry in entries:
+        if entry.timestamp_ms > timestamp_ms or entry.transaction_id == transaction_id:
+            break
+    else:
+        return entries
+    return [
+        e for e in entries if e.timestamp_ms <= timestamp_ms and e.transaction_id != transaction_id
+    ]
 
 
 def mcc_group(merchant_category: str) -> int:
@@ -527,29 +583,36 @@ def _first_seen(values: list[str], *, skip_empty: bool) -> list[bool]:
 
 
 class CardHistories:
-    """Offline replay helper: each card's last :data:`HISTORY_LEN` entries, as the online store.
+    """Offline replay helper: each card's stored history, by the online store's rule.
 
-    Replay a time-sorted stream by calling :meth:`history` (features of the transaction being
-    scored) and then :meth:`append` (the transaction joins its card's history), exactly the order
-    the orchestrator uses against Redis (LRANGE, score, then LPUSH + LTRIM).
+    Replay a stream by calling :meth:`history_for` (what the transaction being scored reads) and
+    then :meth:`append` (the transaction joins its card's history), exactly the order the
+    orchestrator uses against Redis (read, score, then the write script). Both follow the same
+    rule as the store (:func:`insert_entry`, :func:`visible_history`), so a stream that arrives out
+    of order, with duplicates or retries, gives the online values too.
     """
 
     __slots__ = ("_cards",)
 
     def __init__(self) -> None:
-        self._cards: dict[str, deque[HistoryEntry]] = {}
+        self._cards: dict[str, list[HistoryEntry]] = {}
 
     def history(self, card_id: str) -> list[HistoryEntry]:
         """The card's stored entries, newest first (empty for an unseen card)."""
         entries = self._cards.get(card_id)
         return list(entries) if entries is not None else []
 
-    def append(self, tx: Transaction) -> None:
-        """Record ``tx`` as the card's newest entry, dropping the oldest beyond HISTORY_LEN."""
+    def history_for(self, tx: Transaction) -> list[HistoryEntry]:
+        """What ``tx``'s features read: its card's stored entries not newer than it, without
+        itself (:func:`visible_history`), newest first."""
+        return list(visible_history(tx, self._cards.get(tx.card_id, ())))
+
+    def append(self, tx: Transaction) -> bool:
+        """Record ``tx`` in its card's history (:func:`insert_entry`); whether it was added."""
         entries = self._cards.get(tx.card_id)
         if entries is None:
-            entries = self._cards[tx.card_id] = deque(maxlen=HISTORY_LEN)
-        entries.appendleft(history_entry(tx))
+            entries = self._cards[tx.card_id] = []
+        return insert_entry(entries, history_entry(tx))
 
     def __len__(self) -> int:
         return len(self._cards)

@@ -4,7 +4,16 @@ Keys name every version an entry depends on, so a deploy never reads an entry wr
 models and nothing needs flushing:
 
 * output cache ``out:{policy}:{stage1}:{stage2}:{feature_set}:{fingerprint}`` -> encoded answer
-* card history ``feat:{feature_set}:card:{card_id}`` -> list of encoded entries, newest first
+* card history ``hist2:{feature_set}:card:{card_id}`` -> list of encoded entries (layout 2 of
+  :func:`cascade.features.encode_history_entry`), one per transaction id, ordered by
+  ``(timestamp_ms, transaction_id)`` newest first, at most ``HISTORY_LEN``
+
+The card history's key names its storage layout as well as the feature set. Layout 1
+(``feat:{feature_set}:card:...``: entries without a transaction id, in arrival order) cannot be
+ordered or de-duplicated by the write script, so a deploy must not read it; the features computed
+from a history did not change, so the feature-set version (which the models and their registry
+name) stays, and the new prefix alone keeps the layouts apart. Layout-1 keys are never read
+again; they expire with their TTL (``feature_ttl_s``).
 
 :class:`RedisOnlineStore` is the real backend; :class:`InMemoryOnlineStore` is its twin for unit
 tests. Redis errors leave this module only as :mod:`cascade.errors` types.
@@ -21,7 +30,7 @@ from types import TracebackType
 from typing import Final, Protocol
 
 from cascade.errors import Dependency, DependencyTimeout, translate_redis_errors
-from cascade.features import HISTORY_LEN, HistoryEntry, decode_history_entry
+from cascade.features import HISTORY_LEN, HistoryEntry, decode_history_entry, insert_entry
 from cascade.transaction import Transaction
 from orchestrator.redis_pipeline import Arg, PipelinedRedis
 from orchestrator.results import ModelVersions
@@ -56,8 +65,8 @@ def output_cache_key(tx: Transaction, versions: ModelVersions) -> str:
 
 
 def card_history_key(card_id: str, feature_set: str) -> str:
-    """Card-history key naming the feature-set version."""
-    return f"feat:{feature_set}:card:{card_id}"
+    """Card-history key naming the storage layout and the feature-set version."""
+    return f"hist2:{feature_set}:card:{card_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,17 +112,62 @@ class OnlineStore(Protocol):
         ...
 
 
-# One post-answer write as one command: push the entry, trim to HISTORY_LEN, refresh the TTL,
-# and (when there is one) store the answer. KEYS: history[, cache]; ARGV: entry, history length,
-# history TTL[, answer, answer TTL].
+# One post-answer write as one command, atomic in Redis. The history entry joins the card's list
+# by the rule of cascade.features.insert_entry: skipped when an entry with its transaction id is
+# there; otherwise inserted before the first entry that sorts below it by (timestamp, id), newest
+# first, and the list trimmed to HISTORY_LEN; the TTL is refreshed when it was added. The answer
+# (when there is one) is stored either way. The script reads the entry layout of
+# encode_history_entry: timestamp as big-endian int64 at bytes 2..9 (Lua counts from 1), the
+# transaction id from byte 19 up to the first 0x1f. Ids are compared byte by byte, separator
+# included (0x1f sorts below every id character, so a prefix sorts first, as in Python), not with
+# Lua's `<` (strcoll: locale-dependent). Timestamp ties cost more (22 against 11 us of Redis time
+# per write when every entry of a card has one timestamp). KEYS: history[, cache]; ARGV: entry,
+# history length, history TTL[, answer, answer TTL]. Returns 1 when the entry was added, else 0.
 _WRITE_SCRIPT: Final = """
-redis.call('LPUSH', KEYS[1], ARGV[1])
-redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+local entry = ARGV[1]
+local find, byte, unpack = string.find, string.byte, struct.unpack
+local ts = unpack('>i8', entry, 2)
+local id = string.sub(entry, 19, find(entry, '\\31', 19, true))
+local n = #id
+local id_bytes = {byte(id, 1, n)}
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+local function sorts_below(item)
+  local item_ts = unpack('>i8', item, 2)
+  if item_ts ~= ts then return item_ts < ts end
+  for k = 1, n do
+    local a, b = byte(item, 18 + k), id_bytes[k]
+    if a ~= b then return a < b end
+  end
+  return false
+end
+local added = 0
+local pivot = 0
+for i = 1, #items do
+  if find(items[i], id, 19, true) == 19 then
+    pivot = -1
+    break
+  end
+  if pivot == 0 and sorts_below(items[i]) then pivot = i end
+end
+local limit = tonumber(ARGV[2])
+if pivot == 1 then
+  redis.call('LPUSH', KEYS[1], entry)
+  added = 1
+elseif pivot > 1 then
+  redis.call('LINSERT', KEYS[1], 'BEFORE', items[pivot], entry)
+  added = 1
+elseif pivot == 0 and #items < limit then
+  redis.call('RPUSH', KEYS[1], entry)
+  added = 1
+end
+if added == 1 then
+  if #items >= limit then redis.call('LTRIM', KEYS[1], 0, limit - 1) end
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
 if #KEYS > 1 then
   redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
 end
-return 1
+return added
 """
 
 
@@ -265,13 +319,18 @@ class InMemoryOnlineStore:
         ]
 
     async def write(self, writes: Sequence[StoreWrite]) -> None:
-        """Store answers and prepend history entries, trimming to ``HISTORY_LEN``."""
+        """Store answers and add history entries by the real store's rule
+        (:func:`~cascade.features.insert_entry`: once per transaction id, ordered by timestamp,
+        the ``HISTORY_LEN`` newest kept)."""
         if self.failure is not None:
             raise self.failure
         for w in writes:
             if w.cache_key is not None and w.cache_value is not None:
                 self.cache[w.cache_key] = w.cache_value
             if w.history_entry is not None:
-                entries = self.histories.setdefault(w.history_key, [])
-                entries.insert(0, w.history_entry)
-                del entries[HISTORY_LEN:]
+                raw = self.histories.setdefault(w.history_key, [])
+                entries = [decode_history_entry(b) for b in raw]
+                entry = decode_history_entry(w.history_entry)
+                if insert_entry(entries, entry):
+                    raw.insert(entries.index(entry), w.history_entry)
+                    del raw[HISTORY_LEN:]

@@ -3,8 +3,9 @@
 One owned background task drains a bounded queue and writes in batches (one Redis round trip per
 batch), 5 ms after the first item arrives: the response goes out first, and at a few hundred
 answers a second several answers share a round trip instead of paying one each. A card's next
-transaction rarely follows within 5 ms; a retry that does is scored again, identically. Batches stay
-small (64 writes): the pipeline is built on the request path's event loop, and a 256-write batch
+transaction rarely follows within 5 ms; a retry that does is scored again, identically, and so
+is one after the write (its own entry is neither read nor written twice). Batches stay small
+(64 writes): the pipeline is built on the request path's event loop, and a 256-write batch
 after a large ScoreBatch was seen to hold a concurrent lookup past its 5 ms cap. Failures are
 logged and counted, never raised into a request. On exit the queue is drained (bounded by
 ``drain_timeout_s``), then the task is cancelled.

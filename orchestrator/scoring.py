@@ -40,12 +40,13 @@ from cascade.errors import (
     DependencyUnavailable,
 )
 from cascade.features import (
-    HISTORY_LEN,
     HistoryEntry,
     encode_history_entry,
     history_entry,
+    insert_entry,
     screening_features,
     sequence_tensor,
+    visible_history,
 )
 from cascade.model_registry import Policy
 from cascade.settings import BreakerSettings, BudgetSettings, DefaultDecision
@@ -369,7 +370,7 @@ class CascadeScorer:
         self,
         txs: Sequence[Transaction],
         todo: list[int],
-        histories: list[list[HistoryEntry]],
+        histories: list[Sequence[HistoryEntry]],
         escalate: list[int],
         final: list[float],
         budget: Budget,
@@ -410,17 +411,20 @@ class CascadeScorer:
         lookups: list[StoreLookup] | None,
         new_entries: list[HistoryEntry],
         earlier: dict[str, list[HistoryEntry]],
-    ) -> list[list[HistoryEntry]]:
-        """Each transaction's history, newest first, with earlier same-card transactions of this
-        batch (``earlier``, updated here) in front: what the store would hold had they been sent
-        one by one."""
-        histories: list[list[HistoryEntry]] = []
+    ) -> list[Sequence[HistoryEntry]]:
+        """What each transaction's features read of its card's history: the stored entries with
+        the earlier same-card transactions of this batch (``earlier``, in batch order, updated
+        here) added by the store's own rule (:func:`~cascade.features.insert_entry`), then
+        :func:`~cascade.features.visible_history` (nothing newer than the transaction, not the
+        transaction itself). That is what the store would hold had they been sent one by one."""
+        histories: list[Sequence[HistoryEntry]] = []
         for i, entry in zip(todo, new_entries, strict=True):
-            card_id = txs[i].card_id
+            tx = txs[i]
             stored = decode_history(lookups[i].history) if lookups is not None else []
-            in_batch = earlier.get(card_id)
-            histories.append((in_batch + stored)[:HISTORY_LEN] if in_batch else stored)
-            earlier.setdefault(card_id, []).insert(0, entry)
+            for previous in earlier.get(tx.card_id, ()):
+                insert_entry(stored, previous)
+            histories.append(visible_history(tx, stored))
+            earlier.setdefault(tx.card_id, []).append(entry)
         return histories
 
     def default_answer(self, transaction_id: str, reasons: list[Reason]) -> ScoreResult:

@@ -61,7 +61,7 @@ def replay_screening(records: Sequence[LabelledTransaction]) -> ScreeningData:
     histories = CardHistories()
     for i, record in enumerate(records):
         tx = record.tx
-        features[i] = screening_features(tx, histories.history(tx.card_id))
+        features[i] = screening_features(tx, histories.history_for(tx))
         histories.append(tx)
     start = records[0].tx.timestamp_ms if n else 0
     return ScreeningData(
@@ -86,7 +86,7 @@ def replay_sequences(
         tx = record.tx
         slot = wanted.get(i)
         if slot is not None:
-            out[slot] = sequence_tensor(tx, histories.history(tx.card_id))
+            out[slot] = sequence_tensor(tx, histories.history_for(tx))
         histories.append(tx)
     return out
 

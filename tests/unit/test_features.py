@@ -20,8 +20,10 @@ from cascade.features import (
     decode_history_entry,
     encode_history_entry,
     history_entry,
+    insert_entry,
     screening_features,
     sequence_tensor,
+    visible_history,
 )
 from cascade.transaction import Channel, Transaction
 
@@ -267,13 +269,14 @@ def random_stream(n: int, seed: int) -> list[Transaction]:
 
 
 def test_online_path_matches_offline_replay() -> None:
-    """Parity: Redis-style list of encoded entries (LRANGE / LPUSH / LTRIM) vs CardHistories."""
+    """Parity on a time-ordered stream: a list of encoded entries pushed newest first (what the
+    store's script does for in-order arrivals) vs CardHistories."""
     offline = CardHistories()
     redis_lists: dict[str, list[bytes]] = {}
     for t in random_stream(1500, seed=7):
         stored = redis_lists.get(t.card_id, [])[:HISTORY_LEN]  # LRANGE key 0 63
         online_history = [decode_history_entry(b) for b in stored]
-        offline_history = offline.history(t.card_id)
+        offline_history = offline.history_for(t)
         assert online_history == offline_history
         assert np.array_equal(
             screening_features(t, online_history), screening_features(t, offline_history)
@@ -284,3 +287,81 @@ def test_online_path_matches_offline_replay() -> None:
         # after answering: LPUSH + LTRIM 0 63
         redis_lists[t.card_id] = [encode_history_entry(history_entry(t)), *stored][:HISTORY_LEN]
         offline.append(t)
+
+
+def test_insert_entry_keeps_one_entry_per_id_ordered_by_timestamp() -> None:
+    entries: list[HistoryEntry] = []
+    for t in (tx(T0 + 2 * MINUTE), tx(T0), tx(T0 + 5 * MINUTE), tx(T0 + MINUTE)):
+        assert insert_entry(entries, history_entry(t))
+    assert [e.timestamp_ms for e in entries] == [T0 + k * MINUTE for k in (5, 2, 1, 0)]
+    # The same id again, even with other fields, changes nothing: the first write wins.
+    retry = tx(T0 + 9 * MINUTE, 1, tx_id=f"tx-{T0 + MINUTE}")
+    assert not insert_entry(entries, history_entry(retry))
+    assert [e.timestamp_ms for e in entries] == [T0 + k * MINUTE for k in (5, 2, 1, 0)]
+
+
+def test_insert_entry_breaks_timestamp_ties_by_id_bytes() -> None:
+    entries: list[HistoryEntry] = []
+    for tx_id in ("tx-1", "tx-10", "tx1", "TX-2", "tx-1~", "tx-1."):
+        insert_entry(entries, history_entry(tx(T0, tx_id=tx_id)))
+    ids = [e.transaction_id for e in entries]
+    assert ids == sorted(ids, key=str.encode, reverse=True)
+    assert ids == ["tx1", "tx-1~", "tx-10", "tx-1.", "tx-1", "TX-2"]
+
+
+def test_insert_entry_keeps_the_history_len_newest() -> None:
+    entries: list[HistoryEntry] = []
+    for i in range(HISTORY_LEN):
+        insert_entry(entries, history_entry(tx(T0 + (i + 1) * MINUTE)))
+    assert not insert_entry(entries, history_entry(tx(T0)))  # older than all 64: not kept
+    assert insert_entry(entries, history_entry(tx(T0 + 30 * MINUTE + 1)))  # evicts the oldest
+    assert len(entries) == HISTORY_LEN
+    assert entries[-1].timestamp_ms == T0 + 2 * MINUTE
+    assert entries[34].timestamp_ms == T0 + 30 * MINUTE + 1
+
+
+def test_visible_history_leaves_out_newer_entries_and_the_transaction_itself() -> None:
+    stored = newest_first(*(tx(T0 + k * MINUTE) for k in range(5)))
+    assert visible_history(tx(T0 + 9 * MINUTE), stored) is stored  # nothing left out: no copy
+    late = tx(T0 + 2 * MINUTE + 1)
+    assert [e.timestamp_ms for e in visible_history(late, stored)] == [
+        T0 + 2 * MINUTE,
+        T0 + MINUTE,
+        T0,
+    ]
+    itself = tx(T0 + 2 * MINUTE)  # a retry whose own entry is stored
+    assert [e.timestamp_ms for e in visible_history(itself, stored)] == [T0 + MINUTE, T0]
+    same_ms = tx(T0 + 2 * MINUTE, tx_id="other")  # another transaction of that millisecond
+    assert len(visible_history(same_ms, stored)) == 3
+
+
+def test_card_histories_give_in_order_values_to_shuffled_and_repeated_streams() -> None:
+    """Cards with at most HISTORY_LEN transactions: replaying a stream shuffled, with every
+    transaction twice, or a second time over the same histories gives each transaction the
+    features it had in time order."""
+    stream = [t for t in random_stream(1500, seed=11) if t.card_id in ("card-1", "card-2")]
+    by_card: dict[str, list[Transaction]] = {}
+    for t in stream:
+        by_card.setdefault(t.card_id, []).append(t)
+    stream = [t for txs in by_card.values() for t in txs[:HISTORY_LEN]]
+    stream.sort(key=lambda t: t.timestamp_ms)
+    in_order = CardHistories()
+    expected = {}
+    for t in stream:
+        expected[t.transaction_id] = screening_features(t, in_order.history_for(t))
+        in_order.append(t)
+    for t in stream:  # a replay against the filled histories
+        np.testing.assert_array_equal(
+            screening_features(t, in_order.history_for(t)), expected[t.transaction_id]
+        )
+    shuffled = CardHistories()
+    messy = stream * 2
+    random.Random(3).shuffle(messy)
+    for t in messy:
+        shuffled.append(t)
+    for t in stream:
+        np.testing.assert_array_equal(
+            screening_features(t, shuffled.history_for(t)), expected[t.transaction_id]
+        )
+    for card in by_card:
+        assert shuffled.history(card) == in_order.history(card)

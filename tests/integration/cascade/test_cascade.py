@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,13 +27,16 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
+from cascade.features import decode_history_entry, screening_features
 from cascade.model_registry import load_registry
-from cascade.servers import NatsServer, RedisServer, TritonServer
+from cascade.servers import NatsServer, RedisServer, TritonServer, free_port
 from cascade.settings import (
     Settings,
 )
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+from orchestrator.online_store import card_history_key
 from orchestrator.server import Orchestrator
+from orchestrator.validation import validate_transaction
 from stages.screening.model import ScreeningModel
 from stages.screening.worker import ScreeningWorker
 from tests.integration.cascade.conftest import new_request, settings_for
@@ -143,9 +147,86 @@ async def test_history_feeds_the_next_transaction(
     await cascade.app.writer.flush()
     client = aioredis.Redis.from_url(redis_server.url)
     try:
-        assert await client.llen(f"feat:fs-1:card:{card}") == 3
+        assert await client.llen(card_history_key(card, "fs-1")) == 3
     finally:
         await client.aclose()
+
+
+async def test_retried_degraded_answers_are_answered_alike_and_leave_the_history_alone(
+    model_dir: Path, redis_server: RedisServer, nats_server: NatsServer
+) -> None:
+    """Stage 2 down: answers are degraded and never cached, so a retry is scored again after its
+    first attempt's history entry was written. The retry reads the history the first attempt
+    read (its stage-1 score is the real model's on those features, not on a history holding the
+    transaction itself), answers alike, and adds no entry; a retried batch likewise."""
+    import redis.asyncio as aioredis
+
+    no_triton = f"127.0.0.1:{free_port()}"
+    settings = settings_for(model_dir, redis_server.url, nats_server.url, no_triton)
+    registry = load_registry(model_dir)
+    model = ScreeningModel(registry.stage1_path, version=registry.stage1.version)
+    card = f"card-{uuid.uuid4().hex[:8]}"
+    start_ms = 1_763_800_000_000
+    earlier = [
+        new_request(card_id=card, timestamp_ms=start_ms + i * 60_000, device_id=f"dev-{i}")
+        for i in range(3)
+    ]
+    retried = new_request(
+        card_id=card,
+        timestamp_ms=start_ms + 5 * 60_000,
+        device_id="dev-new",
+        amount_minor=250_000,
+        ip_country="RU",
+    )
+    client = aioredis.Redis.from_url(redis_server.url)
+    key = card_history_key(card, registry.feature_set)
+    try:
+        async with running(settings, wait_serving=False) as r:
+            assert r.app.writer is not None
+            for request in earlier:
+                await r.stub.Score(request, timeout=2.0)
+            await r.app.writer.flush()
+            first = await r.stub.Score(retried, timeout=2.0)
+            await r.app.writer.flush()
+            stored = await client.lrange(key, 0, -1)
+            second = await r.stub.Score(retried, timeout=2.0)
+            await r.app.writer.flush()
+            assert await client.lrange(key, 0, -1) == stored
+
+            batch = R.ScoreBatchRequest(
+                transactions=[
+                    new_request(card_id=card, timestamp_ms=start_ms + i * 1_000).transaction
+                    for i in range(6)
+                ]
+            )
+            first_batch = await r.stub.ScoreBatch(batch, timeout=5.0)
+            await r.app.writer.flush()
+            stored_after_batch = await client.lrange(key, 0, -1)
+            second_batch = await r.stub.ScoreBatch(batch, timeout=5.0)
+            await r.app.writer.flush()
+            assert await client.lrange(key, 0, -1) == stored_after_batch
+    finally:
+        await client.aclose()
+
+    assert list(first.reasons) == [R.REASON_STAGE2_UNAVAILABLE] and first.degraded
+    assert second.decided_by == first.decided_by == R.DECIDED_BY_STAGE1
+    assert (second.decision, second.score, list(second.reasons)) == (
+        first.decision,
+        first.score,
+        list(first.reasons),
+    )
+    history = [decode_history_entry(b) for b in stored if isinstance(b, bytes)]
+    assert len(stored) == 4 and history[0].transaction_id == retried.transaction.transaction_id
+    tx = validate_transaction(retried.transaction)
+    rows = np.stack([screening_features(tx, history[1:]), screening_features(tx, history)])
+    without_itself, with_itself = model.predict(rows).tolist()
+    assert second.stage1_score == pytest.approx(without_itself, rel=1e-5)
+    assert with_itself != pytest.approx(without_itself, rel=0.01)  # this would see the old bug
+    assert len(stored_after_batch) == 10
+    assert [(x.decision, x.score, list(x.reasons)) for x in second_batch.results] == [
+        (x.decision, x.score, list(x.reasons)) for x in first_batch.results
+    ]
+    assert all(x.degraded for x in first_batch.results)
 
 
 async def test_bumped_model_version_misses_the_cache(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,11 +21,20 @@ from cascade.errors import (
     DependencyOverloaded,
     DependencyUnavailable,
 )
+from cascade.features import (
+    SCREENING_FEATURE_NAMES,
+    CardHistories,
+    HistoryEntry,
+    decode_history_entry,
+    encode_history_entry,
+    history_entry,
+    screening_features,
+)
 from cascade.model_registry import FeaturesUnavailable, Policy, load_policy, load_registry
 from cascade.settings import DEFAULT_MODEL_DIR, BudgetSettings, DefaultDecision
 from orchestrator.budget import Budget
 from orchestrator.heavy_client import InMemoryHeavyScorer
-from orchestrator.online_store import InMemoryOnlineStore
+from orchestrator.online_store import InMemoryOnlineStore, StoreWrite, card_history_key
 from orchestrator.post_answer import PostAnswerWriter
 from orchestrator.results import DecidedBy, ModelVersions, Reason, ScoreResult
 from orchestrator.routing import Decision, decide
@@ -513,3 +523,177 @@ def test_committed_policy_is_stricter_without_features() -> None:
         assert SEVERITY[decide(score, degraded)] >= SEVERITY[decide(score, policy)], score
     assert decide(policy.features_unavailable.review_threshold, degraded) is not Decision.APPROVE
     assert decide(policy.features_unavailable.review_threshold, policy) is Decision.APPROVE
+
+
+def _in_band_hash(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """A stage-1 score inside POLICY's band (so stage 2 is asked) that changes with any feature."""
+    return np.asarray(0.35 + 0.3 * _feature_hash(rows), dtype=np.float32)
+
+
+def _recorder(score_fn: ScoreFn) -> tuple[ScoreFn, list[npt.NDArray[np.float32]]]:
+    """``score_fn``, also keeping each request's rows in the returned list."""
+    seen: list[npt.NDArray[np.float32]] = []
+
+    def record(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        seen.append(rows.copy())
+        return score_fn(rows)
+
+    return record, seen
+
+
+def _one_history(store: InMemoryOnlineStore) -> list[HistoryEntry]:
+    (raw,) = store.histories.values()
+    return [decode_history_entry(b) for b in raw]
+
+
+async def _score_prior(cascade: Cascade, n: int, start_ms: int) -> None:
+    for i in range(n):
+        tx = make_transaction(transaction_id=f"prior-{i}", timestamp_ms=start_ms + i * 1000)
+        await cascade.scorer.score(tx, budget())
+    await cascade.writer.flush()
+
+
+async def test_a_retry_of_a_degraded_answer_sees_the_history_its_first_attempt_saw(
+    cascade: Cascade,
+) -> None:
+    """A degraded answer is not cached, so its retry is scored again, after its own entry was
+    written: that entry must not count in the retry's history, nor enter the history twice."""
+    await _score_prior(cascade, 3, 1_763_800_000_000)
+    cascade.screener.score_fn, rows = _recorder(_in_band_hash)
+    cascade.heavy.failure = DependencyUnavailable(Dependency.HEAVY, "down")
+    tx = make_transaction(transaction_id="retried", timestamp_ms=1_763_800_060_000)
+    first = await cascade.scorer.score(tx, budget())
+    await cascade.writer.flush()
+    history = _one_history(cascade.store)
+    assert len(history) == 4 and history[0].transaction_id == "retried"
+    second = await cascade.scorer.score(tx, budget())
+    await cascade.writer.flush()
+    assert first.degraded and first.reasons == [Reason.STAGE2_UNAVAILABLE]
+    assert len(cascade.store.cache) == 3  # the prior transactions' answers only
+    assert _one_history(cascade.store) == history
+    assert (second.decision, second.score, second.reasons) == (
+        first.decision,
+        first.score,
+        first.reasons,
+    )
+    np.testing.assert_array_equal(rows[1], rows[0])
+    assert rows[0][0, SCREENING_FEATURE_NAMES.index("count_10m")] == 3
+
+
+async def test_a_retry_of_a_default_answer_enters_the_history_once(cascade: Cascade) -> None:
+    await _score_prior(cascade, 2, 1_763_800_000_000)
+    cascade.screener.failure = DependencyUnavailable(Dependency.SCREENING, "no worker")
+    tx = make_transaction(transaction_id="retried", timestamp_ms=1_763_800_060_000)
+    first = await cascade.scorer.score(tx, budget())
+    await cascade.writer.flush()
+    history = _one_history(cascade.store)
+    second = await cascade.scorer.score(tx, budget())
+    await cascade.writer.flush()
+    assert first.decided_by is DecidedBy.DEFAULT
+    assert (second.decision, second.reasons) == (first.decision, first.reasons)
+    assert _one_history(cascade.store) == history and len(history) == 3
+    # Once stage 1 is back, the retry reads the two earlier transactions, not itself.
+    cascade.screener.failure = None
+    cascade.screener.score_fn, record_rows = _recorder(constant(0.1))
+    await cascade.scorer.score(tx, budget())
+    np.testing.assert_array_equal(record_rows[0][0], screening_features(tx, history[1:]))
+
+
+async def test_an_older_transaction_reads_only_older_entries(cascade: Cascade) -> None:
+    await _score_prior(cascade, 4, 1_763_800_000_000)  # prior-0..3 at +0, +1, +2, +3 s
+    cascade.screener.score_fn, rows = _recorder(constant(0.1))
+    late = make_transaction(transaction_id="late", timestamp_ms=1_763_800_001_500)
+    await cascade.scorer.score(late, budget())
+    await cascade.writer.flush()
+    history = _one_history(cascade.store)
+    assert [e.transaction_id for e in history] == [
+        "prior-3",
+        "prior-2",
+        "late",
+        "prior-1",
+        "prior-0",
+    ]
+    np.testing.assert_array_equal(rows[0][0], screening_features(late, history[3:]))
+    assert rows[0][0, SCREENING_FEATURE_NAMES.index("count_10m")] == 2
+
+
+async def test_batch_of_shuffled_and_repeated_transactions_scores_like_one_by_one() -> None:
+    """Out of order within and across chunks, the same batch sent twice (stage 2 down, so nothing
+    is cached and the second batch is scored again): the in-batch history follows the store's
+    rule (the offline replay's values), and the second batch adds no entry."""
+    rng = random.Random(4)
+    txs = [
+        make_transaction(
+            transaction_id=f"shuffled-{i}",
+            card_id=f"card-{i % 3}",
+            amount_minor=1_000 + 991 * i,
+            timestamp_ms=1_763_800_000_000 + rng.randint(0, 40) * 30_000,
+        )
+        for i in range(20)
+    ]
+
+    async def run(*, batch: bool) -> tuple[list[npt.NDArray[np.float32]], InMemoryOnlineStore]:
+        store = InMemoryOnlineStore()
+        rows: list[npt.NDArray[np.float32]] = []
+
+        def record(batch_rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+            rows.extend(batch_rows.copy())
+            return _in_band_hash(batch_rows)
+
+        heavy = InMemoryHeavyScorer(
+            _feature_hash, failure=DependencyUnavailable(Dependency.HEAVY, "down")
+        )
+        async with PostAnswerWriter(store, linger_s=0.0) as writer:
+            scorer = CascadeScorer(
+                store=store,
+                screener=InMemoryScreener(record),
+                heavy=heavy,
+                policy=POLICY,
+                versions=VERSIONS,
+                budget=SETTINGS,
+                default_decision=DefaultDecision.REVIEW,
+                writer=writer,
+                tracer=NoOpTracer(),
+                chunk_items=6,
+            )
+            for _ in range(2):
+                if batch:
+                    results = await scorer.score_many(txs, Budget.start(1.0, SETTINGS, batch=True))
+                    assert all(r.degraded for r in results)
+                else:
+                    for tx in txs:
+                        await scorer.score(tx, budget())
+                        await writer.flush()
+                await writer.flush()
+        return rows, store
+
+    batch_rows, batch_store = await run(batch=True)
+    single_rows, single_store = await run(batch=False)
+    np.testing.assert_array_equal(np.stack(batch_rows), np.stack(single_rows))
+    assert batch_store.histories == single_store.histories
+    offline = CardHistories()
+    for tx, row in zip(txs, batch_rows[:20], strict=True):
+        np.testing.assert_array_equal(row, screening_features(tx, offline.history_for(tx)))
+        offline.append(tx)
+    # The second time, every transaction reads all the others older than itself, not itself.
+    for tx, row in zip(txs, batch_rows[20:], strict=True):
+        np.testing.assert_array_equal(row, screening_features(tx, offline.history_for(tx)))
+    for card in ("card-0", "card-1", "card-2"):
+        raw = batch_store.histories[card_history_key(card, VERSIONS.feature_set)]
+        assert [decode_history_entry(b) for b in raw] == offline.history(card)
+
+
+async def test_in_memory_store_keeps_one_entry_per_id_in_timestamp_order() -> None:
+    store = InMemoryOnlineStore()
+    key = card_history_key("card-42", "fs-1")
+    txs = [
+        make_transaction(transaction_id=f"t{i}", timestamp_ms=1_763_800_000_000 - i)
+        for i in (2, 0, 1)
+    ]
+    for tx in txs * 2:
+        await store.write([StoreWrite(key, encode_history_entry(history_entry(tx)))])
+    assert [decode_history_entry(b).transaction_id for b in store.histories[key]] == [
+        "t0",
+        "t1",
+        "t2",
+    ]

@@ -1,0 +1,140 @@
+"""The Redis online store's history write on a real Redis: the script keeps each card's history
+by the same rule as its in-memory twin and the offline replay (:func:`insert_entry`): one entry
+per transaction id, ordered by ``(timestamp_ms, transaction_id)`` newest first, whatever order the
+writes come in, concurrent or not, and one script call per entry."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+
+import pytest
+
+from cascade.features import (
+    HISTORY_LEN,
+    CardHistories,
+    decode_history_entry,
+    encode_history_entry,
+    history_entry,
+)
+from cascade.servers import RedisServer
+from cascade.transaction import Transaction
+from orchestrator.online_store import (
+    InMemoryOnlineStore,
+    RedisOnlineStore,
+    StoreWrite,
+    card_history_key,
+)
+from orchestrator.redis_pipeline import PipelinedRedis
+from tests.conftest import make_transaction
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_767_225_600_000
+
+
+def _tx(card: str, tx_id: str, timestamp_ms: int, amount_minor: int = 1000) -> Transaction:
+    return make_transaction(
+        transaction_id=tx_id, card_id=card, timestamp_ms=timestamp_ms, amount_minor=amount_minor
+    )
+
+
+def _write(tx: Transaction, key: str, *, cache: bool = False) -> StoreWrite:
+    entry = encode_history_entry(history_entry(tx))
+    if not cache:
+        return StoreWrite(key, entry)
+    return StoreWrite(key, entry, f"out:test:{tx.transaction_id}", b"answer")
+
+
+def _messy_stream(rng: random.Random, card: str, n: int) -> list[Transaction]:
+    """Out of order, with exact retries, same-id retries carrying other fields, same-millisecond
+    ties and ids that are prefixes of one another (``tx-1`` / ``tx-10``) or differ only in
+    punctuation (what a locale-aware comparison would mis-order)."""
+    txs: list[Transaction] = []
+    for i in range(n):
+        tx_id = rng.choice([f"tx-{i}", f"tx{i}", f"tx-{i}0", f"TX_{i}", f"tx.{i}~"])
+        timestamp_ms = T0 + rng.randint(0, 200) * 60_000
+        txs.append(_tx(card, tx_id, timestamp_ms, rng.randint(1, 10**6)))
+        if rng.random() < 0.2:  # an exact retry, now or later
+            txs.insert(rng.randint(0, len(txs)), txs[-1])
+        if rng.random() < 0.05:  # the same id with another timestamp and amount
+            txs.append(_tx(card, tx_id, timestamp_ms + rng.randint(-10, 10) * 60_000, 7))
+    rng.shuffle(txs)
+    return txs
+
+
+async def test_history_write_follows_the_twin_and_the_offline_rule(
+    redis_server: RedisServer,
+) -> None:
+    rng = random.Random(5)
+    twin = InMemoryOnlineStore()
+    offline = CardHistories()
+    async with RedisOnlineStore(redis_server.url, cache_ttl_s=60, feature_ttl_s=60) as store:
+        for c in range(6):
+            card = f"card-{uuid.uuid4().hex[:8]}"
+            key = card_history_key(card, "fs-test")
+            for tx in _messy_stream(rng, card, 40 + 20 * c):
+                await store.write([_write(tx, key)])
+                await twin.write([_write(tx, key)])
+                offline.append(tx)
+            (lookup,) = await store.lookup([("out:none", key)], timeout_s=1.0)
+            assert lookup.history == twin.histories[key]
+            assert [decode_history_entry(b) for b in lookup.history] == offline.history(card)
+            stored = offline.history(card)
+            assert len({e.transaction_id for e in stored}) == len(stored) <= HISTORY_LEN
+            keys = [(e.timestamp_ms, e.transaction_id) for e in stored]
+            assert keys == sorted(keys, reverse=True)
+    assert max(len(h) for h in twin.histories.values()) == HISTORY_LEN  # the cap was exercised
+
+
+async def test_concurrent_writes_of_one_card_keep_one_entry_per_id(
+    redis_server: RedisServer,
+) -> None:
+    card = f"card-{uuid.uuid4().hex[:8]}"
+    key = card_history_key(card, "fs-test")
+    txs = [_tx(card, f"tx-{i}", T0 + (i * 7919 % 50) * 1000) for i in range(50)]
+    async with (
+        RedisOnlineStore(redis_server.url, cache_ttl_s=60, feature_ttl_s=60) as a,
+        RedisOnlineStore(redis_server.url, cache_ttl_s=60, feature_ttl_s=60) as b,
+    ):
+        # Every transaction written 4 times, from two stores (4 connections), all at once.
+        await asyncio.gather(
+            *(store.write([_write(tx, key, cache=True)]) for tx in txs * 2 for store in (a, b))
+        )
+        (lookup,) = await a.lookup([("out:test:tx-3", key)], timeout_s=1.0)
+    offline = CardHistories()
+    for tx in txs:
+        offline.append(tx)
+    assert [decode_history_entry(b) for b in lookup.history] == offline.history(card)
+    assert len(lookup.history) == 50
+    assert lookup.cached == b"answer"
+
+
+async def test_a_skipped_entry_still_stores_the_answer(redis_server: RedisServer) -> None:
+    card = f"card-{uuid.uuid4().hex[:8]}"
+    key = card_history_key(card, "fs-test")
+    first = _tx(card, "tx-1", T0)
+    async with RedisOnlineStore(redis_server.url, cache_ttl_s=60, feature_ttl_s=60) as store:
+        await store.write([_write(first, key)])
+        await store.write([_write(first, key, cache=True)])  # a retry, answered from stage 1
+        (lookup,) = await store.lookup([("out:test:tx-1", key)], timeout_s=1.0)
+    assert lookup.cached == b"answer"
+    assert lookup.history == [encode_history_entry(history_entry(first))]
+
+
+async def test_each_entry_is_one_script_call(redis_server: RedisServer) -> None:
+    card = f"card-{uuid.uuid4().hex[:8]}"
+    key = card_history_key(card, "fs-test")
+    writes = [_write(_tx(card, f"tx-{i}", T0 + (i % 7) * 1000), key) for i in range(100)]
+    async with (
+        RedisOnlineStore(redis_server.url, cache_ttl_s=60, feature_ttl_s=60) as store,
+        PipelinedRedis(redis_server.url, connections=1) as redis,
+    ):
+        await store.write(writes[:1])  # the script is loaded
+        await redis.execute([("CONFIG", "RESETSTAT")], 1.0)
+        await store.write(writes[1:])
+        (info,) = await redis.execute([("INFO", "commandstats")], 1.0)
+    assert isinstance(info, bytes)
+    stats = dict(line.split(":", 1) for line in info.decode().splitlines() if ":" in line)
+    assert stats["cmdstat_evalsha"].startswith("calls=99,")
