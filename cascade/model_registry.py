@@ -20,10 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from cascade.decision import Decision
 from cascade.errors import ConfigurationError
 from cascade.features import FEATURE_SET_VERSION
 
@@ -41,8 +42,6 @@ __all__ = [
 ]
 
 REGISTRY_FILE: Final[str] = "registry.json"
-
-Decision = Literal["APPROVE", "REVIEW", "DECLINE"]
 
 
 class RegistryError(ConfigurationError, ValueError):
@@ -201,10 +200,10 @@ class Policy(BaseModel):
     def decide(self, score: float) -> Decision:
         """The answer for a final score."""
         if score >= self.decline_threshold:
-            return "DECLINE"
+            return Decision.DECLINE
         if score >= self.review_threshold:
-            return "REVIEW"
-        return "APPROVE"
+            return Decision.REVIEW
+        return Decision.APPROVE
 
     def when_features_unavailable(self) -> Policy:
         """The policy that routes and decides when the card's history could not be read: the

@@ -6,23 +6,16 @@ bad deployment fails at start-up, not on the first request.
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cascade.decision import Decision
+
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR: Final = REPO_ROOT / "models"
-
-
-class DefaultDecision(StrEnum):
-    """The conservative answer when no model answered in time."""
-
-    APPROVE = "APPROVE"
-    REVIEW = "REVIEW"
-    DECLINE = "DECLINE"
 
 
 class BudgetSettings(BaseModel):
@@ -315,8 +308,8 @@ class Settings(BaseSettings):
     policy_file: Path | None = Field(
         None, description="Policy JSON; default: the one registry.json names."
     )
-    default_decision: DefaultDecision = Field(
-        DefaultDecision.REVIEW, description="Answer when no model could score in time."
+    default_decision: Decision = Field(
+        Decision.REVIEW, description="Answer when no model could score in time."
     )
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)

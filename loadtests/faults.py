@@ -33,6 +33,7 @@ from typing import Any, Final, Protocol
 
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
 from cascade.stack import LocalStack, StackConfig, StackPorts
+from cascade.stack_settings import parse_assignments
 from cascade.supervision import ChildSupervisor, RestartEvent
 from cascade.v1 import scoring_pb2
 from cascade.wire import to_wire
@@ -235,6 +236,7 @@ async def run_matrix(args: argparse.Namespace, phases: Sequence[PhaseSpec]) -> d
         ports=StackPorts(0, 0, 0, 0, 0, 0),
         workers=args.workers,
         orchestrators=args.orchestrators,
+        extra_env=parse_assignments(args.stack_env, source="--stack-env"),
     )
     print(f"starting the local stack (logs in {config.run_dir / 'logs'}) ...", file=sys.stderr)
 
@@ -329,6 +331,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", choices=("simulator", "samples"), default="simulator")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument(
+        "--stack-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for the stack's services, e.g. CASCADE_HEDGING__ENABLED=false; repeatable",
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / ".run" / "faults")
     return parser
 

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from cascade.decision import Decision
 from cascade.model_registry import Policy
 
-
-class Decision(StrEnum):
-    """The answer the caller acts on; values match ``cascade.v1.Decision`` names."""
-
-    APPROVE = "APPROVE"
-    REVIEW = "REVIEW"
-    DECLINE = "DECLINE"
+__all__ = ["Decision", "Route", "decide", "route"]
 
 
 class Route(StrEnum):
@@ -34,4 +29,4 @@ def route(stage1_score: float, policy: Policy, remaining_ms: float, stage2_min_m
 
 def decide(score: float, policy: Policy) -> Decision:
     """Map a final fraud score to a decision by the policy's thresholds."""
-    return Decision(policy.decide(score))
+    return policy.decide(score)

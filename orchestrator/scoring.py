@@ -49,7 +49,7 @@ from cascade.features import (
     visible_history,
 )
 from cascade.model_registry import Policy
-from cascade.settings import BreakerSettings, BudgetSettings, DefaultDecision
+from cascade.settings import BreakerSettings, BudgetSettings
 from cascade.telemetry import records_spans
 from cascade.transaction import Transaction
 from orchestrator.breaker import CircuitBreaker, DependencyBreakers
@@ -84,9 +84,9 @@ _STAGE2_REASONS: Final = {
 }
 # Scores that stand for each default decision, so a DEFAULT answer still carries a usable score.
 _DEFAULT_SCORES: Final = {
-    DefaultDecision.APPROVE: 0.0,
-    DefaultDecision.REVIEW: 0.5,
-    DefaultDecision.DECLINE: 1.0,
+    Decision.APPROVE: 0.0,
+    Decision.REVIEW: 0.5,
+    Decision.DECLINE: 1.0,
 }
 
 
@@ -123,7 +123,7 @@ class CascadeScorer:
         policy: Policy,
         versions: ModelVersions,
         budget: BudgetSettings,
-        default_decision: DefaultDecision,
+        default_decision: Decision,
         writer: PostAnswerWriter,
         tracer: trace.Tracer,
         chunk_items: int = 16,
@@ -138,7 +138,7 @@ class CascadeScorer:
         self._degraded_policy = policy.when_features_unavailable()
         self._versions = versions
         self._budget = budget
-        self._default_decision = Decision(default_decision.value)
+        self._default_decision = default_decision
         self._default_score = _DEFAULT_SCORES[default_decision]
         self._writer = writer
         self._tracer = tracer

@@ -17,6 +17,7 @@ import numpy.typing as npt
 import pytest
 from opentelemetry.trace import NoOpTracer
 
+from cascade.decision import Decision
 from cascade.errors import Dependency, DependencyUnavailable
 from cascade.features import (
     HISTORY_LEN,
@@ -27,7 +28,7 @@ from cascade.features import (
 )
 from cascade.model_registry import Policy
 from cascade.servers import RedisServer
-from cascade.settings import BudgetSettings, DefaultDecision
+from cascade.settings import BudgetSettings
 from cascade.transaction import Transaction
 from orchestrator.budget import Budget
 from orchestrator.heavy_client import InMemoryHeavyScorer
@@ -92,7 +93,7 @@ async def replay_online(
             policy=ESCALATE_ALL,
             versions=versions,
             budget=BUDGET,
-            default_decision=DefaultDecision.REVIEW,
+            default_decision=Decision.REVIEW,
             writer=writer,
             tracer=NoOpTracer(),
         )

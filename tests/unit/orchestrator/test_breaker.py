@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from opentelemetry.trace import NoOpTracer
 
+from cascade.decision import Decision
 from cascade.errors import Dependency, DependencyOverloaded, DependencyUnavailable
-from cascade.settings import BreakerSettings, DefaultDecision
+from cascade.settings import BreakerSettings
 from orchestrator.breaker import BreakerState, CircuitBreaker, DependencyBreakers
 from orchestrator.heavy_client import InMemoryHeavyScorer
 from orchestrator.online_store import InMemoryOnlineStore
@@ -160,7 +161,7 @@ async def parts() -> AsyncIterator[
             policy=POLICY,
             versions=VERSIONS,
             budget=SETTINGS,
-            default_decision=DefaultDecision.REVIEW,
+            default_decision=Decision.REVIEW,
             writer=writer,
             tracer=NoOpTracer(),
             breakers=DependencyBreakers(SETTINGS_B, clock=clock),

@@ -31,7 +31,7 @@ from cascade.features import (
     screening_features,
 )
 from cascade.model_registry import FeaturesUnavailable, Policy, load_policy, load_registry
-from cascade.settings import DEFAULT_MODEL_DIR, BudgetSettings, DefaultDecision
+from cascade.settings import DEFAULT_MODEL_DIR, BudgetSettings
 from orchestrator.budget import Budget
 from orchestrator.heavy_client import InMemoryHeavyScorer
 from orchestrator.online_store import InMemoryOnlineStore, StoreWrite, card_history_key
@@ -85,7 +85,7 @@ async def cascade() -> AsyncIterator[Cascade]:
             policy=POLICY,
             versions=VERSIONS,
             budget=SETTINGS,
-            default_decision=DefaultDecision.REVIEW,
+            default_decision=Decision.REVIEW,
             writer=writer,
             tracer=NoOpTracer(),
         )
@@ -218,7 +218,7 @@ async def test_new_model_version_misses_the_cache(cascade: Cascade) -> None:
         policy=POLICY,
         versions=dataclasses.replace(VERSIONS, stage1="s1-u"),
         budget=SETTINGS,
-        default_decision=DefaultDecision.REVIEW,
+        default_decision=Decision.REVIEW,
         writer=cascade.writer,
         tracer=NoOpTracer(),
     )
@@ -282,7 +282,7 @@ async def test_batch_scores_like_sequential_calls(cascade: Cascade) -> None:
             policy=POLICY,
             versions=VERSIONS,
             budget=SETTINGS,
-            default_decision=DefaultDecision.REVIEW,
+            default_decision=Decision.REVIEW,
             writer=writer,
             tracer=NoOpTracer(),
         )
@@ -339,7 +339,7 @@ async def test_escalations_beyond_the_stage2_limit_answer_overloaded_without_ask
         policy=POLICY,
         versions=VERSIONS,
         budget=SETTINGS,
-        default_decision=DefaultDecision.REVIEW,
+        default_decision=Decision.REVIEW,
         writer=cascade.writer,
         tracer=NoOpTracer(),
         stage2_max_in_flight=1,
@@ -394,7 +394,7 @@ async def test_chunked_batch_scores_like_the_same_transactions_one_by_one() -> N
                 policy=POLICY,
                 versions=VERSIONS,
                 budget=SETTINGS,
-                default_decision=DefaultDecision.REVIEW,
+                default_decision=Decision.REVIEW,
                 writer=writer,
                 tracer=NoOpTracer(),
                 chunk_items=5,
@@ -447,7 +447,7 @@ async def scorer_with(policy: Policy, stage1: float) -> AsyncIterator[Cascade]:
             policy=policy,
             versions=VERSIONS,
             budget=SETTINGS,
-            default_decision=DefaultDecision.REVIEW,
+            default_decision=Decision.REVIEW,
             writer=writer,
             tracer=NoOpTracer(),
         )
@@ -651,7 +651,7 @@ async def test_batch_of_shuffled_and_repeated_transactions_scores_like_one_by_on
                 policy=POLICY,
                 versions=VERSIONS,
                 budget=SETTINGS,
-                default_decision=DefaultDecision.REVIEW,
+                default_decision=Decision.REVIEW,
                 writer=writer,
                 tracer=NoOpTracer(),
                 chunk_items=6,
