@@ -4,7 +4,7 @@ One Python process saturates its event loop long before the machine does, so the
 scales out as N processes bound to the same port with ``SO_REUSEPORT``; the kernel hands each new
 connection to one of them. Each process has its own event loop and its own Redis, NATS and Triton
 connections. :func:`shared_port_env` is the one place that says how process ``i`` of ``N`` differs
-from the others; ``cascade up`` (:mod:`cascade.stack`) and the container's supervisor
+from the others; ``cascade up`` (:mod:`devstack.stack`) and the container's supervisor
 (:mod:`orchestrator.supervisor`) both use it. Pure functions: nothing here starts a process.
 
 Metrics ports: with ``CASCADE_METRICS_PORT`` = B, orchestrator process ``i`` serves ``/metrics``

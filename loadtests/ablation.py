@@ -66,7 +66,7 @@ def summarize(runs: Mapping[str, Sequence[Mapping[str, float]]]) -> str:
 
 def _run_once(settings: Sequence[str], args: argparse.Namespace, out: Path) -> dict[str, float]:
     command = [
-        sys.executable, "-m", "cascade.cli", "loadtest", "--no-baseline", "--no-progress",
+        sys.executable, "-m", "devstack.cli", "loadtest", "--no-baseline", "--no-progress",
         f"--rate={args.rate}", f"--duration={args.duration}", f"--serial-count={args.serial_count}",
         f"--out={out}",
         *(f"--stack-env={kv}" for kv in settings),

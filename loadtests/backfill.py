@@ -2,7 +2,7 @@
 
 The batches come from :func:`loadtests.history.backfill_batches` (whole cards, time order, at most
 500 transactions each); they are sent one at a time, in order, the way ``cascade up --sample``
-sends its sample's history (:func:`cascade.cli.score_samples`). The target writes history after
+sends its sample's history (:func:`devstack.cli.score_samples`). The target writes history after
 answering, so the backfill ends with a short pause for those writes to land.
 """
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import grpc
 
 from cascade.settings import DEFAULT_MODEL_DIR
-from cascade.stack import LocalStack, StackConfig, StackPorts
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from cascade.wire import to_wire
+from devstack.stack import LocalStack, StackConfig, StackPorts
 from loadtests.address import parse_loopback_target
 from loadtests.replay import load_transactions
 

@@ -1,6 +1,6 @@
 """``cascade loadtest``: load the local stack (or a running one), write the report and the PNGs.
 
-Without ``--target`` it starts a :class:`cascade.stack.LocalStack` on free loopback ports and the
+Without ``--target`` it starts a :class:`devstack.stack.LocalStack` on free loopback ports and the
 naive baseline (:mod:`loadtests.naive`) beside it on the same Redis, NATS and Triton; with
 ``--target`` it loads that endpoint (loopback only) and, if ``--baseline-target`` is given, a
 running naive server too. For each target it warms up, measures one call in flight
@@ -284,7 +284,7 @@ async def _targets(args: argparse.Namespace, out_dir: Path) -> AsyncIterator[Tar
 async def _start_own_stack(
     args: argparse.Namespace, out_dir: Path, stack: AsyncExitStack, found: Targets
 ) -> None:
-    from cascade.stack import LocalStack, StackConfig, StackPorts
+    from devstack.stack import LocalStack, StackConfig, StackPorts
     from loadtests.naive import NaiveStack
 
     model_dir = args.model_dir.resolve()

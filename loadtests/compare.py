@@ -2,7 +2,7 @@
 
 :class:`CompareStack` (an async context manager) makes a detached git worktree of a ref under
 ``.run/compare/<commit>`` (reused when it is already there, at that commit), then starts that
-checkout's own ``python -m cascade.cli up`` as a subprocess with the checkout as working directory
+checkout's own ``python -m devstack.cli up`` as a subprocess with the checkout as working directory
 and ``PYTHONPATH``, every port 0 (free loopback ports), and reads its scoring endpoint from its
 output. The stack's servers are that subprocess's children, so
 :class:`~loadtests.cpu.CpuMeter` can attribute their CPU to it (``stack_root``). On exit it sends
@@ -147,7 +147,7 @@ class CompareStack:
         self.path = path
         help_out = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "cascade.cli", "up", "--help"],
+            [sys.executable, "-m", "devstack.cli", "up", "--help"],
             cwd=path,
             env=self._env(path),
             capture_output=True,
@@ -162,7 +162,7 @@ class CompareStack:
         self._log = log_path.open("wb")
         self._proc = await asyncio.to_thread(
             subprocess.Popen,
-            [sys.executable, "-m", "cascade.cli", "up", *args],
+            [sys.executable, "-m", "devstack.cli", "up", *args],
             cwd=path,
             env=self._env(path),
             stdout=self._log,

@@ -25,8 +25,8 @@ from tritonclient.grpc.aio import InferenceServerClient
 
 from cascade.features import SEQUENCE_LEN, TOKEN_DIM
 from cascade.model_registry import load_registry
-from cascade.servers import NatsServer, RedisServer, TritonServer
 from cascade.settings import DEFAULT_MODEL_DIR
+from devstack.servers import NatsServer, RedisServer, TritonServer
 
 
 async def _time_calls(call: Callable[[], Awaitable[object]], n: int) -> float:

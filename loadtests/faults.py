@@ -1,6 +1,6 @@
 """``python -m loadtests.faults``: the fault matrix, under open-loop load on the local stack.
 
-Starts a :class:`cascade.stack.LocalStack` (its supervisor restarts what is killed), then runs one
+Starts a :class:`devstack.stack.LocalStack` (its supervisor restarts what is killed), then runs one
 phase after the other at ``--rate`` (default 100/s) with the load generator's open loop
 (:func:`loadtests.client.run_open_loop`): baseline; SIGSTOP then SIGCONT one worker, all workers,
 Redis, NATS, Triton; SIGKILL one worker; SIGKILL Triton (:data:`loadtests.fault_matrix.PHASES`).
@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
-from cascade.stack import LocalStack, StackConfig, StackPorts
-from cascade.stack_settings import parse_assignments
-from cascade.supervision import ChildSupervisor, RestartEvent
 from cascade.v1 import scoring_pb2
 from cascade.wire import to_wire
+from devstack.stack import LocalStack, StackConfig, StackPorts
+from devstack.stack_settings import parse_assignments
+from devstack.supervision import ChildSupervisor, RestartEvent
 from loadtests.client import ScoringClient, run_open_loop
 from loadtests.fault_matrix import (
     FaultKind,

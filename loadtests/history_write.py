@@ -25,8 +25,8 @@ import sys
 from collections.abc import Sequence
 
 from cascade.features import HISTORY_LEN, encode_history_entry, history_entry
-from cascade.servers import RedisServer
 from cascade.transaction import Transaction
+from devstack.servers import RedisServer
 from orchestrator.online_store import RedisOnlineStore, StoreWrite, card_history_key
 from orchestrator.redis_pipeline import Arg, PipelinedRedis
 from training.simulator import SimulationConfig, simulate

@@ -161,7 +161,7 @@ def load_transactions(source: str, *, count: int, seed: int) -> list[Transaction
     """Base transactions from ``"simulator"`` (:mod:`training.simulator`) or ``"samples"``.
 
     The simulator is sized to give at least ``count`` transactions (about 1.2 per card per day);
-    ``samples`` is :mod:`cascade.samples`' small hand-written traffic, for when the simulator is not
+    ``samples`` is :mod:`devstack.samples`' small hand-written traffic, for when the simulator is not
     installed.
     """
     if source == "simulator":
@@ -172,7 +172,7 @@ def load_transactions(source: str, *, count: int, seed: int) -> list[Transaction
         records = simulate(SimulationConfig(seed=seed, n_cards=n_cards, n_days=n_days))
         return [record.tx for record in records]
     if source == "samples":
-        from cascade.samples import sample_transactions
+        from devstack.samples import sample_transactions
         from orchestrator.validation import validate_transaction
 
         return [validate_transaction(tx) for tx in sample_transactions(count, seed=seed)]

@@ -12,7 +12,7 @@ orchestrator`` with the environment :func:`cascade.shared_port.shared_port_env` 
 
 The parent serves nothing itself: every serving process is alike, and the parent's only work is
 to wait. ``cascade up`` does not use this module; it starts its N processes itself, each with its
-own log and readiness line (:mod:`cascade.stack`).
+own log and readiness line (:mod:`devstack.stack`).
 """
 
 from __future__ import annotations

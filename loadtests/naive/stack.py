@@ -1,7 +1,7 @@
 """Start the naive baseline beside a running stack: its server and workers as processes.
 
 It reuses the stack's Redis, NATS and Triton (pass their URLs, e.g. from
-:class:`cascade.stack.LocalStack`), listens on its own loopback port and uses its own NATS subject
+:class:`devstack.stack.LocalStack`), listens on its own loopback port and uses its own NATS subject
 and queue group, so the two cascades share the servers but never each other's messages or keys.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Final
 
 from cascade.lifecycle import AsyncResourceGroup
-from cascade.servers import resolve_port
-from cascade.stack import orchestrator_process, service_env, worker_process
+from devstack.servers import resolve_port
+from devstack.stack import orchestrator_process, service_env, worker_process
 
 __all__ = ["NAIVE_QUEUE_GROUP", "NAIVE_SUBJECT_PREFIX", "NaiveStack"]
 

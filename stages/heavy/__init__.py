@@ -2,7 +2,7 @@
 
 Locally Triton runs from the binary in the ``nvidia-pytriton`` wheel with the Python-backend model
 in ``triton_model/model.py`` (ONNX Runtime on CPU, the whole dynamic batch in one run), configured
-by ``config.pbtxt.template`` (rendered by ``cascade.servers.triton``). In production
+by ``config.pbtxt.template`` (rendered by ``devstack.servers.triton``). In production
 ``deploy/triton/model_repository`` serves the same model name and tensor names from the official
 Triton container with the onnxruntime backend on a GPU.
 

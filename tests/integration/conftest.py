@@ -17,7 +17,7 @@ import pytest_asyncio
 from onnx import TensorProto, helper, numpy_helper
 
 from cascade.features import SEQUENCE_LEN, TOKEN_DIM
-from cascade.servers import NatsServer, RedisServer, TritonServer
+from devstack.servers import NatsServer, RedisServer, TritonServer
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

@@ -14,9 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cascade.servers import free_port
 from cascade.settings import DEFAULT_MODEL_DIR
 from cascade.v1 import scoring_pb2_grpc
+from devstack.servers import free_port
 from tests.integration.cascade.conftest import new_request
 from tests.integration.conftest import processes_mentioning
 
@@ -36,7 +36,7 @@ async def run_cascade(*args: str, timeout_s: float = 180) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "cascade.cli",
+        "devstack.cli",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -81,7 +81,7 @@ async def test_up_stops_everything_on_sigterm(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "cascade.cli",
+        "devstack.cli",
         "up",
         *FREE_PORTS,
         "--workers=1",
@@ -188,7 +188,7 @@ async def test_up_passes_env_file_and_set_settings_to_the_services(tmp_path: Pat
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "cascade.cli",
+        "devstack.cli",
         "up",
         *FREE_PORTS,
         "--workers=1",
@@ -250,7 +250,7 @@ async def test_up_restarts_a_killed_orchestrator_process_prints_it_and_still_dra
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "cascade.cli",
+        "devstack.cli",
         "up",
         *FREE_PORTS,
         "--workers=1",

@@ -21,8 +21,8 @@ from tritonclient.grpc import model_config_pb2
 
 from cascade.features import SEQUENCE_LEN, TOKEN_DIM
 from cascade.model_registry import load_registry
-from cascade.servers.triton import CONFIG_TEMPLATE, HeavyModelShape, render_model_config
 from cascade.settings import DEFAULT_MODEL_DIR
+from devstack.servers.triton import CONFIG_TEMPLATE, HeavyModelShape, render_model_config
 
 pytestmark = pytest.mark.integration
 

@@ -27,9 +27,9 @@ from cascade.features import (
     sequence_tensor,
 )
 from cascade.model_registry import Policy
-from cascade.servers import RedisServer
 from cascade.settings import BudgetSettings
 from cascade.transaction import Transaction
+from devstack.servers import RedisServer
 from orchestrator.budget import Budget
 from orchestrator.heavy_client import InMemoryHeavyScorer
 from orchestrator.online_store import RedisOnlineStore, card_history_key

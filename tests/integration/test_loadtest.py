@@ -25,7 +25,7 @@ async def run_cli(*args: str, timeout_s: float = 400) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "cascade.cli",
+        "devstack.cli",
         "loadtest",
         *args,
         stdout=asyncio.subprocess.PIPE,

@@ -18,8 +18,8 @@ from cascade.features import (
     encode_history_entry,
     history_entry,
 )
-from cascade.servers import RedisServer
 from cascade.transaction import Transaction
+from devstack.servers import RedisServer
 from orchestrator.online_store import (
     InMemoryOnlineStore,
     RedisOnlineStore,

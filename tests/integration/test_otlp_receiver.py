@@ -14,7 +14,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from cascade.otlp_receiver import OtlpReceiver, read_trace
+from devstack.otlp_receiver import OtlpReceiver, read_trace
 
 pytestmark = pytest.mark.integration
 

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 import tritonclient.grpc.aio as grpcclient
 
 from cascade.features import TOKEN_DIM
-from cascade.servers import (
+from devstack.servers import (
     ManagedProcess,
     NatsServer,
     RedisServer,
@@ -37,7 +37,7 @@ from cascade.servers import (
     TritonServer,
     free_port,
 )
-from cascade.servers.triton import ModelContractError
+from devstack.servers.triton import ModelContractError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -450,7 +450,7 @@ def _fake_pb_utils() -> types.ModuleType:
 def test_model_py_scores_a_batch_in_one_run_and_isolates_bad_requests(
     tiny_heavy_onnx: TinyHeavyOnnx, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cascade.servers.triton import MODEL_PY
+    from devstack.servers.triton import MODEL_PY
 
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
     spec = importlib.util.spec_from_file_location("heavy_model_under_test", MODEL_PY)

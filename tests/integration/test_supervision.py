@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cascade.servers import ManagedProcess
-from cascade.supervision import Backoff, ChildSupervisor, RestartEvent
+from devstack.servers import ManagedProcess
+from devstack.supervision import Backoff, ChildSupervisor, RestartEvent
 
 pytestmark = pytest.mark.integration
 

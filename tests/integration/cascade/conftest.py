@@ -16,7 +16,6 @@ import pytest
 import pytest_asyncio
 
 from cascade.model_registry import load_registry
-from cascade.servers import ManagedProcess, TritonServer, free_port
 from cascade.settings import (
     DEFAULT_MODEL_DIR,
     NatsSettings,
@@ -25,8 +24,9 @@ from cascade.settings import (
     Settings,
     TritonSettings,
 )
-from cascade.stack import orchestrator_process, service_env, worker_process
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+from devstack.servers import ManagedProcess, TritonServer, free_port
+from devstack.stack import orchestrator_process, service_env, worker_process
 from tests.conftest import make_wire_transaction
 
 

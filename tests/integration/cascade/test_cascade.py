@@ -29,11 +29,11 @@ from prometheus_client import REGISTRY
 
 from cascade.features import decode_history_entry, screening_features
 from cascade.model_registry import load_registry
-from cascade.servers import NatsServer, RedisServer, TritonServer, free_port
 from cascade.settings import (
     Settings,
 )
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+from devstack.servers import NatsServer, RedisServer, TritonServer, free_port
 from orchestrator.online_store import card_history_key
 from orchestrator.server import Orchestrator
 from orchestrator.validation import validate_transaction

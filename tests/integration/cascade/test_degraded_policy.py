@@ -17,10 +17,10 @@ import pytest
 
 from cascade.features import screening_features
 from cascade.model_registry import Policy, load_policy, load_registry
-from cascade.servers import NatsServer, RedisServer, TritonServer
 from cascade.settings import DEFAULT_MODEL_DIR
 from cascade.v1 import scoring_pb2
 from cascade.wire import to_wire
+from devstack.servers import NatsServer, RedisServer, TritonServer
 from tests.integration.cascade.conftest import cascade_processes
 from training.evaluation import stage1_scores
 from training.simulator import SimulationConfig, simulate

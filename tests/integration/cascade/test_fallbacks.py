@@ -15,8 +15,8 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cascade.model_registry import load_registry
-from cascade.servers import NatsServer, RedisServer, TritonServer
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+from devstack.servers import NatsServer, RedisServer, TritonServer
 from tests.integration.cascade.conftest import cascade_processes, new_request
 
 pytestmark = pytest.mark.integration

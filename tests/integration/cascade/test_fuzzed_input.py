@@ -25,9 +25,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from cascade.servers import NatsServer, RedisServer, TritonServer, free_port
 from cascade.settings import ServerSettings
 from cascade.v1 import scoring_pb2
+from devstack.servers import NatsServer, RedisServer, TritonServer, free_port
 from tests.conftest import make_wire_transaction
 from tests.fuzz_strategies import (
     FUZZ,

@@ -21,8 +21,8 @@ from typing import Final
 import grpc
 import pytest
 
-from cascade.servers import NatsServer, RedisServer, TritonServer, free_port
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+from devstack.servers import NatsServer, RedisServer, TritonServer, free_port
 from tests.conftest import BASE_TS_MS, make_wire_transaction
 from tests.integration.cascade.conftest import cascade_processes, new_request
 
@@ -146,7 +146,7 @@ async def test_overload_is_shed_in_time_with_labelled_defaults(
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "cascade.cli",
+            "devstack.cli",
             "loadtest",
             *("--target", f"127.0.0.1:{port}", "--no-baseline", "--history", "as-simulated"),
             *("--serial-count", "0", "--warmup", "1", "--rate", "100", "--duration", "1"),

@@ -24,10 +24,10 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cascade.servers import ManagedProcess, NatsServer, RedisServer, TritonServer, free_port
-from cascade.servers._process import port_is_free
-from cascade.stack import orchestrator_processes, service_env, worker_process
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+from devstack.servers import ManagedProcess, NatsServer, RedisServer, TritonServer, free_port
+from devstack.servers._process import port_is_free
+from devstack.stack import orchestrator_processes, service_env, worker_process
 from tests.integration.cascade.conftest import new_request
 
 pytestmark = pytest.mark.integration

@@ -21,9 +21,9 @@ import grpc
 import pytest
 
 from cascade.model_registry import load_registry
-from cascade.servers import ManagedProcess, NatsServer, RedisServer, TritonServer, free_port
-from cascade.stack import orchestrator_process, service_env, worker_process
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+from devstack.servers import ManagedProcess, NatsServer, RedisServer, TritonServer, free_port
+from devstack.stack import orchestrator_process, service_env, worker_process
 from tests.integration.cascade.conftest import new_request
 
 pytestmark = pytest.mark.integration

@@ -23,9 +23,9 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cascade.stack import LocalStack, StackConfig, StackPorts
-from cascade.supervision import Backoff, ChildSupervisor, RestartEvent
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+from devstack.stack import LocalStack, StackConfig, StackPorts
+from devstack.supervision import Backoff, ChildSupervisor, RestartEvent
 from tests.integration.cascade.conftest import new_request
 
 pytestmark = pytest.mark.integration
@@ -147,7 +147,7 @@ async def kill_and_watch(
 async def test_killed_worker_is_restarted_and_answers_again(
     stack: LocalStack, stub: scoring_pb2_grpc.ScoringServiceStub, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="cascade.supervision")
+    caplog.set_level(logging.WARNING, logger="devstack.supervision")
     worker = stack.workers[0]
     before = supervisor(stack).restarts[worker.name]
     killed_pid = worker.pid

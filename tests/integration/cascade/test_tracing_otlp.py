@@ -14,8 +14,8 @@ import pytest_asyncio
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from cascade.servers import NatsServer, RedisServer, TritonServer
 from cascade.v1 import scoring_pb2
+from devstack.servers import NatsServer, RedisServer, TritonServer
 from tests.integration.cascade.conftest import cascade_processes, new_request
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ from cascade.screening_protocol import (
     parse_screening_reply,
     screening_subject,
 )
-from cascade.servers import NatsServer
+from devstack.servers import NatsServer
 from stages.screening.model import ScreeningModel
 from stages.screening.worker import ScreeningWorker
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cascade.cli import _parser
 from cascade.settings import Settings
 from cascade.shared_port import default_process_count, metrics_port_offset, shared_port_env
+from devstack.cli import _parser
 
 BASE = {"CASCADE_SERVER__PORT": "50051", "CASCADE_METRICS_PORT": "9464", "PATH": "/bin"}
 

@@ -4,7 +4,7 @@
 our services' exporter speaks, ``OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:PORT``) and
 OTLP/HTTP with protobuf or JSON bodies at ``/v1/traces`` (what Triton's OpenTelemetry exporter
 speaks), and appends every span to ``spans.jsonl`` in its folder as one
-:class:`~cascade.trace_view.SpanRecord` a line. :func:`read_trace` reads one trace back for
+:class:`~devstack.trace_view.SpanRecord` a line. :func:`read_trace` reads one trace back for
 ``cascade trace``. A receiver failure never reaches a service: exporters drop and log.
 """
 
@@ -23,8 +23,8 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from cascade.servers import LOOPBACK, resolve_port
-from cascade.trace_view import SpanRecord, parse_record, records_from_otlp
+from devstack.servers import LOOPBACK, resolve_port
+from devstack.trace_view import SpanRecord, parse_record, records_from_otlp
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ every process it started, in reverse order, however the block ends. Several orch
 processes share one port with reuse-port (:mod:`cascade.shared_port`); as a health check through
 that port reaches only one of them, each one's readiness is read from its own log.
 
-Once everything is up, a :class:`~cascade.supervision.ChildSupervisor` restarts any of these
+Once everything is up, a :class:`~devstack.supervision.ChildSupervisor` restarts any of these
 processes that exits on its own, on the same port, with a capped exponential backoff
 (``StackConfig.supervise``); :attr:`LocalStack.supervisor` counts the restarts.
 """
@@ -28,8 +28,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cascade.lifecycle import AsyncResourceGroup
 from cascade.model_registry import load_registry
-from cascade.otlp_receiver import OtlpReceiver
-from cascade.servers import (
+from cascade.shared_port import metrics_port_offset, shared_port_env
+from devstack.otlp_receiver import OtlpReceiver
+from devstack.servers import (
     ManagedProcess,
     NatsServer,
     ReadinessProbe,
@@ -37,8 +38,7 @@ from cascade.servers import (
     TritonServer,
     resolve_port,
 )
-from cascade.shared_port import metrics_port_offset, shared_port_env
-from cascade.supervision import Backoff, ChildSupervisor, Restartable, RestartEvent
+from devstack.supervision import Backoff, ChildSupervisor, Restartable, RestartEvent
 
 _READY_LINE: Final = "READY"
 _SERVING_LINE: Final = "SERVING"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cascade.stack_settings import (
+from devstack.stack_settings import (
     SettingsInputError,
     check_settings,
     parse_assignments,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cascade.cli import _parser
+from devstack.cli import _parser
 
 
 def test_every_option_of_every_command_has_help_text() -> None:

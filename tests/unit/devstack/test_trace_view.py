@@ -7,8 +7,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
-from cascade.otlp_receiver import _hex_ids_to_base64
-from cascade.trace_view import SpanRecord, parse_record, records_from_otlp, waterfall
+from devstack.otlp_receiver import _hex_ids_to_base64
+from devstack.trace_view import SpanRecord, parse_record, records_from_otlp, waterfall
 
 TRACE = bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736")
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cascade.servers._errors import ServerBinaryNotFoundError
+from devstack.servers._errors import ServerBinaryNotFoundError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

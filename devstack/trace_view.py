@@ -1,6 +1,6 @@
 """Spans as stored records, and a trace as a terminal waterfall: pure functions, no I/O.
 
-:mod:`cascade.otlp_receiver` turns every OTLP export it receives into :class:`SpanRecord` lines
+:mod:`devstack.otlp_receiver` turns every OTLP export it receives into :class:`SpanRecord` lines
 (JSON, one span a line); ``cascade trace TRACE_ID`` reads them back and prints :func:`waterfall`::
 
     trace 5b8aa5a2d2c872e8321cf37308d69df2: 5 spans, 4.31 ms

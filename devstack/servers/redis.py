@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from cascade.servers._binaries import find_executable
-from cascade.servers._process import (
+from devstack.servers._binaries import find_executable
+from devstack.servers._process import (
     LOOPBACK,
     ManagedProcess,
     StartStop,

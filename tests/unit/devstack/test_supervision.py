@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cascade.cli import restart_line, restart_summary
-from cascade.supervision import Backoff, RestartEvent
+from devstack.cli import restart_line, restart_summary
+from devstack.supervision import Backoff, RestartEvent
 
 
 def test_backoff_doubles_from_initial_and_stops_at_the_cap() -> None:

@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from cascade.servers._binaries import find_executable, next_to_python
-from cascade.servers._process import (
+from devstack.servers._binaries import find_executable, next_to_python
+from devstack.servers._process import (
     LOOPBACK,
     ManagedProcess,
     StartStop,

@@ -26,21 +26,21 @@ from typing import Final
 import grpc
 
 from cascade.iso_codes import minor_unit_exponent, to_major_units
-from cascade.otlp_receiver import SPANS_FILE, read_trace
-from cascade.samples import labelled_sample
-from cascade.servers import port_is_free
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
 from cascade.shared_port import default_process_count
-from cascade.stack import LocalStack, StackConfig, StackPorts
-from cascade.stack_settings import (
+from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+from devstack.otlp_receiver import SPANS_FILE, read_trace
+from devstack.samples import labelled_sample
+from devstack.servers import port_is_free
+from devstack.stack import LocalStack, StackConfig, StackPorts
+from devstack.stack_settings import (
     SettingsInputError,
     check_settings,
     parse_assignments,
     parse_env_file,
 )
-from cascade.supervision import RestartEvent
-from cascade.trace_view import waterfall
-from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+from devstack.supervision import RestartEvent
+from devstack.trace_view import waterfall
 
 logger = logging.getLogger("cascade")
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, Self
 
-from cascade.servers import ServerError
+from devstack.servers import ServerError
 
 __all__ = ["Backoff", "ChildSupervisor", "RestartEvent", "Restartable"]
 

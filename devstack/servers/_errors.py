@@ -11,7 +11,7 @@ from __future__ import annotations
 
 
 class ServerError(RuntimeError):
-    """Base class of every error raised by ``cascade.servers``."""
+    """Base class of every error raised by ``devstack.servers``."""
 
 
 class ServerBinaryNotFoundError(ServerError):

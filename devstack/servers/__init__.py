@@ -8,8 +8,8 @@ Port 0 means "pick a free port". Start failures raise ``ServerStartError`` quoti
 
 from __future__ import annotations
 
-from cascade.servers._errors import ServerBinaryNotFoundError, ServerError, ServerStartError
-from cascade.servers._process import (
+from devstack.servers._errors import ServerBinaryNotFoundError, ServerError, ServerStartError
+from devstack.servers._process import (
     LOOPBACK,
     ManagedProcess,
     ReadinessProbe,
@@ -17,9 +17,9 @@ from cascade.servers._process import (
     port_is_free,
     resolve_port,
 )
-from cascade.servers.nats import NatsServer
-from cascade.servers.redis import RedisServer
-from cascade.servers.triton import TritonServer
+from devstack.servers.nats import NatsServer
+from devstack.servers.redis import RedisServer
+from devstack.servers.triton import TritonServer
 
 __all__ = [
     "LOOPBACK",

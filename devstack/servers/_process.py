@@ -6,7 +6,7 @@ whole process group, SIGKILL after a grace period, and waits for the process eve
 is being cancelled, so no server outlives the block that started it.
 
 A process that exited can be started again with :meth:`ManagedProcess.restart` (same command,
-same ports, same log file); :mod:`cascade.supervision` does that for a process that exits on its
+same ports, same log file); :mod:`devstack.supervision` does that for a process that exits on its
 own, and never for one that :meth:`ManagedProcess.stop` stopped.
 """
 
@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Self
 
-from cascade.servers._errors import ServerStartError
+from devstack.servers._errors import ServerStartError
 
 if TYPE_CHECKING:
     from types import TracebackType

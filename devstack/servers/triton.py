@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Final
 
 import onnxruntime as ort
 
-from cascade.servers._errors import ServerBinaryNotFoundError, ServerError
-from cascade.servers._process import LOOPBACK, ManagedProcess, StartStop, http_ok, resolve_port
+from devstack.servers._errors import ServerBinaryNotFoundError, ServerError
+from devstack.servers._process import LOOPBACK, ManagedProcess, StartStop, http_ok, resolve_port
 
 if TYPE_CHECKING:
     pass
