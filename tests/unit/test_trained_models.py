@@ -57,7 +57,9 @@ def test_stage1_ranks_fraud_above_genuine(registry: Registry, screening: Screeni
     (score,) = session(registry.stage1_path).run(["score"], {"features": screening.features})
     assert ((score >= 0.0) & (score <= 1.0)).all()
     labels = screening.labels
-    assert roc_auc(score[:, 0], labels) > 0.9
+    # Measured 0.9979 on this seeded stream (deterministic): a model that ranks noticeably worse
+    # fails here, not only one that ranks like a coin.
+    assert roc_auc(score[:, 0], labels) > 0.995
     # calibrated on the real mix: the mean score is near the fraud rate, not near 0.5
     assert score.mean() < 10 * max(labels.mean(), 1e-3)
 
@@ -87,4 +89,4 @@ def test_stage2_contract_and_ranking(
         ]
     )
     assert ((scores >= 0.0) & (scores <= 1.0)).all()
-    assert roc_auc(scores, screening.labels[rows]) > 0.9
+    assert roc_auc(scores, screening.labels[rows]) > 0.99  # measured 0.9955 on this stream
