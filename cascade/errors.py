@@ -5,7 +5,9 @@ Tree::
     CascadeError
     ├── InvalidInputError            bad caller input; names the field      -> INVALID_ARGUMENT
     ├── ConfigurationError           bad settings or artifacts at start-up  -> FAILED_PRECONDITION
-    │   └── RegistryError            registry, policy or model file unusable (cascade.model_registry)
+    │   ├── RegistryError            registry, policy or model file unusable (cascade.model_registry)
+    │   └── SettingsInputError       a `cascade up --env-file`/`--set` value (devstack.stack_settings)
+    ├── ServerError                  a local server process would not start (devstack.servers)
     └── DependencyError              Redis, NATS/screening or Triton failed (``.dependency``)
         ├── DependencyTimeout        it did not answer within its budget    -> DEADLINE_EXCEEDED
         ├── DependencyUnavailable    refused, closed, no responders         -> UNAVAILABLE

@@ -16,6 +16,7 @@ from typing import Final
 
 from pydantic import ValidationError
 
+from cascade.errors import ConfigurationError
 from cascade.settings import Settings
 
 __all__ = [
@@ -37,7 +38,7 @@ OWNED_BY_STACK: Final = {
 """Variables the stack sets itself, and the flag that sets each instead."""
 
 
-class SettingsInputError(ValueError):
+class SettingsInputError(ConfigurationError, ValueError):
     """A settings file, a ``--set`` or a setting's value is unusable; the message says which."""
 
 

@@ -1,16 +1,19 @@
-"""The errors of the managed server processes.
+"""The errors of the managed server processes, a branch of :class:`cascade.errors.CascadeError`.
 
 Exception tree::
 
-    ServerError
-    ├── ServerBinaryNotFoundError   the executable is not installed where we look
-    └── ServerStartError            the process died, or was not ready before its timeout
+    CascadeError
+    └── ServerError
+        ├── ServerBinaryNotFoundError   the executable is not installed where we look
+        └── ServerStartError            the process died, or was not ready before its timeout
 """
 
 from __future__ import annotations
 
+from cascade.errors import CascadeError
 
-class ServerError(RuntimeError):
+
+class ServerError(CascadeError, RuntimeError):
     """Base class of every error raised by ``devstack.servers``."""
 
 
