@@ -114,6 +114,36 @@ class StartStop:
         await self.stop()
 
 
+class OneProcessServer(StartStop):
+    """A server that is one :class:`ManagedProcess` (``self.process``): its name, pid, state and
+    restart are the process's."""
+
+    process: ManagedProcess
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self.process.pid
+
+    @property
+    def name(self) -> str:
+        """The process's name in logs (``redis-PORT`` / ``nats-PORT``)."""
+        return self.process.name
+
+    @property
+    def stopping(self) -> bool:
+        """True once stopped on purpose."""
+        return self.process.stopping
+
+    async def wait(self) -> int:
+        """Wait until the server process exits; its exit status."""
+        return await self.process.wait()
+
+    async def restart(self) -> None:
+        """Start the exited server again on the same port and wait until it is ready."""
+        await self.process.restart()
+
+
 class ManagedProcess(StartStop):
     """A subprocess in its own process group with a log file, a readiness wait and a sure stop.
 

@@ -17,7 +17,7 @@ from devstack.servers._binaries import find_executable, next_to_python
 from devstack.servers._process import (
     LOOPBACK,
     ManagedProcess,
-    StartStop,
+    OneProcessServer,
     http_ok,
     resolve_port,
     tcp_exchange,
@@ -39,7 +39,7 @@ def find_nats_server() -> Path:
     )
 
 
-class NatsServer(StartStop):
+class NatsServer(OneProcessServer):
     """``nats-server`` on 127.0.0.1, started on entry and stopped on exit.
 
     Ready means a TCP client received the server's ``INFO`` line (and ``/healthz`` answered, when
@@ -85,7 +85,7 @@ class NatsServer(StartStop):
         )
         if self.store_dir is not None:
             argv += ["-js", "-sd", str(self.store_dir)]
-        self.process: Final = ManagedProcess(
+        self.process = ManagedProcess(
             f"nats-{self.port}",
             argv,
             log_dir=log_dir,
@@ -105,35 +105,12 @@ class NatsServer(StartStop):
         """``http://127.0.0.1:MONITOR_PORT`` when monitoring is on, else None."""
         return None if self.monitor_port is None else f"http://{self.host}:{self.monitor_port}"
 
-    @property
-    def pid(self) -> int | None:
-        """The server's process id while it runs."""
-        return self.process.pid
-
     async def _ready(self) -> bool:
         if not await tcp_exchange(self.host, self.port, b"", b"INFO "):
             return False
         if self.monitor_url is None:
             return True
         return await http_ok(f"{self.monitor_url}/healthz")
-
-    @property
-    def name(self) -> str:
-        """The process's name in logs (``redis-PORT`` / ``nats-PORT``)."""
-        return self.process.name
-
-    @property
-    def stopping(self) -> bool:
-        """True once stopped on purpose."""
-        return self.process.stopping
-
-    async def wait(self) -> int:
-        """Wait until the server process exits; its exit status."""
-        return await self.process.wait()
-
-    async def restart(self) -> None:
-        """Start the exited server again on the same port and wait until it is ready."""
-        await self.process.restart()
 
     async def start(self) -> None:
         """Start the server and wait until it accepts clients."""

@@ -14,7 +14,7 @@ from devstack.servers._binaries import find_executable
 from devstack.servers._process import (
     LOOPBACK,
     ManagedProcess,
-    StartStop,
+    OneProcessServer,
     resolve_port,
     tcp_contains,
     tcp_exchange,
@@ -45,7 +45,7 @@ def find_redis_server() -> Path:
     )
 
 
-class RedisServer(StartStop):
+class RedisServer(OneProcessServer):
     """``redis-server`` on 127.0.0.1, started on entry and stopped on exit.
 
     Ready means a PING was answered with PONG. ``port=0`` picks a free port.
@@ -79,7 +79,7 @@ class RedisServer(StartStop):
             "no",
             *extra_args,
         ]
-        self.process: Final = ManagedProcess(
+        self.process = ManagedProcess(
             f"redis-{self.port}",
             argv,
             log_dir=log_dir,
@@ -94,11 +94,6 @@ class RedisServer(StartStop):
         """``redis://127.0.0.1:PORT/0``."""
         return f"redis://{self.host}:{self.port}/0"
 
-    @property
-    def pid(self) -> int | None:
-        """The server's process id while it runs."""
-        return self.process.pid
-
     async def ping(self) -> bool:
         """True when the server answers PING with PONG."""
         return await tcp_exchange(self.host, self.port, _PING, b"+PONG")
@@ -107,24 +102,6 @@ class RedisServer(StartStop):
         # PONG alone could come from another Redis on this port: check it is our process.
         info = b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n"
         return await tcp_contains(self.host, self.port, info, f"process_id:{self.pid}\r\n".encode())
-
-    @property
-    def name(self) -> str:
-        """The process's name in logs (``redis-PORT`` / ``nats-PORT``)."""
-        return self.process.name
-
-    @property
-    def stopping(self) -> bool:
-        """True once stopped on purpose."""
-        return self.process.stopping
-
-    async def wait(self) -> int:
-        """Wait until the server process exits; its exit status."""
-        return await self.process.wait()
-
-    async def restart(self) -> None:
-        """Start the exited server again on the same port and wait until it is ready."""
-        await self.process.restart()
 
     async def start(self) -> None:
         """Start the server and wait until it answers PING."""
