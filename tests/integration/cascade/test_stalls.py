@@ -123,6 +123,59 @@ async def until_members(s: Stack, live: int) -> None:
     raise AssertionError(f"the orchestrator did not hear {live} workers within 3 s")
 
 
+@dataclass
+class Servers:
+    redis: RedisServer
+    nats: NatsServer
+    triton: TritonServer
+
+
+@pytest.fixture
+def servers(
+    redis_server: RedisServer, nats_server: NatsServer, heavy_triton: TritonServer
+) -> Servers:
+    """The session's Redis, NATS and Triton (real, on free loopback ports)."""
+    return Servers(redis_server, nats_server, heavy_triton)
+
+
+@asynccontextmanager
+async def warm_stack(
+    model_dir: Path,
+    log_dir: Path,
+    servers: Servers,
+    *,
+    workers: int,
+    redis_url: str | None = None,
+    triton_url: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> AsyncIterator[Stack]:
+    """:func:`stack` on ``servers`` (or the given Redis/Triton), warmed, every worker heard."""
+    async with stack(
+        model_dir,
+        log_dir,
+        redis_url=redis_url or servers.redis.url,
+        nats_url=servers.nats.url,
+        triton_url=triton_url or servers.triton.grpc_url,
+        workers=workers,
+        extra_env=extra_env,
+    ) as s:
+        await warm(s.stub)
+        if workers > 1 and (extra_env or {}).get("CASCADE_HEDGING__ENABLED") != "false":
+            await until_members(s, workers)
+        yield s
+
+
+async def useful_again(stub: scoring_pb2_grpc.ScoringServiceStub, since_s: float) -> None:
+    """Poll until an undegraded answer comes; fail if that takes 1 s from ``since_s`` (the
+    target: useful answers within 1 s of a dependency's return)."""
+    while True:
+        reply = await stub.Score(new_request(), timeout=DEADLINE_S)
+        if not reply.degraded:
+            return
+        assert time.monotonic() - since_s < 1.0, "no useful answer within 1 s of the return"
+        await asyncio.sleep(0.01)
+
+
 def metric(port: int, name: str, labels: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
     for line in text.splitlines():
@@ -132,22 +185,9 @@ def metric(port: int, name: str, labels: str) -> float:
 
 
 async def test_one_frozen_worker_of_two_costs_no_default_answers(
-    model_dir: Path,
-    redis_server: RedisServer,
-    nats_server: NatsServer,
-    heavy_triton: TritonServer,
-    tmp_path: Path,
+    model_dir: Path, servers: Servers, tmp_path: Path
 ) -> None:
-    async with stack(
-        model_dir,
-        tmp_path,
-        redis_url=redis_server.url,
-        nats_url=nats_server.url,
-        triton_url=heavy_triton.grpc_url,
-        workers=2,
-    ) as s:
-        await warm(s.stub)
-        await until_members(s, 2)
+    async with warm_stack(model_dir, tmp_path, servers, workers=2) as s:
         os.kill(pid_of(s.workers[0]), signal.SIGSTOP)
         replies = await score_many(s.stub, 100)
         defaults = [r for r in replies if r.decided_by == R.DECIDED_BY_DEFAULT]
@@ -169,23 +209,16 @@ async def test_one_frozen_worker_of_two_costs_no_default_answers(
 
 
 async def test_without_hedging_a_frozen_worker_turns_calls_into_defaults(
-    model_dir: Path,
-    redis_server: RedisServer,
-    nats_server: NatsServer,
-    heavy_triton: TritonServer,
-    tmp_path: Path,
+    model_dir: Path, servers: Servers, tmp_path: Path
 ) -> None:
     # The comparison the previous test is measured against: the queue group alone.
-    async with stack(
+    async with warm_stack(
         model_dir,
         tmp_path,
-        redis_url=redis_server.url,
-        nats_url=nats_server.url,
-        triton_url=heavy_triton.grpc_url,
+        servers,
         workers=2,
         extra_env={"CASCADE_HEDGING__ENABLED": "false", "CASCADE_BREAKER__ENABLED": "false"},
     ) as s:
-        await warm(s.stub)
         os.kill(pid_of(s.workers[0]), signal.SIGSTOP)
         frozen = time.monotonic()
         replies = await score_many(s.stub, 40)
@@ -199,43 +232,18 @@ async def test_without_hedging_a_frozen_worker_turns_calls_into_defaults(
 
 
 async def test_killed_worker_is_replaced_by_the_other_at_once(
-    model_dir: Path,
-    redis_server: RedisServer,
-    nats_server: NatsServer,
-    heavy_triton: TritonServer,
-    tmp_path: Path,
+    model_dir: Path, servers: Servers, tmp_path: Path
 ) -> None:
-    async with stack(
-        model_dir,
-        tmp_path,
-        redis_url=redis_server.url,
-        nats_url=nats_server.url,
-        triton_url=heavy_triton.grpc_url,
-        workers=2,
-    ) as s:
-        await warm(s.stub)
-        await until_members(s, 2)
+    async with warm_stack(model_dir, tmp_path, servers, workers=2) as s:
         os.kill(pid_of(s.workers[0]), signal.SIGKILL)
         replies = await score_many(s.stub, 50)
         assert not [r for r in replies if r.decided_by == R.DECIDED_BY_DEFAULT]
 
 
 async def test_stage1_breaker_opens_on_a_frozen_only_worker_and_closes_when_it_resumes(
-    model_dir: Path,
-    redis_server: RedisServer,
-    nats_server: NatsServer,
-    heavy_triton: TritonServer,
-    tmp_path: Path,
+    model_dir: Path, servers: Servers, tmp_path: Path
 ) -> None:
-    async with stack(
-        model_dir,
-        tmp_path,
-        redis_url=redis_server.url,
-        nats_url=nats_server.url,
-        triton_url=heavy_triton.grpc_url,
-        workers=1,
-    ) as s:
-        await warm(s.stub)
+    async with warm_stack(model_dir, tmp_path, servers, workers=1) as s:
         os.kill(pid_of(s.workers[0]), signal.SIGSTOP)
         replies = await score_many(s.stub, 40)
         assert all(r.decided_by == R.DECIDED_BY_DEFAULT and r.degraded for r in replies)
@@ -247,31 +255,17 @@ async def test_stage1_breaker_opens_on_a_frozen_only_worker_and_closes_when_it_r
         assert all(r.timings.stage1_us < 1000 for r in skipped)
         assert metric(s.metrics_port, "cascade_breaker_state", 'dependency="screening"') >= 1
         os.kill(pid_of(s.workers[0]), signal.SIGCONT)
-        resumed = time.monotonic()
-        while True:
-            reply = await s.stub.Score(new_request(), timeout=DEADLINE_S)
-            if not reply.degraded:
-                break
-            assert time.monotonic() - resumed < 1.0, "no useful answer within 1 s of the return"
-            await asyncio.sleep(0.01)
+        await useful_again(s.stub, time.monotonic())
         assert metric(s.metrics_port, "cascade_breaker_state", 'dependency="screening"') == 0
 
 
 async def test_redis_breaker_opens_on_a_frozen_redis_and_closes_when_it_resumes(
-    model_dir: Path, nats_server: NatsServer, heavy_triton: TritonServer, tmp_path: Path
+    model_dir: Path, servers: Servers, tmp_path: Path
 ) -> None:
     async with (
         RedisServer(log_dir=tmp_path / "redis") as frozen,
-        stack(
-            model_dir,
-            tmp_path,
-            redis_url=frozen.url,
-            nats_url=nats_server.url,
-            triton_url=heavy_triton.grpc_url,
-            workers=1,
-        ) as s,
+        warm_stack(model_dir, tmp_path, servers, workers=1, redis_url=frozen.url) as s,
     ):
-        await warm(s.stub)
         os.kill(pid_of(frozen), signal.SIGSTOP)
         try:
             replies = await score_many(s.stub, 40)  # 18 of the last 20 failing trips it
@@ -283,12 +277,7 @@ async def test_redis_breaker_opens_on_a_frozen_redis_and_closes_when_it_resumes(
         assert replies[0].timings.redis_us >= REDIS_CAP_US * 0.9  # waited its cap
         skipped = [r for r in replies if r.timings.redis_us < 500]
         assert len(skipped) >= 15
-        while True:
-            reply = await s.stub.Score(new_request(), timeout=DEADLINE_S)
-            if not reply.degraded:
-                break
-            assert time.monotonic() - resumed < 1.0, "no useful answer within 1 s of the return"
-            await asyncio.sleep(0.01)
+        await useful_again(s.stub, resumed)
 
 
 async def test_stage2_breaker_skips_a_slow_triton_at_once(

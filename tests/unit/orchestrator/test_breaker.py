@@ -7,20 +7,17 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
-from opentelemetry.trace import NoOpTracer
 
-from cascade.decision import Decision
 from cascade.errors import Dependency, DependencyOverloaded, DependencyUnavailable
 from cascade.settings import BreakerSettings
 from orchestrator.breaker import BreakerState, CircuitBreaker, DependencyBreakers
 from orchestrator.heavy_client import InMemoryHeavyScorer
 from orchestrator.online_store import InMemoryOnlineStore
-from orchestrator.post_answer import PostAnswerWriter
 from orchestrator.results import DecidedBy, Reason
 from orchestrator.scoring import CascadeScorer
 from orchestrator.screening_client import InMemoryScreener
 from tests.conftest import make_transaction
-from tests.unit.orchestrator.test_scoring import POLICY, SETTINGS, VERSIONS, budget, constant
+from tests.unit.orchestrator.test_scoring import budget, scorer_with
 
 SETTINGS_B = BreakerSettings(window=10, min_calls=5, failure_ratio=0.8, open_s=0.1, max_open_s=0.4)
 
@@ -145,32 +142,19 @@ def test_settings_refuse_inconsistent_values() -> None:
         BreakerSettings(window=5, min_calls=6)
 
 
+Parts = tuple[CascadeScorer, InMemoryOnlineStore, InMemoryScreener, InMemoryHeavyScorer, Clock]
+
+
 @pytest.fixture
-async def parts() -> AsyncIterator[
-    tuple[CascadeScorer, InMemoryOnlineStore, InMemoryScreener, InMemoryHeavyScorer, Clock]
-]:
+async def parts() -> AsyncIterator[Parts]:
     clock = Clock()
-    store = InMemoryOnlineStore()
-    screener = InMemoryScreener(constant(0.5))  # in the band: escalates
-    heavy = InMemoryHeavyScorer(constant(0.9))
-    async with PostAnswerWriter(store) as writer:
-        scorer = CascadeScorer(
-            store=store,
-            screener=screener,
-            heavy=heavy,
-            policy=POLICY,
-            versions=VERSIONS,
-            budget=SETTINGS,
-            default_decision=Decision.REVIEW,
-            writer=writer,
-            tracer=NoOpTracer(),
-            breakers=DependencyBreakers(SETTINGS_B, clock=clock),
-        )
-        yield scorer, store, screener, heavy, clock
+    breakers = DependencyBreakers(SETTINGS_B, clock=clock)
+    async with scorer_with(stage1=0.5, breakers=breakers) as c:  # 0.5: in the band, escalates
+        yield c.scorer, c.store, c.screener, c.heavy, clock
 
 
 async def test_open_stage2_breaker_answers_stage1_without_asking(
-    parts: tuple[CascadeScorer, InMemoryOnlineStore, InMemoryScreener, InMemoryHeavyScorer, Clock],
+    parts: Parts,
 ) -> None:
     scorer, _, _, heavy, clock = parts
     heavy.failure = DependencyUnavailable(Dependency.HEAVY, "refused")
@@ -190,7 +174,7 @@ async def test_open_stage2_breaker_answers_stage1_without_asking(
 
 
 async def test_open_stage1_breaker_gives_the_labelled_default_at_once(
-    parts: tuple[CascadeScorer, InMemoryOnlineStore, InMemoryScreener, InMemoryHeavyScorer, Clock],
+    parts: Parts,
 ) -> None:
     scorer, _, screener, _, _ = parts
     screener.delay_s = 1.0  # every call times out at its stage-1 cap
@@ -205,7 +189,7 @@ async def test_open_stage1_breaker_gives_the_labelled_default_at_once(
 
 
 async def test_open_redis_breaker_scores_without_the_store(
-    parts: tuple[CascadeScorer, InMemoryOnlineStore, InMemoryScreener, InMemoryHeavyScorer, Clock],
+    parts: Parts,
 ) -> None:
     scorer, store, _, _, clock = parts
     store.failure = DependencyUnavailable(Dependency.REDIS, "refused")
@@ -222,7 +206,7 @@ async def test_open_redis_breaker_scores_without_the_store(
 
 
 async def test_shedding_is_not_counted_against_a_dependency(
-    parts: tuple[CascadeScorer, InMemoryOnlineStore, InMemoryScreener, InMemoryHeavyScorer, Clock],
+    parts: Parts,
 ) -> None:
     scorer, _, _, heavy, _ = parts
     heavy.failure = DependencyOverloaded(Dependency.HEAVY, "queue full")

@@ -32,6 +32,7 @@ from cascade.features import (
 )
 from cascade.model_registry import FeaturesUnavailable, Policy, load_policy, load_registry
 from cascade.settings import DEFAULT_MODEL_DIR, BudgetSettings
+from orchestrator.breaker import DependencyBreakers
 from orchestrator.budget import Budget
 from orchestrator.heavy_client import InMemoryHeavyScorer
 from orchestrator.online_store import InMemoryOnlineStore, StoreWrite, card_history_key
@@ -72,24 +73,34 @@ class Cascade:
     writer: PostAnswerWriter
 
 
-@pytest.fixture
-async def cascade() -> AsyncIterator[Cascade]:
+@asynccontextmanager
+async def scorer_with(
+    policy: Policy = POLICY, stage1: float = 0.1, breakers: DependencyBreakers | None = None
+) -> AsyncIterator[Cascade]:
+    """A scorer on in-memory twins: stage 1 answers ``stage1``, stage 2 answers 0.9."""
     store = InMemoryOnlineStore()
-    screener = InMemoryScreener(constant(0.1))
+    screener = InMemoryScreener(constant(stage1))
     heavy = InMemoryHeavyScorer(constant(0.9))
     async with PostAnswerWriter(store) as writer:
         scorer = CascadeScorer(
             store=store,
             screener=screener,
             heavy=heavy,
-            policy=POLICY,
+            policy=policy,
             versions=VERSIONS,
             budget=SETTINGS,
             default_decision=Decision.REVIEW,
             writer=writer,
             tracer=NoOpTracer(),
+            breakers=breakers,
         )
         yield Cascade(scorer, store, screener, heavy, writer)
+
+
+@pytest.fixture
+async def cascade() -> AsyncIterator[Cascade]:
+    async with scorer_with() as built:
+        yield built
 
 
 def budget(ms: float = 50) -> Budget:
@@ -432,26 +443,6 @@ async def test_chunked_batch_scores_like_the_same_transactions_one_by_one() -> N
 DEGRADED = FeaturesUnavailable(review_threshold=0.05, decline_threshold=0.3)
 POLICY_WITH_SECTION = POLICY.model_copy(update={"features_unavailable": DEGRADED})
 SEVERITY = {Decision.APPROVE: 0, Decision.REVIEW: 1, Decision.DECLINE: 2}
-
-
-@asynccontextmanager
-async def scorer_with(policy: Policy, stage1: float) -> AsyncIterator[Cascade]:
-    store = InMemoryOnlineStore()
-    screener = InMemoryScreener(constant(stage1))
-    heavy = InMemoryHeavyScorer(constant(0.9))
-    async with PostAnswerWriter(store) as writer:
-        scorer = CascadeScorer(
-            store=store,
-            screener=screener,
-            heavy=heavy,
-            policy=policy,
-            versions=VERSIONS,
-            budget=SETTINGS,
-            default_decision=Decision.REVIEW,
-            writer=writer,
-            tracer=NoOpTracer(),
-        )
-        yield Cascade(scorer, store, screener, heavy, writer)
 
 
 async def test_features_unavailable_answers_by_the_degraded_thresholds() -> None:
