@@ -20,10 +20,12 @@ import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Final
 
 import grpc
+from prometheus_client import start_http_server
 
 from cascade.iso_codes import minor_unit_exponent, to_major_units
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
@@ -39,7 +41,7 @@ from devstack.stack_settings import (
     parse_assignments,
     parse_env_file,
 )
-from devstack.supervision import RestartEvent
+from devstack.supervision import STACK_METRICS, RestartEvent
 from devstack.trace_view import waterfall
 
 logger = logging.getLogger("cascade")
@@ -192,7 +194,17 @@ async def _up(args: argparse.Namespace) -> int:
     def report(event: RestartEvent) -> None:
         print(restart_line(event), flush=True)
 
-    async with LocalStack(config, on_restart=report) as stack:
+    async with AsyncExitStack() as exits:
+        if args.supervisor_metrics_port is not None:
+            server, _ = start_http_server(
+                args.supervisor_metrics_port, addr="127.0.0.1", registry=STACK_METRICS
+            )
+            exits.callback(server.shutdown)
+            print(
+                f"  supervisor metrics on http://127.0.0.1:{server.server_port}/metrics",
+                flush=True,
+            )
+        stack = await exits.enter_async_context(LocalStack(config, on_restart=report))
         print(
             f"stack healthy in {time.monotonic() - started:.1f}s\n"
             f"  scoring endpoint  grpc://{stack.target}  (cascade.v1.ScoringService/Score, "
@@ -315,6 +327,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="trace every call: a local OTLP receiver stores all spans (Triton's too) in "
         "RUN_DIR/traces for `cascade trace`",
+    )
+    up.add_argument(
+        "--supervisor-metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve the supervisor's restart counter (cascade_stack_restarts_total) on this "
+        "port's /metrics (0: a free one; default: off)",
     )
     up.add_argument(
         "--env-file",

@@ -9,8 +9,10 @@ it is ready again; a failed restart backs off further and tries again. Leaving t
 block cancels the watch tasks before anyone stops the children, so a shutdown never triggers a
 restart.
 
-Every restart is counted (:attr:`ChildSupervisor.restarts`, by child name) and recorded as a
-:class:`RestartEvent`, which ``on_event`` (``cascade up`` prints them) receives too.
+Every restart is counted (:attr:`ChildSupervisor.restarts`, by child name, and the Prometheus
+counter ``cascade_stack_restarts_total{child}`` in :data:`STACK_METRICS`, which ``cascade up
+--supervisor-metrics-port`` serves) and recorded as a :class:`RestartEvent`, which ``on_event``
+(``cascade up`` prints them) receives too.
 """
 
 from __future__ import annotations
@@ -25,9 +27,21 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, Self
 
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as MetricCounter
+
 from devstack.servers import ServerError
 
-__all__ = ["Backoff", "ChildSupervisor", "RestartEvent", "Restartable"]
+__all__ = ["STACK_METRICS", "Backoff", "ChildSupervisor", "RestartEvent", "Restartable"]
+
+STACK_METRICS = CollectorRegistry()
+"""The supervisor's own metrics, apart from the services' (each serves its own /metrics)."""
+RESTARTS = MetricCounter(
+    "cascade_stack_restarts",
+    "Processes of the local stack restarted after they exited on their own.",
+    ["child"],
+    registry=STACK_METRICS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +174,7 @@ class ChildSupervisor:
         delay_s = self.backoff.delay_s(watch.attempt)
         watch.attempt += 1
         self.restarts[child.name] += 1
+        RESTARTS.labels(child.name).inc()
         number = self.restarts[child.name]
         logger.warning(
             "%s exited unexpectedly with status %s; restart #%d in %.2f s",

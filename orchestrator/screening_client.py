@@ -43,7 +43,12 @@ from cascade.screening_protocol import (
 )
 from cascade.settings import HedgingSettings
 from cascade.telemetry import inject_headers, records_spans
-from orchestrator.screening_routing import HedgeBudget, LatencyQuantile, MemberTable
+from orchestrator.screening_routing import (
+    HedgeBudget,
+    LatencyQuantile,
+    MemberTable,
+    timer_is_late,
+)
 from orchestrator.stage_twin import ScoreFn, StageTwin
 
 logger = logging.getLogger(__name__)
@@ -81,6 +86,7 @@ class _Call:
     targets: list[str | None] = field(default_factory=list)
     hedged: bool = False
     won_by_hedge: bool = False
+    hedge_at_s: float = 0.0  # loop time the hedge timer is due
 
 
 class NatsScreener:
@@ -212,6 +218,7 @@ class NatsScreener:
                 else max(hedging.min_delay_ms / 1000.0, known_s)
             )
             if timeout_s - hedge_s >= hedging.min_left_ms / 1000.0:
+                call.hedge_at_s = loop.time() + hedge_s
                 timer = loop.call_later(hedge_s, self._hedge, nc, call)
             msg = await asyncio.wait_for(call.future, timeout_s)
         except TimeoutError:
@@ -241,6 +248,11 @@ class NatsScreener:
         """The request is later than recent answers: send it to another worker too."""
         assert self._budget is not None and self.members is not None
         if call.future.done() or len(call.tokens) > 1:
+            return
+        if timer_is_late(call.hedge_at_s, asyncio.get_running_loop().time()):
+            # The event loop itself is behind (overload): the answer may be waiting unread in
+            # our socket, and another request would only add work. Shedding handles this case.
+            _HEDGES_SKIPPED.inc()
             return
         if not self._budget.spend():
             _HEDGES_SKIPPED.inc()

@@ -88,6 +88,7 @@ async def test_up_stops_everything_on_sigterm(tmp_path: Path) -> None:
         "--orchestrators=2",
         f"--model-dir={DEFAULT_MODEL_DIR}",
         f"--run-dir={run_dir}",
+        "--supervisor-metrics-port=0",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -257,6 +258,7 @@ async def test_up_restarts_a_killed_orchestrator_process_prints_it_and_still_dra
         "--orchestrators=2",
         f"--model-dir={DEFAULT_MODEL_DIR}",
         f"--run-dir={run_dir}",
+        "--supervisor-metrics-port=0",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -279,6 +281,12 @@ async def test_up_restarts_a_killed_orchestrator_process_prints_it_and_still_dra
     async with asyncio.timeout(90):
         await read_until(r"orchestrator-\d exited with status -9: restart #1 after [\d.]+ s, back")
     assert len(children_running(proc.pid, "orchestrator")) == 2
+    # The restart counter is a metric too.
+    metrics_url = re.search(r"supervisor metrics on (http://127\.0\.0\.1:\d+/metrics)", seen)
+    assert metrics_url, seen
+    url = metrics_url.group(1)
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=2).read().decode())
+    assert re.search(r'cascade_stack_restarts_total\{child="orchestrator-\d"\} 1\.0', text), text
     proc.send_signal(signal.SIGTERM)
     async with asyncio.timeout(60):
         rest, _ = await proc.communicate()

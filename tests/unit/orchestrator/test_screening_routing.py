@@ -11,7 +11,7 @@ from cascade.screening_protocol import (
     worker_id_for,
     worker_subject,
 )
-from orchestrator.screening_routing import HedgeBudget, LatencyQuantile, MemberTable
+from orchestrator.screening_routing import HedgeBudget, LatencyQuantile, MemberTable, timer_is_late
 
 
 class Clock:
@@ -131,3 +131,9 @@ def test_hedge_prefers_a_suspect_other_worker_to_the_queue_group() -> None:
     assert members.pick_other("b") == "a"
     members.left("b")
     assert members.pick_other("a") is None
+
+
+def test_a_late_hedge_timer_means_the_loop_is_behind() -> None:
+    assert not timer_is_late(10.0, 10.0025)  # a noisy machine's jitter is not overload
+    assert timer_is_late(10.0, 10.0035)
+    assert not timer_is_late(10.0, 10.002, tolerance_s=0.005)
