@@ -201,8 +201,10 @@ async def test_stalled_redis_is_cut_off_without_a_stall(
             for _ in range(3):
                 reply, elapsed_s = await timed_score(stub, 1.0)
                 assert elapsed_s < FAST_S
-                # Silent Redis: the lookup waits exactly its 5 ms cap, not the 1 s sleep.
-                assert REDIS_CAP_US * 0.9 <= reply.timings.redis_us < REDIS_CAP_US + 2_000
+                # Silent Redis: the lookup waits its 5 ms cap (it was not refused at once), not
+                # the 1 s sleep. The loop's timers run on libuv's cached clock, so the cut-off
+                # can land up to ~1 ms early.
+                assert REDIS_CAP_US * 0.5 <= reply.timings.redis_us < REDIS_CAP_US + 2_000
                 assert R.REASON_CACHE_UNAVAILABLE in reply.reasons
                 assert reply.decided_by == R.DECIDED_BY_STAGE1 and not reply.escalated
             await stall
