@@ -274,7 +274,7 @@ async def test_redis_breaker_opens_on_a_frozen_redis_and_closes_when_it_resumes(
         resumed = time.monotonic()
         assert all(R.REASON_FEATURES_UNAVAILABLE in r.reasons for r in replies)
         assert all(r.decided_by != R.DECIDED_BY_DEFAULT for r in replies)  # still scored
-        assert replies[0].timings.redis_us >= REDIS_CAP_US * 0.9  # waited its cap
+        assert replies[0].timings.redis_us >= REDIS_CAP_US * 0.5  # waited (~its cap), not refused
         skipped = [r for r in replies if r.timings.redis_us < 500]
         assert len(skipped) >= 15
         await useful_again(s.stub, resumed)
