@@ -29,12 +29,13 @@ from enum import IntEnum
 from typing import Final
 
 from cascade import metrics
-from cascade.errors import Dependency
+from cascade.errors import Dependency, DependencyError, DependencyOverloaded
 from cascade.settings import BreakerSettings
+from orchestrator.outage_log import OutageLog
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BreakerState", "CircuitBreaker", "DependencyBreakers"]
+__all__ = ["BreakerState", "CircuitBreaker", "DependencyBreakers", "DependencyGuard"]
 
 
 class BreakerState(IntEnum):
@@ -165,3 +166,33 @@ class DependencyBreakers:
             for b in (self.redis, self.stage1, self.stage2)
             if b.state is not BreakerState.CLOSED
         }
+
+
+class DependencyGuard:
+    """What the scorer tells about each attempt on one dependency, in one place: its breaker
+    (skip it while it keeps failing) and its outage log (one line when it starts failing, one
+    when it answers again)."""
+
+    __slots__ = ("_log", "breaker")
+
+    def __init__(self, breaker: CircuitBreaker, what: str) -> None:
+        self.breaker = breaker
+        self._log = OutageLog(what)
+
+    def allow(self) -> bool:
+        """Whether to attempt the dependency now (see :meth:`CircuitBreaker.allow`)."""
+        return self.breaker.allow()
+
+    def answered(self) -> None:
+        """The attempt succeeded."""
+        self.breaker.record(False)
+        self._log.answered()
+
+    def raised(self, exc: BaseException) -> None:
+        """The attempt raised ``exc``: a failure, or (shed on purpose, cancelled, our own bug)
+        no verdict on the dependency's health."""
+        if isinstance(exc, DependencyError) and not isinstance(exc, DependencyOverloaded):
+            self.breaker.record(True)
+            self._log.failed(exc)
+        else:
+            self.breaker.release()

@@ -52,7 +52,7 @@ from cascade.model_registry import Policy
 from cascade.settings import BreakerSettings, BudgetSettings
 from cascade.telemetry import records_spans
 from cascade.transaction import Transaction
-from orchestrator.breaker import CircuitBreaker, DependencyBreakers
+from orchestrator.breaker import DependencyBreakers, DependencyGuard
 from orchestrator.budget import Budget
 from orchestrator.codec import decode_cached, encode_cached
 from orchestrator.heavy_client import HeavyScorer
@@ -64,7 +64,6 @@ from orchestrator.online_store import (
     decode_history,
     output_cache_key,
 )
-from orchestrator.outage_log import OutageLog
 from orchestrator.post_answer import PostAnswerWriter
 from orchestrator.results import DecidedBy, ModelVersions, Reason, ScoreResult, Timings
 from orchestrator.routing import Decision, Route, decide, route
@@ -88,15 +87,6 @@ _DEFAULT_SCORES: Final = {
     Decision.REVIEW: 0.5,
     Decision.DECLINE: 1.0,
 }
-
-
-def _settle(breaker: CircuitBreaker, exc: BaseException) -> None:
-    """Tell ``breaker`` how an attempt that raised ``exc`` went: a failure, or (shed on purpose,
-    cancelled, our own bug) no verdict."""
-    if isinstance(exc, DependencyError) and not isinstance(exc, DependencyOverloaded):
-        breaker.record(True)
-    else:
-        breaker.release()
 
 
 def _us_since(start_ns: int) -> int:
@@ -148,9 +138,9 @@ class CascadeScorer:
         self._stage2_max_in_flight = stage2_max_in_flight
         self.stage2_in_flight = 0
         self.breakers = breakers or DependencyBreakers(BreakerSettings(enabled=False))
-        self._redis_log = OutageLog("Redis (cache and features)")
-        self._stage1_log = OutageLog("stage 1 (screening workers over NATS)")
-        self._stage2_log = OutageLog("stage 2 (Triton)")
+        self._redis_guard = DependencyGuard(self.breakers.redis, "Redis (cache and features)")
+        self._stage1_guard = DependencyGuard(self.breakers.stage1, "stage 1 (screening over NATS)")
+        self._stage2_guard = DependencyGuard(self.breakers.stage2, "stage 2 (Triton)")
 
     @property
     def versions(self) -> ModelVersions:
@@ -209,9 +199,8 @@ class CascadeScorer:
     async def _lookup(
         self, keys: list[tuple[str, str]], budget: Budget
     ) -> list[StoreLookup] | None:
-        breaker = self.breakers.redis
-        if not breaker.allow():
-            self._skipped(breaker)
+        if not self._redis_guard.allow():
+            self._skipped()
             return None
         timeout_s = budget.allot_s(self._cap_ms(self._budget.redis_ms, len(keys)))
         try:
@@ -221,17 +210,15 @@ class CascadeScorer:
                 with self._tracer.start_as_current_span("redis.lookup", kind=trace.SpanKind.CLIENT):
                     lookups = await self._store.lookup(keys, timeout_s)
         except BaseException as exc:
-            _settle(breaker, exc)
+            self._redis_guard.raised(exc)
             if isinstance(exc, DependencyError):
-                self._redis_log.failed(exc)
                 return None
             raise
-        breaker.record(False)
-        self._redis_log.answered()
+        self._redis_guard.answered()
         return lookups
 
-    def _skipped(self, breaker: CircuitBreaker) -> None:
-        """Note on the call's span that ``breaker`` kept a dependency from being asked."""
+    def _skipped(self) -> None:
+        """Note on the call's span which breakers kept a dependency from being asked."""
         if self._spans:
             trace.get_current_span().set_attributes(self.breakers.open_ones())
 
@@ -294,11 +281,10 @@ class CascadeScorer:
         writes: list[StoreWrite] = []
 
         stage1_scores: list[float] | None = None
-        breaker = self.breakers.stage1
         if budget.remaining_ms() < cfg.min_useful_ms:
             stage1_reason = Reason.BUDGET_EXHAUSTED
-        elif not breaker.allow():
-            self._skipped(breaker)
+        elif not self._stage1_guard.allow():
+            self._skipped()
             stage1_reason = Reason.STAGE1_UNAVAILABLE
         else:
             t0 = time.perf_counter_ns()
@@ -307,13 +293,11 @@ class CascadeScorer:
                     rows, budget.allot_s(self._cap_ms(cfg.stage1_ms, len(todo)))
                 )
                 stage1_scores = scores.tolist()
-                breaker.record(False)
-                self._stage1_log.answered()
+                self._stage1_guard.answered()
             except BaseException as exc:
-                _settle(breaker, exc)
+                self._stage1_guard.raised(exc)
                 if not isinstance(exc, DependencyError):
                     raise
-                self._stage1_log.failed(exc)
                 stage1_reason = _STAGE1_REASONS.get(type(exc), Reason.STAGE1_ERROR)
             timings.stage1_us += _us_since(t0)
         if stage1_scores is None:
@@ -381,9 +365,8 @@ class CascadeScorer:
         # A request larger than the whole limit still goes when nothing else is in flight.
         if self.stage2_in_flight and self.stage2_in_flight + n > self._stage2_max_in_flight:
             return Reason.STAGE2_OVERLOADED
-        breaker = self.breakers.stage2
-        if not breaker.allow():
-            self._skipped(breaker)
+        if not self._stage2_guard.allow():
+            self._skipped()
             return Reason.STAGE2_UNAVAILABLE
         self.stage2_in_flight += n
         try:
@@ -391,15 +374,13 @@ class CascadeScorer:
             timeout_s = budget.allot_s(float("inf"), keep_ms=self._budget.stage2_margin_ms)
             heavy_scores = await self._heavy.score(sequences, timeout_s)
         except BaseException as exc:
-            _settle(breaker, exc)
+            self._stage2_guard.raised(exc)
             if not isinstance(exc, DependencyError):
                 raise
-            self._stage2_log.failed(exc)
             return _STAGE2_REASONS.get(type(exc), Reason.STAGE2_ERROR)
         finally:
             self.stage2_in_flight -= n
-        breaker.record(False)
-        self._stage2_log.answered()
+        self._stage2_guard.answered()
         for j, score in zip(escalate, heavy_scores.tolist(), strict=True):
             final[j] = score
         return None
