@@ -47,6 +47,21 @@ async def run_cascade(*args: str, timeout_s: float = 180) -> tuple[int, str]:
     return proc.returncode, out.decode()
 
 
+async def start_up(*args: str) -> asyncio.subprocess.Process:
+    """``cascade up`` with free ports and ``args``, its output on a pipe."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "devstack.cli",
+        "up",
+        *FREE_PORTS,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
 async def test_up_scores_sample_traffic_and_stops_everything(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     code, out = await run_cascade(
@@ -78,20 +93,11 @@ async def test_up_scores_sample_traffic_and_stops_everything(tmp_path: Path) -> 
 
 async def test_up_stops_everything_on_sigterm(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "devstack.cli",
-        "up",
-        *FREE_PORTS,
+    proc = await start_up(
         "--workers=1",
         "--orchestrators=2",
         f"--model-dir={DEFAULT_MODEL_DIR}",
         f"--run-dir={run_dir}",
-        "--supervisor-metrics-port=0",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.stdout is not None
     seen = ""
@@ -186,21 +192,13 @@ async def test_up_passes_env_file_and_set_settings_to_the_services(tmp_path: Pat
     env_file.write_text(
         f"# for this test\nCASCADE_METRICS_PORT={metrics_port}\nCASCADE_BUDGET__SLO_MS=30\n"
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "devstack.cli",
-        "up",
-        *FREE_PORTS,
+    proc = await start_up(
         "--workers=1",
         "--orchestrators=1",
         f"--run-dir={tmp_path / 'run'}",
         f"--env-file={env_file}",
         "--set",
         "CASCADE_BUDGET__RESPONSE_MARGIN_MS=4",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.stdout is not None
     try:
@@ -248,20 +246,12 @@ async def test_up_restarts_a_killed_orchestrator_process_prints_it_and_still_dra
     tmp_path: Path,
 ) -> None:
     run_dir = tmp_path / "run"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "devstack.cli",
-        "up",
-        *FREE_PORTS,
+    proc = await start_up(
         "--workers=1",
         "--orchestrators=2",
         f"--model-dir={DEFAULT_MODEL_DIR}",
         f"--run-dir={run_dir}",
         "--supervisor-metrics-port=0",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.stdout is not None
     seen = ""
