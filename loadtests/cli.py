@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
+from devstack.stack_settings import parse_assignments
 from loadtests.address import parse_loopback_target
 from loadtests.cpu import CpuMeter, CpuSnapshot, cpu_report
 from loadtests.history import HistoryMode, MatureSplit, backfill_batches
@@ -237,7 +238,8 @@ def _settings(args: argparse.Namespace) -> LoadSettings:
     )
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """The checkout's short commit id ('' outside a git checkout), for a report's meta."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -253,14 +255,9 @@ def _git_commit() -> str:
 
 
 def stack_env(pairs: Sequence[str]) -> dict[str, str]:
-    """``["K=V", ...]`` -> ``{"K": "V"}``; ValueError naming a pair without ``=``."""
-    env = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--stack-env wants KEY=VALUE, got {pair!r}")
-        env[key] = value
-    return env
+    """``--stack-env`` pairs as a dict (:func:`devstack.stack_settings.parse_assignments`: a
+    SettingsInputError, a ValueError, names a malformed pair or a key the stack sets itself)."""
+    return parse_assignments(pairs, source="--stack-env")
 
 
 @asynccontextmanager
@@ -540,7 +537,7 @@ def build_report(
             "command": "cascade loadtest " + shlex.join(argv),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "wall_s": round(time.time() - started, 1),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "cpus": os.cpu_count(),
             "load_average_1m_at_end": round(os.getloadavg()[0], 2),
             "targets": targets,

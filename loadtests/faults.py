@@ -37,6 +37,7 @@ from cascade.wire import to_wire
 from devstack.stack import LocalStack, StackConfig, StackPorts
 from devstack.stack_settings import parse_assignments
 from devstack.supervision import ChildSupervisor, RestartEvent
+from loadtests.cli import git_commit
 from loadtests.client import ScoringClient, run_open_loop
 from loadtests.fault_matrix import (
     FaultKind,
@@ -267,7 +268,7 @@ async def run_matrix(args: argparse.Namespace, phases: Sequence[PhaseSpec]) -> d
             "command": "python -m loadtests.faults " + shlex.join(args.argv),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "wall_s": round(time.time() - started, 1),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "cpus": os.cpu_count(),
             "load_average_1m_at_end": round(os.getloadavg()[0], 2),
             "rate": args.rate,
@@ -287,23 +288,6 @@ async def run_matrix(args: argparse.Namespace, phases: Sequence[PhaseSpec]) -> d
         },
         "phases": summaries,
     }
-
-
-def _git_commit() -> str:
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return out.stdout.strip()
 
 
 def _parser() -> argparse.ArgumentParser:
