@@ -78,6 +78,13 @@ class RedisSettings(BaseModel):
         description="Dedicated connections per orchestrator process; each carries many "
         "pipelined requests at once, so there is no pool to run out of.",
     )
+    write_linger_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description="Post-answer cache and history writes wait this long for company, so that "
+        "several answers share one Redis round trip (and one wake-up).",
+    )
 
 
 class NatsSettings(BaseModel):

@@ -382,7 +382,9 @@ class Orchestrator(AsyncResourceGroup):
                 tracer=self._tracer,
             )
         )
-        self.writer = await self._stack.enter_async_context(PostAnswerWriter(store))
+        self.writer = await self._stack.enter_async_context(
+            PostAnswerWriter(store, linger_s=s.redis.write_linger_ms / 1000.0)
+        )
         screening: Screener = screener
         heavyweight: HeavyScorer = heavy
         if s.coalescing.enabled:
