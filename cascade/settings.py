@@ -79,7 +79,7 @@ class RedisSettings(BaseModel):
         "pipelined requests at once, so there is no pool to run out of.",
     )
     write_linger_ms: float = Field(
-        20.0,
+        5.0,
         ge=0,
         le=1000,
         description="Post-answer cache and history writes wait this long for company, so that "
