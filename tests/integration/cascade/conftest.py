@@ -62,6 +62,19 @@ async def heavy_triton(model_dir: Path, server_log_dir: Path) -> AsyncIterator[T
         yield server
 
 
+def triton_for(model_dir: Path, log_dir: Path, *, delay_ms: float = 0.0) -> TritonServer:
+    """A Triton (not started) serving ``model_dir``'s stage-2 model; every batch sleeps
+    ``delay_ms`` first (a slow stage 2)."""
+    registry = load_registry(model_dir)
+    return TritonServer(
+        registry.stage2_path,
+        model_name=registry.stage2.triton_model or "",
+        model_version=registry.stage2.triton_version or 1,
+        delay_ms=delay_ms,
+        log_dir=log_dir,
+    )
+
+
 def settings_for(
     model_dir: Path, redis_url: str, nats_url: str, triton_url: str, **budget: float
 ) -> Settings:

@@ -14,10 +14,9 @@ import pytest
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cascade.model_registry import load_registry
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from devstack.servers import NatsServer, RedisServer, TritonServer
-from tests.integration.cascade.conftest import cascade_processes, new_request
+from tests.integration.cascade.conftest import cascade_processes, new_request, triton_for
 
 pytestmark = pytest.mark.integration
 
@@ -38,15 +37,8 @@ async def timed_score(
 async def test_slow_then_stopped_stage2_falls_back_to_stage1_in_time(
     model_dir: Path, redis_server: RedisServer, nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    registry = load_registry(model_dir)
     async with (
-        TritonServer(
-            registry.stage2_path,
-            model_name=registry.stage2.triton_model or "",
-            model_version=registry.stage2.triton_version or 1,
-            delay_ms=300,
-            log_dir=tmp_path / "triton-slow",
-        ) as slow,
+        triton_for(model_dir, tmp_path / "triton-slow", delay_ms=300) as slow,
         cascade_processes(
             model_dir,
             tmp_path / "logs",

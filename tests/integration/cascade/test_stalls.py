@@ -20,11 +20,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cascade.model_registry import load_registry
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from devstack.servers import ManagedProcess, NatsServer, RedisServer, TritonServer, free_port
 from devstack.stack import orchestrator_process, service_env, worker_process
-from tests.integration.cascade.conftest import new_request
+from tests.integration.cascade.conftest import new_request, triton_for
 
 pytestmark = pytest.mark.integration
 
@@ -283,15 +282,8 @@ async def test_redis_breaker_opens_on_a_frozen_redis_and_closes_when_it_resumes(
 async def test_stage2_breaker_skips_a_slow_triton_at_once(
     model_dir: Path, redis_server: RedisServer, nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    registry = load_registry(model_dir)
     async with (
-        TritonServer(
-            registry.stage2_path,
-            model_name=registry.stage2.triton_model or "",
-            model_version=registry.stage2.triton_version or 1,
-            delay_ms=300,
-            log_dir=tmp_path / "triton-slow",
-        ) as slow,
+        triton_for(model_dir, tmp_path / "triton-slow", delay_ms=300) as slow,
         stack(
             model_dir,
             tmp_path,
