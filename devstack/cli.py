@@ -47,6 +47,7 @@ from devstack.trace_view import waterfall
 logger = logging.getLogger("cascade")
 
 _BACKFILL_BATCH: Final = 500
+_TRACE_SETTLE_S: Final = 1.0
 _PORT_FLAGS: Final = (
     "--port",
     "--redis-port",
@@ -223,6 +224,9 @@ async def _up(args: argparse.Namespace) -> int:
                 stack.target, args.sample, args.seed, args.deadline_ms, history=not args.no_history
             ):
                 print(line)
+        if args.sample and stack.traces is not None:
+            # Exporters send every 200 ms (Triton's own too): let the sample's last spans land.
+            await asyncio.sleep(_TRACE_SETTLE_S)
         if args.exit_after_sample:
             return 0
         print("running; Ctrl-C (SIGINT) or SIGTERM stops every process", flush=True)
