@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -73,6 +74,26 @@ class Cascade:
     writer: PostAnswerWriter
 
 
+def make_scorer(
+    store: InMemoryOnlineStore,
+    screener: InMemoryScreener,
+    heavy: InMemoryHeavyScorer,
+    writer: PostAnswerWriter,
+    **overrides: Any,
+) -> CascadeScorer:
+    """A scorer on the given twins with this module's policy, versions and budget."""
+    settings: dict[str, Any] = {
+        "policy": POLICY,
+        "versions": VERSIONS,
+        "budget": SETTINGS,
+        "default_decision": Decision.REVIEW,
+        "tracer": NoOpTracer(),
+    }
+    return CascadeScorer(
+        store=store, screener=screener, heavy=heavy, writer=writer, **(settings | overrides)
+    )
+
+
 @asynccontextmanager
 async def scorer_with(
     policy: Policy = POLICY, stage1: float = 0.1, breakers: DependencyBreakers | None = None
@@ -82,16 +103,12 @@ async def scorer_with(
     screener = InMemoryScreener(constant(stage1))
     heavy = InMemoryHeavyScorer(constant(0.9))
     async with PostAnswerWriter(store) as writer:
-        scorer = CascadeScorer(
-            store=store,
-            screener=screener,
-            heavy=heavy,
+        scorer = make_scorer(
+            store,
+            screener,
+            heavy,
+            writer,
             policy=policy,
-            versions=VERSIONS,
-            budget=SETTINGS,
-            default_decision=Decision.REVIEW,
-            writer=writer,
-            tracer=NoOpTracer(),
             breakers=breakers,
         )
         yield Cascade(scorer, store, screener, heavy, writer)
@@ -222,16 +239,12 @@ async def test_new_model_version_misses_the_cache(cascade: Cascade) -> None:
     tx = make_transaction()
     await cascade.scorer.score(tx, budget())
     await cascade.writer.flush()
-    bumped = CascadeScorer(
-        store=cascade.store,
-        screener=cascade.screener,
-        heavy=cascade.heavy,
-        policy=POLICY,
+    bumped = make_scorer(
+        cascade.store,
+        cascade.screener,
+        cascade.heavy,
+        cascade.writer,
         versions=dataclasses.replace(VERSIONS, stage1="s1-u"),
-        budget=SETTINGS,
-        default_decision=Decision.REVIEW,
-        writer=cascade.writer,
-        tracer=NoOpTracer(),
     )
     result = await bumped.score(tx, budget())
     assert result.decided_by is DecidedBy.STAGE1
@@ -286,16 +299,11 @@ async def test_batch_scores_like_sequential_calls(cascade: Cascade) -> None:
 
     sequential = InMemoryOnlineStore()
     async with PostAnswerWriter(sequential) as writer:
-        one_by_one = CascadeScorer(
-            store=sequential,
-            screener=cascade.screener,
-            heavy=cascade.heavy,
-            policy=POLICY,
-            versions=VERSIONS,
-            budget=SETTINGS,
-            default_decision=Decision.REVIEW,
-            writer=writer,
-            tracer=NoOpTracer(),
+        one_by_one = make_scorer(
+            sequential,
+            cascade.screener,
+            cascade.heavy,
+            writer,
         )
         for tx in txs:
             await one_by_one.score(tx, budget())
@@ -343,16 +351,11 @@ async def test_slow_redis_is_cut_off_at_its_cap_and_labelled(cascade: Cascade) -
 async def test_escalations_beyond_the_stage2_limit_answer_overloaded_without_asking(
     cascade: Cascade,
 ) -> None:
-    limited = CascadeScorer(
-        store=cascade.store,
-        screener=cascade.screener,
-        heavy=cascade.heavy,
-        policy=POLICY,
-        versions=VERSIONS,
-        budget=SETTINGS,
-        default_decision=Decision.REVIEW,
-        writer=cascade.writer,
-        tracer=NoOpTracer(),
+    limited = make_scorer(
+        cascade.store,
+        cascade.screener,
+        cascade.heavy,
+        cascade.writer,
         stage2_max_in_flight=1,
     )
     cascade.screener.score_fn = constant(0.55)
@@ -398,16 +401,11 @@ async def test_chunked_batch_scores_like_the_same_transactions_one_by_one() -> N
         screener = InMemoryScreener(_feature_hash, delay_s=0.002)
         heavy = InMemoryHeavyScorer(_feature_hash, delay_s=0.001)
         async with PostAnswerWriter(store, linger_s=0.0) as writer:
-            scorer = CascadeScorer(
-                store=store,
-                screener=screener,
-                heavy=heavy,
-                policy=POLICY,
-                versions=VERSIONS,
-                budget=SETTINGS,
-                default_decision=Decision.REVIEW,
-                writer=writer,
-                tracer=NoOpTracer(),
+            scorer = make_scorer(
+                store,
+                screener,
+                heavy,
+                writer,
                 chunk_items=5,
             )
             if batch:
@@ -635,16 +633,11 @@ async def test_batch_of_shuffled_and_repeated_transactions_scores_like_one_by_on
             _feature_hash, failure=DependencyUnavailable(Dependency.HEAVY, "down")
         )
         async with PostAnswerWriter(store, linger_s=0.0) as writer:
-            scorer = CascadeScorer(
-                store=store,
-                screener=InMemoryScreener(record),
-                heavy=heavy,
-                policy=POLICY,
-                versions=VERSIONS,
-                budget=SETTINGS,
-                default_decision=Decision.REVIEW,
-                writer=writer,
-                tracer=NoOpTracer(),
+            scorer = make_scorer(
+                store,
+                InMemoryScreener(record),
+                heavy,
+                writer,
                 chunk_items=6,
             )
             for _ in range(2):
