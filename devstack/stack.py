@@ -17,7 +17,7 @@ import asyncio
 import dataclasses
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cascade.lifecycle import AsyncResourceGroup
 from cascade.model_registry import load_registry
+from cascade.settings import ServerSettings
 from cascade.shared_port import metrics_port_offset, shared_port_env
 from devstack.otlp_receiver import OtlpReceiver
 from devstack.servers import (
@@ -132,6 +133,22 @@ def service_env(
     return env
 
 
+# What an orchestrator's shutdown takes besides its drain: flushing the post-answer writes
+# (PostAnswerWriter's drain_timeout_s) and closing its clients.
+_WRITER_FLUSH_S: Final = 2.0
+_CLOSE_S: Final = 3.0
+
+
+def orchestrator_stop_grace_s(env: Mapping[str, str]) -> float:
+    """How long to wait after SIGTERM before SIGKILL: the process's whole drain (shutdown delay,
+    in-flight calls' grace, the post-answer flush, closing), as ``env`` configures it, so a
+    drain that uses its time is never cut short."""
+    server = ServerSettings()
+    delay_s = float(env.get("CASCADE_SERVER__SHUTDOWN_DELAY_S", server.shutdown_delay_s))
+    drain_s = float(env.get("CASCADE_SERVER__DRAIN_S", server.drain_s))
+    return delay_s + drain_s + _WRITER_FLUSH_S + _CLOSE_S
+
+
 def worker_process(
     name: str, env: dict[str, str], log_dir: Path, *, module: str = "stages.screening"
 ) -> ManagedProcess:
@@ -170,6 +187,7 @@ def orchestrator_process(
         probe=ready,
         ports=(port,),
         start_timeout_s=60.0,
+        stop_grace_s=orchestrator_stop_grace_s(env),
     )
 
 
@@ -195,6 +213,7 @@ def orchestrator_processes(
             env=shared_port_env(env, i, count),
             ports=(port,) if i == 0 else (),
             start_timeout_s=60.0,
+            stop_grace_s=orchestrator_stop_grace_s(env),
             # A restarted one joins the others' reuse-port socket: the port is rightly taken.
             check_ports_on_restart=count == 1,
         )

@@ -25,7 +25,7 @@ from cascade.settings import (
     TritonSettings,
 )
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
-from devstack.servers import ManagedProcess, TritonServer, free_port
+from devstack.servers import ManagedProcess, RedisServer, TritonServer, free_port
 from devstack.stack import orchestrator_process, service_env, worker_process
 from tests.conftest import make_wire_transaction
 
@@ -129,3 +129,22 @@ async def cascade_processes(
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
         await asyncio.wait_for(channel.channel_ready(), timeout=5)
         yield scoring_pb2_grpc.ScoringServiceStub(channel), channel, orchestrator
+
+
+@asynccontextmanager
+async def cascade_with_own_redis(
+    model_dir: Path, log_dir: Path, *, nats_url: str, triton_url: str
+) -> AsyncIterator[tuple[scoring_pb2_grpc.ScoringServiceStub, RedisServer]]:
+    """:func:`cascade_processes` on a Redis of its own, which the test may stop, stall or kill;
+    yields the stub and that Redis."""
+    async with (
+        RedisServer(log_dir=log_dir / "redis") as redis,
+        cascade_processes(
+            model_dir,
+            log_dir / "logs",
+            redis_url=redis.url,
+            nats_url=nats_url,
+            triton_url=triton_url,
+        ) as (stub, _, _),
+    ):
+        yield stub, redis

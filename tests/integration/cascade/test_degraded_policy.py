@@ -20,8 +20,8 @@ from cascade.model_registry import Policy, load_policy, load_registry
 from cascade.settings import DEFAULT_MODEL_DIR
 from cascade.v1 import scoring_pb2
 from cascade.wire import to_wire
-from devstack.servers import NatsServer, RedisServer, TritonServer
-from tests.integration.cascade.conftest import cascade_processes
+from devstack.servers import NatsServer, TritonServer
+from tests.integration.cascade.conftest import cascade_with_own_redis
 from training.evaluation import stage1_scores
 from training.simulator import SimulationConfig, simulate
 
@@ -95,16 +95,9 @@ async def test_redis_down_answers_give_the_measured_degraded_decisions(
     assert any(c.pattern and degraded.decide(c.stage1) == "DECLINE" for c in cases)
     assert {degraded.decide(c.stage1) for c in cases if not c.pattern} == {"APPROVE", "REVIEW"}
 
-    async with (
-        RedisServer(log_dir=tmp_path / "redis") as doomed,
-        cascade_processes(
-            model_dir,
-            tmp_path / "logs",
-            redis_url=doomed.url,
-            nats_url=nats_server.url,
-            triton_url=heavy_triton.grpc_url,
-        ) as (stub, _, _),
-    ):
+    async with cascade_with_own_redis(
+        model_dir, tmp_path, nats_url=nats_server.url, triton_url=heavy_triton.grpc_url
+    ) as (stub, doomed):
         await doomed.stop()
         replies = [await stub.Score(R.ScoreRequest(transaction=c.tx), timeout=1.0) for c in cases]
         batch = await stub.ScoreBatch(

@@ -16,7 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from devstack.servers import NatsServer, RedisServer, TritonServer
-from tests.integration.cascade.conftest import cascade_processes, new_request, triton_for
+from tests.integration.cascade.conftest import (
+    cascade_processes,
+    cascade_with_own_redis,
+    new_request,
+    triton_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -102,16 +107,9 @@ async def test_no_screening_worker_answers_labelled_default_fast(
 async def test_redis_stopped_still_answers_without_a_stall(
     model_dir: Path, nats_server: NatsServer, heavy_triton: TritonServer, tmp_path: Path
 ) -> None:
-    async with (
-        RedisServer(log_dir=tmp_path / "redis") as doomed,
-        cascade_processes(
-            model_dir,
-            tmp_path / "logs",
-            redis_url=doomed.url,
-            nats_url=nats_server.url,
-            triton_url=heavy_triton.grpc_url,
-        ) as (stub, _, _),
-    ):
+    async with cascade_with_own_redis(
+        model_dir, tmp_path, nats_url=nats_server.url, triton_url=heavy_triton.grpc_url
+    ) as (stub, doomed):
         reply, _ = await timed_score(stub, 1.0)
         assert not reply.degraded
         await doomed.stop()
@@ -174,16 +172,9 @@ async def test_sigterm_drains_in_flight_calls_then_exits_cleanly(
 async def test_stalled_redis_is_cut_off_without_a_stall(
     model_dir: Path, nats_server: NatsServer, heavy_triton: TritonServer, tmp_path: Path
 ) -> None:
-    async with (
-        RedisServer(log_dir=tmp_path / "redis") as slow,
-        cascade_processes(
-            model_dir,
-            tmp_path / "logs",
-            redis_url=slow.url,
-            nats_url=nats_server.url,
-            triton_url=heavy_triton.grpc_url,
-        ) as (stub, _, _),
-    ):
+    async with cascade_with_own_redis(
+        model_dir, tmp_path, nats_url=nats_server.url, triton_url=heavy_triton.grpc_url
+    ) as (stub, slow):
         admin = aioredis.Redis.from_url(slow.url)
         try:
             # DEBUG SLEEP blocks the whole server: every lookup meets a Redis that is there
