@@ -12,6 +12,11 @@ loop is more than ``deadline_s`` behind the end of its window (what is left is c
 timeouts. :func:`run_serial` is the closed loop with one call in flight, for the unloaded
 latency.
 
+Both loops run with the collector quiet (:func:`quiet_collector`): the heap a step starts with
+(its plan, the earlier tallies) is collected once and frozen before the first send. Without
+that, at a few thousand calls per second the generator's own full collections took 30-46 ms
+each, every few seconds, and every answer that arrived during one was counted late.
+
 Both loops take the sender as a plain async callable, so unit tests drive them with an in-memory
 fake instead of a socket.
 """
@@ -19,10 +24,12 @@ fake instead of a socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Final
 
@@ -41,6 +48,7 @@ __all__ = [
     "ScoringClient",
     "Sender",
     "classify_failure",
+    "quiet_collector",
     "run_open_loop",
     "run_serial",
 ]
@@ -55,6 +63,21 @@ Sender = Callable[[bytes, float], Awaitable[scoring_pb2.ScoreResponse]]
 """``send(serialised ScoreRequest, timeout_s) -> ScoreResponse``; raises on failure."""
 
 Clock = Callable[[], float]
+
+
+@contextlib.contextmanager
+def quiet_collector() -> Iterator[None]:
+    """Collect and freeze the heap for the block, so collections inside it scan only new objects.
+
+    Measured in a one-process generator at ~3,000 calls/s: five full collections in a 10 s step,
+    30-46 ms each, against none over 4 ms once frozen.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def classify_failure(exc: BaseException) -> tuple[Failure, str]:
@@ -189,28 +212,30 @@ async def run_open_loop(
     tally.scheduled += len(offsets)
     tally.repeats_planned += plan.repeats
     stop_sending_s = window_s + deadline_s
-    try:
-        async with asyncio.timeout_at(None) as hard_stop, asyncio.TaskGroup() as group:
-            for i, offset in enumerate(offsets):
-                now_s = clock() - start_at
-                if now_s > stop_sending_s:
-                    tally.unsent += len(offsets) - i
-                    logger.warning(
-                        "generator fell %.1f s behind; %d requests not sent",
-                        now_s - offset,
-                        len(offsets) - i,
+    with quiet_collector():
+        try:
+            async with asyncio.timeout_at(None) as hard_stop, asyncio.TaskGroup() as group:
+                for i, offset in enumerate(offsets):
+                    now_s = clock() - start_at
+                    if now_s > stop_sending_s:
+                        tally.unsent += len(offsets) - i
+                        logger.warning(
+                            "generator fell %.1f s behind; %d requests not sent",
+                            now_s - offset,
+                            len(offsets) - i,
+                        )
+                        break
+                    delay = offset - now_s
+                    # sleep(0) when late: still yield, so answers are read between sends.
+                    await asyncio.sleep(delay if delay > 0 else 0)
+                    group.create_task(
+                        _call(send, payloads[i], offset, start_at, deadline_s, tally, clock)
                     )
-                    break
-                delay = offset - now_s
-                # sleep(0) when late: still yield, so answers are read between sends.
-                await asyncio.sleep(delay if delay > 0 else 0)
-                group.create_task(
-                    _call(send, payloads[i], offset, start_at, deadline_s, tally, clock)
-                )
-            # Every call carries its own deadline; the hard stop only catches a stuck transport.
-            hard_stop.reschedule(asyncio.get_running_loop().time() + deadline_s + grace_s)
-    except TimeoutError:
-        logger.warning("calls still open %.1f s after the last send were abandoned", grace_s)
+                # Every call carries its own deadline; the hard stop only catches a stuck
+                # transport.
+                hard_stop.reschedule(asyncio.get_running_loop().time() + deadline_s + grace_s)
+        except TimeoutError:
+            logger.warning("calls still open %.1f s after the last send were abandoned", grace_s)
 
 
 async def run_serial(
@@ -226,10 +251,11 @@ async def run_serial(
 
     Ends after ``payloads`` or ``duration_s``, whichever comes first.
     """
-    start_at = clock()
-    for payload in payloads:
-        intended_s = clock() - start_at
-        if intended_s >= duration_s:
-            break
-        tally.scheduled += 1
-        await _call(send, payload, intended_s, start_at, deadline_s, tally, clock)
+    with quiet_collector():
+        start_at = clock()
+        for payload in payloads:
+            intended_s = clock() - start_at
+            if intended_s >= duration_s:
+                break
+            tally.scheduled += 1
+            await _call(send, payload, intended_s, start_at, deadline_s, tally, clock)
