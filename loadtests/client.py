@@ -47,6 +47,7 @@ __all__ = [
     "Clock",
     "ScoringClient",
     "Sender",
+    "Sleep",
     "classify_failure",
     "quiet_collector",
     "run_open_loop",
@@ -63,6 +64,7 @@ Sender = Callable[[bytes, float], Awaitable[scoring_pb2.ScoreResponse]]
 """``send(serialised ScoreRequest, timeout_s) -> ScoreResponse``; raises on failure."""
 
 Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
 
 
 @contextlib.contextmanager
@@ -206,8 +208,14 @@ async def run_open_loop(
     deadline_s: float,
     clock: Clock = time.perf_counter,
     grace_s: float = _GRACE_S,
+    sleep: Sleep = asyncio.sleep,
 ) -> None:
-    """Send ``plan`` at its intended times (``start_at`` + offset on ``clock``) into ``tally``."""
+    """Send ``plan`` at its intended times (``start_at`` + offset on ``clock``) into ``tally``.
+
+    ``sleep`` waits between sends; the processes that send real load pass a
+    :class:`~loadtests.precise_timer.PreciseTimer`'s, since the loop's own timers tick in whole
+    milliseconds.
+    """
     offsets, payloads = plan.offsets_s, plan.payloads
     tally.scheduled += len(offsets)
     tally.repeats_planned += plan.repeats
@@ -227,7 +235,7 @@ async def run_open_loop(
                         break
                     delay = offset - now_s
                     # sleep(0) when late: still yield, so answers are read between sends.
-                    await asyncio.sleep(delay if delay > 0 else 0)
+                    await sleep(delay if delay > 0 else 0)
                     group.create_task(
                         _call(send, payloads[i], offset, start_at, deadline_s, tally, clock)
                     )

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
 
-from loadtests.client import ScoringClient, run_open_loop
+from loadtests.client import ScoringClient, Sleep, run_open_loop
+from loadtests.precise_timer import PreciseTimer, precise_timer_available
 from loadtests.replay import RequestPlan
 from loadtests.results import Tally
 
@@ -82,15 +83,20 @@ async def run_share_here(
         async with ScoringClient(job.target, channels=job.channels) as own:
             await run_share_here(job, tally, start_at=start_at, client=own)
         return
-    at = time.perf_counter() + _START_LEAD_S if start_at is None else start_at
-    await run_open_loop(
-        client.send,
-        job.plan,
-        tally,
-        start_at=at,
-        window_s=job.window_s,
-        deadline_s=job.deadline_s,
-    )
+    async with contextlib.AsyncExitStack() as stack:
+        sleep: Sleep = asyncio.sleep
+        if precise_timer_available():
+            sleep = (await stack.enter_async_context(PreciseTimer())).sleep
+        at = time.perf_counter() + _START_LEAD_S if start_at is None else start_at
+        await run_open_loop(
+            client.send,
+            job.plan,
+            tally,
+            start_at=at,
+            window_s=job.window_s,
+            deadline_s=job.deadline_s,
+            sleep=sleep,
+        )
 
 
 async def _child(job: ShareJob, events: Any, go: Any, start_wall: Any, counters: Any) -> Tally:
