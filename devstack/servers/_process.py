@@ -37,17 +37,38 @@ LOOPBACK: Final = "127.0.0.1"
 DEFAULT_STOP_GRACE_S: Final = 5.0
 _LOG_TAIL_LINES: Final = 40
 _LOG_TAIL_BYTES: Final = 16_384
+_REUSE_AFTER_S: Final = 120.0
+_ATTEMPTS: Final = 100
+_HANDED_OUT: dict[int, float] = {}  # port -> monotonic time free_port() returned it
 
 ReadinessProbe = Callable[[], Awaitable[bool]]
 """An async check that returns True once the server answers; exceptions count as "not yet"."""
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago (bound and released by the OS)."""
+def _ephemeral_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (bound and released by the OS).
+
+    Never one this process handed out in the last ``_REUSE_AFTER_S``: the kernel may offer a
+    just-released port again, and two servers of one stack (Triton's HTTP and gRPC ports, seen
+    once) were then given the same port before either had bound it.
+    """
+    now = time.monotonic()
+    for port, at in list(_HANDED_OUT.items()):
+        if now - at > _REUSE_AFTER_S:
+            del _HANDED_OUT[port]
+    for _ in range(_ATTEMPTS):
+        port = _ephemeral_port()
+        if port not in _HANDED_OUT:
+            _HANDED_OUT[port] = now
+            return port
+    raise OSError(f"no fresh loopback port in {_ATTEMPTS} attempts")
 
 
 def port_is_free(port: int) -> bool:
