@@ -12,10 +12,13 @@ loop is more than ``deadline_s`` behind the end of its window (what is left is c
 timeouts. :func:`run_serial` is the closed loop with one call in flight, for the unloaded
 latency.
 
-Both loops run with the collector quiet (:func:`quiet_collector`): the heap a step starts with
-(its plan, the earlier tallies) is collected once and frozen before the first send. Without
-that, at a few thousand calls per second the generator's own full collections took 30-46 ms
-each, every few seconds, and every answer that arrived during one was counted late.
+Load runs with the collector quiet (:func:`quiet_collector`): the heap a step starts with (its
+plan, the earlier tallies) is collected once and frozen before the step's start time is fixed
+(a full collection of a large heap takes tens of milliseconds: taken after the start, it would
+make the generator late from its first send). Without that, at a few thousand calls per second
+the generator's own full collections took 30-46 ms each, every few seconds, and every answer
+that arrived during one was counted late. :func:`run_serial` freezes by itself; callers of
+:func:`run_open_loop` freeze around it (:mod:`loadtests.processes`).
 
 Both loops take the sender as a plain async callable, so unit tests drive them with an in-memory
 fake instead of a socket.
@@ -220,30 +223,29 @@ async def run_open_loop(
     tally.scheduled += len(offsets)
     tally.repeats_planned += plan.repeats
     stop_sending_s = window_s + deadline_s
-    with quiet_collector():
-        try:
-            async with asyncio.timeout_at(None) as hard_stop, asyncio.TaskGroup() as group:
-                for i, offset in enumerate(offsets):
-                    now_s = clock() - start_at
-                    if now_s > stop_sending_s:
-                        tally.unsent += len(offsets) - i
-                        logger.warning(
-                            "generator fell %.1f s behind; %d requests not sent",
-                            now_s - offset,
-                            len(offsets) - i,
-                        )
-                        break
-                    delay = offset - now_s
-                    # sleep(0) when late: still yield, so answers are read between sends.
-                    await sleep(delay if delay > 0 else 0)
-                    group.create_task(
-                        _call(send, payloads[i], offset, start_at, deadline_s, tally, clock)
+    try:
+        async with asyncio.timeout_at(None) as hard_stop, asyncio.TaskGroup() as group:
+            for i, offset in enumerate(offsets):
+                now_s = clock() - start_at
+                if now_s > stop_sending_s:
+                    tally.unsent += len(offsets) - i
+                    logger.warning(
+                        "generator fell %.1f s behind; %d requests not sent",
+                        now_s - offset,
+                        len(offsets) - i,
                     )
-                # Every call carries its own deadline; the hard stop only catches a stuck
-                # transport.
-                hard_stop.reschedule(asyncio.get_running_loop().time() + deadline_s + grace_s)
-        except TimeoutError:
-            logger.warning("calls still open %.1f s after the last send were abandoned", grace_s)
+                    break
+                delay = offset - now_s
+                # sleep(0) when late: still yield, so answers are read between sends.
+                await sleep(delay if delay > 0 else 0)
+                group.create_task(
+                    _call(send, payloads[i], offset, start_at, deadline_s, tally, clock)
+                )
+            # Every call carries its own deadline; the hard stop only catches a stuck
+            # transport.
+            hard_stop.reschedule(asyncio.get_running_loop().time() + deadline_s + grace_s)
+    except TimeoutError:
+        logger.warning("calls still open %.1f s after the last send were abandoned", grace_s)
 
 
 async def run_serial(

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
 
-from loadtests.client import ScoringClient, Sleep, run_open_loop
+from loadtests.client import ScoringClient, Sleep, quiet_collector, run_open_loop
 from loadtests.precise_timer import PreciseTimer, precise_timer_available
 from loadtests.replay import RequestPlan
 from loadtests.results import Tally
@@ -78,7 +78,11 @@ async def run_share_here(
     start_at: float | None = None,
     client: ScoringClient | None = None,
 ) -> None:
-    """Run ``job`` in this process's running loop (connecting first unless given ``client``)."""
+    """Run ``job`` in this process's running loop (connecting first unless given ``client``).
+
+    Without ``start_at`` it starts ``_START_LEAD_S`` from now, after freezing the heap; a caller
+    that fixes ``start_at`` itself freezes the heap before that (see :func:`quiet_collector`).
+    """
     if client is None:
         async with ScoringClient(job.target, channels=job.channels) as own:
             await run_share_here(job, tally, start_at=start_at, client=own)
@@ -87,12 +91,14 @@ async def run_share_here(
         sleep: Sleep = asyncio.sleep
         if precise_timer_available():
             sleep = (await stack.enter_async_context(PreciseTimer())).sleep
-        at = time.perf_counter() + _START_LEAD_S if start_at is None else start_at
+        if start_at is None:
+            stack.enter_context(quiet_collector())
+            start_at = time.perf_counter() + _START_LEAD_S
         await run_open_loop(
             client.send,
             job.plan,
             tally,
-            start_at=at,
+            start_at=start_at,
             window_s=job.window_s,
             deadline_s=job.deadline_s,
             sleep=sleep,
@@ -102,19 +108,20 @@ async def run_share_here(
 async def _child(job: ShareJob, events: Any, go: Any, start_wall: Any, counters: Any) -> Tally:
     tally = Tally(budget_us=job.budget_us, late_after_us=job.late_after_us)
     async with ScoringClient(job.target, channels=job.channels) as client:
-        events.put(("ready", job.index, None))
-        await asyncio.to_thread(go.wait)
-        start_at = time.perf_counter() + (start_wall.value - time.time())
-        publisher = asyncio.create_task(
-            _publisher(tally, counters, job.index), name=f"counters-{job.index}"
-        )
-        try:
-            await run_share_here(job, tally, start_at=start_at, client=client)
-        finally:
-            publisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await publisher
-            _publish(tally, counters, job.index)
+        with quiet_collector():  # before "ready": the start time is fixed after it
+            events.put(("ready", job.index, None))
+            await asyncio.to_thread(go.wait)
+            start_at = time.perf_counter() + (start_wall.value - time.time())
+            publisher = asyncio.create_task(
+                _publisher(tally, counters, job.index), name=f"counters-{job.index}"
+            )
+            try:
+                await run_share_here(job, tally, start_at=start_at, client=client)
+            finally:
+                publisher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await publisher
+                _publish(tally, counters, job.index)
     return tally
 
 

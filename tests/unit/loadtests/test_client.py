@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 
 import grpc
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 from cascade.v1 import scoring_pb2
 from loadtests.client import classify_failure, run_open_loop, run_serial
+from loadtests.processes import ShareJob, run_share_here
 from loadtests.replay import RequestPlan
 from loadtests.results import Failure, Tally
 from tests.unit.loadtests.test_results import reply
@@ -207,27 +209,42 @@ def test_classify_failure(exc: BaseException, expected: tuple[Failure, str]) -> 
     assert classify_failure(exc) == expected
 
 
-async def test_both_loops_send_with_the_heap_frozen_and_unfreeze_after() -> None:
+async def test_load_is_sent_with_the_heap_frozen_and_unfrozen_after() -> None:
     """The generator's own full collections (30-46 ms each at ~3,000/s) counted answers late."""
     frozen_at_send: list[int] = []
 
-    async def send(payload: bytes, timeout_s: float) -> scoring_pb2.ScoreResponse:
-        frozen_at_send.append(gc.get_freeze_count())
-        return reply()
+    class Client:
+        async def send(self, payload: bytes, timeout_s: float) -> scoring_pb2.ScoreResponse:
+            frozen_at_send.append(gc.get_freeze_count())
+            return reply()
 
     assert gc.get_freeze_count() == 0
-    loop = asyncio.get_running_loop()
+    job = ShareJob(0, "127.0.0.1:1", 1, _plan([0.0, 0.001]), 0.1, 0.05, 50_000)
     tally = Tally(budget_us=50_000)
-    await run_open_loop(
-        send,
-        _plan([0.0, 0.001]),
-        tally,
-        start_at=loop.time(),
-        window_s=0.1,
-        deadline_s=0.05,
-        clock=loop.time,
-    )
-    await run_serial(send, [b"a", b"b"], tally, duration_s=1.0, deadline_s=0.05)
+    await run_share_here(job, tally, client=Client())  # type: ignore[arg-type]
+    await run_serial(Client().send, [b"a", b"b"], tally, duration_s=1.0, deadline_s=0.05)
     assert len(frozen_at_send) == 4
     assert min(frozen_at_send) > 0
     assert gc.get_freeze_count() == 0
+
+
+async def test_the_collection_before_a_step_does_not_make_its_first_sends_late(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full collection of a big heap takes tens of ms: it must happen before the start is set."""
+
+    def slow_collect(generation: int = 2) -> int:
+        time.sleep(0.3)
+        return 0
+
+    monkeypatch.setattr(gc, "collect", slow_collect)
+
+    class Client:
+        async def send(self, payload: bytes, timeout_s: float) -> scoring_pb2.ScoreResponse:
+            return reply()
+
+    job = ShareJob(0, "127.0.0.1:1", 1, _plan([0.0, 0.002, 0.004]), 0.1, 0.05, 50_000)
+    tally = Tally(budget_us=50_000)
+    await run_share_here(job, tally, client=Client())  # type: ignore[arg-type]
+    assert tally.ok == 3
+    assert tally.send_lag.max < 20_000  # us; the 300 ms collection would show in full
