@@ -214,15 +214,22 @@ class InMemorySink:
         self.messages: dict[str, SpooledRecord] = {}
         self.without_id: list[SpooledRecord] = []
         self.published = 0
+        self.calls = 0
+        self.called = asyncio.Event()
+        """Set on every publish or ensure_stream call (tests await it instead of sleeping)."""
         self.gate: asyncio.Event | None = None
         """When set to an Event, publish waits for it first (a slow JetStream)."""
 
     async def ensure_stream(self) -> None:
+        self.calls += 1
+        self.called.set()
         if not self.up:
             raise _down()
         self.stream_ensured += 1
 
     async def publish(self, records: Sequence[SpooledRecord], timeout_s: float) -> list[bool]:
+        self.calls += 1
+        self.called.set()
         if self.gate is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_s):
@@ -277,6 +284,9 @@ class DecisionLog:
         self._next_retry_s = 0.0
         self._drop_log = ThrottledLog(logger, level=logging.ERROR)
         self._spool_log = ThrottledLog(logger)
+        self._recorded = 0  # records appended to the buffer
+        self._settled = 0  # of those, published, spooled or dropped by the background task
+        self._settled_changed = asyncio.Event()
         self.published = 0
         self.spooled = 0
         self.replayed = 0
@@ -300,6 +310,7 @@ class DecisionLog:
         buffer.append(
             PendingDecision(transaction, answer, features, time.time_ns() // 1_000_000, method)
         )
+        self._recorded += 1
         if len(buffer) == 1:
             self._wake.set()
 
@@ -365,7 +376,10 @@ class DecisionLog:
             if self._buffer and len(self._buffer) < batch_max and interval_s and not self._stopping:
                 await asyncio.sleep(interval_s)
             if self._buffer:
-                await self._send(self._take(min(len(self._buffer), batch_max)))
+                n = min(len(self._buffer), batch_max)
+                await self._send(self._take(n))
+                self._settled += n
+                self._settled_changed.set()
             if not self._stopping:
                 await self._replay_some(interval_s)
             self._update_gauges()
@@ -475,6 +489,13 @@ class DecisionLog:
         metrics.DECISIONS_SPOOL_BYTES.set(self._spool.size_bytes)
 
     # --- for tests and the server ---------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Wait until every record queued so far was published, spooled or dropped."""
+        target = self._recorded
+        while self._settled < target and self._task is not None and not self._task.done():
+            self._settled_changed.clear()
+            await self._settled_changed.wait()
 
     @property
     def publishing(self) -> bool:

@@ -32,6 +32,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import IO, Final, NamedTuple
 
 __all__ = [
@@ -134,6 +135,18 @@ class DecisionSpool:
         """Frames found torn or corrupt (whole rest of their segment): lost, count them."""
 
     # --- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> DecisionSpool:
+        self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def open(self) -> None:
         """Claim a slot, adopt orphaned slots' segments, index what is on disk."""
