@@ -277,6 +277,7 @@ class DecisionLog:
         )
         self._buffer: deque[PendingDecision] = deque()
         self._max_buffer = settings.buffer_max_records
+        self._batch_max = settings.batch_max_records
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -311,7 +312,8 @@ class DecisionLog:
             PendingDecision(transaction, answer, features, time.time_ns() // 1_000_000, method)
         )
         self._recorded += 1
-        if len(buffer) == 1:
+        n = len(buffer)
+        if n == 1 or n == self._batch_max:
             self._wake.set()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -374,7 +376,11 @@ class DecisionLog:
                             async with asyncio.timeout(delay_s):
                                 await self._wake.wait()
             if self._buffer and len(self._buffer) < batch_max and interval_s and not self._stopping:
-                await asyncio.sleep(interval_s)
+                # Linger for company; a full batch or the shutdown ends the wait early.
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(interval_s):
+                        await self._wake.wait()
             if self._buffer:
                 n = min(len(self._buffer), batch_max)
                 await self._send(self._take(n))

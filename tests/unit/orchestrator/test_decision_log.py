@@ -158,13 +158,28 @@ async def test_past_the_spool_bound_records_are_dropped_and_counted(tmp_path: Pa
     assert set(sink.messages) == ids(kept)  # the oldest were kept
 
 
-async def test_exit_flushes_the_buffer_to_the_sink(tmp_path: Path) -> None:
+async def test_exit_flushes_the_buffer_to_the_sink_at_once(tmp_path: Path) -> None:
     sink = InMemorySink()
     cfg = settings(tmp_path, batch_interval_ms=10_000)  # nothing would be sent before exit
     async with DecisionLog(sink, cfg, policy_version="policy-3") as log:
         for i in range(40):
             record(log, i)
+        await asyncio.sleep(0)  # the publisher starts lingering over the 10 s batch interval
+        started = time.monotonic()
+    # The cap checked: the exit ends the linger; it does not wait out the 10 s interval.
+    assert time.monotonic() - started < 1.0
     assert set(sink.messages) == ids(40)
+
+
+async def test_a_full_batch_is_sent_without_waiting_out_the_interval(tmp_path: Path) -> None:
+    sink = InMemorySink()
+    cfg = settings(tmp_path, batch_interval_ms=10_000, batch_max_records=50)
+    async with DecisionLog(sink, cfg, policy_version="policy-3") as log:
+        for i in range(50):
+            record(log, i)
+        async with asyncio.timeout(1.0):  # the cap: well under the 10 s interval
+            await log.flush()
+        assert set(sink.messages) == ids(50)
 
 
 async def test_exit_with_the_sink_down_spools_and_the_next_start_replays(tmp_path: Path) -> None:
