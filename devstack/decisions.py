@@ -67,8 +67,10 @@ async def read_decision_rows(
                 deliver_policy=deliver,
                 config=config,
             )
-            pending = (await sub.consumer_info()).num_pending
-        if not follow and not pending:
+            # What the filter matches now (a push consumer's own num_pending drops as soon as
+            # it delivers, so it cannot tell an empty stream from a fast one).
+            info = await js.stream_info(stream, subjects_filter=subject)
+        if not follow and not sum((info.state.subjects or {}).values()):
             return
         undecodable = 0
         while True:

@@ -54,8 +54,10 @@ async def wait_for_records(url: str, expected: set[str]) -> list[str]:
 async def wait_for_spool(spool: Path, timeout_s: float = 10.0) -> None:
     """Until a segment file under ``spool`` holds data (another process writes it)."""
     async with asyncio.timeout(timeout_s):
-        while not any(p.stat().st_size > 0 for p in spool.glob("slot-*/seg-*.spool")):
-            await asyncio.sleep(0.05)
+        while True:
+            if any(p.stat().st_size > 0 for p in spool.glob("slot-*/seg-*.spool")):
+                return
+            await asyncio.sleep(0.05)  # another process's file: no event to await
 
 
 async def stop_abruptly(server: NatsServer) -> None:
@@ -209,6 +211,12 @@ async def test_shutdown_flushes_and_cascade_decisions_exports_it(
         assert row["method"] == "SCORE"
         assert len(row["features"]) == 47
         assert row["total_us"] == sent.timings.total_us
+
+    none = tmp_path / "none.jsonl"
+    await cascade(
+        "decisions", *common, "--policy", "policy-never", "--format", "jsonl", "--out", str(none)
+    )
+    assert none.read_text() == ""
 
     table = pq.read_table(parquet)
     assert table.num_rows == 20
