@@ -1,7 +1,8 @@
 """The orchestrator's gRPC server: ``cascade.v1.ScoringService`` plus health and reflection.
 
 :class:`Orchestrator` is one async context manager that opens every client (Redis, NATS, Triton),
-the post-answer writer and the grpc.aio server, and closes them in reverse order. Health reports
+the post-answer writer, the decision log (:mod:`orchestrator.decision_log`: every answer handed
+to it, off the request path) and the grpc.aio server, and closes them in reverse order. Health reports
 NOT_SERVING until a warm-up request has gone through stage 1 and stage 2, and again from the
 moment a drain starts.
 
