@@ -475,12 +475,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     decisions.add_argument("--follow", "-f", action="store_true", help="wait for new records")
     decisions.add_argument("--card", metavar="CARD_ID", help="only this card's transactions")
-    decisions.add_argument("--decision", choices=("APPROVE", "REVIEW", "DECLINE"))
+    decisions.add_argument(
+        "--decision", choices=("APPROVE", "REVIEW", "DECLINE"), help="only answers with it"
+    )
     decisions.add_argument(
         "--reason", metavar="CODE", help="answers carrying it, e.g. STAGE2_TIMEOUT"
     )
     decisions.add_argument(
-        "--decided-by", choices=("CACHE", "STAGE1", "STAGE2", "DEFAULT"), dest="decided_by"
+        "--decided-by",
+        choices=("CACHE", "STAGE1", "STAGE2", "DEFAULT"),
+        dest="decided_by",
+        help="only answers decided by it",
     )
     decisions.add_argument("--policy", metavar="VERSION", help="policy version (e.g. policy-3)")
     decisions.add_argument("--stage1", metavar="VERSION", help="stage-1 model version")
