@@ -342,6 +342,8 @@ class DecisionLog:
         task, self._task = self._task, None
         self._stopping = True
         self._wake.set()
+        started = time.monotonic()
+        logger.info("decision log: flushing %d buffered records", len(self._buffer))
         if task is not None:
             try:
                 async with asyncio.timeout(self._settings.flush_timeout_s):
@@ -356,6 +358,13 @@ class DecisionLog:
             logger.warning("decision log: %d records spooled at shutdown", len(left))
         self._update_gauges()
         self._spool.close()
+        logger.info(
+            "decision log: flushed in %.2f s (%d published, %d spooled, %d replayed in all)",
+            time.monotonic() - started,
+            self.published,
+            self.spooled,
+            self.replayed,
+        )
 
     # --- the background task --------------------------------------------------------------------
 

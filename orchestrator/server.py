@@ -327,8 +327,17 @@ def _degraded(reason: Reason) -> Counter:
     return metrics.DEGRADED.labels(reason.value)
 
 
+_RECANCEL_S: Final = 0.1
+
+
 async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
+    """Cancel ``task`` and wait for it, cancelling again while it goes on: on Python 3.11
+    ``asyncio.wait_for`` swallows a cancellation that lands as its future completes (the
+    readiness task's probe reply), and the task then ran on, so a single ``cancel()`` left the
+    shutdown waiting for ever (the SIGTERM drain test saw the SIGKILL)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=_RECANCEL_S)
     with suppress(asyncio.CancelledError, Exception):
         await task
 
