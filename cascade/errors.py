@@ -8,14 +8,14 @@ Tree::
     │   ├── RegistryError            registry, policy or model file unusable (cascade.model_registry)
     │   └── SettingsInputError       a `cascade up --env-file`/`--set` value (devstack.stack_settings)
     ├── ServerError                  a local server process would not start (devstack.servers)
-    └── DependencyError              Redis, NATS/screening or Triton failed (``.dependency``)
+    └── DependencyError              Redis, NATS/screening, Triton or JetStream failed (``.dependency``)
         ├── DependencyTimeout        it did not answer within its budget    -> DEADLINE_EXCEEDED
         ├── DependencyUnavailable    refused, closed, no responders         -> UNAVAILABLE
         ├── DependencyOverloaded     it shed the request                    -> RESOURCE_EXHAUSTED
         └── DependencyFailed         it answered with an error              -> INTERNAL
 
-Redis, NATS and Triton errors are mapped to this tree only in the ``translate_*`` context
-managers below, and our errors map to gRPC status codes only in :func:`grpc_status_for`. The
+Redis, NATS, JetStream (the decision log) and Triton errors are mapped to this tree only in the
+``translate_*`` context managers below, and our errors map to gRPC status codes only in :func:`grpc_status_for`. The
 orchestrator rarely lets a ``DependencyError`` reach the caller: it answers with a labelled
 fallback instead.
 """
@@ -28,6 +28,7 @@ from enum import StrEnum
 
 import grpc
 import nats.errors
+import nats.js.errors
 import redis.exceptions
 from tritonclient.utils import InferenceServerException
 
@@ -38,6 +39,7 @@ class Dependency(StrEnum):
     REDIS = "redis"
     SCREENING = "screening"
     HEAVY = "heavy"
+    DECISION_LOG = "decision_log"
 
 
 class CascadeError(Exception):
@@ -127,6 +129,40 @@ def translate_nats_errors() -> Iterator[None]:
         raise DependencyFailed(Dependency.SCREENING, "request exceeds NATS max payload") from exc
     except nats.errors.Error as exc:
         raise DependencyFailed(Dependency.SCREENING, _redact(str(exc))) from exc
+
+
+@contextmanager
+def translate_jetstream_errors() -> Iterator[None]:
+    """Map nats-py's JetStream (and connection) errors raised inside the block to the cascade
+    tree, as the decision log's dependency: the stream API and publishing."""
+    try:
+        yield
+    except (TimeoutError, nats.errors.TimeoutError) as exc:
+        raise DependencyTimeout(
+            Dependency.DECISION_LOG, "JetStream did not answer in time"
+        ) from exc
+    except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError) as exc:
+        raise DependencyUnavailable(
+            Dependency.DECISION_LOG, "JetStream not enabled, or no stream for the subject"
+        ) from exc
+    except nats.js.errors.ServiceUnavailableError as exc:
+        raise DependencyUnavailable(Dependency.DECISION_LOG, _redact(str(exc))) from exc
+    except nats.js.errors.APIError as exc:
+        raise DependencyFailed(Dependency.DECISION_LOG, _redact(str(exc))) from exc
+    except (
+        nats.errors.ConnectionClosedError,
+        nats.errors.NoServersError,
+        nats.errors.ConnectionDrainingError,
+        nats.errors.ConnectionReconnectingError,
+        nats.errors.StaleConnectionError,
+        nats.errors.OutboundBufferLimitError,
+        OSError,
+    ) as exc:
+        raise DependencyUnavailable(
+            Dependency.DECISION_LOG, _redact(str(exc)) or "not connected"
+        ) from exc
+    except nats.errors.Error as exc:
+        raise DependencyFailed(Dependency.DECISION_LOG, _redact(str(exc))) from exc
 
 
 _TRITON_STATUS: dict[str, type[DependencyError]] = {

@@ -77,6 +77,36 @@ SCREENING_MEMBER_SUSPECTED: Final = Counter(
     "Times a screening worker stopped answering and was routed around.",
 )
 
+DECISIONS_PUBLISHED: Final = Counter(
+    "cascade_decision_log_published",
+    "Decision records acknowledged by JetStream straight from the buffer.",
+)
+DECISIONS_DUPLICATES: Final = Counter(
+    "cascade_decision_log_duplicates",
+    "Acknowledgements saying JetStream already held the transaction id (a replay of a record "
+    "whose first ack was lost, or a retried transaction within the dedup window).",
+)
+DECISIONS_SPOOLED: Final = Counter(
+    "cascade_decision_log_spooled",
+    "Decision records written to the local spool because JetStream did not acknowledge them.",
+)
+DECISIONS_REPLAYED: Final = Counter(
+    "cascade_decision_log_replayed",
+    "Spooled decision records acknowledged by JetStream on replay.",
+)
+DECISIONS_DROPPED: Final = Counter(
+    "cascade_decision_log_dropped",
+    "Decision records lost: buffer_full (memory buffer at its bound), spool_full (spool at "
+    "spool_max_bytes), corrupt (a torn spool frame), unencodable.",
+    ["reason"],
+)
+DECISIONS_BUFFERED: Final = Gauge(
+    "cascade_decision_log_buffer_depth", "Decision records waiting in memory to be published."
+)
+DECISIONS_SPOOL_BYTES: Final = Gauge(
+    "cascade_decision_log_spool_bytes", "Bytes of this process's decision spool on disk."
+)
+
 
 class MetricsEndpoint:
     """Serves ``/metrics`` on ``host:port`` while the block runs (nothing when ``port`` is None)."""

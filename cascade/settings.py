@@ -270,6 +270,99 @@ class AdmissionSettings(BaseModel):
         return self
 
 
+class DecisionLogSettings(BaseModel):
+    """The decision log: every answer published to a JetStream stream, off the request path
+    (``orchestrator/decision_log.py``, ``docs/decision_log.md``)."""
+
+    enabled: bool = Field(
+        True, description="Publish every answer to the stream (off: nothing is recorded)."
+    )
+    url: str | None = Field(
+        None,
+        description="NATS (with JetStream) for the log; None: the screening NATS (nats.url).",
+    )
+    stream: str = Field(
+        "DECISIONS",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="JetStream stream the orchestrator creates or updates at start-up.",
+    )
+    subject_prefix: str = Field(
+        "decisions",
+        pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+        description="Records go to <prefix>.<policy version>; the stream holds <prefix>.>.",
+    )
+    dedup_window_s: float = Field(
+        900.0,
+        gt=0,
+        description="JetStream's duplicate window: a record published again (a replay after a "
+        "lost ack, a retried transaction) with the same transaction id within it is stored once. "
+        "It should cover the longest outage the spool is expected to bridge.",
+    )
+    stream_max_age_s: float = Field(
+        30 * 24 * 3600.0, gt=0, description="Records older than this leave the stream."
+    )
+    stream_max_bytes: int = Field(
+        8 * 1024**3,
+        ge=-1,
+        description="The stream's size limit (-1: none); past it the oldest records are dropped.",
+    )
+    stream_replicas: int = Field(1, ge=1, le=5, description="Stream replicas (a cluster: 3).")
+    buffer_max_records: int = Field(
+        100_000,
+        ge=1,
+        description="Answers waiting in memory for the background publisher; past it new ones "
+        "are dropped and counted (cascade_decision_log_dropped_total{reason=buffer_full}).",
+    )
+    batch_max_records: int = Field(
+        512, ge=1, le=100_000, description="Most records published (or spooled) per batch."
+    )
+    batch_interval_ms: float = Field(
+        20.0,
+        ge=0,
+        le=10_000,
+        description="A batch is sent this long after its first record arrived, so that one "
+        "wake-up and one socket write carry many records.",
+    )
+    ack_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="A batch's records not acknowledged by JetStream within this go to the spool.",
+    )
+    retry_interval_s: float = Field(
+        0.5, gt=0, description="While JetStream fails, how often a spool replay is tried."
+    )
+    replay_batch_records: int = Field(
+        1000, ge=1, le=100_000, description="Records per replay batch from the spool."
+    )
+    spool_dir: Path = Field(
+        REPO_ROOT / ".run" / "decision-spool",
+        description="Where unacknowledged records wait on disk (one slot folder per process).",
+    )
+    spool_max_bytes: int = Field(
+        1024**3,
+        gt=0,
+        description="Most bytes one process spools; past it new records are dropped and "
+        "counted (cascade_decision_log_dropped_total{reason=spool_full}) and logged.",
+    )
+    spool_segment_bytes: int = Field(
+        8 * 1024**2, gt=0, description="A spool segment file is closed at this size."
+    )
+    flush_timeout_s: float = Field(
+        3.0,
+        ge=0,
+        description="At shutdown, how long the buffer may take to reach JetStream; what is "
+        "left then goes to the spool.",
+    )
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> DecisionLogSettings:
+        if self.dedup_window_s > self.stream_max_age_s:
+            raise ValueError("decision_log.dedup_window_s must not exceed stream_max_age_s")
+        if self.batch_max_records > self.buffer_max_records:
+            raise ValueError("decision_log.batch_max_records must not exceed buffer_max_records")
+        return self
+
+
 class ServerSettings(BaseModel):
     """The orchestrator's own gRPC server."""
 
@@ -328,6 +421,7 @@ class Settings(BaseSettings):
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     hedging: HedgingSettings = Field(default_factory=HedgingSettings)
+    decision_log: DecisionLogSettings = Field(default_factory=DecisionLogSettings)
     gc_freeze: bool = Field(
         True, description="gc.freeze() after warm-up, so collections skip start-up objects."
     )

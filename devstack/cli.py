@@ -7,6 +7,8 @@
                     started.
 * ``cascade score`` send sample transactions to a running stack and print the answers as a table.
 * ``cascade trace`` print one stored trace (``cascade up --traces``) as a waterfall.
+* ``cascade decisions`` tail, filter and export the decision log (JetStream stream DECISIONS) as
+                    a table, JSON Lines or Parquet.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from typing import Final
 import grpc
 from prometheus_client import start_http_server
 
+from cascade.errors import DependencyError
 from cascade.iso_codes import minor_unit_exponent, to_major_units
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
 from cascade.shared_port import default_process_count
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+from devstack.decision_rows import DecisionFilter, parse_time_ms
+from devstack.decisions import read_decision_rows, table_line, write_jsonl, write_parquet
 from devstack.otlp_receiver import SPANS_FILE, read_trace
 from devstack.samples import labelled_sample
 from devstack.servers import port_is_free
@@ -259,6 +264,66 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _decisions(args: argparse.Namespace) -> int:
+    if args.format == "parquet" and (args.follow or args.out is None):
+        print(
+            "cascade decisions: --format parquet needs --out FILE and no --follow", file=sys.stderr
+        )
+        return 2
+    where = DecisionFilter(
+        card_id=args.card,
+        decision=args.decision,
+        reason=args.reason,
+        decided_by=args.decided_by,
+        policy_version=args.policy,
+        stage1_version=args.stage1,
+        stage2_version=args.stage2,
+        since_ms=args.since,
+        until_ms=args.until,
+    )
+    rows = read_decision_rows(
+        args.nats,
+        stream=args.stream,
+        subject_prefix=args.subject_prefix,
+        where=where,
+        follow=args.follow,
+    )
+    count = 0
+    try:
+        if args.format == "parquet":
+            collected = [row async for row in rows]
+            count = write_parquet(collected, args.out)
+        else:
+            out = sys.stdout if args.out is None else args.out.open("w", encoding="utf-8")
+            try:
+                async for row in rows:
+                    if args.format == "jsonl":
+                        count += write_jsonl([row], out)
+                    else:
+                        print(table_line(row), file=out)
+                        count += 1
+                    if args.follow:
+                        out.flush()
+                    if args.limit is not None and count >= args.limit:
+                        break
+            finally:
+                if out is not sys.stdout:
+                    out.close()
+    except DependencyError as exc:
+        print(f"cascade decisions: cannot read stream {args.stream}: {exc}", file=sys.stderr)
+        return 1
+    if args.out is not None:
+        print(f"{count} decision records written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _time_ms(text: str) -> int:
+    try:
+        return parse_time_ms(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _trace_id(text: str) -> str:
     if not re.fullmatch(r"[0-9a-fA-F]{32}", text):
         raise argparse.ArgumentTypeError(f"a trace id is 32 hex characters, got {text!r}")
@@ -392,6 +457,53 @@ def _parser() -> argparse.ArgumentParser:
             help="do not send the sampled cards' earlier transactions first",
         )
         p.add_argument("--deadline-ms", type=float, default=50.0, help="per-call gRPC deadline")
+    decisions = sub.add_parser(
+        "decisions",
+        help="tail, filter and export the decision log (JetStream stream DECISIONS)",
+        description="Read every answer the orchestrators recorded (docs/decision_log.md), "
+        "oldest first, keep those that pass the filters, and print them as a table, JSON Lines "
+        "or Parquet. Without --follow it stops at the last record present when it started.",
+    )
+    decisions.add_argument(
+        "--nats",
+        default=f"nats://127.0.0.1:{defaults.nats}",
+        help="NATS with the stream (default: the local stack's)",
+    )
+    decisions.add_argument("--stream", default="DECISIONS", help="the stream's name")
+    decisions.add_argument(
+        "--subject-prefix", default="decisions", help="records are on PREFIX.<policy version>"
+    )
+    decisions.add_argument("--follow", "-f", action="store_true", help="wait for new records")
+    decisions.add_argument("--card", metavar="CARD_ID", help="only this card's transactions")
+    decisions.add_argument(
+        "--decision", choices=("APPROVE", "REVIEW", "DECLINE"), help="only answers with it"
+    )
+    decisions.add_argument(
+        "--reason", metavar="CODE", help="answers carrying it, e.g. STAGE2_TIMEOUT"
+    )
+    decisions.add_argument(
+        "--decided-by",
+        choices=("CACHE", "STAGE1", "STAGE2", "DEFAULT"),
+        dest="decided_by",
+        help="only answers decided by it",
+    )
+    decisions.add_argument("--policy", metavar="VERSION", help="policy version (e.g. policy-3)")
+    decisions.add_argument("--stage1", metavar="VERSION", help="stage-1 model version")
+    decisions.add_argument("--stage2", metavar="VERSION", help="stage-2 model version")
+    decisions.add_argument(
+        "--since",
+        type=_time_ms,
+        metavar="TIME",
+        help="decided at or after: ISO 8601 (UTC unless it says), epoch ms, or 15m / 2h / 7d ago",
+    )
+    decisions.add_argument("--until", type=_time_ms, metavar="TIME", help="decided before")
+    decisions.add_argument(
+        "--format", choices=("table", "jsonl", "parquet"), default="table", help="output format"
+    )
+    decisions.add_argument("--out", type=Path, metavar="FILE", help="write here (default: stdout)")
+    decisions.add_argument(
+        "--limit", type=_positive_int, metavar="N", help="stop after N records (table, jsonl)"
+    )
     from loadtests.cli import add_arguments as add_loadtest_arguments
 
     loadtest = sub.add_parser(
@@ -414,6 +526,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
     if args.command == "trace":
         return _trace(args)
+    if args.command == "decisions":
+        try:
+            return asyncio.run(_decisions(args))
+        except KeyboardInterrupt:
+            return 130
     command = _up if args.command == "up" else _score
     try:
         return asyncio.run(command(args))

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cascade.lifecycle import AsyncResourceGroup
 from cascade.model_registry import load_registry
-from cascade.settings import ServerSettings
+from cascade.settings import DecisionLogSettings, ServerSettings
 from cascade.shared_port import metrics_port_offset, shared_port_env
 from devstack.otlp_receiver import OtlpReceiver
 from devstack.servers import (
@@ -134,19 +134,22 @@ def service_env(
 
 
 # What an orchestrator's shutdown takes besides its drain: flushing the post-answer writes
-# (PostAnswerWriter's drain_timeout_s) and closing its clients.
+# (PostAnswerWriter's drain_timeout_s), the decision log's flush, and closing its clients.
 _WRITER_FLUSH_S: Final = 2.0
 _CLOSE_S: Final = 3.0
 
 
 def orchestrator_stop_grace_s(env: Mapping[str, str]) -> float:
     """How long to wait after SIGTERM before SIGKILL: the process's whole drain (shutdown delay,
-    in-flight calls' grace, the post-answer flush, closing), as ``env`` configures it, so a
-    drain that uses its time is never cut short."""
+    in-flight calls' grace, the post-answer flush, the decision log's flush, closing), as
+    ``env`` configures it, so a drain that uses its time is never cut short."""
     server = ServerSettings()
     delay_s = float(env.get("CASCADE_SERVER__SHUTDOWN_DELAY_S", server.shutdown_delay_s))
     drain_s = float(env.get("CASCADE_SERVER__DRAIN_S", server.drain_s))
-    return delay_s + drain_s + _WRITER_FLUSH_S + _CLOSE_S
+    flush_s = float(
+        env.get("CASCADE_DECISION_LOG__FLUSH_TIMEOUT_S", DecisionLogSettings().flush_timeout_s)
+    )
+    return delay_s + drain_s + _WRITER_FLUSH_S + flush_s + _CLOSE_S
 
 
 def worker_process(
@@ -273,7 +276,10 @@ class LocalStack(AsyncResourceGroup):
             }
         # The three servers start independently; start them together to save Triton's seconds.
         redis_server = RedisServer(ports.redis, log_dir=self.log_dir)
-        nats_server = NatsServer(ports.nats, log_dir=self.log_dir)
+        # JetStream for the decision log, its store kept in the run dir across restarts.
+        nats_server = NatsServer(
+            ports.nats, jetstream=True, store_dir=cfg.run_dir / "jetstream", log_dir=self.log_dir
+        )
         triton = TritonServer(
             registry.stage2_path,
             model_name=registry.stage2.triton_model or "",
@@ -300,7 +306,11 @@ class LocalStack(AsyncResourceGroup):
             nats_url=self.nats_url,
             triton_url=self.triton_url,
             grpc_port=self.grpc_port,
-            extra={**trace_env, **cfg.extra_env},
+            extra={
+                "CASCADE_DECISION_LOG__SPOOL_DIR": str(cfg.run_dir / "decision-spool"),
+                **trace_env,
+                **cfg.extra_env,
+            },
         )
         # With CASCADE_METRICS_PORT = B set: orchestrator i on B + i, worker j on B + N + j.
         for j in range(cfg.workers):

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+import numpy as np
+import numpy.typing as npt
+
 from orchestrator.routing import Decision
 
 
@@ -67,6 +70,9 @@ class ScoreResult:
     stage1_score: float | None = None
     escalated: bool = False
     timings: Timings = field(default_factory=Timings)
+    features: npt.NDArray[np.float32] | None = field(default=None, compare=False, repr=False)
+    """The screening features stage 1 read (a row of the request's matrix), for the decision
+    log; None when none were computed (cache hit, default before the features)."""
 
     @property
     def degraded(self) -> bool:

@@ -302,7 +302,9 @@ class CascadeScorer:
             timings.stage1_us += _us_since(t0)
         if stage1_scores is None:
             for j, i in enumerate(todo):
-                results[i] = self.default_answer(txs[i].transaction_id, [*reasons, stage1_reason])
+                result = self.default_answer(txs[i].transaction_id, [*reasons, stage1_reason])
+                result.features = rows[j]
+                results[i] = result
                 writes.append(StoreWrite(keys[i][1], entries[j]))
             return _Chunk([r for r in results if r is not None], writes)
 
@@ -343,6 +345,7 @@ class CascadeScorer:
                 reasons=batch_reasons[j],
                 stage1_score=stage1_scores[j],
                 escalated=j in escalated,
+                features=rows[j],
             )
             results[i] = result
             # A degraded answer is never cached: after the outage the full cascade should answer.

@@ -1,7 +1,8 @@
 """The orchestrator's gRPC server: ``cascade.v1.ScoringService`` plus health and reflection.
 
 :class:`Orchestrator` is one async context manager that opens every client (Redis, NATS, Triton),
-the post-answer writer and the grpc.aio server, and closes them in reverse order. Health reports
+the post-answer writer, the decision log (:mod:`orchestrator.decision_log`: every answer handed
+to it, off the request path) and the grpc.aio server, and closes them in reverse order. Health reports
 NOT_SERVING until a warm-up request has gone through stage 1 and stage 2, and again from the
 moment a drain starts.
 
@@ -31,6 +32,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import Counter
 
 from cascade import metrics
+from cascade.decision_record import METHOD_SCORE, METHOD_SCORE_BATCH
 from cascade.errors import (
     CascadeError,
     ConfigurationError,
@@ -52,6 +54,7 @@ from orchestrator.breaker import DependencyBreakers
 from orchestrator.budget import Budget
 from orchestrator.coalescing import CoalescingHeavyScorer, CoalescingScreener
 from orchestrator.codec import MessageT, decode_request, result_to_proto, versions_to_proto
+from orchestrator.decision_log import DecisionLog, JetStreamSink
 from orchestrator.heavy_client import HeavyScorer, TritonHeavyScorer
 from orchestrator.online_store import RedisOnlineStore
 from orchestrator.post_answer import PostAnswerWriter
@@ -103,8 +106,10 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         settings: Settings,
         tracer: trace.Tracer,
         admission: Admission,
+        decisions: DecisionLog | None = None,
     ) -> None:
         self._scorer = scorer
+        self._decisions = decisions
         self._settings = settings
         self._tracer = tracer
         self._spans = records_spans(tracer)
@@ -134,7 +139,12 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
                     span.set_attribute("cascade.versions", self._versions_attr)
                     if result.reasons:
                         span.set_attribute("cascade.reasons", [r.value for r in result.reasons])
-                return result_to_proto(result, self._versions_pb, trace_id_hex(span))
+                response = result_to_proto(result, self._versions_pb, trace_id_hex(span))
+                if self._decisions is not None:
+                    self._decisions.record(
+                        request.transaction, response, result.features, METHOD_SCORE
+                    )
+                return response
         finally:
             self._admission.release(ticket)
 
@@ -145,7 +155,10 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         )
         result.timings = Timings(budget_us=int(budget.total_ms * 1000))
         record_metrics([result])
-        return result_to_proto(result, self._versions_pb, "")
+        response = result_to_proto(result, self._versions_pb, "")
+        if self._decisions is not None:
+            self._decisions.record(request.transaction, response, None, METHOD_SCORE)
+        return response
 
     async def ScoreBatch(
         self, request: scoring_pb2.ScoreBatchRequest, context: grpc.aio.ServicerContext
@@ -170,9 +183,14 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
                 finally:
                     self._batch_slots.release()
             trace_id = trace_id_hex(span)
-            return scoring_pb2.ScoreBatchResponse(
-                results=[result_to_proto(r, self._versions_pb, trace_id) for r in results]
-            )
+            responses = [result_to_proto(r, self._versions_pb, trace_id) for r in results]
+            if self._decisions is not None:
+                record = self._decisions.record
+                for tx, result, response in zip(
+                    request.transactions, results, responses, strict=True
+                ):
+                    record(tx, response, result.features, METHOD_SCORE_BATCH)
+            return scoring_pb2.ScoreBatchResponse(results=responses)
 
     def _span(
         self, name: str, context: grpc.aio.ServicerContext
@@ -309,8 +327,17 @@ def _degraded(reason: Reason) -> Counter:
     return metrics.DEGRADED.labels(reason.value)
 
 
+_RECANCEL_S: Final = 0.1
+
+
 async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
+    """Cancel ``task`` and wait for it, cancelling again while it goes on: on Python 3.11
+    ``asyncio.wait_for`` swallows a cancellation that lands as its future completes (the
+    readiness task's probe reply), and the task then ran on, so a single ``cancel()`` left the
+    shutdown waiting for ever (the SIGTERM drain test saw the SIGKILL)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=_RECANCEL_S)
     with suppress(asyncio.CancelledError, Exception):
         await task
 
@@ -353,6 +380,8 @@ class Orchestrator(AsyncResourceGroup):
         self.port = 0
         self.writer: PostAnswerWriter | None = None
         self.admission: Admission | None = None
+        self.decisions: DecisionLog | None = None
+        """The decision log (None when ``decision_log.enabled`` is off)."""
 
     async def _start(self) -> None:
         s = self._settings
@@ -410,6 +439,15 @@ class Orchestrator(AsyncResourceGroup):
             stage2_max_in_flight=s.admission.stage2_max_in_flight,
             breakers=DependencyBreakers(s.breaker),
         )
+        if s.decision_log.enabled:
+            # Entered before the server, so left after it: every answer of the drain is in the
+            # buffer when the log flushes.
+            sink = await self._stack.enter_async_context(
+                JetStreamSink(s.decision_log.url or s.nats.url, s.decision_log)
+            )
+            self.decisions = await self._stack.enter_async_context(
+                DecisionLog(sink, s.decision_log, policy_version=self.versions.policy)
+            )
         self.admission = Admission(s.admission)
         server = grpc.aio.server(
             options=[
@@ -417,7 +455,9 @@ class Orchestrator(AsyncResourceGroup):
                 ("grpc.so_reuseport", int(s.server.reuse_port)),
             ]
         )
-        add_scoring_service(ScoringServicer(scorer, s, self._tracer, self.admission), server)
+        add_scoring_service(
+            ScoringServicer(scorer, s, self._tracer, self.admission, self.decisions), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
         for name in ("", SERVICE_NAME):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -18,6 +19,7 @@ import pytest_asyncio
 from cascade.model_registry import load_registry
 from cascade.settings import (
     DEFAULT_MODEL_DIR,
+    DecisionLogSettings,
     NatsSettings,
     RedisSettings,
     ServerSettings,
@@ -78,8 +80,13 @@ def triton_for(model_dir: Path, log_dir: Path, *, delay_ms: float = 0.0) -> Trit
 def settings_for(
     model_dir: Path, redis_url: str, nats_url: str, triton_url: str, **budget: float
 ) -> Settings:
+    """Settings of an in-process orchestrator on the given servers; its decision log spools
+    into a temporary folder of its own."""
     return Settings(
         model_dir=model_dir,
+        decision_log=DecisionLogSettings(
+            spool_dir=Path(tempfile.mkdtemp(prefix="cascade-test-spool-"))
+        ),
         redis=RedisSettings(url=redis_url),
         nats=NatsSettings(url=nats_url, subject_prefix=f"t{uuid.uuid4().hex[:8]}"),
         triton=TritonSettings(url=triton_url),
@@ -115,6 +122,7 @@ async def cascade_processes(
         extra={
             "CASCADE_NATS__SUBJECT_PREFIX": f"t{uuid.uuid4().hex[:8]}",
             "CASCADE_SERVER__DRAIN_S": "3",
+            "CASCADE_DECISION_LOG__SPOOL_DIR": str(log_dir / "decision-spool"),
             **(extra_env or {}),
         },
     )
