@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
+from typing import Final
 
 import grpc
 import nats.errors
@@ -105,6 +106,17 @@ def translate_redis_errors() -> Iterator[None]:
         raise DependencyFailed(Dependency.REDIS, _redact(str(exc))) from exc
 
 
+# nats-py's ways of saying "not connected right now" (a reconnect may fix it).
+_NATS_NOT_CONNECTED: Final[tuple[type[Exception], ...]] = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    OSError,
+)
+
+
 @contextmanager
 def translate_nats_errors() -> Iterator[None]:
     """Map nats-py errors raised inside the block to the cascade tree."""
@@ -114,14 +126,7 @@ def translate_nats_errors() -> Iterator[None]:
         raise DependencyTimeout(Dependency.SCREENING, "no reply in time") from exc
     except nats.errors.NoRespondersError as exc:
         raise DependencyUnavailable(Dependency.SCREENING, "no screening worker listening") from exc
-    except (
-        nats.errors.ConnectionClosedError,
-        nats.errors.NoServersError,
-        nats.errors.ConnectionDrainingError,
-        nats.errors.ConnectionReconnectingError,
-        nats.errors.StaleConnectionError,
-        OSError,
-    ) as exc:
+    except _NATS_NOT_CONNECTED as exc:
         raise DependencyUnavailable(
             Dependency.SCREENING, _redact(str(exc)) or "not connected"
         ) from exc
@@ -149,15 +154,7 @@ def translate_jetstream_errors() -> Iterator[None]:
         raise DependencyUnavailable(Dependency.DECISION_LOG, _redact(str(exc))) from exc
     except nats.js.errors.APIError as exc:
         raise DependencyFailed(Dependency.DECISION_LOG, _redact(str(exc))) from exc
-    except (
-        nats.errors.ConnectionClosedError,
-        nats.errors.NoServersError,
-        nats.errors.ConnectionDrainingError,
-        nats.errors.ConnectionReconnectingError,
-        nats.errors.StaleConnectionError,
-        nats.errors.OutboundBufferLimitError,
-        OSError,
-    ) as exc:
+    except (*_NATS_NOT_CONNECTED, nats.errors.OutboundBufferLimitError) as exc:
         raise DependencyUnavailable(
             Dependency.DECISION_LOG, _redact(str(exc)) or "not connected"
         ) from exc
