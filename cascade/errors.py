@@ -115,6 +115,8 @@ _NATS_NOT_CONNECTED: Final[tuple[type[Exception], ...]] = (
     nats.errors.StaleConnectionError,
     OSError,
 )
+# Publishing faster than the connection drains fills nats-py's outbound buffer: the same.
+_JETSTREAM_NOT_CONNECTED: Final = (*_NATS_NOT_CONNECTED, nats.errors.OutboundBufferLimitError)
 
 
 @contextmanager
@@ -154,7 +156,7 @@ def translate_jetstream_errors() -> Iterator[None]:
         raise DependencyUnavailable(Dependency.DECISION_LOG, _redact(str(exc))) from exc
     except nats.js.errors.APIError as exc:
         raise DependencyFailed(Dependency.DECISION_LOG, _redact(str(exc))) from exc
-    except (*_NATS_NOT_CONNECTED, nats.errors.OutboundBufferLimitError) as exc:
+    except _JETSTREAM_NOT_CONNECTED as exc:
         raise DependencyUnavailable(
             Dependency.DECISION_LOG, _redact(str(exc)) or "not connected"
         ) from exc
