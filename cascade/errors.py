@@ -116,7 +116,10 @@ _NATS_NOT_CONNECTED: Final[tuple[type[Exception], ...]] = (
     OSError,
 )
 # Publishing faster than the connection drains fills nats-py's outbound buffer: the same.
-_JETSTREAM_NOT_CONNECTED: Final = (*_NATS_NOT_CONNECTED, nats.errors.OutboundBufferLimitError)
+_JETSTREAM_NOT_CONNECTED: Final[tuple[type[Exception], ...]] = (
+    *_NATS_NOT_CONNECTED,
+    nats.errors.OutboundBufferLimitError,
+)
 
 
 @contextmanager
