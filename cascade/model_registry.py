@@ -54,6 +54,7 @@ __all__ = [
     "promoted",
     "rolled_back",
     "sha256_file",
+    "verify_registry",
     "write_registry",
 ]
 
@@ -401,6 +402,14 @@ def load_registry(model_dir: Path) -> Registry:
         registry = Registry.model_validate(_read_json(path, "registry"))
     except ValidationError as exc:
         raise RegistryError(f"registry {path} is invalid: {exc}") from exc
+    return verify_registry(registry, model_dir, path)
+
+
+def verify_registry(registry: Registry, model_dir: Path, path: Path | None = None) -> Registry:
+    """Check ``registry`` against ``model_dir`` as :func:`load_registry` does (feature set,
+    every artifact's checksum, policies present and their versions apart); returns it bound to
+    ``model_dir``. ``path`` names it in errors (default: ``model_dir/registry.json``)."""
+    path = path or model_dir / REGISTRY_FILE
     if registry.feature_set != FEATURE_SET_VERSION:
         raise RegistryError(
             f"registry {path} names feature set {registry.feature_set!r}, "

@@ -43,9 +43,9 @@ __all__ = ["Generation", "Lane", "open_generation"]
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Lane:
-    """One set of versions and the scorer that answers with them."""
+    """One set of versions and the scorer that answers with them (compared by identity)."""
 
     role: str
     scorer: CascadeScorer
