@@ -11,6 +11,7 @@ versions the registry names (a stage-2 candidate added later needs a restart of 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -39,7 +40,7 @@ def add_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="candidate, canary, promote and rollback of model versions (docs/rollout.md)",
         description="Change which versions the registry serves; running services follow it.",
     )
-    commands = rollout.add_subparsers(dest="rollout_command", required=True)
+    commands = rollout.add_subparsers(dest="rollout_command", required=True, help="what to do")
     status = commands.add_parser("status", help="print the champion, candidate and previous")
     candidate = commands.add_parser(
         "candidate", help="name a candidate (stage 1, stage 2 and/or policy) in the registry"
@@ -65,7 +66,44 @@ def add_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     rollback = commands.add_parser(
         "rollback", help="drop the candidate; without one, restore the previous champion"
     )
-    for p in (status, candidate, promote, rollback):
+    shadow = commands.add_parser(
+        "shadow",
+        help="score the candidate on the decision log's records (off the request path)",
+        description="Read DECISIONS, score the registry's candidate on every record the "
+        "champion answered normally, write one JSON line each (see docs/rollout.md).",
+    )
+    shadow.add_argument(
+        "--nats", default="nats://127.0.0.1:14222", help="NATS with DECISIONS (default: local)"
+    )
+    shadow.add_argument(
+        "--redis",
+        default=None,
+        help="Redis with the card histories (needed for a stage-2 candidate), e.g. "
+        "redis://127.0.0.1:16379/0",
+    )
+    shadow.add_argument(
+        "--out", type=Path, default=Path(".run/shadow.jsonl"), help="append the results here"
+    )
+    shadow.add_argument("--follow", "-f", action="store_true", help="wait for new records")
+    shadow.add_argument("--since", metavar="TIME", help="records decided at or after (15m, ISO)")
+    shadow.add_argument("--limit", type=int, default=None, help="stop after N scored records")
+    report = commands.add_parser(
+        "report", help="compare candidate and champion on the shadow results"
+    )
+    report.add_argument(
+        "--shadow",
+        type=Path,
+        default=Path(".run/shadow.jsonl"),
+        help="cascade rollout shadow's file",
+    )
+    report.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="JSON Lines of {transaction_id, fraud} for precision and recall (optional)",
+    )
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    for p in (status, candidate, promote, rollback, shadow):
         p.add_argument(
             "--model-dir",
             type=Path,
@@ -134,6 +172,10 @@ def _candidate(args: argparse.Namespace, registry: Registry) -> Registry:
 
 def run(args: argparse.Namespace) -> int:
     """Run one ``cascade rollout`` subcommand; 2 with a message when the registry refuses."""
+    if args.rollout_command == "report":
+        return _report(args)
+    if args.rollout_command == "shadow":
+        return _shadow(args)
     model_dir: Path = args.model_dir
     try:
         registry = load_registry(model_dir)
@@ -156,4 +198,50 @@ def run(args: argparse.Namespace) -> int:
         "once the new versions answer; cache keys name the versions, so nothing cached under "
         "another version is served"
     )
+    return 0
+
+
+def _shadow(args: argparse.Namespace) -> int:
+    from devstack.decision_rows import parse_time_ms
+    from devstack.shadow import run_shadow
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a", encoding="utf-8") as out:
+        try:
+            stats = asyncio.run(
+                run_shadow(
+                    args.nats,
+                    args.model_dir,
+                    out,
+                    redis_url=args.redis,
+                    since_ms=parse_time_ms(args.since) if args.since else None,
+                    follow=args.follow,
+                    limit=args.limit,
+                )
+            )
+        except (RegistryError, ValueError) as exc:
+            print(f"cascade rollout shadow: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+    print(
+        f"read {stats.read} records, scored {stats.scored}, skipped {stats.skipped} -> {args.out}"
+    )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from devstack.rollout_report import JsonlLabelSource, build_report, format_report
+
+    if not args.shadow.is_file():
+        print(f"cascade rollout report: {args.shadow} does not exist", file=sys.stderr)
+        return 2
+    rows = [json.loads(line) for line in args.shadow.read_text().splitlines() if line.strip()]
+    labels = None
+    if args.labels is not None:
+        labels = JsonlLabelSource(args.labels).labels(str(r["transaction_id"]) for r in rows)
+    report = build_report(rows, labels)
+    print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
     return 0

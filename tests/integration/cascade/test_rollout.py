@@ -9,10 +9,11 @@ both follow ``registry.json`` as they do in the stack.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,13 +184,21 @@ async def test_canary_share_is_near_its_setting_and_sticky_per_card(canary: Cana
     assert all(r.versions.policy and r.versions.feature_set == "fs-1" for r in again)
 
 
-async def wait_for_champion(canary: Canary, versions: tuple[str, str]) -> None:
-    async with asyncio.timeout(30):
-        while (
-            canary.app.generation.champion.versions.stage1,
-            canary.app.generation.champion.versions.stage2,
-        ) != versions:
+async def until(condition: Callable[[], bool], timeout_s: float) -> None:
+    """Poll ``condition`` every 50 ms (the services poll the registry file; nothing to await)."""
+    async with asyncio.timeout(timeout_s):
+        for _ in itertools.count():
+            if condition():
+                return
             await asyncio.sleep(0.05)
+
+
+async def wait_for_champion(canary: Canary, versions: tuple[str, str]) -> None:
+    def switched() -> bool:
+        v = canary.app.generation.champion.versions
+        return (v.stage1, v.stage2) == versions
+
+    await until(switched, 30)
 
 
 async def test_promote_and_rollback_never_answer_from_another_versions_cache(
@@ -246,9 +255,7 @@ async def test_promote_and_rollback_never_answer_from_another_versions_cache(
         expected = R.DECIDED_BY_STAGE2 if in_canary(t.card_id, SHARE) else R.DECIDED_BY_CACHE
         assert reply.decided_by == expected, (t.card_id, reply)
     # The worker pool followed: the candidate's stage 1 retired once no lane asked for it.
-    async with asyncio.timeout(10):
-        while canary.pool.versions != ["s1-1"]:
-            await asyncio.sleep(0.1)
+    await until(lambda: canary.pool.versions == ["s1-1"], 10)
 
 
 async def test_a_broken_registry_change_keeps_the_current_versions_serving(
