@@ -268,3 +268,87 @@ async def test_a_broken_registry_change_keeps_the_current_versions_serving(
     )
     assert not reply.degraded
     assert canary.app.generation.candidate is not None
+
+
+def _comparable(reply: scoring_pb2.ScoreResponse) -> bytes:
+    """The answer without what differs between any two runs: trace id and timings."""
+    copy = scoring_pb2.ScoreResponse()
+    copy.CopyFrom(reply)
+    copy.ClearField("trace_id")
+    copy.ClearField("timings")
+    return copy.SerializeToString(deterministic=True)
+
+
+async def test_shadow_records_the_candidate_without_touching_answers(
+    rollout_dir: Path,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    nats_server: NatsServer,
+    two_version_triton: TritonServer,
+) -> None:
+    import redis.asyncio as aioredis
+
+    from devstack.shadow import run_shadow
+
+    run = uuid.uuid4().hex[:8]
+    txs = [
+        make_wire_transaction(
+            transaction_id=f"tx-{run}-{i}", card_id=f"card-{run}-{i % 20}", amount_minor=500 + i
+        )
+        for i in range(60)
+    ]
+    shadow_file = tmp_path / "shadow.jsonl"
+    answers: dict[bool, list[bytes]] = {}
+    for shadow_on, db in ((False, 3), (True, 4)):
+        redis_url = f"{redis_server.url.rsplit('/', 1)[0]}/{db}"
+        client = aioredis.from_url(redis_url)
+        await client.flushdb()
+        await client.aclose()
+        base = rollout_settings(rollout_dir, redis_server, nats_server, two_version_triton)
+        stream = f"DEC{run}{int(shadow_on)}"
+        settings = base.model_copy(
+            update={
+                "rollout": RolloutSettings(canary_share=0.0),  # shadow only: no canary
+                "redis": base.redis.model_copy(update={"url": redis_url}),
+                "decision_log": base.decision_log.model_copy(
+                    update={"stream": stream, "subject_prefix": f"d{run}{int(shadow_on)}"}
+                ),
+            }
+        )
+        async with canary_running(settings) as c, AsyncExitStack() as stack:
+            assert c.app.generation.candidate is None  # the live path is the champion's alone
+            if shadow_on:
+                out = stack.enter_context(shadow_file.open("w"))
+                shadow = asyncio.create_task(
+                    run_shadow(
+                        nats_server.url,
+                        rollout_dir,
+                        out,
+                        redis_url=redis_url,
+                        stream=stream,
+                        subject_prefix=f"d{run}1",
+                        follow=True,
+                        limit=len(txs),
+                    )
+                )
+            replies = []
+            for t in txs:  # one by one: each sees the card's earlier ones, as in the other run
+                replies.append(await c.stub.Score(R.ScoreRequest(transaction=t), timeout=5.0))
+                assert c.app.writer is not None
+                await c.app.writer.flush()
+            answers[shadow_on] = [_comparable(r) for r in replies]
+            if shadow_on:
+                stats = await asyncio.wait_for(shadow, timeout=30)
+                assert stats.scored == len(txs)
+    assert answers[True] == answers[False]
+    rows = [json.loads(line) for line in shadow_file.read_text().splitlines()]
+    assert [r["transaction_id"] for r in rows] == [t.transaction_id for t in txs]
+    assert {r["candidate_versions"] for r in rows} == {"policy-escalate-all/s1-1c/s2-1-int8/fs-1"}
+    assert {r["champion_versions"] for r in rows} == {"policy-escalate-all/s1-1/s2-1/fs-1"}
+    # the candidate's stage 1 is the champion's file: the same stage-1 scores; its stage 2 is
+    # the INT8 variant, scored here on the same sequences: close to the champion's, not equal
+    for r in rows:
+        assert abs(r["candidate_stage1_score"] - r["champion_stage1_score"]) < 1e-6
+        assert r["candidate_escalated"] and r["candidate_stage2_score"] is not None
+        assert abs(r["candidate_score"] - r["champion_score"]) < 0.1
+    assert any(r["candidate_score"] != r["champion_score"] for r in rows)
