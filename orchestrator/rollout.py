@@ -180,7 +180,9 @@ async def open_generation(
     return Generation(champion=champion, candidate=candidate, canary_share=share)
 
 
-async def lanes_answer(generation: Generation, timeout_s: float, retry_s: float = 0.2) -> None:
+async def lanes_answer(
+    generation: Generation, timeout_s: float | None, retry_s: float = 0.2
+) -> None:
     """Wait until stage 1 and stage 2 of every lane answered one request (TimeoutError after
     ``timeout_s``)."""
     rows = np.zeros((1, N_SCREENING_FEATURES), dtype=np.float32)

@@ -591,7 +591,7 @@ class Orchestrator(AsyncResourceGroup):
         except DependencyError as exc:
             logger.warning("Redis not reachable at start-up (%s); answers will be labelled", exc)
         generation = self.generation
-        await lanes_answer(generation, float("inf"), _WARMUP_RETRY_S)
+        await lanes_answer(generation, None, _WARMUP_RETRY_S)
         # First calls through Python code paths (protobuf, features, pipelines) cost milliseconds;
         # pay them here. The synthetic card's history and cache entries expire with their TTLs.
         for lane in generation.lanes:
