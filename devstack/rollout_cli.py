@@ -48,7 +48,7 @@ def add_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     candidate.add_argument(
         "--stage2-variant",
         metavar="VERSION",
-        help="a servable variant of models/heavy/variants.json (e.g. s2-1-int8)",
+        help="a servable variant of models/heavy/variants.json (e.g. s2-1-fp16)",
     )
     candidate.add_argument(
         "--triton-version",
