@@ -166,8 +166,9 @@ async def open_generation(
     share = settings.rollout.canary_share
     champion_set = registry.champion()
     policy = champion_policy or load_policy(champion_set.policy_path)
-    common = {"store": store, "writer": writer, "tracer": tracer, "stack": stack}
-    champion = await _open_lane(champion_set, policy, settings, **common)  # type: ignore[arg-type]
+    champion = await _open_lane(
+        champion_set, policy, settings, store=store, writer=writer, tracer=tracer, stack=stack
+    )
     candidate_set = registry.candidate_set()
     candidate = None
     if candidate_set is not None and share > 0.0:
@@ -176,7 +177,15 @@ async def open_generation(
             if registry.candidate is not None and registry.candidate.policy is not None
             else policy
         )
-        candidate = await _open_lane(candidate_set, candidate_policy, settings, **common)  # type: ignore[arg-type]
+        candidate = await _open_lane(
+            candidate_set,
+            candidate_policy,
+            settings,
+            store=store,
+            writer=writer,
+            tracer=tracer,
+            stack=stack,
+        )
     return Generation(champion=champion, candidate=candidate, canary_share=share)
 
 
