@@ -108,6 +108,41 @@ class ScreeningSettings(BaseModel):
     intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per worker.")
 
 
+class RolloutSettings(BaseModel):
+    """The canary: which share of cards the registry's candidate scores, and how a running
+    process follows changes of ``registry.json`` (``docs/rollout.md``)."""
+
+    canary_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of cards (sticky, by a hash of the card id) scored by the registry's "
+        "candidate versions; 0 (the default) serves the champion alone, whatever the registry "
+        "holds.",
+    )
+    reload_interval_s: float = Field(
+        1.0,
+        gt=0.0,
+        le=60.0,
+        description="How often orchestrators and workers look whether registry.json changed "
+        "(one stat call); a change is served without a restart.",
+    )
+    retire_grace_s: float = Field(
+        10.0,
+        ge=0.0,
+        le=600.0,
+        description="A screening worker keeps answering a stage-1 version the registry no "
+        "longer names this long, so orchestrators still on it can switch first.",
+    )
+    switch_timeout_s: float = Field(
+        30.0,
+        gt=0.0,
+        le=600.0,
+        description="How long an orchestrator waits for a changed registry's models to answer "
+        "before it gives up on the change (and keeps serving what it served).",
+    )
+
+
 class CoalescingSettings(BaseModel):
     """How the orchestrator merges concurrent calls' work into shared downstream requests."""
 
@@ -422,6 +457,7 @@ class Settings(BaseSettings):
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     hedging: HedgingSettings = Field(default_factory=HedgingSettings)
     decision_log: DecisionLogSettings = Field(default_factory=DecisionLogSettings)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     gc_freeze: bool = Field(
         True, description="gc.freeze() after warm-up, so collections skip start-up objects."
     )

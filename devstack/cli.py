@@ -37,6 +37,8 @@ from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from devstack.decision_rows import DecisionFilter, parse_time_ms
 from devstack.decisions import read_decision_rows, table_line, write_jsonl, write_parquet
 from devstack.otlp_receiver import SPANS_FILE, read_trace
+from devstack.rollout_cli import add_arguments as add_rollout_arguments
+from devstack.rollout_cli import run as run_rollout
 from devstack.samples import labelled_sample
 from devstack.servers import port_is_free
 from devstack.stack import LocalStack, StackConfig, StackPorts
@@ -504,6 +506,7 @@ def _parser() -> argparse.ArgumentParser:
     decisions.add_argument(
         "--limit", type=_positive_int, metavar="N", help="stop after N records (table, jsonl)"
     )
+    add_rollout_arguments(sub)
     from loadtests.cli import add_arguments as add_loadtest_arguments
 
     loadtest = sub.add_parser(
@@ -526,6 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
     if args.command == "trace":
         return _trace(args)
+    if args.command == "rollout":
+        return run_rollout(args)
     if args.command == "decisions":
         try:
             return asyncio.run(_decisions(args))

@@ -284,6 +284,13 @@ class LocalStack(AsyncResourceGroup):
             registry.stage2_path,
             model_name=registry.stage2.triton_model or "",
             model_version=registry.stage2.triton_version or 1,
+            # Every stage-2 version the registry names (candidate, previous champion) is served
+            # too, so a canary, promote and rollback need no Triton restart.
+            extra_versions={
+                a.triton_version or 1: cfg.model_dir / a.path
+                for a in registry.stage2_artifacts()[1:]
+                if a.triton_model == registry.stage2.triton_model
+            },
             grpc_port=ports.triton_grpc,
             http_port=ports.triton_http,
             metrics_port=ports.triton_metrics,

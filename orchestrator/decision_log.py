@@ -270,6 +270,7 @@ class DecisionLog:
             raise ConfigurationError(str(exc)) from None
         self._sink = sink
         self._settings = settings
+        self._subjects: dict[str, str] = {policy_version: self._subject}
         self._spool = spool or DecisionSpool(
             settings.spool_dir,
             max_bytes=settings.spool_max_bytes,
@@ -399,11 +400,24 @@ class DecisionLog:
                 await self._replay_some(interval_s)
             self._update_gauges()
 
+    def _subject_for(self, policy_version: str) -> str:
+        """The subject of a record answered under ``policy_version`` (a canary's candidate
+        policy has its own; an unusable name falls back to the champion's)."""
+        subject = self._subjects.get(policy_version)
+        if subject is None:
+            try:
+                subject = decision_subject(self._settings.subject_prefix, policy_version)
+            except ValueError:
+                subject = self._subject
+            self._subjects[policy_version] = subject
+        return subject
+
     def _take(self, n: int) -> list[SpooledRecord]:
-        buffer, subject = self._buffer, self._subject
+        buffer = self._buffer
         out: list[SpooledRecord] = []
         for _ in range(n):
             pending = buffer.popleft()
+            subject = self._subject_for(pending.answer.versions.policy)
             try:
                 payload = encode_decision(pending)
             except Exception:  # a bug, not an outage: count it, never stop the publisher

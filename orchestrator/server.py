@@ -20,7 +20,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager, suppress
+from contextlib import AbstractContextManager, AsyncExitStack, suppress
 from typing import Final, TypeVar
 
 import grpc
@@ -40,9 +40,10 @@ from cascade.errors import (
     InvalidInputError,
     grpc_status_for,
 )
-from cascade.features import FEATURE_SET_VERSION, N_SCREENING_FEATURES, SEQUENCE_LEN, TOKEN_DIM
+from cascade.features import FEATURE_SET_VERSION, N_SCREENING_FEATURES
 from cascade.lifecycle import AsyncResourceGroup
 from cascade.model_registry import Registry, load_policy, load_registry
+from cascade.registry_watch import RegistryWatch
 from cascade.runtime import freeze_heap
 from cascade.settings import Settings
 from cascade.telemetry import extract_context, records_spans, trace_id_hex, untraced_span
@@ -50,19 +51,23 @@ from cascade.throttled_log import ThrottledLog
 from cascade.transaction import Channel, Transaction
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from orchestrator.admission import Admission
-from orchestrator.breaker import DependencyBreakers
 from orchestrator.budget import Budget
-from orchestrator.coalescing import CoalescingHeavyScorer, CoalescingScreener
-from orchestrator.codec import MessageT, decode_request, result_to_proto, versions_to_proto
+from orchestrator.codec import MessageT, decode_request, result_to_proto
 from orchestrator.decision_log import DecisionLog, JetStreamSink
-from orchestrator.heavy_client import HeavyScorer, TritonHeavyScorer
 from orchestrator.online_store import RedisOnlineStore
 from orchestrator.post_answer import PostAnswerWriter
 from orchestrator.reflection import enable_reflection
 from orchestrator.results import DecidedBy, ModelVersions, Reason, ScoreResult, Timings
+from orchestrator.rollout import (
+    Generation,
+    Lane,
+    describe,
+    lanes_answer,
+    open_generation,
+)
 from orchestrator.routing import Decision
 from orchestrator.scoring import CascadeScorer
-from orchestrator.screening_client import NatsScreener, Screener
+from orchestrator.screening_client import NatsScreener
 from orchestrator.validation import validate_batch, validate_request
 
 logger = logging.getLogger(__name__)
@@ -102,21 +107,19 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
 
     def __init__(
         self,
-        scorer: CascadeScorer,
+        generation: Generation,
         settings: Settings,
         tracer: trace.Tracer,
         admission: Admission,
         decisions: DecisionLog | None = None,
     ) -> None:
-        self._scorer = scorer
+        self.generation = generation
+        """What serves: replaced as a whole when the registry changes (one attribute write)."""
         self._decisions = decisions
         self._settings = settings
         self._tracer = tracer
         self._spans = records_spans(tracer)
         self._admission = admission
-        self._versions_pb = versions_to_proto(scorer.versions)
-        v = scorer.versions
-        self._versions_attr = f"{v.policy}/{v.stage1}/{v.stage2}/{v.feature_set}"
         # Batches take turns: the chunks of one run between Score calls; two at once at most.
         self._batch_slots = asyncio.Semaphore(2)
 
@@ -131,15 +134,21 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         try:
             with self._span("cascade.Score", context) as span:
                 tx = await self._validated(validate_request, request, context, span)
-                (result,) = await self._score([tx], budget, context)
+                generation = self.generation
+                lane = (
+                    generation.champion
+                    if generation.candidate is None
+                    else generation.lane_for(tx.card_id)
+                )
+                (result,) = await self._score(lane.scorer, [tx], budget, context)
                 if self._spans:
                     span.set_attribute("cascade.transaction_id", tx.transaction_id)
                     span.set_attribute("cascade.decision", result.decision.value)
                     span.set_attribute("cascade.decided_by", result.decided_by.value)
-                    span.set_attribute("cascade.versions", self._versions_attr)
+                    span.set_attribute("cascade.versions", lane.versions_attr)
                     if result.reasons:
                         span.set_attribute("cascade.reasons", [r.value for r in result.reasons])
-                response = result_to_proto(result, self._versions_pb, trace_id_hex(span))
+                response = result_to_proto(result, lane.versions_pb, trace_id_hex(span))
                 if self._decisions is not None:
                     self._decisions.record(
                         request.transaction, response, result.features, METHOD_SCORE
@@ -150,12 +159,16 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
 
     def _shed(self, request: scoring_pb2.ScoreRequest, budget: Budget) -> scoring_pb2.ScoreResponse:
         """The default answer, labelled OVERLOADED, built without touching any dependency."""
-        result = self._scorer.default_answer(
-            request.transaction.transaction_id, [Reason.OVERLOADED]
+        generation = self.generation
+        lane = (
+            generation.champion
+            if generation.candidate is None
+            else generation.lane_for(request.transaction.card_id)
         )
+        result = lane.scorer.default_answer(request.transaction.transaction_id, [Reason.OVERLOADED])
         result.timings = Timings(budget_us=int(budget.total_ms * 1000))
         record_metrics([result])
-        response = result_to_proto(result, self._versions_pb, "")
+        response = result_to_proto(result, lane.versions_pb, "")
         if self._decisions is not None:
             self._decisions.record(request.transaction, response, None, METHOD_SCORE)
         return response
@@ -169,21 +182,26 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             txs = await self._validated(validate_batch, request, context, span)
             if self._spans:
                 span.set_attribute("cascade.batch_size", len(txs))
+            generation = self.generation
+            lanes = [generation.lane_for(tx.card_id) for tx in txs]
             try:
                 async with asyncio.timeout(budget.remaining_ms() / 1000.0):
                     await self._batch_slots.acquire()
             except TimeoutError:
                 results = [
-                    self._scorer.default_answer(tx.transaction_id, [Reason.OVERLOADED])
-                    for tx in txs
+                    lane.scorer.default_answer(tx.transaction_id, [Reason.OVERLOADED])
+                    for tx, lane in zip(txs, lanes, strict=True)
                 ]
             else:
                 try:
-                    results = await self._score(txs, budget, context)
+                    results = await self._score_lanes(txs, lanes, budget, context)
                 finally:
                     self._batch_slots.release()
             trace_id = trace_id_hex(span)
-            responses = [result_to_proto(r, self._versions_pb, trace_id) for r in results]
+            responses = [
+                result_to_proto(r, lane.versions_pb, trace_id)
+                for r, lane in zip(results, lanes, strict=True)
+            ]
             if self._decisions is not None:
                 record = self._decisions.record
                 for tx, result, response in zip(
@@ -217,8 +235,32 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             await _refuse(exc, context)
             raise  # unreachable: abort raises
 
+    async def _score_lanes(
+        self,
+        txs: list[Transaction],
+        lanes: list[Lane],
+        budget: Budget,
+        context: grpc.aio.ServicerContext,
+    ) -> list[ScoreResult]:
+        """A batch's answers in order, each lane's transactions scored together by its scorer
+        (a card is always in one lane, so each card's earlier transactions stay in its lane)."""
+        first = lanes[0]
+        if all(lane is first for lane in lanes):
+            return await self._score(first.scorer, txs, budget, context)
+        results: list[ScoreResult | None] = [None] * len(txs)
+        for lane in dict.fromkeys(lanes):
+            positions = [i for i, ln in enumerate(lanes) if ln is lane]
+            part = await self._score(lane.scorer, [txs[i] for i in positions], budget, context)
+            for i, result in zip(positions, part, strict=True):
+                results[i] = result
+        return [r for r in results if r is not None]
+
     async def _score(
-        self, txs: list[Transaction], budget: Budget, context: grpc.aio.ServicerContext
+        self,
+        scorer: CascadeScorer,
+        txs: list[Transaction],
+        budget: Budget,
+        context: grpc.aio.ServicerContext,
     ) -> list[ScoreResult]:
         # A backstop behind the budget: should the event loop stall, the caller still hears in
         # time. It fires halfway into the response margin, which is what the caller has left.
@@ -228,14 +270,13 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         try:
             async with asyncio.timeout(guard_s):
                 if len(txs) == 1:
-                    results = [await self._scorer.score(txs[0], budget)]
+                    results = [await scorer.score(txs[0], budget)]
                 else:
-                    results = await self._scorer.score_many(txs, budget)
+                    results = await scorer.score_many(txs, budget)
         except TimeoutError:
             budget_us = int(budget.total_ms * 1000)
             results = [
-                self._scorer.default_answer(tx.transaction_id, [Reason.BUDGET_EXHAUSTED])
-                for tx in txs
+                scorer.default_answer(tx.transaction_id, [Reason.BUDGET_EXHAUSTED]) for tx in txs
             ]
             for result in results:
                 result.timings = Timings(budget_us=budget_us, total_us=budget_us)
@@ -382,6 +423,10 @@ class Orchestrator(AsyncResourceGroup):
         self.admission: Admission | None = None
         self.decisions: DecisionLog | None = None
         """The decision log (None when ``decision_log.enabled`` is off)."""
+        self._store: RedisOnlineStore | None = None
+        self._servicer: ScoringServicer | None = None
+        self._generation_stack = AsyncExitStack()
+        self._follow: asyncio.Task[None] | None = None
 
     async def _start(self) -> None:
         s = self._settings
@@ -393,51 +438,9 @@ class Orchestrator(AsyncResourceGroup):
                 connections=s.redis.connections,
             )
         )
-        screener = await self._stack.enter_async_context(
-            NatsScreener(
-                s.nats.url,
-                subject_prefix=s.nats.subject_prefix,
-                model_version=self._registry.stage1.version,
-                feature_set=self._registry.feature_set,
-                tracer=self._tracer,
-                hedging=s.hedging if s.hedging.enabled else None,
-            )
-        )
-        heavy = await self._stack.enter_async_context(
-            TritonHeavyScorer(
-                s.triton.url,
-                model_name=self._registry.stage2.triton_model or "",
-                model_version=str(self._registry.stage2.triton_version),
-                tracer=self._tracer,
-            )
-        )
+        self._store = store
         self.writer = await self._stack.enter_async_context(
             PostAnswerWriter(store, linger_s=s.redis.write_linger_ms / 1000.0)
-        )
-        screening: Screener = screener
-        heavyweight: HeavyScorer = heavy
-        if s.coalescing.enabled:
-            max_items = s.coalescing.max_items
-            screening = await self._stack.enter_async_context(
-                CoalescingScreener(screener, max_items=max_items)
-            )
-            heavyweight = await self._stack.enter_async_context(
-                CoalescingHeavyScorer(heavy, max_items=max_items)
-            )
-        scorer = CascadeScorer(
-            store=store,
-            screener=screening,
-            heavy=heavyweight,
-            policy=self._policy,
-            versions=self.versions,
-            budget=s.budget,
-            default_decision=s.default_decision,
-            writer=self.writer,
-            tracer=self._tracer,
-            chunk_items=s.coalescing.batch_chunk_items,
-            batch_stage2_items=s.coalescing.batch_stage2_items,
-            stage2_max_in_flight=s.admission.stage2_max_in_flight,
-            breakers=DependencyBreakers(s.breaker),
         )
         if s.decision_log.enabled:
             # Entered before the server, so left after it: every answer of the drain is in the
@@ -448,6 +451,18 @@ class Orchestrator(AsyncResourceGroup):
             self.decisions = await self._stack.enter_async_context(
                 DecisionLog(sink, s.decision_log, policy_version=self.versions.policy)
             )
+        # The serving generation's clients live in a stack of their own (a registry change
+        # replaces it); closed after the server stopped, before the writer drains.
+        self._stack.push_async_callback(self._close_generation)
+        generation = await open_generation(
+            self._registry,
+            s,
+            store=store,
+            writer=self.writer,
+            tracer=self._tracer,
+            stack=self._generation_stack,
+            champion_policy=self._policy,
+        )
         self.admission = Admission(s.admission)
         server = grpc.aio.server(
             options=[
@@ -455,9 +470,10 @@ class Orchestrator(AsyncResourceGroup):
                 ("grpc.so_reuseport", int(s.server.reuse_port)),
             ]
         )
-        add_scoring_service(
-            ScoringServicer(scorer, s, self._tracer, self.admission, self.decisions), server
+        self._servicer = ScoringServicer(
+            generation, s, self._tracer, self.admission, self.decisions
         )
+        add_scoring_service(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
         for name in ("", SERVICE_NAME):
@@ -467,17 +483,17 @@ class Orchestrator(AsyncResourceGroup):
             raise ConfigurationError(f"cannot bind {s.server.host}:{s.server.port}")
         await server.start()
         self._server = server
-        # Unwound in reverse: warm-up cancelled, then the server stopped (in-flight calls get the
-        # grace), then the writer drained and the clients closed.
+        # Unwound in reverse: tasks cancelled, then the server stopped (in-flight calls get the
+        # grace), then the generation's clients closed, the writer drained, the store closed.
         self._stack.push_async_callback(server.stop, s.server.drain_s)
-        self._warmup = asyncio.create_task(
-            self._warm(store, screener, heavy, scorer), name="orchestrator-warmup"
-        )
+        self._warmup = asyncio.create_task(self._warm(store), name="orchestrator-warmup")
         self._stack.push_async_callback(_cancel, self._warmup)
         self._readiness = asyncio.create_task(
-            self._follow_readiness(self._warmup, screener), name="orchestrator-readiness"
+            self._follow_readiness(self._warmup), name="orchestrator-readiness"
         )
         self._stack.push_async_callback(_cancel, self._readiness)
+        self._follow = asyncio.create_task(self._follow_registry(), name="orchestrator-registry")
+        self._stack.push_async_callback(_cancel, self._follow)
         metrics.MODELS.info(
             {
                 "role": "orchestrator",
@@ -496,14 +512,74 @@ class Orchestrator(AsyncResourceGroup):
             self.versions.stage2,
             self.versions.feature_set,
         )
+        if generation.candidate is not None:
+            logger.info("canary: %s", describe(generation))
 
-    async def _warm(
-        self,
-        store: RedisOnlineStore,
-        screener: Screener,
-        heavy: HeavyScorer,
-        scorer: CascadeScorer,
-    ) -> None:
+    @property
+    def generation(self) -> Generation:
+        """What serves now (champion lane, and the candidate's in a canary)."""
+        assert self._servicer is not None, "not started"
+        return self._servicer.generation
+
+    async def _close_generation(self) -> None:
+        stack, self._generation_stack = self._generation_stack, AsyncExitStack()
+        await stack.aclose()
+
+    async def _follow_registry(self) -> None:
+        """Serve a changed ``registry.json`` without a restart.
+
+        The new generation's clients are opened and must answer (its workers may still be
+        loading the version) before one attribute write swaps it in; calls under way finish on
+        the old one, whose clients close once they had time to. A registry that fails to load,
+        or models that do not answer within ``rollout.switch_timeout_s``, leave the current
+        generation serving (logged; the next change of the file is tried again)."""
+        s = self._settings
+        watch = RegistryWatch(s.model_dir)
+        linger_s = (s.budget.slo_ms + s.budget.response_margin_ms) / 1000.0 + 1.0
+        while True:
+            await asyncio.sleep(s.rollout.reload_interval_s)
+            if not watch.changed():
+                continue
+            try:
+                registry = load_registry(s.model_dir)
+            except ConfigurationError as exc:
+                logger.error("registry changed but cannot be served, keeping the old: %s", exc)
+                continue
+            stack = AsyncExitStack()
+            try:
+                assert self._store is not None and self.writer is not None
+                generation = await open_generation(
+                    registry,
+                    s,
+                    store=self._store,
+                    writer=self.writer,
+                    tracer=self._tracer,
+                    stack=stack,
+                    champion_policy=load_policy(s.policy_file) if s.policy_file else None,
+                )
+                await lanes_answer(generation, s.rollout.switch_timeout_s)
+            except (ConfigurationError, TimeoutError) as exc:
+                await stack.aclose()
+                logger.error(
+                    "registry changed but its models do not answer, keeping the old: %r", exc
+                )
+                continue
+            except BaseException:
+                await stack.aclose()
+                raise
+            assert self._servicer is not None
+            old_stack, self._generation_stack = self._generation_stack, stack
+            self._servicer.generation = generation
+            self.versions = generation.champion.versions
+            self._registry = registry
+            logger.info("registry changed: now serving %s", describe(generation))
+            # Calls that picked the old lanes finish within the budget; then close them.
+            try:
+                await asyncio.sleep(linger_s)
+            finally:
+                await old_stack.aclose()
+
+    async def _warm(self, store: RedisOnlineStore) -> None:
         """Retry one stage-1 and one stage-2 request until both answer, run the whole scoring
         path a few times, then report SERVING.
 
@@ -514,24 +590,15 @@ class Orchestrator(AsyncResourceGroup):
             await store.ping(timeout_s=1.0)
         except DependencyError as exc:
             logger.warning("Redis not reachable at start-up (%s); answers will be labelled", exc)
-        rows = np.zeros((1, N_SCREENING_FEATURES), dtype=np.float32)
-        sequences = np.zeros((1, SEQUENCE_LEN, TOKEN_DIM), dtype=np.float32)
-        stage1_ok = stage2_ok = False
-        while not (stage1_ok and stage2_ok):
-            try:
-                if not stage1_ok:
-                    await screener.screen(rows, timeout_s=1.0)
-                    stage1_ok = True
-                if not stage2_ok:
-                    await heavy.score(sequences, timeout_s=2.0)
-                    stage2_ok = True
-            except DependencyError as exc:
-                logger.debug("warm-up waiting: %s", exc)
-                await asyncio.sleep(_WARMUP_RETRY_S)
+        generation = self.generation
+        await lanes_answer(generation, None, _WARMUP_RETRY_S)
         # First calls through Python code paths (protobuf, features, pipelines) cost milliseconds;
         # pay them here. The synthetic card's history and cache entries expire with their TTLs.
-        for i in range(_WARMUP_PASSES):
-            await scorer.score(_warmup_transaction(i), Budget.start(None, self._settings.budget))
+        for lane in generation.lanes:
+            for i in range(_WARMUP_PASSES):
+                await lane.scorer.score(
+                    _warmup_transaction(i), Budget.start(None, self._settings.budget)
+                )
         if self._settings.gc_freeze:
             freeze_heap()
         await self._set_serving(True)
@@ -547,13 +614,15 @@ class Orchestrator(AsyncResourceGroup):
             await self._health.set(name, status)  # ignored once a drain began
         self.serving = serving
 
-    async def _follow_readiness(self, warmup: asyncio.Task[None], screener: NatsScreener) -> None:
-        """After warm-up: NOT_SERVING while stage 1 cannot be reached, SERVING again after."""
+    async def _follow_readiness(self, warmup: asyncio.Task[None]) -> None:
+        """After warm-up: NOT_SERVING while the champion's stage 1 cannot be reached, SERVING
+        again after."""
         await asyncio.shield(warmup)
         rows = np.zeros((1, N_SCREENING_FEATURES), dtype=np.float32)
         failed_rounds = 0
         while True:
             await asyncio.sleep(_READINESS_INTERVAL_S)
+            screener = self.generation.champion.screener
             if await self._stage1_answers(screener, rows):
                 failed_rounds = 0
                 if not self.serving:

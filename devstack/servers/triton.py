@@ -25,6 +25,7 @@ import string
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -153,12 +154,13 @@ def build_model_repository(
     instance_count: int = 1,
     delay_ms: float = 0.0,
     intra_op_threads: int = 1,
+    extra_versions: Mapping[int, Path] | None = None,
 ) -> Path:
-    """Lay out ``<name>/config.pbtxt`` and ``<name>/<version>/{model.py,model.onnx}``."""
+    """Lay out ``<name>/config.pbtxt`` and ``<name>/<version>/{model.py,model.onnx}``, and a
+    version folder for each of ``extra_versions`` (Triton version -> ONNX file; same tensors)."""
     shape = read_model_shape(onnx_path)
     model_dir = repository / model_name
-    version_dir = model_dir / str(model_version)
-    version_dir.mkdir(parents=True, exist_ok=True)
+    model_dir.mkdir(parents=True, exist_ok=True)
     config = render_model_config(
         CONFIG_TEMPLATE.read_text(),
         model_name=model_name,
@@ -169,10 +171,16 @@ def build_model_repository(
         intra_op_threads=intra_op_threads,
     )
     (model_dir / "config.pbtxt").write_text(config)
-    shutil.copy2(MODEL_PY, version_dir / "model.py")
-    link = version_dir / "model.onnx"
-    link.unlink(missing_ok=True)
-    link.symlink_to(onnx_path.resolve())
+    versions = {model_version: onnx_path, **(extra_versions or {})}
+    for version, path in versions.items():
+        if read_model_shape(path) != shape:
+            raise ValueError(f"{path} (version {version}) does not have {onnx_path}'s shape")
+        version_dir = model_dir / str(version)
+        version_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(MODEL_PY, version_dir / "model.py")
+        link = version_dir / "model.onnx"
+        link.unlink(missing_ok=True)
+        link.symlink_to(path.resolve())
     return repository
 
 
@@ -239,6 +247,7 @@ class TritonServer(StartStop):
         start_timeout_s: float = 120.0,
         stop_grace_s: float = 15.0,
         trace_url: str | None = None,
+        extra_versions: Mapping[int, Path] | None = None,
     ) -> None:
         if model_version < 1:
             raise ValueError(f"model_version must be >= 1, got {model_version}")
@@ -252,6 +261,8 @@ class TritonServer(StartStop):
         self.onnx_path: Final = onnx_path
         self.model_name: Final = model_name
         self.model_version: Final = model_version
+        self.extra_versions: Final = dict(extra_versions or {})
+        """More versions of the model served beside ``model_version`` (a canary, a rollback)."""
         self.grpc_port: Final = resolve_port(grpc_port)
         self.http_port: Final = resolve_port(http_port)
         self.metrics_port: Final = resolve_port(metrics_port)
@@ -299,12 +310,16 @@ class TritonServer(StartStop):
 
     async def ready(self) -> bool:
         """True when the server is live and ready and the model is ready (HTTP health API)."""
-        model = f"{self.http_url}/v2/models/{self.model_name}/versions/{self.model_version}/ready"
-        return (
+        if not (
             await http_ok(f"{self.http_url}/v2/health/live")
             and await http_ok(f"{self.http_url}/v2/health/ready")
-            and await http_ok(model)
-        )
+        ):
+            return False
+        for version in (self.model_version, *self.extra_versions):
+            model = f"{self.http_url}/v2/models/{self.model_name}/versions/{version}/ready"
+            if not await http_ok(model):
+                return False
+        return True
 
     def _argv(self, tritonserver_dir: Path, backends_dir: Path) -> list[str]:
         return [
@@ -360,6 +375,7 @@ class TritonServer(StartStop):
                 instance_count=self.instance_count,
                 delay_ms=self.delay_ms,
                 intra_op_threads=self.intra_op_threads,
+                extra_versions=self.extra_versions,
             )
             self._tritonserver_dir, self._backends_dir = tritonserver_dir, backends_dir
             self.process = self._new_process()

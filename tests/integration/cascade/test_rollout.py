@@ -1,0 +1,355 @@
+"""Canary, promote and rollback on real Redis, NATS and Triton (two Triton versions).
+
+The candidate is derived from the committed models: stage 1 is the champion's ONNX file under
+another version name (``s1-1c``: its own subject and cache keys), stage 2 the committed INT8
+variant served as Triton version 2. The orchestrator and a screening pool run in this process;
+both follow ``registry.json`` as they do in the stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+from opentelemetry.sdk.trace import TracerProvider
+
+from cascade.canary import in_canary
+from cascade.model_registry import (
+    load_registry,
+    promoted,
+    rolled_back,
+    sha256_file,
+    write_registry,
+)
+from cascade.settings import RolloutSettings, Settings
+from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+from devstack.servers import NatsServer, RedisServer, TritonServer
+from orchestrator.server import Orchestrator
+from stages.screening.pool import ScreeningPool
+from tests.conftest import make_wire_transaction
+from tests.integration.cascade.conftest import settings_for
+
+pytestmark = pytest.mark.integration
+
+R = scoring_pb2
+SHARE = 0.2
+
+
+@pytest.fixture(scope="module")
+def rollout_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``model_dir`` plus a candidate: stage 1 ``s1-1c`` (the champion's file, renamed) and
+    stage 2 ``s2-1-int8`` as Triton version 2."""
+    root = tmp_path_factory.mktemp("rollout-models")
+    shutil.copytree(model_dir, root, dirs_exist_ok=True)
+    (root / "screening" / "s1-1c").mkdir()
+    shutil.copy2(root / "screening/s1-1/model.onnx", root / "screening/s1-1c/model.onnx")
+    registry = json.loads((root / "registry.json").read_text())
+    variants = json.loads((root / "heavy/variants.json").read_text())
+    int8 = next(v for v in variants["variants"] if v["version"] == "s2-1-int8")
+    registry["candidate"] = {
+        "stage1": {
+            "version": "s1-1c",
+            "path": "screening/s1-1c/model.onnx",
+            "sha256": sha256_file(root / "screening/s1-1c/model.onnx"),
+        },
+        "stage2": {
+            "version": "s2-1-int8",
+            "triton_model": registry["stage2"]["triton_model"],
+            "triton_version": 2,
+            "path": int8["path"],
+            "sha256": int8["sha256"],
+        },
+    }
+    (root / "registry.json").write_text(json.dumps(registry))
+    load_registry(root)  # valid
+    return root
+
+
+@pytest_asyncio.fixture(scope="module")
+async def two_version_triton(
+    rollout_dir: Path, server_log_dir: Path
+) -> AsyncIterator[TritonServer]:
+    """Triton serving the champion's stage 2 as v1 and the candidate's as v2."""
+    registry = load_registry(rollout_dir)
+    assert registry.candidate is not None and registry.candidate.stage2 is not None
+    async with TritonServer(
+        registry.stage2_path,
+        model_name=registry.stage2.triton_model or "",
+        model_version=1,
+        extra_versions={2: rollout_dir / registry.candidate.stage2.path},
+        log_dir=server_log_dir / "triton-rollout",
+    ) as server:
+        yield server
+
+
+@dataclass
+class Canary:
+    app: Orchestrator
+    pool: ScreeningPool
+    stub: scoring_pb2_grpc.ScoringServiceStub
+    model_dir: Path
+
+
+@asynccontextmanager
+async def canary_running(settings: Settings) -> AsyncIterator[Canary]:
+    provider = TracerProvider()
+    async with AsyncExitStack() as stack:
+        stack.callback(provider.shutdown)
+        pool = await stack.enter_async_context(
+            ScreeningPool(settings, provider.get_tracer("test.pool"))
+        )
+        app = await stack.enter_async_context(Orchestrator(settings, tracer_provider=provider))
+        await app.wait_serving(timeout_s=30)
+        channel = await stack.enter_async_context(
+            grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        )
+        await asyncio.wait_for(channel.channel_ready(), timeout=5)
+        yield Canary(app, pool, scoring_pb2_grpc.ScoringServiceStub(channel), settings.model_dir)
+
+
+def rollout_settings(
+    model_dir: Path, redis: RedisServer, nats: NatsServer, triton: TritonServer
+) -> Settings:
+    base = settings_for(model_dir, redis.url, nats.url, triton.grpc_url)
+    return base.model_copy(
+        update={
+            "rollout": RolloutSettings(
+                canary_share=SHARE, reload_interval_s=0.1, retire_grace_s=1.0
+            )
+        }
+    )
+
+
+def tx(card: str, n: int = 0) -> scoring_pb2.Transaction:
+    return make_wire_transaction(
+        transaction_id=f"tx-{uuid.uuid4().hex[:12]}", card_id=card, amount_minor=1000 + n
+    )
+
+
+@pytest_asyncio.fixture
+async def canary(
+    rollout_dir: Path,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    nats_server: NatsServer,
+    two_version_triton: TritonServer,
+) -> AsyncIterator[Canary]:
+    """A cascade serving champion and candidate from a registry of its own (tests change it)."""
+    own = tmp_path / "models"
+    shutil.copytree(rollout_dir, own, symlinks=True)
+    settings = rollout_settings(own, redis_server, nats_server, two_version_triton)
+    async with canary_running(settings) as c:
+        yield c
+
+
+CHAMPION = ("s1-1", "s2-1")
+CANDIDATE = ("s1-1c", "s2-1-int8")
+
+
+def served(reply: scoring_pb2.ScoreResponse) -> tuple[str, str]:
+    return (reply.versions.stage1, reply.versions.stage2)
+
+
+async def test_canary_share_is_near_its_setting_and_sticky_per_card(canary: Canary) -> None:
+    run = uuid.uuid4().hex[:8]
+    cards = [f"card-{run}-{i:05d}" for i in range(2000)]
+    replies: list[scoring_pb2.ScoreResponse] = []
+    for start in range(0, len(cards), 500):  # ScoreBatch splits a batch by lane
+        batch = R.ScoreBatchRequest(transactions=[tx(c) for c in cards[start : start + 500]])
+        replies += (await canary.stub.ScoreBatch(batch, timeout=30.0)).results
+    by_card = {c: served(r) for c, r in zip(cards, replies, strict=True)}
+    assert {r.decided_by for r in replies} <= {R.DECIDED_BY_STAGE1, R.DECIDED_BY_STAGE2}
+    assert set(by_card.values()) == {CHAMPION, CANDIDATE}
+    share = sum(v == CANDIDATE for v in by_card.values()) / len(cards)
+    assert abs(share - SHARE) < 0.03, share
+    for card, versions in by_card.items():  # the split is the hash's, in every process
+        assert versions == (CANDIDATE if in_canary(card, SHARE) else CHAMPION), card
+
+    # Sticky: the same cards again, one call each, new transactions: the same version each time.
+    sample = cards[:300]
+    again = await asyncio.gather(
+        *(canary.stub.Score(R.ScoreRequest(transaction=tx(c, 1)), timeout=5.0) for c in sample)
+    )
+    assert [served(r) for r in again] == [by_card[c] for c in sample]
+    assert all(r.versions.policy and r.versions.feature_set == "fs-1" for r in again)
+
+
+async def until(condition: Callable[[], bool], timeout_s: float) -> None:
+    """Poll ``condition`` every 50 ms (the services poll the registry file; nothing to await)."""
+    async with asyncio.timeout(timeout_s):
+        for _ in itertools.count():
+            if condition():
+                return
+            await asyncio.sleep(0.05)
+
+
+async def wait_for_champion(canary: Canary, versions: tuple[str, str]) -> None:
+    def switched() -> bool:
+        v = canary.app.generation.champion.versions
+        return (v.stage1, v.stage2) == versions
+
+    await until(switched, 30)
+
+
+async def test_promote_and_rollback_never_answer_from_another_versions_cache(
+    canary: Canary,
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    cards = [f"card-{run}-{i:03d}" for i in range(60)]
+    txs = [tx(c) for c in cards]
+    assert any(in_canary(c, SHARE) for c in cards) and not all(in_canary(c, SHARE) for c in cards)
+    # fingerprint of the transaction -> versions of the answer that computed (and cached) it
+    computed: dict[str, set[tuple[str, str]]] = {}
+
+    async def score_all(expected: dict[str, tuple[str, str]]) -> list[scoring_pb2.ScoreResponse]:
+        replies = []
+        for _ in range(2):  # the second round finds the first round's cache entries
+            # one at a time: 60 at once can be shed (OVERLOADED) by admission on a busy machine
+            round_ = [
+                await canary.stub.Score(R.ScoreRequest(transaction=t), timeout=5.0) for t in txs
+            ]
+            assert canary.app.writer is not None
+            await canary.app.writer.flush()
+            for t, reply in zip(txs, round_, strict=True):
+                assert not reply.degraded, reply
+                assert served(reply) == expected[t.card_id]
+                if reply.decided_by == R.DECIDED_BY_CACHE:
+                    # a cached answer is only ever one computed by the versions it names
+                    assert served(reply) in computed.get(t.transaction_id, set()), reply
+                else:
+                    computed.setdefault(t.transaction_id, set()).add(served(reply))
+            replies += round_
+        return replies
+
+    def lanes(candidate: tuple[str, str], champion: tuple[str, str]) -> dict[str, tuple[str, str]]:
+        return {c: candidate if in_canary(c, SHARE) else champion for c in cards}
+
+    canary_replies = await score_all(lanes(CANDIDATE, CHAMPION))
+    assert sum(r.decided_by == R.DECIDED_BY_CACHE for r in canary_replies) == len(txs)
+
+    registry = load_registry(canary.model_dir)
+    write_registry(canary.model_dir, promoted(registry))
+    await wait_for_champion(canary, CANDIDATE)
+    assert canary.app.generation.candidate is None
+    promoted_replies = await score_all(dict.fromkeys(cards, CANDIDATE))
+    first = promoted_replies[: len(txs)]
+    # Cards that were the champion's are computed afresh by the promoted versions...
+    for t, reply in zip(txs, first, strict=True):
+        expected = R.DECIDED_BY_CACHE if in_canary(t.card_id, SHARE) else R.DECIDED_BY_STAGE2
+        assert reply.decided_by == expected, (t.card_id, reply)
+
+    write_registry(canary.model_dir, rolled_back(load_registry(canary.model_dir)))
+    await wait_for_champion(canary, CHAMPION)
+    rolled = await score_all(dict.fromkeys(cards, CHAMPION))
+    # ...and after the rollback the canary's cards are computed afresh by the old champion.
+    for t, reply in zip(txs, rolled[: len(txs)], strict=True):
+        expected = R.DECIDED_BY_STAGE2 if in_canary(t.card_id, SHARE) else R.DECIDED_BY_CACHE
+        assert reply.decided_by == expected, (t.card_id, reply)
+    # The worker pool followed: the candidate's stage 1 retired once no lane asked for it.
+    await until(lambda: canary.pool.versions == ["s1-1"], 10)
+
+
+async def test_a_broken_registry_change_keeps_the_current_versions_serving(
+    canary: Canary,
+) -> None:
+    (canary.model_dir / "registry.json").write_text('{"feature_set": "fs-1"}')
+    await asyncio.sleep(0.5)
+    reply = await canary.stub.Score(
+        R.ScoreRequest(transaction=tx(f"card-{uuid.uuid4().hex[:8]}")), timeout=5.0
+    )
+    assert not reply.degraded
+    assert canary.app.generation.candidate is not None
+
+
+def _comparable(reply: scoring_pb2.ScoreResponse) -> bytes:
+    """The answer without what differs between any two runs: trace id and timings."""
+    copy = scoring_pb2.ScoreResponse()
+    copy.CopyFrom(reply)
+    copy.ClearField("trace_id")
+    copy.ClearField("timings")
+    return copy.SerializeToString(deterministic=True)
+
+
+async def test_shadow_records_the_candidate_without_touching_answers(
+    rollout_dir: Path,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    nats_server: NatsServer,
+    two_version_triton: TritonServer,
+) -> None:
+    import redis.asyncio as aioredis
+
+    from devstack.shadow import run_shadow
+
+    run = uuid.uuid4().hex[:8]
+    txs = [
+        make_wire_transaction(
+            transaction_id=f"tx-{run}-{i}", card_id=f"card-{run}-{i % 20}", amount_minor=500 + i
+        )
+        for i in range(60)
+    ]
+    shadow_file = tmp_path / "shadow.jsonl"
+    answers: dict[bool, list[bytes]] = {}
+    for shadow_on, db in ((False, 3), (True, 4)):
+        redis_url = f"{redis_server.url.rsplit('/', 1)[0]}/{db}"
+        client = aioredis.from_url(redis_url)
+        await client.flushdb()
+        await client.aclose()
+        base = rollout_settings(rollout_dir, redis_server, nats_server, two_version_triton)
+        stream = f"DEC{run}{int(shadow_on)}"
+        settings = base.model_copy(
+            update={
+                "rollout": RolloutSettings(canary_share=0.0),  # shadow only: no canary
+                "redis": base.redis.model_copy(update={"url": redis_url}),
+                "decision_log": base.decision_log.model_copy(
+                    update={"stream": stream, "subject_prefix": f"d{run}{int(shadow_on)}"}
+                ),
+            }
+        )
+        async with canary_running(settings) as c, AsyncExitStack() as stack:
+            assert c.app.generation.candidate is None  # the live path is the champion's alone
+            if shadow_on:
+                out = stack.enter_context(shadow_file.open("w"))
+                shadow = asyncio.create_task(
+                    run_shadow(
+                        nats_server.url,
+                        rollout_dir,
+                        out,
+                        redis_url=redis_url,
+                        stream=stream,
+                        subject_prefix=f"d{run}1",
+                        follow=True,
+                        limit=len(txs),
+                    )
+                )
+            replies = []
+            for t in txs:  # one by one: each sees the card's earlier ones, as in the other run
+                replies.append(await c.stub.Score(R.ScoreRequest(transaction=t), timeout=5.0))
+                assert c.app.writer is not None
+                await c.app.writer.flush()
+            answers[shadow_on] = [_comparable(r) for r in replies]
+            if shadow_on:
+                stats = await asyncio.wait_for(shadow, timeout=30)
+                assert stats.scored == len(txs)
+    assert answers[True] == answers[False]
+    rows = [json.loads(line) for line in shadow_file.read_text().splitlines()]
+    assert [r["transaction_id"] for r in rows] == [t.transaction_id for t in txs]
+    assert {r["candidate_versions"] for r in rows} == {"policy-escalate-all/s1-1c/s2-1-int8/fs-1"}
+    assert {r["champion_versions"] for r in rows} == {"policy-escalate-all/s1-1/s2-1/fs-1"}
+    # the candidate's stage 1 is the champion's file: the same stage-1 scores; its stage 2 is
+    # the INT8 variant, scored here on the same sequences: close to the champion's, not equal
+    for r in rows:
+        assert abs(r["candidate_stage1_score"] - r["champion_stage1_score"]) < 1e-6
+        assert r["candidate_escalated"] and r["candidate_stage2_score"] is not None
+        assert abs(r["candidate_score"] - r["champion_score"]) < 0.1
+    assert any(r["candidate_score"] != r["champion_score"] for r in rows)
