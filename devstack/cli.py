@@ -9,6 +9,7 @@
 * ``cascade trace`` print one stored trace (``cascade up --traces``) as a waterfall.
 * ``cascade decisions`` tail, filter and export the decision log (JetStream stream DECISIONS) as
                     a table, JSON Lines or Parquet.
+* ``cascade outcomes import``, ``cascade quality``: the label loop (``devstack/quality_cli.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from devstack.decision_rows import DecisionFilter, parse_time_ms
 from devstack.decisions import read_decision_rows, table_line, write_jsonl, write_parquet
 from devstack.otlp_receiver import SPANS_FILE, read_trace
+from devstack.quality_cli import add_quality_commands, run_outcomes, run_quality
 from devstack.samples import labelled_sample
 from devstack.servers import port_is_free
 from devstack.stack import LocalStack, StackConfig, StackPorts
@@ -504,6 +506,7 @@ def _parser() -> argparse.ArgumentParser:
     decisions.add_argument(
         "--limit", type=_positive_int, metavar="N", help="stop after N records (table, jsonl)"
     )
+    add_quality_commands(sub)
     from loadtests.cli import add_arguments as add_loadtest_arguments
 
     loadtest = sub.add_parser(
@@ -526,6 +529,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
     if args.command == "trace":
         return _trace(args)
+    if args.command in ("outcomes", "quality"):
+        try:
+            return run_outcomes(args) if args.command == "outcomes" else run_quality(args)
+        except KeyboardInterrupt:
+            return 130
     if args.command == "decisions":
         try:
             return asyncio.run(_decisions(args))
