@@ -89,7 +89,8 @@ def reference_bins(values: npt.NDArray[np.floating[Any]], n_bins: int = 10) -> B
     finite = values[np.isfinite(values)].astype(np.float64)
     if finite.size == 0:
         raise ValueError("no finite values to bin")
-    cuts = np.quantile(finite, np.linspace(0, 1, n_bins + 1)[1:-1])
+    # Cut points are data values (no interpolation), so a discrete feature keeps its values.
+    cuts = np.quantile(finite, np.linspace(0, 1, n_bins + 1)[1:-1], method="inverted_cdf")
     edges = np.unique(cuts)
     # A cut equal to the minimum makes an empty first bin; drop it.
     edges = edges[edges > finite.min()]
