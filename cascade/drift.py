@@ -89,9 +89,14 @@ def reference_bins(values: npt.NDArray[np.floating[Any]], n_bins: int = 10) -> B
     finite = values[np.isfinite(values)].astype(np.float64)
     if finite.size == 0:
         raise ValueError("no finite values to bin")
-    # Cut points are data values (no interpolation), so a discrete feature keeps its values.
-    cuts = np.quantile(finite, np.linspace(0, 1, n_bins + 1)[1:-1], method="inverted_cdf")
-    edges = np.unique(cuts)
+    distinct = np.unique(finite)
+    if len(distinct) <= n_bins:
+        # A discrete feature (a flag, a small count): one bin per value, however rare.
+        edges = distinct[1:]
+    else:
+        # Cut points are data values (no interpolation), so ties stay in one bin.
+        cuts = np.quantile(finite, np.linspace(0, 1, n_bins + 1)[1:-1], method="inverted_cdf")
+        edges = np.unique(cuts)
     # A cut equal to the minimum makes an empty first bin; drop it.
     edges = edges[edges > finite.min()]
     counts = bin_counts(finite, edges.tolist())

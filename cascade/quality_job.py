@@ -1,6 +1,6 @@
 """The quality job: reads the ``DECISIONS`` and ``OUTCOMES`` streams into a
 :class:`cascade.quality.QualityJoiner` and reports, once (``cascade quality``) or for ever,
-refreshing Prometheus gauges (``cascade quality --serve``).
+serving its latest report as Prometheus gauges (``cascade quality --serve``).
 
 It runs as its own process, never in the orchestrator: joining, sorting scores for PR-AUC and
 binning features cost CPU and memory proportional to the windows (a week of decisions), which
@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -27,7 +27,8 @@ from typing import Final
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from prometheus_client import Gauge
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from cascade.decision_record import decode_decision
 from cascade.drift import DriftReference, load_drift_reference
@@ -44,65 +45,18 @@ from cascade.quality import (
 from cascade.v1 import decisions_pb2
 
 __all__ = [
-    "QUALITY_GAUGES",
+    "QualityCollector",
     "QualityService",
     "StreamNames",
-    "export_report",
     "load_references",
     "measure_once",
+    "report_metrics",
 ]
 
 logger = logging.getLogger(__name__)
 
 _IDLE_TIMEOUT_S: Final = 2.0
-_VERSION_LABELS: Final = ("window", "policy", "stage1", "stage2")
-
-PRECISION: Final = Gauge(
-    "cascade_quality_precision",
-    "Precision at a policy threshold (DECLINE, REVIEW) over a window of decision time.",
-    [*_VERSION_LABELS, "threshold"],
-)
-RECALL: Final = Gauge(
-    "cascade_quality_recall",
-    "Recall at a policy threshold (DECLINE, REVIEW) over a window of decision time.",
-    [*_VERSION_LABELS, "threshold"],
-)
-PR_AUC: Final = Gauge(
-    "cascade_quality_pr_auc",
-    "PR-AUC (average precision) of a stage's scores.",
-    [*_VERSION_LABELS, "stage"],
-)
-DECISIONS: Final = Gauge("cascade_quality_decisions", "Decisions in the window.", _VERSION_LABELS)
-LABELLED_SHARE: Final = Gauge(
-    "cascade_quality_labelled_share",
-    "Share of the window's decisions with a label.",
-    _VERSION_LABELS,
-)
-FRAUD: Final = Gauge("cascade_quality_fraud_labelled", "Decisions labelled fraud.", _VERSION_LABELS)
-LABEL_DELAY: Final = Gauge(
-    "cascade_quality_label_delay_seconds",
-    "Label delay (first label's reported_at - transaction time) quantiles.",
-    [*_VERSION_LABELS, "quantile"],
-)
-PSI: Final = Gauge(
-    "cascade_drift_psi",
-    "Population stability index against the training reference (variable=stage1_score or a "
-    "feature name).",
-    [*_VERSION_LABELS, "variable"],
-)
-REFRESHED: Final = Gauge(
-    "cascade_quality_last_refresh_timestamp_seconds", "When the quality gauges were last set."
-)
-QUALITY_GAUGES: Final = (
-    PRECISION,
-    RECALL,
-    PR_AUC,
-    DECISIONS,
-    LABELLED_SHARE,
-    FRAUD,
-    LABEL_DELAY,
-    PSI,
-)
+_VERSION_LABELS: Final = ["window", "policy", "stage1", "stage2"]
 
 
 class StreamNames:
@@ -224,41 +178,96 @@ async def measure_once(
     return joiner.report(now_ms, windows_s)
 
 
-def _set(gauge: Gauge, labels: tuple[str, ...], value: float) -> None:
-    if not math.isnan(value):
-        gauge.labels(*labels).set(value)
+def report_metrics(report: QualityReport) -> list[GaugeMetricFamily]:
+    """Every quality gauge of ``report``; undefined values (NaN) are left out, not exported."""
+    v = _VERSION_LABELS
+    families = {
+        "precision": GaugeMetricFamily(
+            "cascade_quality_precision",
+            "Precision at a policy threshold (DECLINE, REVIEW) over a window of decision time.",
+            labels=[*v, "threshold"],
+        ),
+        "recall": GaugeMetricFamily(
+            "cascade_quality_recall",
+            "Recall at a policy threshold (DECLINE, REVIEW) over a window of decision time.",
+            labels=[*v, "threshold"],
+        ),
+        "pr_auc": GaugeMetricFamily(
+            "cascade_quality_pr_auc",
+            "PR-AUC (average precision) of a stage's scores.",
+            labels=[*v, "stage"],
+        ),
+        "decisions": GaugeMetricFamily(
+            "cascade_quality_decisions", "Decisions in the window.", labels=v
+        ),
+        "fraud": GaugeMetricFamily(
+            "cascade_quality_fraud_labelled", "Decisions labelled fraud.", labels=v
+        ),
+        "labelled": GaugeMetricFamily(
+            "cascade_quality_labelled_share",
+            "Share of the window's decisions with a label.",
+            labels=v,
+        ),
+        "delay": GaugeMetricFamily(
+            "cascade_quality_label_delay_seconds",
+            "Label delay (first label's reported_at - transaction time) quantiles.",
+            labels=[*v, "quantile"],
+        ),
+        "psi": GaugeMetricFamily(
+            "cascade_drift_psi",
+            "Population stability index against the training reference (variable = "
+            "stage1_score or a feature name).",
+            labels=[*v, "variable"],
+        ),
+    }
 
+    def add(name: str, labels: list[str], value: float) -> None:
+        if not math.isnan(value):
+            families[name].add_metric(labels, value)
 
-def export_report(report: QualityReport) -> None:
-    """Set every quality gauge from ``report`` (gauges of versions that left the windows are
-    removed; undefined values, NaN, are left out rather than exported)."""
-    for gauge in QUALITY_GAUGES:
-        gauge.clear()
     for window in report.windows:
         for q in window.versions:
-            base = (window.window, q.versions.policy, q.versions.stage1, q.versions.stage2)
-            DECISIONS.labels(*base).set(q.decisions)
-            FRAUD.labels(*base).set(q.fraud)
-            _set(LABELLED_SHARE, base, q.labelled_share)
-            for name, t in (("DECLINE", q.decline), ("REVIEW", q.review)):
-                _set(PRECISION, (*base, name), t.precision)
-                _set(RECALL, (*base, name), t.recall)
-            _set(PR_AUC, (*base, "stage1"), q.stage1_pr_auc)
-            _set(PR_AUC, (*base, "stage2"), q.stage2_pr_auc)
+            base = [window.window, q.versions.policy, q.versions.stage1, q.versions.stage2]
+            add("decisions", base, q.decisions)
+            add("fraud", base, q.fraud)
+            add("labelled", base, q.labelled_share)
+            for threshold, t in (("DECLINE", q.decline), ("REVIEW", q.review)):
+                add("precision", [*base, threshold], t.precision)
+                add("recall", [*base, threshold], t.recall)
+            add("pr_auc", [*base, "stage1"], q.stage1_pr_auc)
+            add("pr_auc", [*base, "stage2"], q.stage2_pr_auc)
             for quantile, value in q.label_delay_s.items():
                 if quantile != "count":
-                    _set(LABEL_DELAY, (*base, quantile), value)
+                    add("delay", [*base, quantile], value)
             if q.drift is not None:
-                _set(PSI, (*base, "stage1_score"), q.drift.score_psi)
-                for name, value in q.drift.feature_psi.items():
-                    _set(PSI, (*base, name), value)
-    REFRESHED.set(report.now_ms / 1000)
+                add("psi", [*base, "stage1_score"], q.drift.score_psi)
+                for feature, value in q.drift.feature_psi.items():
+                    add("psi", [*base, feature], value)
+    refreshed = GaugeMetricFamily(
+        "cascade_quality_last_refresh_timestamp_seconds", "When the quality gauges were computed."
+    )
+    refreshed.add_metric([], report.now_ms / 1000)
+    return [*families.values(), refreshed]
+
+
+class QualityCollector(Collector):
+    """Serves the latest report's gauges: a scrape sees one whole report, never a mix of two
+    (replacing labelled Gauges one by one would show a half-updated set)."""
+
+    def __init__(self) -> None:
+        self.report: QualityReport | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        """The gauges of :attr:`report` (none before the first)."""
+        report = self.report
+        if report is not None:
+            yield from report_metrics(report)
 
 
 class QualityService:
     """``cascade quality --serve``: follows both streams (from the start of the longest window)
-    into one joiner and, every ``refresh_s``, evicts what left the windows, measures and sets
-    the gauges. An async context manager; its refresh task is owned and cancelled on exit."""
+    into one joiner and, every ``refresh_s``, evicts what left the windows, measures and hands
+    the report to :attr:`collector`. An async context manager; its refresh task is owned and cancelled on exit."""
 
     def __init__(
         self,
@@ -280,6 +289,8 @@ class QualityService:
         self._nc: NatsClient | None = None
         self._task: asyncio.Task[None] | None = None
         self.last_report: QualityReport | None = None
+        self.collector = QualityCollector()
+        """Register it (``REGISTRY.register``) to serve the gauges."""
         self.refreshed = asyncio.Event()
         """Set after each refresh (tests wait on it)."""
 
@@ -330,7 +341,7 @@ class QualityService:
         now_ms = self._clock_ms()
         self.joiner.evict_before(now_ms - max(self._windows_s) * 1000)
         report = self.joiner.report(now_ms, self._windows_s)
-        export_report(report)
+        self.collector.report = report
         self.last_report = report
         self.refreshed.set()
         return report

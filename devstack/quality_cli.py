@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY, start_http_server
 
 from cascade.errors import DependencyError, InvalidInputError
 from cascade.model_registry import load_registry
@@ -43,15 +43,24 @@ def _windows(text: str) -> list[int]:
 
 def add_quality_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``outcomes`` and ``quality`` to the ``cascade`` command line."""
-    outcomes = sub.add_parser("outcomes", help="report outcomes (labels) in bulk")
-    verbs = outcomes.add_subparsers(dest="outcomes_command", required=True)
+    outcomes = sub.add_parser(
+        "outcomes",
+        help="report outcomes (labels) in bulk",
+        description="Store labels (confirmed fraud, chargeback, genuine) on the OUTCOMES stream.",
+    )
+    verbs = outcomes.add_subparsers(dest="outcomes_command", required=True, help="what to do")
     imp = verbs.add_parser("import", help="store every outcome of a CSV or JSON Lines file")
     imp.add_argument("file", type=Path, help="FILE.csv (with a header) or FILE.jsonl")
     imp.add_argument("--nats", default=_DEFAULT_NATS, help="NATS with JetStream")
     imp.add_argument("--stream", default="OUTCOMES", help="the outcome stream's name")
     imp.add_argument("--subject-prefix", default="outcomes", help="outcomes go to PREFIX.<kind>")
 
-    quality = sub.add_parser("quality", help="live precision, recall, PR-AUC and drift")
+    quality = sub.add_parser(
+        "quality",
+        help="live precision, recall, PR-AUC and drift",
+        description="Join the decision log with the outcomes and measure each model and policy "
+        "version over sliding windows of decision time (docs/quality.md).",
+    )
     quality.add_argument("--nats", default=_DEFAULT_NATS, help="NATS with JetStream")
     quality.add_argument("--decisions-stream", default="DECISIONS", help="the decision stream")
     quality.add_argument("--outcomes-stream", default="OUTCOMES", help="the outcome stream")
@@ -141,7 +150,8 @@ async def _quality(args: argparse.Namespace) -> int:
         refresh_s=args.refresh_s,
         streams=streams,
         unlabelled=args.unlabelled,
-    ):
+    ) as service:
+        REGISTRY.register(service.collector)
         print(
             f"serving quality gauges on http://{args.metrics_host}:{args.metrics_port}/metrics",
             flush=True,

@@ -127,6 +127,7 @@ async def test_outcomes_reported_both_ways_give_the_known_precision_and_recall(
     fraud = {o.transaction_id for o in outcomes if o.label != "genuine"}
     assert fraud, "the simulated stream should hold labelled fraud"
     want = expected(answers, fraud)
+    assert want["review"][0] is not None and want["review"][1], "something fraud was flagged"
     assert [w["window"] for w in report["windows"]] == ["1h", "1d", "7d"]
     for window in report["windows"]:
         (q,) = window["versions"]
@@ -138,7 +139,9 @@ async def test_outcomes_reported_both_ways_give_the_known_precision_and_recall(
             precision, recall = want[name]
             assert q[name]["precision"] == pytest.approx(precision)
             assert q[name]["recall"] == pytest.approx(recall)
-        assert q["stage2_scored"] == len(records)  # the policy escalates everything
+        assert q["stage2_scored"] == sum(
+            a.decided_by == R.DECIDED_BY_STAGE2 for a in answers.values()
+        )
         assert 0 < q["stage1_pr_auc"] <= 1
         assert q["label_delay_s"]["count"] == q["labelled"]
         if q["drift"] is not None:  # the committed s1-1 reference, when present
@@ -175,12 +178,13 @@ async def check_quality_serve(
     quality_cascade: scoring_pb2_grpc.ScoringServiceStub, quality_nats: NatsServer
 ) -> None:
     """Score, label one answer fraud, and read ``cascade quality --serve``'s gauges."""
-    records = simulate(SimulationConfig(seed=22, n_cards=20, n_days=3))
+    records = simulate(SimulationConfig(seed=22, n_cards=20, n_days=21))
     reply = await quality_cascade.ScoreBatch(
         R.ScoreBatchRequest(transactions=[to_wire(r.tx) for r in records[:200]]), timeout=60
     )
-    declined = next((a for a in reply.results if a.decision == R.DECISION_DECLINE), None)
-    target = declined or reply.results[0]
+    flagged = {R.DECISION_DECLINE, R.DECISION_REVIEW}
+    target = next((a for a in reply.results if a.decision in flagged), reply.results[0])
+    recall = "1.0" if target.decision in flagged else "0.0"
     await quality_cascade.ReportOutcome(
         R.ReportOutcomeRequest(
             outcome=R.Outcome(
@@ -216,8 +220,14 @@ async def check_quality_serve(
                     text = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
                 except OSError:
                     continue
-        assert 'cascade_quality_fraud_labelled{policy="policy-escalate-all"' in text
-        assert 'threshold="REVIEW",window="1h"} 1.0' in text  # the one fraud was flagged
+        # The exposition lists labels sorted by name.
+        versions = 'policy="policy-escalate-all",stage1="s1-1",stage2="s2-1"'
+        assert f'cascade_quality_fraud_labelled{{{versions},window="1h"}} 1.0' in text
+        # The one fraud of the window: caught at REVIEW when its answer flagged it.
+        assert (
+            f'cascade_quality_recall{{{versions},threshold="REVIEW",window="1h"}} {recall}' in text
+        )
+        assert f'cascade_drift_psi{{{versions},variable="stage1_score",window="1h"}}' in text
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 10)

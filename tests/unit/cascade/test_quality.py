@@ -193,6 +193,9 @@ def test_psi_by_hand_and_discrete_bins() -> None:
     shifted = np.array([0.0] * 50 + [1.0] * 50)
     expected = (0.5 - 0.8) * math.log(0.5 / 0.8) + (0.5 - 0.2) * math.log(0.5 / 0.2)
     assert psi(binary, shifted) == pytest.approx(expected)
+    # A rare flag still gets its own bin (deciles alone would put it with the zeros).
+    rare = reference_bins(np.array([0.0] * 97 + [1.0] * 3))
+    assert rare.edges == [1.0] and rare.proportions == pytest.approx([0.97, 0.03])
 
 
 def test_drift_per_version_with_a_reference() -> None:
@@ -218,3 +221,32 @@ def test_drift_per_version_with_a_reference() -> None:
     assert q.drift is not None
     assert q.drift.score_psi < 0.05
     assert q.drift.feature_psi["amount_log"] > 0.2
+
+
+def test_the_gauges_of_a_report_leave_out_undefined_values() -> None:
+    from cascade.quality_job import QualityCollector, report_metrics
+
+    joiner = QualityJoiner()
+    joiner.add_decision(point("a", DECLINE, 0.9))
+    joiner.add_decision(point("b", APPROVE, 0.1))
+    joiner.add_outcome("a", R.OUTCOME_LABEL_CHARGEBACK, NOW_MS)
+    report = joiner.report(NOW_MS, [3600])
+    samples = {
+        (m.name, tuple(sorted(s.labels.items()))): s.value
+        for m in report_metrics(report)
+        for s in m.samples
+    }
+    base = (("policy", "policy-3"), ("stage1", "s1-1"), ("stage2", "s2-1"), ("window", "1h"))
+    key = tuple(sorted((*base, ("threshold", "DECLINE"))))
+    assert samples[("cascade_quality_precision", key)] == 1.0
+    assert samples[("cascade_quality_recall", key)] == 1.0
+    assert samples[("cascade_quality_decisions", base)] == 2
+    # No stage-2 scores: that PR-AUC is undefined and not exported.
+    assert ("cascade_quality_pr_auc", tuple(sorted((*base, ("stage", "stage2"))))) not in samples
+    collector = QualityCollector()
+    assert list(collector.collect()) == []
+    collector.report = report
+    assert {m.name for m in collector.collect()} >= {
+        "cascade_quality_precision",
+        "cascade_drift_psi",
+    }
