@@ -27,6 +27,7 @@ from typing import Final
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -127,7 +128,11 @@ async def _read_to_end(
     deliver, config = _deliver_from(since_ms)
     n = 0
     with translate_jetstream_errors(dependency):
-        info = await js.stream_info(stream)
+        try:
+            info = await js.stream_info(stream)
+        except NotFoundError:  # nothing recorded yet (no label reported so far): empty
+            logger.info("quality: no stream %s yet; reading it as empty", stream)
+            return 0
         if not info.state.messages:
             return 0
         sub = await js.subscribe(
