@@ -3,6 +3,8 @@
 * ``cascade outcomes import FILE.csv|FILE.jsonl``: validate every row (the same checks as
   ``ReportOutcome``), then store them all on the ``OUTCOMES`` stream, each acknowledged;
   importing a file again stores nothing twice (message id = transaction id + label kind).
+* ``cascade outcomes score-stream FILE.jsonl.gz``: send a simulated stream to the stack in order
+  (``ScoreBatch``), so its decisions are on the log for ``python -m training outcomes``'s labels.
 * ``cascade quality``: join decisions and outcomes and print a table per window and version
   (``--format json`` for machines); ``--serve`` keeps following both streams and serves the
   numbers as Prometheus gauges on ``--metrics-port`` (:mod:`cascade.quality_job`).
@@ -18,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 from prometheus_client import REGISTRY, start_http_server
 
 from cascade.errors import DependencyError, InvalidInputError
@@ -27,7 +30,7 @@ from cascade.outcome_store import OutcomeStore
 from cascade.quality import parse_window, report_json, report_table
 from cascade.quality_job import QualityService, StreamNames, load_references, measure_once
 from cascade.settings import DEFAULT_MODEL_DIR, OutcomeSettings
-from cascade.v1 import scoring_pb2
+from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 
 __all__ = ["add_quality_commands", "run_outcomes", "run_quality"]
 
@@ -54,6 +57,14 @@ def add_quality_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     imp.add_argument("--nats", default=_DEFAULT_NATS, help="NATS with JetStream")
     imp.add_argument("--stream", default="OUTCOMES", help="the outcome stream's name")
     imp.add_argument("--subject-prefix", default="outcomes", help="outcomes go to PREFIX.<kind>")
+    replay = verbs.add_parser(
+        "score-stream", help="score a simulated stream (python -m training simulate) in order"
+    )
+    replay.add_argument(
+        "stream", type=Path, help="a .jsonl.gz written by `python -m training simulate`"
+    )
+    replay.add_argument("--target", default="127.0.0.1:50051", help="the scoring endpoint")
+    replay.add_argument("--batch", type=int, default=500, help="transactions per ScoreBatch call")
 
     quality = sub.add_parser(
         "quality",
@@ -112,8 +123,31 @@ async def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _score_stream(args: argparse.Namespace) -> int:
+    from cascade.wire import to_wire
+    from training.simulator import read_stream
+
+    records = await asyncio.to_thread(lambda: list(read_stream(args.stream)))
+    counts: dict[str, int] = {}
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+        for start in range(0, len(records), args.batch):
+            chunk = [to_wire(r.tx) for r in records[start : start + args.batch]]
+            reply = await stub.ScoreBatch(
+                scoring_pb2.ScoreBatchRequest(transactions=chunk), timeout=120
+            )
+            for answer in reply.results:
+                name = scoring_pb2.Decision.Name(answer.decision).removeprefix("DECISION_")
+                counts[name] = counts.get(name, 0) + 1
+    summary = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+    print(f"scored {len(records)} transactions of {args.stream}: {summary}")
+    return 0
+
+
 def run_outcomes(args: argparse.Namespace) -> int:
-    """``cascade outcomes ...``."""
+    """``cascade outcomes import`` / ``score-stream``."""
+    if args.outcomes_command == "score-stream":
+        return asyncio.run(_score_stream(args))
     return asyncio.run(_import(args))
 
 

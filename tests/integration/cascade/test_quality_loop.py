@@ -20,10 +20,11 @@ import pytest
 from cascade.v1 import scoring_pb2 as R
 from cascade.v1 import scoring_pb2_grpc
 from cascade.wire import to_wire
+from devstack.decisions import read_decision_rows
 from devstack.servers import NatsServer, RedisServer, TritonServer, free_port
 from tests.integration.cascade.conftest import cascade_processes
 from training.labels import simulate_outcomes, write_outcome_csv
-from training.simulator import SimulationConfig, simulate
+from training.simulator import SimulationConfig, simulate, write_stream
 
 pytestmark = pytest.mark.integration
 
@@ -164,31 +165,43 @@ _BAD_OUTCOMES: Final = [
 
 
 async def test_report_outcome_refuses_bad_input_naming_the_field_and_serves_gauges(
-    quality_cascade: scoring_pb2_grpc.ScoringServiceStub, quality_nats: NatsServer
+    quality_cascade: tuple[scoring_pb2_grpc.ScoringServiceStub, int],
+    quality_nats: NatsServer,
+    tmp_path: Path,
 ) -> None:
+    stub, port = quality_cascade
     for outcome, field in _BAD_OUTCOMES:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await quality_cascade.ReportOutcome(R.ReportOutcomeRequest(outcome=outcome), timeout=5)
+            await stub.ReportOutcome(R.ReportOutcomeRequest(outcome=outcome), timeout=5)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
         assert field in (caught.value.details() or "")
-    await check_quality_serve(quality_cascade, quality_nats)
+    await check_quality_serve(stub, quality_nats, f"127.0.0.1:{port}", tmp_path)
 
 
 async def check_quality_serve(
-    quality_cascade: scoring_pb2_grpc.ScoringServiceStub, quality_nats: NatsServer
+    quality_cascade: scoring_pb2_grpc.ScoringServiceStub,
+    quality_nats: NatsServer,
+    target_addr: str,
+    tmp_path: Path,
 ) -> None:
-    """Score, label one answer fraud, and read ``cascade quality --serve``'s gauges."""
-    records = simulate(SimulationConfig(seed=22, n_cards=20, n_days=21))
-    reply = await quality_cascade.ScoreBatch(
-        R.ScoreBatchRequest(transactions=[to_wire(r.tx) for r in records[:200]]), timeout=60
-    )
-    flagged = {R.DECISION_DECLINE, R.DECISION_REVIEW}
-    target = next((a for a in reply.results if a.decision in flagged), reply.results[0])
-    recall = "1.0" if target.decision in flagged else "0.0"
+    """Score a stream with ``cascade outcomes score-stream``, label one answer fraud, and read
+    ``cascade quality --serve``'s gauges."""
+    stream = tmp_path / "sim.jsonl.gz"
+    write_stream(stream, simulate(SimulationConfig(seed=22, n_cards=20, n_days=21))[:200])
+    _, out = await run_cascade("outcomes", "score-stream", str(stream), "--target", target_addr)
+    assert "scored 200 transactions" in out
+    async with asyncio.timeout(10):
+        while True:
+            rows = [r async for r in read_decision_rows(quality_nats.url)]
+            if len(rows) >= 200:
+                break
+            await asyncio.sleep(0.1)  # the decision log publishes after answering
+    target = next((r for r in rows if r["decision"] in ("DECLINE", "REVIEW")), rows[0])
+    recall = "1.0" if target["decision"] in ("DECLINE", "REVIEW") else "0.0"
     await quality_cascade.ReportOutcome(
         R.ReportOutcomeRequest(
             outcome=R.Outcome(
-                transaction_id=target.transaction_id, label=R.OUTCOME_LABEL_CHARGEBACK
+                transaction_id=str(target["transaction_id"]), label=R.OUTCOME_LABEL_CHARGEBACK
             )
         ),
         timeout=5,
@@ -255,11 +268,13 @@ async def quality_cascade(
     heavy_triton: TritonServer,
     quality_nats: NatsServer,
 ) -> Any:
+    port = free_port()
     async with cascade_processes(
         model_dir,
         tmp_path / "logs",
         redis_url=redis_server.url,
         nats_url=quality_nats.url,
         triton_url=heavy_triton.grpc_url,
+        port=port,
     ) as (stub, _, _):
-        yield stub
+        yield stub, port
