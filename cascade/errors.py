@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
+from typing import Final
 
 import grpc
 import nats.errors
@@ -107,6 +108,22 @@ def translate_redis_errors() -> Iterator[None]:
         raise DependencyFailed(Dependency.REDIS, _redact(str(exc))) from exc
 
 
+# nats-py's ways of saying "not connected right now" (a reconnect may fix it).
+_NATS_NOT_CONNECTED: Final[tuple[type[Exception], ...]] = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    OSError,
+)
+# Publishing faster than the connection drains fills nats-py's outbound buffer: the same.
+_JETSTREAM_NOT_CONNECTED: Final[tuple[type[Exception], ...]] = (
+    *_NATS_NOT_CONNECTED,
+    nats.errors.OutboundBufferLimitError,
+)
+
+
 @contextmanager
 def translate_nats_errors() -> Iterator[None]:
     """Map nats-py errors raised inside the block to the cascade tree."""
@@ -116,14 +133,7 @@ def translate_nats_errors() -> Iterator[None]:
         raise DependencyTimeout(Dependency.SCREENING, "no reply in time") from exc
     except nats.errors.NoRespondersError as exc:
         raise DependencyUnavailable(Dependency.SCREENING, "no screening worker listening") from exc
-    except (
-        nats.errors.ConnectionClosedError,
-        nats.errors.NoServersError,
-        nats.errors.ConnectionDrainingError,
-        nats.errors.ConnectionReconnectingError,
-        nats.errors.StaleConnectionError,
-        OSError,
-    ) as exc:
+    except _NATS_NOT_CONNECTED as exc:
         raise DependencyUnavailable(
             Dependency.SCREENING, _redact(str(exc)) or "not connected"
         ) from exc
@@ -152,15 +162,7 @@ def translate_jetstream_errors(
         raise DependencyUnavailable(dependency, _redact(str(exc))) from exc
     except nats.js.errors.APIError as exc:
         raise DependencyFailed(dependency, _redact(str(exc))) from exc
-    except (
-        nats.errors.ConnectionClosedError,
-        nats.errors.NoServersError,
-        nats.errors.ConnectionDrainingError,
-        nats.errors.ConnectionReconnectingError,
-        nats.errors.StaleConnectionError,
-        nats.errors.OutboundBufferLimitError,
-        OSError,
-    ) as exc:
+    except _JETSTREAM_NOT_CONNECTED as exc:
         raise DependencyUnavailable(dependency, _redact(str(exc)) or "not connected") from exc
     except nats.errors.Error as exc:
         raise DependencyFailed(dependency, _redact(str(exc))) from exc

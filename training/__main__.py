@@ -72,6 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     quantize.add_argument("--holdout-days", type=int, default=25)
     quantize.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     quantize.add_argument("--margin", type=float, default=0.01, help="max PR-AUC loss")
+    quantize.add_argument(
+        "--max-flip-rate",
+        type=float,
+        default=0.005,
+        help="max share of escalated decisions that may differ at the policy's thresholds",
+    )
+    quantize.add_argument(
+        "--recall-margin",
+        type=float,
+        default=0.01,
+        help="max recall loss of any fraud pattern (REVIEW-or-DECLINE and DECLINE)",
+    )
+    quantize.add_argument(
+        "--max-abs-score-diff", type=float, default=0.02, help="max stage-2 score difference"
+    )
 
     report = commands.add_parser("report", help="regenerate docs/model_report.md")
     _simulation_args(report)
@@ -175,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from cascade.model_registry import load_registry
+    from cascade.model_registry import load_policy, load_registry
     from training.report import EvalConfig, calibrate, prepare_eval_set, write_report
 
     if args.command == "calibrate":
@@ -199,17 +214,32 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.command == "report":
         print(f"wrote {write_report(args.model_dir, args.docs_dir, config)}")
         return 0
+    from training.guardrails import GuardrailBounds
     from training.quantize import make_variants
 
     registry = load_registry(args.model_dir)
+    policy = load_policy(registry.policy_path)
     eval_set = prepare_eval_set(registry, config)
+    bounds = GuardrailBounds(
+        pr_auc_margin=args.margin,
+        max_flip_rate=args.max_flip_rate,
+        recall_margin=args.recall_margin,
+        max_abs_score_diff=args.max_abs_score_diff,
+    )
     for r in make_variants(
-        args.model_dir, registry.stage2.version, registry.stage2_path, eval_set, margin=args.margin
+        args.model_dir,
+        registry.stage2.version,
+        registry.stage2_path,
+        eval_set,
+        policy,
+        bounds=bounds,
     ):
         print(
-            f"{r.version}: PR-AUC {r.pr_auc:.4f} (FP32 {r.baseline_pr_auc:.4f}), batch-1 "
-            f"{r.latency_b1_ms:.3f} ms (FP32 {r.baseline_latency_b1_ms:.3f} ms), "
-            f"servable={r.servable}"
+            f"{r.version}: PR-AUC {r.pr_auc:.4f} (FP32 {r.baseline_pr_auc:.4f}), escalated "
+            f"decisions flipped {r.guardrails.flip_rate_escalated:.3%}, max score diff "
+            f"{r.max_abs_score_diff:.4f}, batch-1 {r.latency_b1_ms:.3f} ms "
+            f"(FP32 {r.baseline_latency_b1_ms:.3f} ms), servable={r.servable}"
+            + "".join(f"\n  not servable: {f}" for f in r.guardrails.failures)
         )
     return 0
 

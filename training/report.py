@@ -337,17 +337,24 @@ def _variants_section(model_dir: Path, registry: Registry, eval_set: EvalSet) ->
     b1 = compare_latency(paths, sequences[:1])
     b32 = compare_latency(paths, sequences[:32], runs=15)
     lines = [
-        f"Same weighted held-out sample; guardrail: a variant is servable only if it loses at "
-        f"most {manifest['pr_auc_margin']} PR-AUC (`tests/unit/test_quantized_variants.py` "
-        "re-checks every variant marked servable). Latency: onnxruntime CPU, one thread, median "
-        "per round, best of 7 rounds interleaving the models (a shared machine).",
+        "Same weighted held-out sample. Guardrails (`training/guardrails.py`, recorded by "
+        "`python -m training quantize` in `models/heavy/variants.json`, re-checked by "
+        "`tests/unit/test_quantized_variants.py` for every variant marked servable): at most "
+        f"{manifest['pr_auc_margin']} PR-AUC lost; at the thresholds of "
+        f"`{manifest.get('policy', '?')}`, at most {manifest.get('max_flip_rate', 0):.1%} of "
+        "escalated decisions flipped; no fraud pattern's REVIEW-or-DECLINE or DECLINE recall "
+        f"down by more than {manifest.get('recall_margin', 0)}; no score further than "
+        f"{manifest.get('max_abs_score_diff', 0)} from FP32's. Flips and the largest difference "
+        "below are from the manifest (its own sample). Latency: onnxruntime CPU, one thread, "
+        "median per round, best of 7 rounds interleaving the models (a shared machine).",
         "",
-        "| variant | size | PR-AUC | Δ PR-AUC | recall @1% FPR | batch 1 | speed-up | batch 32 "
-        "| speed-up | servable |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| variant | size | PR-AUC | Δ PR-AUC | recall @1% FPR | escalated flips | max diff "
+        "| batch 1 | speed-up | batch 32 | speed-up | servable |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         f"| `{registry.stage2.version}` (FP32) | "
         f"{registry.stage2_path.stat().st_size / 1024:.0f} KiB | {base['pr_auc']:.4f} | — | "
-        f"{base['recall_at_1%_fpr']:.4f} | {b1[0]:.3f} ms | 1.00x | {b32[0]:.3f} ms | 1.00x | yes |",
+        f"{base['recall_at_1%_fpr']:.4f} | — | — | {b1[0]:.3f} ms | 1.00x | {b32[0]:.3f} ms | "
+        "1.00x | yes |",
     ]
     for k, variant in enumerate(variants, start=1):
         path = model_dir / variant["path"]
@@ -357,8 +364,11 @@ def _variants_section(model_dir: Path, registry: Registry, eval_set: EvalSet) ->
             f"| `{variant['version']}` ({variant['precision'].upper()}) | "
             f"{path.stat().st_size / 1024:.0f} KiB | {m['pr_auc']:.4f} | "
             f"{m['pr_auc'] - base['pr_auc']:+.4f} | {m['recall_at_1%_fpr']:.4f} | "
+            f"{variant.get('flip_rate_escalated', float('nan')):.3%} | "
+            f"{variant.get('max_abs_score_diff', float('nan')):.4f} | "
             f"{b1[k]:.3f} ms | {b1[0] / b1[k]:.2f}x | {b32[k]:.3f} ms | {b32[0] / b32[k]:.2f}x | "
-            f"{'yes' if variant['servable'] else 'no'} |"
+            + ("yes" if variant["servable"] else "no: " + "; ".join(variant.get("failures", [])))
+            + " |"
         )
     lines += [
         "",

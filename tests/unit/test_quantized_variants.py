@@ -15,10 +15,11 @@ import onnxruntime as ort
 import pytest
 
 from cascade.features import SEQUENCE_LEN, TOKEN_DIM
-from cascade.model_registry import Registry, load_registry, sha256_file
+from cascade.model_registry import Registry, load_policy, load_registry, sha256_file
 from cascade.settings import DEFAULT_MODEL_DIR
 from training.datasets import average_precision, replay_screening
 from training.evaluation import EvalSet, build_eval_set, stage1_scores, stage2_scores
+from training.guardrails import GuardrailBounds, check_variant
 from training.simulator import SimulationConfig, simulate
 
 MANIFEST = DEFAULT_MODEL_DIR / "heavy" / "variants.json"
@@ -92,3 +93,39 @@ def test_servable_variants_stay_within_the_pr_auc_margin(
         assert loss <= manifest["pr_auc_margin"], (
             f"{variant['version']} loses {loss:.4f} PR-AUC (margin {manifest['pr_auc_margin']})"
         )
+
+
+def test_servable_variants_keep_the_policys_decisions_and_every_patterns_recall(
+    manifest: dict[str, Any], eval_set: EvalSet, registry: Registry
+) -> None:
+    """Not only PR-AUC: the answers at the served policy's thresholds, per fraud pattern."""
+    assert eval_set.sequences is not None
+    assert eval_set.stage2 is not None
+    policy = load_policy(registry.policy_path)
+    assert manifest["policy"] == policy.version
+    bounds = GuardrailBounds(
+        pr_auc_margin=manifest["pr_auc_margin"],
+        max_flip_rate=manifest["max_flip_rate"],
+        recall_margin=manifest["recall_margin"],
+        max_abs_score_diff=manifest["max_abs_score_diff"],
+    )
+    assert bounds.max_flip_rate <= 0.01
+    assert bounds.recall_margin <= 0.02
+    labels, weights = eval_set.labels, eval_set.sample_weight
+    baseline_pr_auc = average_precision(eval_set.stage2, labels, weights)
+    for variant in (v for v in manifest["variants"] if v["servable"]):
+        scores = stage2_scores(DEFAULT_MODEL_DIR / variant["path"], eval_set.sequences)
+        result = check_variant(
+            policy,
+            stage1=eval_set.stage1,
+            baseline=eval_set.stage2,
+            variant=scores,
+            labels=labels,
+            patterns=eval_set.patterns,
+            weights=weights,
+            pr_auc=average_precision(scores, labels, weights),
+            baseline_pr_auc=baseline_pr_auc,
+            bounds=bounds,
+        )
+        assert len(result.patterns) >= 3, "the stream should hold several fraud patterns"
+        assert result.servable, f"{variant['version']}: {result.failures}"
