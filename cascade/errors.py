@@ -8,7 +8,8 @@ Tree::
     │   ├── RegistryError            registry, policy or model file unusable (cascade.model_registry)
     │   └── SettingsInputError       a `cascade up --env-file`/`--set` value (devstack.stack_settings)
     ├── ServerError                  a local server process would not start (devstack.servers)
-    └── DependencyError              Redis, NATS/screening, Triton or JetStream failed (``.dependency``)
+    └── DependencyError              Redis, NATS/screening, Triton or JetStream (decision or
+                                     outcome log) failed (``.dependency``)
         ├── DependencyTimeout        it did not answer within its budget    -> DEADLINE_EXCEEDED
         ├── DependencyUnavailable    refused, closed, no responders         -> UNAVAILABLE
         ├── DependencyOverloaded     it shed the request                    -> RESOURCE_EXHAUSTED
@@ -41,6 +42,7 @@ class Dependency(StrEnum):
     SCREENING = "screening"
     HEAVY = "heavy"
     DECISION_LOG = "decision_log"
+    OUTCOME_LOG = "outcome_log"
 
 
 class CascadeError(Exception):
@@ -142,29 +144,28 @@ def translate_nats_errors() -> Iterator[None]:
 
 
 @contextmanager
-def translate_jetstream_errors() -> Iterator[None]:
+def translate_jetstream_errors(
+    dependency: Dependency = Dependency.DECISION_LOG,
+) -> Iterator[None]:
     """Map nats-py's JetStream (and connection) errors raised inside the block to the cascade
-    tree, as the decision log's dependency: the stream API and publishing."""
+    tree, as ``dependency`` (the decision log's by default, or the outcome log's): the stream
+    API and publishing."""
     try:
         yield
     except (TimeoutError, nats.errors.TimeoutError) as exc:
-        raise DependencyTimeout(
-            Dependency.DECISION_LOG, "JetStream did not answer in time"
-        ) from exc
+        raise DependencyTimeout(dependency, "JetStream did not answer in time") from exc
     except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError) as exc:
         raise DependencyUnavailable(
-            Dependency.DECISION_LOG, "JetStream not enabled, or no stream for the subject"
+            dependency, "JetStream not enabled, or no stream for the subject"
         ) from exc
     except nats.js.errors.ServiceUnavailableError as exc:
-        raise DependencyUnavailable(Dependency.DECISION_LOG, _redact(str(exc))) from exc
+        raise DependencyUnavailable(dependency, _redact(str(exc))) from exc
     except nats.js.errors.APIError as exc:
-        raise DependencyFailed(Dependency.DECISION_LOG, _redact(str(exc))) from exc
+        raise DependencyFailed(dependency, _redact(str(exc))) from exc
     except _JETSTREAM_NOT_CONNECTED as exc:
-        raise DependencyUnavailable(
-            Dependency.DECISION_LOG, _redact(str(exc)) or "not connected"
-        ) from exc
+        raise DependencyUnavailable(dependency, _redact(str(exc)) or "not connected") from exc
     except nats.errors.Error as exc:
-        raise DependencyFailed(Dependency.DECISION_LOG, _redact(str(exc))) from exc
+        raise DependencyFailed(dependency, _redact(str(exc))) from exc
 
 
 _TRITON_STATUS: dict[str, type[DependencyError]] = {

@@ -398,6 +398,48 @@ class DecisionLogSettings(BaseModel):
         return self
 
 
+class OutcomeSettings(BaseModel):
+    """Labels reported back (``ReportOutcome``, ``cascade outcomes import``): the JetStream
+    stream they are stored on (``cascade/outcome_store.py``, ``docs/quality.md``)."""
+
+    enabled: bool = Field(
+        True, description="Serve ReportOutcome (off: it answers UNAVAILABLE, nothing is stored)."
+    )
+    url: str | None = Field(
+        None,
+        description="NATS (with JetStream) for outcomes; None: the screening NATS (nats.url).",
+    )
+    stream: str = Field(
+        "OUTCOMES", pattern=r"^[A-Za-z0-9_-]+$", description="JetStream stream of the labels."
+    )
+    subject_prefix: str = Field(
+        "outcomes",
+        pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+        description="Labels go to <prefix>.<label kind>; the stream holds <prefix>.>.",
+    )
+    dedup_window_s: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="A label sent again (a retried call, a file imported twice) with the same "
+        "transaction id and kind within this is stored once; the joiner also keeps one per pair.",
+    )
+    stream_max_age_s: float = Field(
+        400 * 24 * 3600.0,
+        gt=0,
+        description="Labels older than this leave the stream (chargebacks come up to ~120 days).",
+    )
+    stream_replicas: int = Field(1, ge=1, le=5, description="Stream replicas (a cluster: 3).")
+    ack_timeout_s: float = Field(
+        2.0, gt=0, description="Most ReportOutcome waits for JetStream to store a label."
+    )
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> OutcomeSettings:
+        if self.dedup_window_s > self.stream_max_age_s:
+            raise ValueError("outcomes.dedup_window_s must not exceed stream_max_age_s")
+        return self
+
+
 class ServerSettings(BaseModel):
     """The orchestrator's own gRPC server."""
 
@@ -458,6 +500,7 @@ class Settings(BaseSettings):
     hedging: HedgingSettings = Field(default_factory=HedgingSettings)
     decision_log: DecisionLogSettings = Field(default_factory=DecisionLogSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    outcomes: OutcomeSettings = Field(default_factory=OutcomeSettings)
     gc_freeze: bool = Field(
         True, description="gc.freeze() after warm-up, so collections skip start-up objects."
     )

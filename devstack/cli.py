@@ -9,6 +9,7 @@
 * ``cascade trace`` print one stored trace (``cascade up --traces``) as a waterfall.
 * ``cascade decisions`` tail, filter and export the decision log (JetStream stream DECISIONS) as
                     a table, JSON Lines or Parquet.
+* ``cascade outcomes import``, ``cascade quality``: the label loop (``devstack/quality_cli.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from devstack.decision_rows import DecisionFilter, parse_time_ms
 from devstack.decisions import read_decision_rows, table_line, write_jsonl, write_parquet
 from devstack.otlp_receiver import SPANS_FILE, read_trace
+from devstack.quality_cli import add_quality_commands, run_outcomes, run_quality
 from devstack.rollout_cli import add_arguments as add_rollout_arguments
 from devstack.rollout_cli import run as run_rollout
 from devstack.samples import labelled_sample
@@ -507,6 +509,7 @@ def _parser() -> argparse.ArgumentParser:
         "--limit", type=_positive_int, metavar="N", help="stop after N records (table, jsonl)"
     )
     add_rollout_arguments(sub)
+    add_quality_commands(sub)
     from loadtests.cli import add_arguments as add_loadtest_arguments
 
     loadtest = sub.add_parser(
@@ -531,6 +534,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _trace(args)
     if args.command == "rollout":
         return run_rollout(args)
+    if args.command in ("outcomes", "quality"):
+        try:
+            return run_outcomes(args) if args.command == "outcomes" else run_quality(args)
+        except KeyboardInterrupt:
+            return 130
     if args.command == "decisions":
         try:
             return asyncio.run(_decisions(args))

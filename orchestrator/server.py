@@ -43,6 +43,8 @@ from cascade.errors import (
 from cascade.features import FEATURE_SET_VERSION, N_SCREENING_FEATURES
 from cascade.lifecycle import AsyncResourceGroup
 from cascade.model_registry import Registry, load_policy, load_registry
+from cascade.outcome_record import VIA_GRPC, validate_outcome
+from cascade.outcome_store import OutcomeStore
 from cascade.registry_watch import RegistryWatch
 from cascade.runtime import freeze_heap
 from cascade.settings import Settings
@@ -112,10 +114,12 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         tracer: trace.Tracer,
         admission: Admission,
         decisions: DecisionLog | None = None,
+        outcomes: OutcomeStore | None = None,
     ) -> None:
         self.generation = generation
         """What serves: replaced as a whole when the registry changes (one attribute write)."""
         self._decisions = decisions
+        self._outcomes = outcomes
         self._settings = settings
         self._tracer = tracer
         self._spans = records_spans(tracer)
@@ -209,6 +213,29 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
                 ):
                     record(tx, response, result.features, METHOD_SCORE_BATCH)
             return scoring_pb2.ScoreBatchResponse(results=responses)
+
+    async def ReportOutcome(
+        self, request: scoring_pb2.ReportOutcomeRequest, context: grpc.aio.ServicerContext
+    ) -> scoring_pb2.ReportOutcomeResponse:
+        """Validate a label and store it on the outcome stream; answers once JetStream
+        acknowledged it (its own connection: nothing here touches the scoring path)."""
+        now_ms = int(time.time() * 1000)
+        try:
+            outcome = validate_outcome(request.outcome, now_ms=now_ms)
+        except InvalidInputError as exc:
+            await _refuse(exc, context)
+            raise  # unreachable: abort raises
+        if self._outcomes is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "outcomes are not enabled here")
+            raise AssertionError("unreachable: abort raises")
+        try:
+            stored = await self._outcomes.store(outcome, now_ms, VIA_GRPC)
+        except DependencyError as exc:
+            await context.abort(grpc_status_for(exc), f"outcome not stored: {exc}")
+            raise  # unreachable: abort raises
+        return scoring_pb2.ReportOutcomeResponse(
+            transaction_id=outcome.transaction_id, duplicate=stored.duplicate
+        )
 
     def _span(
         self, name: str, context: grpc.aio.ServicerContext
@@ -329,6 +356,10 @@ def add_scoring_service(servicer: ScoringServicer, server: grpc.aio.Server) -> N
         "ScoreBatch": grpc.unary_unary_rpc_method_handler(
             _decoding(scoring_pb2.ScoreBatchRequest, servicer.ScoreBatch, undecodable),
             response_serializer=scoring_pb2.ScoreBatchResponse.SerializeToString,
+        ),
+        "ReportOutcome": grpc.unary_unary_rpc_method_handler(
+            _decoding(scoring_pb2.ReportOutcomeRequest, servicer.ReportOutcome, undecodable),
+            response_serializer=scoring_pb2.ReportOutcomeResponse.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -451,6 +482,11 @@ class Orchestrator(AsyncResourceGroup):
             self.decisions = await self._stack.enter_async_context(
                 DecisionLog(sink, s.decision_log, policy_version=self.versions.policy)
             )
+        outcomes = None
+        if s.outcomes.enabled:
+            outcomes = await self._stack.enter_async_context(
+                OutcomeStore(s.outcomes.url or s.nats.url, s.outcomes, name="cascade-outcome-log")
+            )
         # The serving generation's clients live in a stack of their own (a registry change
         # replaces it); closed after the server stopped, before the writer drains.
         self._stack.push_async_callback(self._close_generation)
@@ -471,7 +507,7 @@ class Orchestrator(AsyncResourceGroup):
             ]
         )
         self._servicer = ScoringServicer(
-            generation, s, self._tracer, self.admission, self.decisions
+            generation, s, self._tracer, self.admission, self.decisions, outcomes
         )
         add_scoring_service(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -8,6 +8,10 @@
 - ``report``: regenerate ``docs/model_report.md`` and its charts (:mod:`training.report`).
 - ``calibrate``: a new policy version for a target escalation rate, from a separate calibration
   stream; ``--activate`` makes the registry point at it.
+- ``drift-reference``: score and feature bins of the registered stage 1's training rows, written
+  beside its model (``drift_reference.json``, read by ``cascade quality``).
+- ``outcomes``: the outcome file (``cascade outcomes import``) of a simulated stream, with
+  realistic label delays (:mod:`training.labels`).
 - ``degraded-report``: measure how to decide without card history (Redis down) and write
   ``docs/degraded_policy.md`` (:mod:`training.degraded`); ``--write-policy`` writes the chosen
   ``features_unavailable`` section into a new policy version.
@@ -109,6 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     degraded.add_argument("--activate", action="store_true", help="point the registry at it")
 
+    drift = commands.add_parser(
+        "drift-reference", help="training-data bins of the stage-1 score and main features"
+    )
+    _simulation_args(drift)
+    drift.add_argument("--holdout-days", type=int, default=25, help="days left out (not trained)")
+    drift.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    drift.add_argument("--force", action="store_true", help="overwrite an existing reference")
+
+    outcomes = commands.add_parser("outcomes", help="the outcome CSV of a simulated stream")
+    outcomes.add_argument("--stream", type=Path, required=True, help="a `simulate` .jsonl.gz")
+    outcomes.add_argument("--out", type=Path, required=True, help="output CSV")
+    outcomes.add_argument("--seed", type=int, default=0, help="label-delay seed")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("training").setLevel(logging.INFO)
@@ -116,6 +133,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "simulate":
         count = write_stream(args.out, simulate(_simulation_config(args)))
         print(f"wrote {count} transactions to {args.out}")
+        return 0
+
+    if args.command == "drift-reference":
+        from training.drift_reference import write_drift_reference
+
+        path = write_drift_reference(
+            args.model_dir, _simulation_config(args), args.holdout_days, force=args.force
+        )
+        print(f"wrote {path}")
+        return 0
+
+    if args.command == "outcomes":
+        from training.labels import simulate_outcomes, write_outcome_csv
+        from training.simulator import read_stream
+
+        count = write_outcome_csv(
+            args.out, simulate_outcomes(read_stream(args.stream), seed=args.seed)
+        )
+        print(f"wrote {count} outcomes to {args.out}")
         return 0
 
     if args.command == "degraded-report":

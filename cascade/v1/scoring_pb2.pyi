@@ -130,6 +130,32 @@ caller's budget left to serve it in time): the configured default, answered at o
 """
 Global___Reason: _TypeAlias = Reason  # noqa: Y015
 
+class _OutcomeLabel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutcomeLabelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutcomeLabel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTCOME_LABEL_UNSPECIFIED: _OutcomeLabel.ValueType  # 0
+    OUTCOME_LABEL_CONFIRMED_FRAUD: _OutcomeLabel.ValueType  # 1
+    """the fraud team or the cardholder confirmed fraud"""
+    OUTCOME_LABEL_CHARGEBACK: _OutcomeLabel.ValueType  # 2
+    """a fraud chargeback arrived from the issuer"""
+    OUTCOME_LABEL_GENUINE: _OutcomeLabel.ValueType  # 3
+    """confirmed genuine (e.g. a reviewed and cleared case)"""
+
+class OutcomeLabel(_OutcomeLabel, metaclass=_OutcomeLabelEnumTypeWrapper):
+    """What became known about a transaction after it was scored (days to weeks later)."""
+
+OUTCOME_LABEL_UNSPECIFIED: OutcomeLabel.ValueType  # 0
+OUTCOME_LABEL_CONFIRMED_FRAUD: OutcomeLabel.ValueType  # 1
+"""the fraud team or the cardholder confirmed fraud"""
+OUTCOME_LABEL_CHARGEBACK: OutcomeLabel.ValueType  # 2
+"""a fraud chargeback arrived from the issuer"""
+OUTCOME_LABEL_GENUINE: OutcomeLabel.ValueType  # 3
+"""confirmed genuine (e.g. a reviewed and cleared case)"""
+Global___OutcomeLabel: _TypeAlias = OutcomeLabel  # noqa: Y015
+
 @_typing.final
 class Transaction(_message.Message):
     """One payment to be scored. Money is never a float: amounts are integers in the currency's
@@ -393,3 +419,84 @@ class ScoreBatchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ScoreBatchResponse: _TypeAlias = ScoreBatchResponse  # noqa: Y015
+
+@_typing.final
+class Outcome(_message.Message):
+    """One label for a scored transaction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    REPORTED_AT_MS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    transaction_id: _builtins.str
+    """required, the scored transaction's id (same alphabet and length)"""
+    label: Global___OutcomeLabel.ValueType
+    """required, not UNSPECIFIED"""
+    reported_at_ms: _builtins.int
+    """when the outcome became known, epoch ms; 0: when it is received"""
+    source: _builtins.str
+    """optional, 0..64 id characters (e.g. "chargeback-feed")"""
+    def __init__(
+        self,
+        *,
+        transaction_id: _builtins.str = ...,
+        label: Global___OutcomeLabel.ValueType = ...,
+        reported_at_ms: _builtins.int = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "reported_at_ms", b"reported_at_ms", "source", b"source", "transaction_id", b"transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
+
+@_typing.final
+class ReportOutcomeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outcome(self) -> Global___Outcome: ...
+    def __init__(
+        self,
+        *,
+        outcome: Global___Outcome | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportOutcomeRequest: _TypeAlias = ReportOutcomeRequest  # noqa: Y015
+
+@_typing.final
+class ReportOutcomeResponse(_message.Message):
+    """Sent only once the outcome is stored (acknowledged by JetStream): a caller that got it may
+    forget the outcome; one that did not should send it again (it is stored once).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    transaction_id: _builtins.str
+    duplicate: _builtins.bool
+    """the same transaction id and label had been stored already"""
+    def __init__(
+        self,
+        *,
+        transaction_id: _builtins.str = ...,
+        duplicate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "transaction_id", b"transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportOutcomeResponse: _TypeAlias = ReportOutcomeResponse  # noqa: Y015

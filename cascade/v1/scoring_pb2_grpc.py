@@ -44,6 +44,11 @@ class ScoringServiceStub:
                 request_serializer=cascade_dot_v1_dot_scoring__pb2.ScoreBatchRequest.SerializeToString,
                 response_deserializer=cascade_dot_v1_dot_scoring__pb2.ScoreBatchResponse.FromString,
                 _registered_method=True)
+        self.ReportOutcome = channel.unary_unary(
+                '/cascade.v1.ScoringService/ReportOutcome',
+                request_serializer=cascade_dot_v1_dot_scoring__pb2.ReportOutcomeRequest.SerializeToString,
+                response_deserializer=cascade_dot_v1_dot_scoring__pb2.ReportOutcomeResponse.FromString,
+                _registered_method=True)
 
 
 class ScoringServiceServicer:
@@ -61,6 +66,13 @@ class ScoringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportOutcome(self, request, context):
+        """Store a label (off the scoring path: its own JetStream connection, stream OUTCOMES).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScoringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +85,11 @@ def add_ScoringServiceServicer_to_server(servicer, server):
                     servicer.ScoreBatch,
                     request_deserializer=cascade_dot_v1_dot_scoring__pb2.ScoreBatchRequest.FromString,
                     response_serializer=cascade_dot_v1_dot_scoring__pb2.ScoreBatchResponse.SerializeToString,
+            ),
+            'ReportOutcome': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportOutcome,
+                    request_deserializer=cascade_dot_v1_dot_scoring__pb2.ReportOutcomeRequest.FromString,
+                    response_serializer=cascade_dot_v1_dot_scoring__pb2.ReportOutcomeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +146,33 @@ class ScoringService:
             '/cascade.v1.ScoringService/ScoreBatch',
             cascade_dot_v1_dot_scoring__pb2.ScoreBatchRequest.SerializeToString,
             cascade_dot_v1_dot_scoring__pb2.ScoreBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportOutcome(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cascade.v1.ScoringService/ReportOutcome',
+            cascade_dot_v1_dot_scoring__pb2.ReportOutcomeRequest.SerializeToString,
+            cascade_dot_v1_dot_scoring__pb2.ReportOutcomeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -129,6 +129,13 @@ class NaiveServicer(scoring_pb2_grpc.ScoringServiceServicer):
             results.append(await self.Score(one, context))
         return scoring_pb2.ScoreBatchResponse(results=results)
 
+    async def ReportOutcome(
+        self, request: scoring_pb2.ReportOutcomeRequest, context: grpc.aio.ServicerContext
+    ) -> scoring_pb2.ReportOutcomeResponse:
+        """Not part of the latency baseline: labels are stored by the real orchestrator."""
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the naive baseline stores no labels")
+        raise AssertionError("unreachable: abort raises")
+
     async def _score(self, tx: Transaction, budget: Budget, timings: Timings) -> ScoreResult:
         cache_key = KEY_PREFIX + output_cache_key(tx, self._versions)
         history_key = KEY_PREFIX + card_history_key(tx.card_id, self._versions.feature_set)
