@@ -22,9 +22,9 @@ from typing import Final
 
 from nats.aio.client import Client as NatsClient
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
 
 from cascade.errors import Dependency, DependencyError, translate_jetstream_errors
+from cascade.jetstream_streams import ensure_stream
 from cascade.nats_connection import connect_nats
 from cascade.outcome_record import encode_outcome, outcome_message_id, outcome_subject
 from cascade.settings import OutcomeSettings
@@ -34,7 +34,6 @@ __all__ = ["OutcomeStore", "StoredOutcome", "outcome_stream_config"]
 
 logger = logging.getLogger(__name__)
 
-_STREAM_EXISTS_DIFFERENTLY: Final = 10058
 _MSG_ID_HEADER: Final = "Nats-Msg-Id"
 
 
@@ -96,15 +95,9 @@ class OutcomeStore:
     async def ensure_stream(self) -> None:
         """Add the stream, or update it when it exists with another configuration."""
         assert self._nc is not None, "OutcomeStore used outside its context"
-        config = outcome_stream_config(self._settings)
-        js = self._nc.jetstream()
-        with translate_jetstream_errors(Dependency.OUTCOME_LOG):
-            try:
-                await js.add_stream(config)
-            except BadRequestError as exc:
-                if exc.err_code != _STREAM_EXISTS_DIFFERENTLY:
-                    raise
-                await js.update_stream(config)
+        await ensure_stream(
+            self._nc.jetstream(), outcome_stream_config(self._settings), Dependency.OUTCOME_LOG
+        )
         self._stream_ready = True
 
     async def store(

@@ -41,7 +41,6 @@ import numpy.typing as npt
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
 
 from cascade import metrics
 from cascade.decision_record import (
@@ -57,6 +56,7 @@ from cascade.errors import (
     DependencyUnavailable,
     translate_jetstream_errors,
 )
+from cascade.jetstream_streams import ensure_stream
 from cascade.nats_connection import connect_nats
 from cascade.settings import DecisionLogSettings
 from cascade.throttled_log import ThrottledLog
@@ -67,7 +67,6 @@ __all__ = ["DecisionLog", "DecisionSink", "InMemorySink", "JetStreamSink", "stre
 
 logger = logging.getLogger(__name__)
 
-_STREAM_EXISTS_DIFFERENTLY: Final = 10058  # JetStream's "stream name already in use" err_code
 _MSG_ID_HEADER: Final = "Nats-Msg-Id"
 
 
@@ -136,15 +135,9 @@ class JetStreamSink:
     async def ensure_stream(self) -> None:
         """Add the stream, or update it when it exists with another configuration."""
         assert self._nc is not None
-        config = stream_config(self._settings)
-        js = self._nc.jetstream()
-        with translate_jetstream_errors():
-            try:
-                await js.add_stream(config)
-            except BadRequestError as exc:
-                if exc.err_code != _STREAM_EXISTS_DIFFERENTLY:
-                    raise
-                await js.update_stream(config)
+        await ensure_stream(
+            self._nc.jetstream(), stream_config(self._settings), Dependency.DECISION_LOG
+        )
 
     async def publish(self, records: Sequence[SpooledRecord], timeout_s: float) -> list[bool]:
         """Send every record, then wait (up to ``timeout_s``) for all their acks."""
