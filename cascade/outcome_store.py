@@ -21,10 +21,10 @@ from types import TracebackType
 from typing import Final
 
 from nats.aio.client import Client as NatsClient
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import StreamConfig
 
 from cascade.errors import Dependency, DependencyError, translate_jetstream_errors
-from cascade.jetstream_streams import ensure_stream
+from cascade.jetstream_streams import ensure_stream, owned_stream_config
 from cascade.nats_connection import connect_nats
 from cascade.outcome_record import encode_outcome, outcome_message_id, outcome_subject
 from cascade.settings import OutcomeSettings
@@ -47,16 +47,13 @@ class StoredOutcome:
 
 def outcome_stream_config(settings: OutcomeSettings) -> StreamConfig:
     """The stream's configuration: limits retention on file storage, a long dedup window."""
-    return StreamConfig(
+    return owned_stream_config(
         name=settings.stream,
         description="Labels of scored transactions (cascade.v1.OutcomeRecord).",
-        subjects=[f"{settings.subject_prefix}.>"],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        discard=DiscardPolicy.OLD,
-        max_age=settings.stream_max_age_s,
-        num_replicas=settings.stream_replicas,
-        duplicate_window=settings.dedup_window_s,
+        subject_prefix=settings.subject_prefix,
+        max_age_s=settings.stream_max_age_s,
+        replicas=settings.stream_replicas,
+        dedup_window_s=settings.dedup_window_s,
     )
 
 

@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import StreamConfig
 
 from cascade import metrics
 from cascade.decision_record import (
@@ -56,7 +56,7 @@ from cascade.errors import (
     DependencyUnavailable,
     translate_jetstream_errors,
 )
-from cascade.jetstream_streams import ensure_stream
+from cascade.jetstream_streams import ensure_stream, owned_stream_config
 from cascade.nats_connection import connect_nats
 from cascade.settings import DecisionLogSettings
 from cascade.throttled_log import ThrottledLog
@@ -85,17 +85,14 @@ class DecisionSink(Protocol):
 
 def stream_config(settings: DecisionLogSettings) -> StreamConfig:
     """The stream's configuration: limits retention on file storage, the dedup window."""
-    return StreamConfig(
+    return owned_stream_config(
         name=settings.stream,
         description="Every answer of the fraud-scoring cascade (cascade.v1.DecisionRecord).",
-        subjects=[f"{settings.subject_prefix}.>"],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        discard=DiscardPolicy.OLD,
-        max_age=settings.stream_max_age_s,
+        subject_prefix=settings.subject_prefix,
+        max_age_s=settings.stream_max_age_s,
+        replicas=settings.stream_replicas,
+        dedup_window_s=settings.dedup_window_s,
         max_bytes=settings.stream_max_bytes,
-        num_replicas=settings.stream_replicas,
-        duplicate_window=settings.dedup_window_s,
     )
 
 
