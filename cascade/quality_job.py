@@ -272,7 +272,10 @@ class QualityCollector(Collector):
 class QualityService:
     """``cascade quality --serve``: follows both streams (from the start of the longest window)
     into one joiner and, every ``refresh_s``, evicts what left the windows, measures and hands
-    the report to :attr:`collector`. An async context manager; its refresh task is owned and cancelled on exit."""
+    the report to :attr:`collector`. A stream that does not exist yet (no label reported so far,
+    or a job started before the orchestrator) reads as empty and is subscribed to at the first
+    refresh that finds it. An async context manager; its refresh task is owned and cancelled on
+    exit."""
 
     def __init__(
         self,
@@ -298,27 +301,20 @@ class QualityService:
         """Register it (``REGISTRY.register``) to serve the gauges."""
         self.refreshed = asyncio.Event()
         """Set after each refresh (tests wait on it)."""
+        self._since_ms = 0
+        self._missing: list[tuple[str, Callable[[bytes, int], None], Dependency]] = []
+        """Streams not found yet, retried at each refresh."""
 
     async def __aenter__(self) -> QualityService:
-        since_ms = self._clock_ms() - max(self._windows_s) * 1000
+        self._since_ms = self._clock_ms() - max(self._windows_s) * 1000
         with translate_jetstream_errors(Dependency.DECISION_LOG):
             self._nc = nc = await connect_nats(self._url, name="cascade-quality-serve")
+        self._missing = [
+            (self._streams.decisions, _on_decision(self.joiner), Dependency.DECISION_LOG),
+            (self._streams.outcomes, _on_outcome(self.joiner), Dependency.OUTCOME_LOG),
+        ]
         try:
-            js = nc.jetstream()
-            for stream, add, dependency in (
-                (self._streams.decisions, _on_decision(self.joiner), Dependency.DECISION_LOG),
-                (self._streams.outcomes, _on_outcome(self.joiner), Dependency.OUTCOME_LOG),
-            ):
-                deliver, config = _deliver_from(since_ms)
-                with translate_jetstream_errors(dependency):
-                    await js.subscribe(
-                        ">",
-                        stream=stream,
-                        ordered_consumer=True,
-                        deliver_policy=deliver,
-                        config=config,
-                        cb=_callback(add),
-                    )
+            await self._subscribe_missing()
         except BaseException:
             await nc.close()
             raise
@@ -341,6 +337,29 @@ class QualityService:
             with contextlib.suppress(Exception):
                 await nc.close()
 
+    async def _subscribe_missing(self) -> None:
+        """Follow every stream not followed yet that exists now."""
+        if self._nc is None:
+            return
+        js = self._nc.jetstream()
+        still_missing = []
+        for stream, add, dependency in self._missing:
+            deliver, config = _deliver_from(self._since_ms)
+            with translate_jetstream_errors(dependency):
+                try:
+                    await js.subscribe(
+                        ">",
+                        stream=stream,
+                        ordered_consumer=True,
+                        deliver_policy=deliver,
+                        config=config,
+                        cb=_callback(add),
+                    )
+                except NotFoundError:
+                    logger.info("quality: no stream %s yet; following it once it exists", stream)
+                    still_missing.append((stream, add, dependency))
+        self._missing = still_missing
+
     def refresh(self) -> QualityReport:
         """Evict, measure and export now."""
         now_ms = self._clock_ms()
@@ -354,8 +373,10 @@ class QualityService:
     async def _refresh_loop(self) -> None:
         while True:
             try:
+                if self._missing:
+                    await self._subscribe_missing()
                 self.refresh()
-            except Exception:  # a bad record must not stop the gauges for ever
+            except Exception:  # a bad record (or NATS away) must not stop the gauges for ever
                 logger.exception("quality: refresh failed")
             await asyncio.sleep(self._refresh_s)
 
