@@ -2,7 +2,9 @@
 :class:`cascade.quality.QualityJoiner` and reports, once (``cascade quality``) or for ever,
 serving its latest report as Prometheus gauges (``cascade quality --serve``).
 
-It runs as its own process, never in the orchestrator: joining, sorting scores for PR-AUC and
+It runs as its own process (``python -m cascade.quality_job``, settings from ``CASCADE_*``:
+``quality``, the decision log's and the outcomes' streams, ``metrics_port``; or
+``cascade quality --serve`` on a workstation), never in the orchestrator: joining, sorting scores for PR-AUC and
 binning features cost CPU and memory proportional to the windows (a week of decisions), which
 must not share a core with the scoring path. It only reads the streams (ordered push consumers:
 ephemeral, no state on the server), so any number can run, and one that restarts rebuilds its
@@ -35,7 +37,7 @@ from cascade.decision_record import decode_decision
 from cascade.drift import DriftReference, load_drift_reference
 from cascade.errors import Dependency, translate_jetstream_errors
 from cascade.nats_connection import connect_nats
-from cascade.outcome_record import decode_outcome
+from cascade.outcome_record import FRAUD_LABELS, decode_outcome
 from cascade.quality import (
     DecisionPoint,
     QualityJoiner,
@@ -43,6 +45,7 @@ from cascade.quality import (
     Unlabelled,
     decision_point,
 )
+from cascade.settings import Settings
 from cascade.v1 import decisions_pb2
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "StreamNames",
     "load_references",
     "measure_once",
+    "read_outcome_labels",
     "report_metrics",
 ]
 
@@ -151,6 +155,30 @@ async def _read_to_end(
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+
+async def read_outcome_labels(url: str, stream: str = "OUTCOMES") -> dict[str, bool]:
+    """Every transaction the outcome stream labels: fraud (True) when any label says fraud
+    (confirmed fraud or chargeback; a fraud label wins over a genuine one, as in the joiner),
+    else genuine. Raises ``DependencyError`` when the stream cannot be read; a stream that does
+    not exist yet holds no labels."""
+    labels: dict[str, bool] = {}
+
+    def add(data: bytes, seq: int) -> None:
+        try:
+            o = decode_outcome(data).outcome
+        except ValueError:
+            logger.warning("labels: skipping undecodable outcome at stream seq %d", seq)
+            return
+        labels[o.transaction_id] = labels.get(o.transaction_id, False) or (o.label in FRAUD_LABELS)
+
+    with translate_jetstream_errors(Dependency.OUTCOME_LOG):
+        nc = await connect_nats(url, name="cascade-labels")
+    try:
+        await _read_to_end(nc, stream, None, add, Dependency.OUTCOME_LOG)
+    finally:
+        await nc.close()
+    return labels
 
 
 async def measure_once(
@@ -386,3 +414,50 @@ def _callback(add: Callable[[bytes, int], None]) -> Callable[[Msg], Awaitable[No
         add(msg.data, msg.metadata.sequence.stream)
 
     return on_message
+
+
+async def serve(stop: asyncio.Event, settings: Settings | None = None) -> None:
+    """The quality job's process: follow both streams and serve the gauges until ``stop``."""
+    from prometheus_client import REGISTRY
+
+    from cascade.errors import ConfigurationError
+    from cascade.metrics import MetricsEndpoint
+    from cascade.model_registry import load_registry
+    from cascade.runtime import configure_logging
+
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+    url = settings.decision_log.url or settings.nats.url
+    if (settings.outcomes.url or settings.nats.url) != url:
+        raise ConfigurationError("the quality job reads decisions and outcomes from one NATS")
+    if settings.metrics_port is None:
+        raise ConfigurationError("the quality job serves gauges: set CASCADE_METRICS_PORT")
+    registry = load_registry(settings.model_dir)
+    q = settings.quality
+    with MetricsEndpoint(settings.metrics_port, settings.metrics_host):
+        async with QualityService(
+            url,
+            windows_s=q.windows_s,
+            references=load_references(settings.model_dir, [registry.stage1.version]),
+            refresh_s=q.refresh_s,
+            streams=StreamNames(settings.decision_log.stream, settings.outcomes.stream),
+            unlabelled="exclude" if q.unlabelled == "exclude" else "genuine",
+        ) as service:
+            REGISTRY.register(service.collector)
+            try:
+                logger.info("quality job: serving gauges on port %d", settings.metrics_port)
+                print("READY", flush=True)
+                await stop.wait()
+            finally:
+                REGISTRY.unregister(service.collector)
+
+
+def main() -> None:
+    """Console entry point: ``python -m cascade.quality_job``."""
+    from cascade.runtime import run_service
+
+    run_service(serve)
+
+
+if __name__ == "__main__":
+    main()

@@ -440,6 +440,29 @@ class OutcomeSettings(BaseModel):
         return self
 
 
+class QualitySettings(BaseModel):
+    """The quality job (``python -m cascade.quality_job``): live precision, recall, PR-AUC and
+    drift per version, served as Prometheus gauges on ``metrics_port`` (``docs/quality.md``)."""
+
+    windows_s: list[int] = Field(
+        default_factory=lambda: [3600, 86400, 7 * 86400],
+        min_length=1,
+        description="Sliding windows of decision time, seconds (JSON list: [3600,86400]).",
+    )
+    refresh_s: float = Field(30.0, gt=0, description="How often the gauges are recomputed.")
+    unlabelled: str = Field(
+        "genuine",
+        pattern=r"^(genuine|exclude)$",
+        description="Decisions without a label count as genuine, or are left out.",
+    )
+
+    @model_validator(mode="after")
+    def _positive_windows(self) -> QualitySettings:
+        if any(w <= 0 for w in self.windows_s):
+            raise ValueError("quality.windows_s must be positive seconds")
+        return self
+
+
 class ServerSettings(BaseModel):
     """The orchestrator's own gRPC server."""
 
@@ -501,6 +524,7 @@ class Settings(BaseSettings):
     decision_log: DecisionLogSettings = Field(default_factory=DecisionLogSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     outcomes: OutcomeSettings = Field(default_factory=OutcomeSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
     gc_freeze: bool = Field(
         True, description="gc.freeze() after warm-up, so collections skip start-up objects."
     )

@@ -145,6 +145,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
                     else generation.lane_for(tx.card_id)
                 )
                 (result,) = await self._score(lane.scorer, [tx], budget, context)
+                if generation.candidate is not None:
+                    lane.count(result)
                 if self._spans:
                     span.set_attribute("cascade.transaction_id", tx.transaction_id)
                     span.set_attribute("cascade.decision", result.decision.value)
@@ -172,6 +174,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         result = lane.scorer.default_answer(request.transaction.transaction_id, [Reason.OVERLOADED])
         result.timings = Timings(budget_us=int(budget.total_ms * 1000))
         record_metrics([result])
+        if generation.candidate is not None:
+            lane.count(result)
         response = result_to_proto(result, lane.versions_pb, "")
         if self._decisions is not None:
             self._decisions.record(request.transaction, response, None, METHOD_SCORE)
@@ -201,6 +205,9 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
                     results = await self._score_lanes(txs, lanes, budget, context)
                 finally:
                     self._batch_slots.release()
+            if generation.candidate is not None:
+                for result, lane in zip(results, lanes, strict=True):
+                    lane.count(result)
             trace_id = trace_id_hex(span)
             responses = [
                 result_to_proto(r, lane.versions_pb, trace_id)
