@@ -124,11 +124,21 @@ class Pseudonymizer:
     def transaction(self, tx: Transaction) -> Transaction:
         """``tx`` with its card and device ids replaced by their tokens (and, while rotating,
         the card's previous token in ``previous_card_id``)."""
-        return dataclasses.replace(
-            tx,
+        # The constructor, not dataclasses.replace: a third of the cost, on every request.
+        # (tests/unit/cascade/test_pseudonym.py checks every other field is carried over.)
+        return Transaction(
+            transaction_id=tx.transaction_id,
             card_id=self.card(tx.card_id),
+            merchant_id=tx.merchant_id,
+            merchant_category=tx.merchant_category,
+            amount_minor=tx.amount_minor,
+            currency=tx.currency,
+            country=tx.country,
+            channel=tx.channel,
+            timestamp_ms=tx.timestamp_ms,
             device_id=self.device(tx.device_id),
-            previous_card_id=self.previous_card(tx.card_id),
+            ip_country=tx.ip_country,
+            previous_card_id=self.previous_card(tx.card_id) if self._previous is not None else "",
         )
 
 

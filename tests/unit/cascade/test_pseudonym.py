@@ -4,6 +4,7 @@ the rotation's read order (current key first, then the previous one) in the stor
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from cascade.pseudonym import (
     new_key_file,
 )
 from cascade.settings import PseudonymSettings, Settings
+from cascade.transaction import Transaction
 from orchestrator.online_store import InMemoryOnlineStore, StoreWrite, card_history_key
 from tests.conftest import make_transaction
 
@@ -66,7 +68,11 @@ def test_transaction_carries_tokens_and_the_previous_token_only_while_rotating()
         Pseudonymizer(new).device("dev-1"),
     )
     assert plain.previous_card_id == ""
-    assert plain.merchant_id == tx.merchant_id and plain.transaction_id == tx.transaction_id
+    # Every other field carried over as it was (one per field of Transaction, none forgotten).
+    others = [f.name for f in dataclasses.fields(Transaction)]
+    others = [n for n in others if n not in ("card_id", "device_id", "previous_card_id")]
+    assert len(others) == 9
+    assert all(getattr(plain, n) == getattr(tx, n) for n in others)
     rotating = Pseudonymizer(new, old)
     assert rotating.rotating and not Pseudonymizer(new).rotating
     moved = rotating.transaction(tx)
