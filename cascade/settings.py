@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cascade.decision import Decision
@@ -463,6 +463,68 @@ class QualitySettings(BaseModel):
         return self
 
 
+_KEY_ID: Final = r"^[A-Za-z0-9_-]{1,16}$"
+
+
+class PseudonymSettings(BaseModel):
+    """The keyed hash that stands in for card and device ids everywhere they are kept
+    (:mod:`cascade.pseudonym`): Redis keys and history entries, the decision log, spans, logs.
+
+    The orchestrator refuses to start without a key (``cascade up`` generates one per run
+    dir). A rotation names the new key as ``key`` and the old one as ``previous_key`` for as long
+    as the card-history TTL, then drops ``previous_key`` (deploy/README.md).
+    """
+
+    key: SecretStr | None = Field(
+        None,
+        description="The current HMAC key (at least 32 characters; never logged). Exactly one "
+        "of key and key_file must be set where ids are pseudonymized.",
+    )
+    key_file: Path | None = Field(
+        None, description="A file holding the current key (surrounding whitespace ignored)."
+    )
+    key_id: str = Field(
+        "k1",
+        pattern=_KEY_ID,
+        description="The current key's version, the first part of every token "
+        "(k1.<hmac>): a new key needs a new id, so every Redis key it names is new.",
+    )
+    previous_key: SecretStr | None = Field(
+        None,
+        description="While rotating: the key before the current one. Card histories not yet "
+        "written under the current key are read (and copied over) under it.",
+    )
+    previous_key_file: Path | None = Field(
+        None, description="A file holding the previous key (instead of previous_key)."
+    )
+    previous_key_id: str | None = Field(
+        None, pattern=_KEY_ID, description="The previous key's version (set with the key)."
+    )
+
+    @field_validator("key", "previous_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # A compose file passes ${CASCADE_PSEUDONYM__KEY:-} through as "" when it is not set.
+        if value == "" or (isinstance(value, SecretStr) and not value.get_secret_value()):
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _keys_consistent(self) -> PseudonymSettings:
+        if self.key is not None and self.key_file is not None:
+            raise ValueError("pseudonym: set key or key_file, not both")
+        if self.previous_key is not None and self.previous_key_file is not None:
+            raise ValueError("pseudonym: set previous_key or previous_key_file, not both")
+        has_previous = self.previous_key is not None or self.previous_key_file is not None
+        if has_previous != (self.previous_key_id is not None):
+            raise ValueError("pseudonym: previous_key_id goes with previous_key (or its file)")
+        if has_previous and self.key is None and self.key_file is None:
+            raise ValueError("pseudonym: a previous key needs a current key")
+        if self.previous_key_id == self.key_id:
+            raise ValueError("pseudonym: previous_key_id must differ from key_id")
+        return self
+
+
 class ServerSettings(BaseModel):
     """The orchestrator's own gRPC server."""
 
@@ -525,6 +587,7 @@ class Settings(BaseSettings):
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     outcomes: OutcomeSettings = Field(default_factory=OutcomeSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
+    pseudonym: PseudonymSettings = Field(default_factory=PseudonymSettings)
     gc_freeze: bool = Field(
         True, description="gc.freeze() after warm-up, so collections skip start-up objects."
     )

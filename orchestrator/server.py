@@ -45,6 +45,7 @@ from cascade.lifecycle import AsyncResourceGroup
 from cascade.model_registry import Registry, load_policy, load_registry
 from cascade.outcome_record import VIA_GRPC, validate_outcome
 from cascade.outcome_store import OutcomeStore
+from cascade.pseudonym import Pseudonymizer, from_settings
 from cascade.registry_watch import RegistryWatch
 from cascade.runtime import freeze_heap
 from cascade.settings import Settings
@@ -113,11 +114,13 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         settings: Settings,
         tracer: trace.Tracer,
         admission: Admission,
+        pseudonyms: Pseudonymizer,
         decisions: DecisionLog | None = None,
         outcomes: OutcomeStore | None = None,
     ) -> None:
         self.generation = generation
         """What serves: replaced as a whole when the registry changes (one attribute write)."""
+        self._pseudonyms = pseudonyms
         self._decisions = decisions
         self._outcomes = outcomes
         self._settings = settings
@@ -137,7 +140,10 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             return self._shed(request, budget)
         try:
             with self._span("cascade.Score", context) as span:
-                tx = await self._validated(validate_request, request, context, span)
+                tx = self._pseudonymized(
+                    request.transaction,
+                    await self._validated(validate_request, request, context, span),
+                )
                 generation = self.generation
                 lane = (
                     generation.champion
@@ -165,11 +171,17 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
 
     def _shed(self, request: scoring_pb2.ScoreRequest, budget: Budget) -> scoring_pb2.ScoreResponse:
         """The default answer, labelled OVERLOADED, built without touching any dependency."""
+        # Not validated, but pseudonymized all the same: the decision log records this call too.
+        wire = request.transaction
+        if wire.card_id:
+            wire.card_id = self._pseudonyms.card(wire.card_id)
+        if wire.device_id:
+            wire.device_id = self._pseudonyms.device(wire.device_id)
         generation = self.generation
         lane = (
             generation.champion
             if generation.candidate is None
-            else generation.lane_for(request.transaction.card_id)
+            else generation.lane_for(wire.card_id)
         )
         result = lane.scorer.default_answer(request.transaction.transaction_id, [Reason.OVERLOADED])
         result.timings = Timings(budget_us=int(budget.total_ms * 1000))
@@ -187,7 +199,11 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         """Score many transactions in one pass of the cascade, a chunk at a time."""
         budget = Budget.start(context.time_remaining(), self._settings.budget, batch=True)
         with self._span("cascade.ScoreBatch", context) as span:
-            txs = await self._validated(validate_batch, request, context, span)
+            valid = await self._validated(validate_batch, request, context, span)
+            txs = [
+                self._pseudonymized(wire, tx)
+                for wire, tx in zip(request.transactions, valid, strict=True)
+            ]
             if self._spans:
                 span.set_attribute("cascade.batch_size", len(txs))
             generation = self.generation
@@ -254,6 +270,16 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             return trace.use_span(untraced_span(metadata), end_on_exit=False)
         parent = extract_context(dict(metadata))
         return self._tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.SERVER)
+
+    def _pseudonymized(self, wire: scoring_pb2.Transaction, tx: Transaction) -> Transaction:
+        """``tx`` with its card and device ids replaced by their tokens, written back into the
+        request's own message too (two field writes), so nothing after this point (scoring,
+        Redis, the decision log, spans, logs) sees the raw ids and none is hashed twice."""
+        tx = self._pseudonyms.transaction(tx)
+        wire.card_id = tx.card_id
+        if tx.device_id:
+            wire.device_id = tx.device_id
+        return tx
 
     @staticmethod
     async def _validated(
@@ -449,6 +475,9 @@ class Orchestrator(AsyncResourceGroup):
         self._policy = load_policy(policy_path)
         self.versions = model_versions(registry, self._policy.version)
         self._registry = registry
+        # Before anything starts: without a key no id could be kept (ConfigurationError).
+        self.pseudonyms = from_settings(settings.pseudonym)
+        """What stands in for card and device ids here (:mod:`cascade.pseudonym`)."""
         super().__init__()
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -514,7 +543,7 @@ class Orchestrator(AsyncResourceGroup):
             ]
         )
         self._servicer = ScoringServicer(
-            generation, s, self._tracer, self.admission, self.decisions, outcomes
+            generation, s, self._tracer, self.admission, self.pseudonyms, self.decisions, outcomes
         )
         add_scoring_service(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -640,7 +669,8 @@ class Orchestrator(AsyncResourceGroup):
         for lane in generation.lanes:
             for i in range(_WARMUP_PASSES):
                 await lane.scorer.score(
-                    _warmup_transaction(i), Budget.start(None, self._settings.budget)
+                    self.pseudonyms.transaction(_warmup_transaction(i)),
+                    Budget.start(None, self._settings.budget),
                 )
         if self._settings.gc_freeze:
             freeze_heap()

@@ -39,7 +39,7 @@ from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from devstack.servers import NatsServer, RedisServer, TritonServer
 from orchestrator.server import Orchestrator
 from stages.screening.pool import ScreeningPool
-from tests.conftest import make_wire_transaction
+from tests.conftest import TEST_PSEUDONYMS, make_wire_transaction
 from tests.integration.cascade.conftest import settings_for
 
 pytestmark = pytest.mark.integration
@@ -189,7 +189,9 @@ async def test_canary_share_is_near_its_setting_and_sticky_per_card(canary: Cana
     share = sum(v == CANDIDATE for v in by_card.values()) / len(cards)
     assert abs(share - SHARE) < 0.03, share
     for card, versions in by_card.items():  # the split is the hash's, in every process
-        assert versions == (CANDIDATE if in_canary(card, SHARE) else CHAMPION), card
+        assert versions == (
+            CANDIDATE if in_canary(TEST_PSEUDONYMS.card(card), SHARE) else CHAMPION
+        ), card
 
     # Sticky: the same cards again, one call each, new transactions: the same version each time.
     sample = cards[:300]
@@ -250,7 +252,9 @@ async def test_the_share_in_the_registry_is_followed_live(canary: Canary) -> Non
             batch = R.ScoreBatchRequest(transactions=[tx(c) for c in cards[start : start + 500]])
             replies += (await canary.stub.ScoreBatch(batch, timeout=30.0)).results
         for card, reply in zip(cards, replies, strict=True):
-            assert served(reply) == (CANDIDATE if in_canary(card, share) else CHAMPION), card
+            assert served(reply) == (
+                CANDIDATE if in_canary(TEST_PSEUDONYMS.card(card), share) else CHAMPION
+            ), card
         candidate_share = sum(served(r) == CANDIDATE for r in replies) / len(cards)
         assert abs(candidate_share - share) < 0.05, (share, candidate_share)
 
@@ -261,7 +265,9 @@ async def test_promote_and_rollback_never_answer_from_another_versions_cache(
     run = uuid.uuid4().hex[:8]
     cards = [f"card-{run}-{i:03d}" for i in range(60)]
     txs = [tx(c) for c in cards]
-    assert any(in_canary(c, SHARE) for c in cards) and not all(in_canary(c, SHARE) for c in cards)
+    assert any(in_canary(TEST_PSEUDONYMS.card(c), SHARE) for c in cards) and not all(
+        in_canary(TEST_PSEUDONYMS.card(c), SHARE) for c in cards
+    )
     # fingerprint of the transaction -> versions of the answer that computed (and cached) it
     computed: dict[str, set[tuple[str, str]]] = {}
 
@@ -286,7 +292,9 @@ async def test_promote_and_rollback_never_answer_from_another_versions_cache(
         return replies
 
     def lanes(candidate: tuple[str, str], champion: tuple[str, str]) -> dict[str, tuple[str, str]]:
-        return {c: candidate if in_canary(c, SHARE) else champion for c in cards}
+        return {
+            c: candidate if in_canary(TEST_PSEUDONYMS.card(c), SHARE) else champion for c in cards
+        }
 
     canary_replies = await score_all(lanes(CANDIDATE, CHAMPION))
     assert sum(r.decided_by == R.DECIDED_BY_CACHE for r in canary_replies) == len(txs)
@@ -299,7 +307,11 @@ async def test_promote_and_rollback_never_answer_from_another_versions_cache(
     first = promoted_replies[: len(txs)]
     # Cards that were the champion's are computed afresh by the promoted versions...
     for t, reply in zip(txs, first, strict=True):
-        expected = R.DECIDED_BY_CACHE if in_canary(t.card_id, SHARE) else R.DECIDED_BY_STAGE2
+        expected = (
+            R.DECIDED_BY_CACHE
+            if in_canary(TEST_PSEUDONYMS.card(t.card_id), SHARE)
+            else R.DECIDED_BY_STAGE2
+        )
         assert reply.decided_by == expected, (t.card_id, reply)
 
     write_registry(canary.model_dir, rolled_back(load_registry(canary.model_dir)))
@@ -307,7 +319,11 @@ async def test_promote_and_rollback_never_answer_from_another_versions_cache(
     rolled = await score_all(dict.fromkeys(cards, CHAMPION))
     # ...and after the rollback the canary's cards are computed afresh by the old champion.
     for t, reply in zip(txs, rolled[: len(txs)], strict=True):
-        expected = R.DECIDED_BY_STAGE2 if in_canary(t.card_id, SHARE) else R.DECIDED_BY_CACHE
+        expected = (
+            R.DECIDED_BY_STAGE2
+            if in_canary(TEST_PSEUDONYMS.card(t.card_id), SHARE)
+            else R.DECIDED_BY_CACHE
+        )
         assert reply.decided_by == expected, (t.card_id, reply)
     # The worker pool followed: the candidate's stage 1 retired once no lane asked for it.
     await until(lambda: canary.pool.versions == [CHAMPION[0]], 10)
