@@ -303,14 +303,24 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> list[ScoreResult]:
         """A batch's answers in order, each lane's transactions scored together by its scorer
-        (a card is always in one lane, so each card's earlier transactions stay in its lane)."""
+        (a card is always in one lane, so each card's earlier transactions stay in its lane),
+        the lanes at the same time: each has its own stage clients, and the batch's one budget
+        is then not split between them."""
         first = lanes[0]
         if all(lane is first for lane in lanes):
             return await self._score(first.scorer, txs, budget, context)
+        by_lane = {lane: [i for i, ln in enumerate(lanes) if ln is lane] for lane in lanes}
+        parts = await asyncio.gather(
+            *(
+                self._score(lane.scorer, [txs[i] for i in positions], budget, context)
+                for lane, positions in by_lane.items()
+            ),
+            return_exceptions=True,  # both lanes finish before a failure propagates
+        )
         results: list[ScoreResult | None] = [None] * len(txs)
-        for lane in dict.fromkeys(lanes):
-            positions = [i for i, ln in enumerate(lanes) if ln is lane]
-            part = await self._score(lane.scorer, [txs[i] for i in positions], budget, context)
+        for positions, part in zip(by_lane.values(), parts, strict=True):
+            if isinstance(part, BaseException):
+                raise part
             for i, result in zip(positions, part, strict=True):
                 results[i] = result
         return [r for r in results if r is not None]
