@@ -227,7 +227,7 @@ class RedisClusterOnlineStore:
                     else:
                         await self._client.nodes_manager.initialize()
                 self.refreshes += 1
-                logger.info("Redis Cluster slot map refreshed")
+                logger.debug("Redis Cluster slot map refreshed")
             except (TimeoutError, OSError, redis.exceptions.RedisError) as exc:
                 logger.debug("Redis Cluster slot-map refresh failed: %r", exc)
                 self._refresh_wanted.set()
