@@ -123,7 +123,9 @@ class RedisSettings(BaseModel):
             if not url.startswith(("redis://", "rediss://")):
                 raise ValueError("redis.url: each URL must start with redis:// or rediss://")
         if len(urls) > 1 and not self.cluster:
-            raise ValueError("redis.url lists several servers: set redis.cluster=true for a cluster")
+            raise ValueError(
+                "redis.url lists several servers: set redis.cluster=true for a cluster"
+            )
         return self
 
 

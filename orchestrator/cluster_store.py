@@ -31,8 +31,8 @@ from typing import Any, Final
 
 import redis.exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.backoff import NoBackoff
 from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from cascade.errors import translate_redis_errors
 from cascade.features import HISTORY_LEN

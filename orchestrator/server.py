@@ -54,9 +54,9 @@ from cascade.transaction import Channel, Transaction
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from orchestrator.admission import Admission
 from orchestrator.budget import Budget
+from orchestrator.cluster_store import RedisClusterOnlineStore
 from orchestrator.codec import MessageT, decode_request, result_to_proto
 from orchestrator.decision_log import DecisionLog, JetStreamSink
-from orchestrator.cluster_store import RedisClusterOnlineStore
 from orchestrator.online_store import RedisOnlineStore
 from orchestrator.post_answer import PostAnswerWriter
 from orchestrator.reflection import enable_reflection

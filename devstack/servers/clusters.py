@@ -22,8 +22,8 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import shutil
+import signal
 import tempfile
 import time
 import urllib.request
