@@ -36,7 +36,7 @@ from redis.backoff import NoBackoff
 
 from cascade.errors import translate_redis_errors
 from cascade.features import HISTORY_LEN
-from orchestrator.online_store import _WRITE_SCRIPT, StoreLookup, StoreWrite
+from orchestrator.online_store import WRITE_SCRIPT, StoreLookup, StoreWrite
 from orchestrator.redis_pipeline import RedisAddress
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class RedisClusterOnlineStore:
         self._feature_ttl_s = feature_ttl_s
         self._write_timeout_s = write_timeout_s
         self._refresh_interval_s = refresh_interval_s
-        self._write_sha = hashlib.sha1(_WRITE_SCRIPT.encode()).hexdigest()
+        self._write_sha = hashlib.sha1(WRITE_SCRIPT.encode()).hexdigest()
         self._refresh_wanted = asyncio.Event()
         self._refresher: asyncio.Task[None] | None = None
         self.refreshes = 0
@@ -151,7 +151,7 @@ class RedisClusterOnlineStore:
         replies = await self._run(commands, self._write_timeout_s, raise_first=False)
         failed = [r for r in replies if isinstance(r, Exception)]
         if failed and all(isinstance(r, redis.exceptions.NoScriptError) for r in failed):
-            await self._run([("SCRIPT LOAD", _WRITE_SCRIPT)], self._write_timeout_s)
+            await self._run([("SCRIPT LOAD", WRITE_SCRIPT)], self._write_timeout_s)
             retry = [c for c, r in zip(commands, replies, strict=True) if isinstance(r, Exception)]
             replies = await self._run(retry, self._write_timeout_s, raise_first=False)
             failed = [r for r in replies if isinstance(r, Exception)]

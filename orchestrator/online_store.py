@@ -132,7 +132,8 @@ class OnlineStore(Protocol):
 # Lua's `<` (strcoll: locale-dependent). Timestamp ties cost more (22 against 11 us of Redis time
 # per write when every entry of a card has one timestamp). KEYS: history[, cache]; ARGV: entry,
 # history length, history TTL[, answer, answer TTL]. Returns 1 when the entry was added, else 0.
-_WRITE_SCRIPT: Final = """
+# Both stores run it (orchestrator.cluster_store too: its two keys share the card's slot).
+WRITE_SCRIPT: Final = """
 local entry = ARGV[1]
 local find, byte, unpack = string.find, string.byte, struct.unpack
 local ts = unpack('>i8', entry, 2)
@@ -201,7 +202,7 @@ class RedisOnlineStore:
         self._cache_ttl_s = cache_ttl_s
         self._feature_ttl_s = feature_ttl_s
         self._write_timeout_s = write_timeout_s
-        self._write_sha = hashlib.sha1(_WRITE_SCRIPT.encode()).hexdigest()
+        self._write_sha = hashlib.sha1(WRITE_SCRIPT.encode()).hexdigest()
 
     async def __aenter__(self) -> RedisOnlineStore:
         await self._redis.__aenter__()
@@ -258,7 +259,7 @@ class RedisOnlineStore:
             failed = [r for r in replies if isinstance(r, Exception)]
             if failed and all(str(r).startswith("NOSCRIPT") for r in failed):
                 (loaded,) = await self._redis.execute(
-                    [("SCRIPT", "LOAD", _WRITE_SCRIPT)], self._write_timeout_s
+                    [("SCRIPT", "LOAD", WRITE_SCRIPT)], self._write_timeout_s
                 )
                 if isinstance(loaded, Exception):
                     raise loaded
