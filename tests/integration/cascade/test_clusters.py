@@ -46,7 +46,7 @@ RATE_PER_S: Final = 100.0
 CARDS: Final = [f"card-c{i:03d}" for i in range(40)]
 # The orchestrator's cap on the Redis round trip (budget.redis_ms), and what a lookup may take
 # beyond it on a busy 2-core machine (event-loop lag). redis-py's own recovery would be far
-# above: it sleeps 0.25 s before each retry and would retry three times.
+# above: by default it sleeps 0.25 s before each of up to 10 retries.
 REDIS_CAP_S: Final = 0.005
 CAP_SLACK_S: Final = 0.020
 # Reasons an answer may carry while a node is down: a dependency missing or late, labelled.
