@@ -37,7 +37,7 @@ def test_nats_takes_one_url_or_a_cluster_list() -> None:
         NatsSettings(url="nats://127.0.0.1:1,127.0.0.1:2")
     with pytest.raises(ValidationError, match="names no server"):
         NatsSettings(url=" , ")
-    with pytest.raises(ValidationError, match="decision_log.url"):
+    with pytest.raises(ValidationError, match=r"decision_log\.url"):
         DecisionLogSettings(url="http://x")
 
 
