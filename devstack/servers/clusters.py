@@ -83,7 +83,6 @@ class NatsCluster(StartStop):
         store_dir: Path | None = None,
         name: str = "cascade",
         ready_timeout_s: float = 30.0,
-        monitor: bool = False,
     ) -> None:
         if nodes < 1:
             raise ValueError("a cluster needs at least one node")
@@ -100,7 +99,8 @@ class NatsCluster(StartStop):
                 cluster_name=name,
                 cluster_port=cluster_ports[i],
                 routes=[p for j, p in enumerate(cluster_ports) if j != i],
-                monitor_port=0 if monitor else None,
+                # Monitoring shows each node's routes (start waits for a full mesh) and clients.
+                monitor_port=0,
             )
             for i in range(nodes)
         ]
@@ -111,13 +111,32 @@ class NatsCluster(StartStop):
         return ",".join(node.url for node in self.nodes)
 
     async def start(self) -> None:
-        """Start every node, then wait until JetStream answers (its meta leader is elected)."""
+        """Start every node, then wait until each is routed to every other and JetStream answers
+        (its meta leader is elected)."""
         try:
             await asyncio.gather(*(node.start() for node in self.nodes))
+            await self._wait_routes()
             await self._wait_jetstream()
         except BaseException:
             await self.stop()
             raise
+
+    async def routed_peers(self, index: int) -> int:
+        """How many other nodes node ``index`` has a route to now (from its ``/routez``)."""
+        node = self.nodes[index]
+        routez = await asyncio.to_thread(_get_json, f"{node.monitor_url}/routez")
+        # Since 2.10 a peer gets a pool of several route connections: count peers, not routes.
+        return len({r.get("remote_id") for r in routez.get("routes") or []})
+
+    async def _wait_routes(self) -> None:
+        deadline = time.monotonic() + self._ready_timeout_s
+        while True:
+            counts = [await self.routed_peers(i) for i in range(len(self.nodes))]
+            if all(n >= len(self.nodes) - 1 for n in counts):
+                return
+            if time.monotonic() >= deadline:
+                raise ServerStartError(f"NATS cluster: routes not meshed in time ({counts})")
+            await asyncio.sleep(_POLL_S)
 
     async def _wait_jetstream(self) -> None:
         deadline = time.monotonic() + self._ready_timeout_s
@@ -140,11 +159,9 @@ class NatsCluster(StartStop):
 
     async def nodes_with_client(self, client_name: str) -> list[int]:
         """Indexes of the live nodes a client named ``client_name`` is connected to now (from
-        each node's ``/connz``; needs ``monitor``)."""
+        each node's ``/connz``)."""
         found = []
         for i, node in enumerate(self.nodes):
-            if node.monitor_url is None:
-                raise RuntimeError("NatsCluster(monitor=True) serves /connz")
             if not node.process.running:
                 continue
             connz = await asyncio.to_thread(_get_json, f"{node.monitor_url}/connz?limit=1024")

@@ -283,7 +283,15 @@ async def test_nats_cluster_routes_between_nodes_keeps_3_replicas_and_is_gone_af
 
             await responder.subscribe("echo", cb=echo)
             await responder.flush()
-            reply = await requester.request("echo", b"hi", timeout=2)  # over the routes
+            assert [await cluster.routed_peers(i) for i in range(3)] == [2, 2, 2]  # a full mesh
+            # Over the routes; the subscription's interest reaches node 2 a moment later.
+            async with asyncio.timeout(5):
+                while True:
+                    try:
+                        reply = await requester.request("echo", b"hi", timeout=2)
+                        break
+                    except nats.errors.NoRespondersError:
+                        await asyncio.sleep(0.05)
             assert reply.data == b"re:hi"
             js = requester.jetstream()
             info = await js.add_stream(StreamConfig(name="R3", subjects=["r3.>"], num_replicas=3))

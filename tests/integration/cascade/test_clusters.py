@@ -71,8 +71,8 @@ async def redis_cluster(server_log_dir: Path) -> AsyncIterator[RedisClusterServe
 
 @pytest_asyncio.fixture(scope="module")
 async def nats_cluster(server_log_dir: Path) -> AsyncIterator[NatsCluster]:
-    """Three routed nats-servers with JetStream and monitoring (to find a client's node)."""
-    async with NatsCluster(log_dir=server_log_dir / "nats-cluster", monitor=True) as cluster:
+    """Three routed nats-servers with JetStream (and monitoring, to find a client's node)."""
+    async with NatsCluster(log_dir=server_log_dir / "nats-cluster") as cluster:
         yield cluster
 
 
