@@ -99,7 +99,8 @@ class RedisSettings(BaseModel):
         ge=1,
         le=64,
         description="Dedicated connections per orchestrator process; each carries many "
-        "pipelined requests at once, so there is no pool to run out of.",
+        "pipelined requests at once, so there is no pool to run out of. (One Redis only: the "
+        "cluster client keeps a pool per node.)",
     )
     write_linger_ms: float = Field(
         5.0,
