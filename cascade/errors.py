@@ -95,14 +95,27 @@ def _redact(detail: str, limit: int = 200) -> str:
     return detail[:limit]
 
 
+# Redis Cluster's ways of saying "this slot is not served right now" (a failover under way, a
+# slot moving, no node known for it): the data is there again once the slot map is.
+_REDIS_CLUSTER_UNAVAILABLE: Final[tuple[type[Exception], ...]] = (
+    redis.exceptions.ClusterDownError,  # CLUSTERDOWN, MASTERDOWN
+    redis.exceptions.TryAgainError,  # TRYAGAIN: a multi-key command during resharding
+    redis.exceptions.AskError,  # MOVED/ASK the client did not follow (MovedError included)
+    redis.exceptions.RedisClusterException,  # no node for the slot, cluster not reachable
+)
+
+
 @contextmanager
 def translate_redis_errors() -> Iterator[None]:
-    """Map redis-py errors raised inside the block to the cascade tree."""
+    """Map redis-py errors raised inside the block to the cascade tree (its cluster client's
+    included: a slot not served now is unavailable, not a failed command)."""
     try:
         yield
     except (TimeoutError, redis.exceptions.TimeoutError) as exc:
         raise DependencyTimeout(Dependency.REDIS, _redact(str(exc)) or "timed out") from exc
     except (redis.exceptions.ConnectionError, OSError) as exc:
+        raise DependencyUnavailable(Dependency.REDIS, _redact(str(exc))) from exc
+    except _REDIS_CLUSTER_UNAVAILABLE as exc:
         raise DependencyUnavailable(Dependency.REDIS, _redact(str(exc))) from exc
     except redis.exceptions.RedisError as exc:
         raise DependencyFailed(Dependency.REDIS, _redact(str(exc))) from exc

@@ -5,6 +5,11 @@ forever, a short wait between attempts (nats-py's default of 2 s kept a restarte
 degraded for ~2 s after it was back), and one log line when the connection is lost and one when
 it is back, instead of nats-py's default error callback, which prints a traceback to stderr for
 every refused reconnect attempt.
+
+The URL may name several servers, comma-separated (``nats://a:4222,nats://b:4222``): the
+servers of one NATS cluster. The client connects to one of them, learns the others the cluster
+announces, and when its server goes away reconnects to another at once (nats-py waits
+``reconnect_time_wait`` only before trying a server it tried last).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import logging
 from typing import Final
 
 from nats.aio.client import Client as NatsClient
+
+from cascade.settings import split_urls
 
 __all__ = ["RECONNECT_WAIT_S", "connect_nats"]
 
@@ -23,8 +30,9 @@ RECONNECT_WAIT_S: Final = 0.1
 
 
 async def connect_nats(url: str, *, name: str, connect_timeout_s: int = 2) -> NatsClient:
-    """Connect to ``url`` (raises nats-py's errors when the first connect fails); afterwards the
-    client reconnects on its own, forever, every :data:`RECONNECT_WAIT_S`."""
+    """Connect to ``url`` (one server, or a cluster's servers comma-separated; raises nats-py's
+    errors when the first connect fails); afterwards the client reconnects on its own, to any
+    server of the list, forever, every :data:`RECONNECT_WAIT_S`."""
 
     client = NatsClient()
 
@@ -40,7 +48,7 @@ async def connect_nats(url: str, *, name: str, connect_timeout_s: int = 2) -> Na
         logger.debug("%s: NATS client error: %r", name, exc)
 
     await client.connect(
-        url,
+        servers=split_urls(url),
         name=name,
         connect_timeout=connect_timeout_s,
         max_reconnect_attempts=-1,

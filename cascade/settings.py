@@ -18,6 +18,21 @@ REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR: Final = REPO_ROOT / "models"
 
 
+def split_urls(urls: str) -> list[str]:
+    """``"a,b , c"`` -> ``["a", "b", "c"]``: one setting naming several servers."""
+    return [part.strip() for part in urls.split(",") if part.strip()]
+
+
+def check_nats_urls(urls: str, name: str) -> None:
+    """ValueError unless ``urls`` names at least one server, each nats://, tls:// or ws(s)://."""
+    parts = split_urls(urls)
+    if not parts:
+        raise ValueError(f"{name} names no server")
+    for part in parts:
+        if not part.startswith(("nats://", "tls://", "ws://", "wss://")):
+            raise ValueError(f"{name}: each URL must start with nats://, tls://, ws:// or wss://")
+
+
 class BudgetSettings(BaseModel):
     """How the orchestrator spends a request's latency budget."""
 
@@ -67,7 +82,15 @@ class RedisSettings(BaseModel):
     """Redis connection for the output cache and the online features."""
 
     url: str = Field(
-        "redis://127.0.0.1:6379/0", description="redis:// URL (credentials via URL, never logged)."
+        "redis://127.0.0.1:6379/0",
+        description="redis:// URL (credentials via URL, never logged); with cluster on, a "
+        "comma-separated list of startup nodes (redis://h1:p1,redis://h2:p2,...), db 0.",
+    )
+    cluster: bool = Field(
+        False,
+        description="The URL names Redis Cluster nodes: the store uses redis-py's cluster client "
+        "(one pipeline per node, the slot map refreshed in the background after a failover) "
+        "instead of its own pipelined connections to one Redis.",
     )
     cache_ttl_s: int = Field(3600, gt=0, description="Output-cache entry lifetime.")
     feature_ttl_s: int = Field(30 * 24 * 3600, gt=0, description="Card-history lifetime.")
@@ -76,7 +99,8 @@ class RedisSettings(BaseModel):
         ge=1,
         le=64,
         description="Dedicated connections per orchestrator process; each carries many "
-        "pipelined requests at once, so there is no pool to run out of.",
+        "pipelined requests at once, so there is no pool to run out of. (One Redis only: the "
+        "cluster client keeps a pool per node.)",
     )
     write_linger_ms: float = Field(
         5.0,
@@ -86,13 +110,42 @@ class RedisSettings(BaseModel):
         "several answers share one Redis round trip (and one wake-up).",
     )
 
+    @property
+    def urls(self) -> list[str]:
+        """The URL's comma-separated parts (one unless ``cluster``)."""
+        return split_urls(self.url)
+
+    @model_validator(mode="after")
+    def _urls_fit_the_mode(self) -> RedisSettings:
+        urls = self.urls
+        if not urls:
+            raise ValueError("redis.url names no server")
+        for url in urls:
+            if not url.startswith(("redis://", "rediss://")):
+                raise ValueError("redis.url: each URL must start with redis:// or rediss://")
+        if len(urls) > 1 and not self.cluster:
+            raise ValueError(
+                "redis.url lists several servers: set redis.cluster=true for a cluster"
+            )
+        return self
+
 
 class NatsSettings(BaseModel):
     """NATS connection and subjects for the screening stage."""
 
-    url: str = Field("nats://127.0.0.1:4222", description="NATS server URL.")
+    url: str = Field(
+        "nats://127.0.0.1:4222",
+        description="NATS server URL, or a comma-separated list of a cluster's servers "
+        "(nats://h1:p1,nats://h2:p2,...): the client connects to one and moves to another when "
+        "it goes away.",
+    )
     subject_prefix: str = Field("cascade.screen", pattern=r"^[A-Za-z0-9_.-]+$")
     queue_group: str = Field("screening-workers", pattern=r"^[A-Za-z0-9_.-]+$")
+
+    @model_validator(mode="after")
+    def _urls_named(self) -> NatsSettings:
+        check_nats_urls(self.url, "nats.url")
+        return self
 
 
 class TritonSettings(BaseModel):
@@ -391,6 +444,8 @@ class DecisionLogSettings(BaseModel):
 
     @model_validator(mode="after")
     def _window_fits(self) -> DecisionLogSettings:
+        if self.url is not None:
+            check_nats_urls(self.url, "decision_log.url")
         if self.dedup_window_s > self.stream_max_age_s:
             raise ValueError("decision_log.dedup_window_s must not exceed stream_max_age_s")
         if self.batch_max_records > self.buffer_max_records:
@@ -435,6 +490,8 @@ class OutcomeSettings(BaseModel):
 
     @model_validator(mode="after")
     def _window_fits(self) -> OutcomeSettings:
+        if self.url is not None:
+            check_nats_urls(self.url, "outcomes.url")
         if self.dedup_window_s > self.stream_max_age_s:
             raise ValueError("outcomes.dedup_window_s must not exceed stream_max_age_s")
         return self

@@ -128,6 +128,8 @@ async def score_samples(
 def _busy_port(args: argparse.Namespace) -> str | None:
     """A one-line complaint about the first fixed port that is taken, or None."""
     for flag in _PORT_FLAGS:
+        if args.cluster and flag in ("--redis-port", "--nats-port"):
+            continue  # the clusters' nodes take free ports
         port = getattr(args, flag.removeprefix("--").replace("-", "_"))
         if port and not port_is_free(port):
             return f"port {port} is in use; choose another with {flag} (0 picks a free one)"
@@ -192,6 +194,7 @@ async def _up(args: argparse.Namespace) -> int:
         ),
         workers=args.workers,
         orchestrators=args.orchestrators,
+        cluster=args.cluster,
         traces_dir=args.run_dir.resolve() / "traces" if args.traces else None,
         extra_env=extra_env,
     )
@@ -396,6 +399,13 @@ def _parser() -> argparse.ArgumentParser:
         help="Triton's Prometheus port",
     )
     up.add_argument("--workers", type=int, default=2, help="screening workers in the queue group")
+    up.add_argument(
+        "--cluster",
+        action="store_true",
+        help="a 3-node NATS cluster (routes, JetStream, streams with 3 replicas) and a 3-master "
+        "Redis Cluster (a replica each) on free ports instead of one NATS and one Redis "
+        "(--redis-port and --nats-port are not used); every service gets every node",
+    )
     up.add_argument(
         "--orchestrators",
         type=_positive_int,

@@ -1,6 +1,7 @@
 """The local stack: Redis, NATS, Triton, N screening workers and M orchestrator processes.
 
-:class:`LocalStack` starts them on loopback in dependency order, waits until each is healthy (an
+:class:`LocalStack` starts them on loopback in dependency order (with ``StackConfig.cluster``,
+a 3-node NATS cluster and a 3-master Redis Cluster in place of the one NATS and the one Redis), waits until each is healthy (an
 orchestrator process reports SERVING only once both models answered its warm-up), and stops
 every process it started, in reverse order, however the block ends. Several orchestrator
 processes share one port with reuse-port (:mod:`cascade.shared_port`); as a health check through
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -34,8 +36,10 @@ from cascade.shared_port import metrics_port_offset, shared_port_env
 from devstack.otlp_receiver import OtlpReceiver
 from devstack.servers import (
     ManagedProcess,
+    NatsCluster,
     NatsServer,
     ReadinessProbe,
+    RedisClusterServers,
     RedisServer,
     TritonServer,
     resolve_port,
@@ -75,6 +79,10 @@ class StackConfig:
     traces_dir: Path | None = None
     """With a folder: run a local OTLP receiver storing every span there (``cascade trace``),
     and have every service, Triton included, trace every call to it."""
+    cluster: bool = False
+    """A 3-node NATS cluster and a 3-master Redis Cluster (a replica each) on free ports instead
+    of one nats-server and one redis-server (``ports.redis`` and ``ports.nats`` unused); the
+    services get every node of each, and the streams 3 replicas."""
     supervise: bool = True
     """Restart a process that exits on its own (on the same port, after ``restart_backoff``)."""
     restart_backoff: Backoff = field(default_factory=Backoff)
@@ -268,6 +276,10 @@ class LocalStack(AsyncResourceGroup):
         self._on_restart = on_restart
         self.redis: RedisServer | None = None
         self.nats: NatsServer | None = None
+        self.redis_cluster: RedisClusterServers | None = None
+        """With ``cluster``: the Redis Cluster (``redis`` stays None)."""
+        self.nats_cluster: NatsCluster | None = None
+        """With ``cluster``: the NATS cluster (``nats`` stays None)."""
         self.triton: TritonServer | None = None
         self.workers: list[ManagedProcess] = []
         self.orchestrators: list[ManagedProcess] = []
@@ -290,11 +302,33 @@ class LocalStack(AsyncResourceGroup):
                 "OTEL_BSP_SCHEDULE_DELAY": "200",
             }
         # The three servers start independently; start them together to save Triton's seconds.
-        redis_server = RedisServer(ports.redis, log_dir=self.log_dir)
-        # JetStream for the decision log, its store kept in the run dir across restarts.
-        nats_server = NatsServer(
-            ports.nats, jetstream=True, store_dir=cfg.run_dir / "jetstream", log_dir=self.log_dir
-        )
+        redis_server: RedisServer | RedisClusterServers
+        nats_server: NatsServer | NatsCluster
+        cluster_env: dict[str, str] = {}
+        if cfg.cluster:
+            # Fresh data each run: the nodes' ports (which their cluster state names) are new.
+            for name in ("redis-cluster", "jetstream-cluster"):
+                shutil.rmtree(cfg.run_dir / name, ignore_errors=True)
+            redis_server = RedisClusterServers(
+                log_dir=self.log_dir, data_dir=cfg.run_dir / "redis-cluster"
+            )
+            nats_server = NatsCluster(
+                log_dir=self.log_dir, store_dir=cfg.run_dir / "jetstream-cluster"
+            )
+            cluster_env = {
+                "CASCADE_REDIS__CLUSTER": "true",
+                "CASCADE_DECISION_LOG__STREAM_REPLICAS": "3",
+                "CASCADE_OUTCOMES__STREAM_REPLICAS": "3",
+            }
+        else:
+            redis_server = RedisServer(ports.redis, log_dir=self.log_dir)
+            # JetStream for the decision log, its store kept in the run dir across restarts.
+            nats_server = NatsServer(
+                ports.nats,
+                jetstream=True,
+                store_dir=cfg.run_dir / "jetstream",
+                log_dir=self.log_dir,
+            )
         triton = TritonServer(
             registry.stage2_path,
             model_name=registry.stage2.triton_model or "",
@@ -316,7 +350,15 @@ class LocalStack(AsyncResourceGroup):
             trace_url=self.traces.http_traces_url if self.traces is not None else None,
         )
         await self._enter_together((redis_server, nats_server, triton))
-        self.redis, self.nats, self.triton = redis_server, nats_server, triton
+        self.triton = triton
+        if isinstance(redis_server, RedisClusterServers):
+            self.redis_cluster = redis_server
+        else:
+            self.redis = redis_server
+        if isinstance(nats_server, NatsCluster):
+            self.nats_cluster = nats_server
+        else:
+            self.nats = nats_server
         self.redis_url, self.nats_url, self.triton_url = (
             redis_server.url,
             nats_server.url,
@@ -330,6 +372,7 @@ class LocalStack(AsyncResourceGroup):
             grpc_port=self.grpc_port,
             extra={
                 "CASCADE_DECISION_LOG__SPOOL_DIR": str(cfg.run_dir / "decision-spool"),
+                **cluster_env,
                 **trace_env,
                 **pseudonym_env(cfg.run_dir, cfg.extra_env),
                 **cfg.extra_env,
@@ -349,9 +392,14 @@ class LocalStack(AsyncResourceGroup):
         await self._enter_together(self.orchestrators)
         if cfg.supervise:
             # Entered last, so left first: its watch tasks are gone before anything is stopped.
+            # A cluster's node restarted rejoins its cluster (its own state file or routes).
             children: list[Restartable] = [
-                redis_server,
-                nats_server,
+                *(
+                    redis_server.nodes
+                    if isinstance(redis_server, RedisClusterServers)
+                    else [redis_server]
+                ),
+                *(nats_server.nodes if isinstance(nats_server, NatsCluster) else [nats_server]),
                 triton,
                 *self.workers,
                 *self.orchestrators,

@@ -29,6 +29,7 @@ __all__ = [
 
 OWNED_BY_STACK: Final = {
     "CASCADE_REDIS__URL": "--redis-port",
+    "CASCADE_REDIS__CLUSTER": "--cluster",
     "CASCADE_NATS__URL": "--nats-port",
     "CASCADE_TRITON__URL": "--triton-grpc-port",
     "CASCADE_SERVER__HOST": "(always 127.0.0.1)",

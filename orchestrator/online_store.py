@@ -3,8 +3,9 @@
 Keys name every version an entry depends on, so a deploy never reads an entry written by the old
 models and nothing needs flushing:
 
-* output cache ``out:{policy}:{stage1}:{stage2}:{feature_set}:{fingerprint}`` -> encoded answer
-* card history ``hist2:{feature_set}:card:{card token}`` -> list of encoded entries (layout 2
+* output cache ``out:{policy}:{stage1}:{stage2}:{feature_set}:{{card token}}:{fingerprint}`` ->
+  encoded answer
+* card history ``hist2:{feature_set}:card:{{card token}}`` -> list of encoded entries (layout 2
   of :func:`cascade.features.encode_history_entry`), one per transaction id, ordered by
   ``(timestamp_ms, transaction_id)`` newest first, at most ``HISTORY_LEN``
 
@@ -21,6 +22,12 @@ ordered or de-duplicated by the write script, so a deploy must not read it; the 
 from a history did not change, so the feature-set version (which the models and their registry
 name) stays, and the new prefix alone keeps the layouts apart. Layout-1 keys are never read
 again; they expire with their TTL (``feature_ttl_s``).
+
+The card token stands in braces (``{k1.3f2a...}``) in both keys: a Redis Cluster hashes only that part
+(the key's hash tag), so a card's cached answers and its history live in one slot, on one node:
+the lookup's GET and LRANGE and the write script's two keys never cross nodes. A single Redis
+ignores the braces; the one naming serves both (``hist2:fs:card:card-42`` keys written before the
+braces were added are no longer read, and expire with their TTL: a card's history starts again).
 
 :class:`RedisOnlineStore` is the real backend; :class:`InMemoryOnlineStore` is its twin for unit
 tests. Redis errors leave this module only as :mod:`cascade.errors` types.
@@ -64,16 +71,18 @@ def transaction_fingerprint(tx: Transaction) -> str:
 
 
 def output_cache_key(tx: Transaction, versions: ModelVersions) -> str:
-    """Output-cache key naming policy, both model versions and the feature set."""
+    """Output-cache key naming policy, both model versions and the feature set; the card is
+    its hash tag (the slot of :func:`card_history_key`)."""
     return (
         f"out:{versions.policy}:{versions.stage1}:{versions.stage2}:{versions.feature_set}:"
-        f"{transaction_fingerprint(tx)}"
+        f"{{{tx.card_id}}}:{transaction_fingerprint(tx)}"
     )
 
 
 def card_history_key(card_id: str, feature_set: str) -> str:
-    """Card-history key naming the storage layout and the feature-set version."""
-    return f"hist2:{feature_set}:card:{card_id}"
+    """Card-history key naming the storage layout and the feature-set version; the card is its
+    hash tag (the slot of the card's :func:`output_cache_key` entries)."""
+    return f"hist2:{feature_set}:card:{{{card_id}}}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +149,8 @@ class OnlineStore(Protocol):
 # Lua's `<` (strcoll: locale-dependent). Timestamp ties cost more (22 against 11 us of Redis time
 # per write when every entry of a card has one timestamp). KEYS: history[, cache]; ARGV: entry,
 # history length, history TTL[, answer, answer TTL]. Returns 1 when the entry was added, else 0.
-_WRITE_SCRIPT: Final = """
+# Both stores run it (orchestrator.cluster_store too: its two keys share the card's slot).
+WRITE_SCRIPT: Final = """
 local entry = ARGV[1]
 local find, byte, unpack = string.find, string.byte, struct.unpack
 local ts = unpack('>i8', entry, 2)
@@ -209,7 +219,7 @@ class RedisOnlineStore:
         self._cache_ttl_s = cache_ttl_s
         self._feature_ttl_s = feature_ttl_s
         self._write_timeout_s = write_timeout_s
-        self._write_sha = hashlib.sha1(_WRITE_SCRIPT.encode()).hexdigest()
+        self._write_sha = hashlib.sha1(WRITE_SCRIPT.encode()).hexdigest()
 
     async def __aenter__(self) -> RedisOnlineStore:
         await self._redis.__aenter__()
@@ -285,7 +295,7 @@ class RedisOnlineStore:
             failed = [r for r in replies if isinstance(r, Exception)]
             if failed and all(str(r).startswith("NOSCRIPT") for r in failed):
                 (loaded,) = await self._redis.execute(
-                    [("SCRIPT", "LOAD", _WRITE_SCRIPT)], self._write_timeout_s
+                    [("SCRIPT", "LOAD", WRITE_SCRIPT)], self._write_timeout_s
                 )
                 if isinstance(loaded, Exception):
                     raise loaded

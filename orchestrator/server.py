@@ -55,6 +55,7 @@ from cascade.transaction import Channel, Transaction
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from orchestrator.admission import Admission
 from orchestrator.budget import Budget
+from orchestrator.cluster_store import RedisClusterOnlineStore
 from orchestrator.codec import MessageT, decode_request, result_to_proto
 from orchestrator.decision_log import DecisionLog, JetStreamSink
 from orchestrator.online_store import RedisOnlineStore
@@ -500,21 +501,31 @@ class Orchestrator(AsyncResourceGroup):
         self.admission: Admission | None = None
         self.decisions: DecisionLog | None = None
         """The decision log (None when ``decision_log.enabled`` is off)."""
-        self._store: RedisOnlineStore | None = None
+        self._store: RedisOnlineStore | RedisClusterOnlineStore | None = None
         self._servicer: ScoringServicer | None = None
         self._generation_stack = AsyncExitStack()
         self._follow: asyncio.Task[None] | None = None
 
     async def _start(self) -> None:
         s = self._settings
-        store = await self._stack.enter_async_context(
-            RedisOnlineStore(
-                s.redis.url,
-                cache_ttl_s=s.redis.cache_ttl_s,
-                feature_ttl_s=s.redis.feature_ttl_s,
-                connections=s.redis.connections,
+        store: RedisOnlineStore | RedisClusterOnlineStore
+        if s.redis.cluster:
+            store = await self._stack.enter_async_context(
+                RedisClusterOnlineStore(
+                    s.redis.urls,
+                    cache_ttl_s=s.redis.cache_ttl_s,
+                    feature_ttl_s=s.redis.feature_ttl_s,
+                )
             )
-        )
+        else:
+            store = await self._stack.enter_async_context(
+                RedisOnlineStore(
+                    s.redis.url,
+                    cache_ttl_s=s.redis.cache_ttl_s,
+                    feature_ttl_s=s.redis.feature_ttl_s,
+                    connections=s.redis.connections,
+                )
+            )
         self._store = store
         self.writer = await self._stack.enter_async_context(
             PostAnswerWriter(store, linger_s=s.redis.write_linger_ms / 1000.0)
@@ -661,7 +672,7 @@ class Orchestrator(AsyncResourceGroup):
             finally:
                 await old_stack.aclose()
 
-    async def _warm(self, store: RedisOnlineStore) -> None:
+    async def _warm(self, store: RedisOnlineStore | RedisClusterOnlineStore) -> None:
         """Retry one stage-1 and one stage-2 request until both answer, run the whole scoring
         path a few times, then report SERVING.
 

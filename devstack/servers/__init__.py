@@ -1,4 +1,5 @@
-"""Real server processes on loopback: Redis, NATS and Triton, for ``cascade up`` and the tests.
+"""Real server processes on loopback: Redis, NATS and Triton, for ``cascade up`` and the tests
+(and a NATS cluster and a Redis Cluster of such processes, :mod:`devstack.servers.clusters`).
 
 Each server is an async context manager: entering starts the process in its own process group
 (output to a log file in ``log_dir``) and returns once the server really answers; leaving stops it
@@ -17,6 +18,7 @@ from devstack.servers._process import (
     port_is_free,
     resolve_port,
 )
+from devstack.servers.clusters import NatsCluster, RedisClusterServers
 from devstack.servers.nats import NatsServer
 from devstack.servers.redis import RedisServer
 from devstack.servers.triton import TritonServer
@@ -24,8 +26,10 @@ from devstack.servers.triton import TritonServer
 __all__ = [
     "LOOPBACK",
     "ManagedProcess",
+    "NatsCluster",
     "NatsServer",
     "ReadinessProbe",
+    "RedisClusterServers",
     "RedisServer",
     "ServerBinaryNotFoundError",
     "ServerError",

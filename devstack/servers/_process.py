@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import tempfile
@@ -69,6 +70,22 @@ def free_port() -> int:
             _HANDED_OUT[port] = now
             return port
     raise OSError(f"no fresh loopback port in {_ATTEMPTS} attempts")
+
+
+def free_port_pair(offset: int, *, low: int = 20_000, high: int = 30_000) -> int:
+    """A free loopback port P in ``low..high`` whose P + ``offset`` is free too (Redis 6 puts its
+    cluster bus on port + 10000), neither handed out by :func:`free_port` lately. Below the
+    kernel's usual ephemeral range, so outgoing connections do not take them meanwhile."""
+    now = time.monotonic()
+    for _ in range(_ATTEMPTS):
+        port = random.randint(low, high)
+        pair = (port, port + offset)
+        if any(p in _HANDED_OUT for p in pair) or not all(port_is_free(p) for p in pair):
+            continue
+        for p in pair:
+            _HANDED_OUT[p] = now
+        return port
+    raise OSError(f"no free loopback port pair in {_ATTEMPTS} attempts")
 
 
 def port_is_free(port: int) -> bool:

@@ -24,7 +24,7 @@ from devstack.servers._process import (
 )
 
 if TYPE_CHECKING:
-    pass
+    from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ class NatsServer(OneProcessServer):
     ``ping_max`` pings unanswered: a stalled screening worker (connected, but its process frozen
     or wedged) then leaves its queue group after ~3 s, rather than keeping its share of requests
     for as long as it stalls (``deploy/nats.conf`` says the same for compose).
+
+    With ``cluster_port`` the server is one node of a cluster (:class:`NatsCluster` builds
+    one): it listens for routes there and connects to the other nodes' ``routes`` ports;
+    ``server_name`` names it (JetStream in a cluster needs it).
     """
 
     def __init__(
@@ -65,6 +69,10 @@ class NatsServer(OneProcessServer):
         stop_grace_s: float = 5.0,
         ping_interval_s: float = 1.0,
         ping_max: int = 2,
+        server_name: str | None = None,
+        cluster_name: str | None = None,
+        cluster_port: int | None = None,
+        routes: Sequence[int] = (),
     ) -> None:
         self.host: Final = LOOPBACK
         self.port: Final = resolve_port(port)
@@ -74,6 +82,16 @@ class NatsServer(OneProcessServer):
         os.close(fd)
         self._config_file = Path(config)
         self._config = f'ping_interval: "{int(ping_interval_s * 1000)}ms"\nping_max: {ping_max}\n'
+        self.cluster_port: Final = cluster_port
+        if server_name is not None:
+            self._config += f"server_name: {server_name}\n"
+        if cluster_port is not None:
+            # JetStream in a cluster needs the server and cluster names (its Raft groups use them).
+            route_urls = ", ".join(f"nats-route://{LOOPBACK}:{p}" for p in routes)
+            self._config += (
+                f"cluster {{\n  name: {cluster_name or 'cascade'}\n"
+                f"  listen: {LOOPBACK}:{cluster_port}\n  routes: [{route_urls}]\n}}\n"
+            )
         argv = [str(find_nats_server()), "-c", config, "-a", LOOPBACK, "-p", str(self.port)]
         if self.monitor_port is not None:
             argv += ["-m", str(self.monitor_port)]
@@ -90,7 +108,11 @@ class NatsServer(OneProcessServer):
             argv,
             log_dir=log_dir,
             probe=self._ready,
-            ports=(self.port,) if self.monitor_port is None else (self.port, self.monitor_port),
+            ports=(
+                self.port,
+                *(() if self.monitor_port is None else (self.monitor_port,)),
+                *(() if cluster_port is None else (cluster_port,)),
+            ),
             start_timeout_s=start_timeout_s,
             stop_grace_s=stop_grace_s,
         )

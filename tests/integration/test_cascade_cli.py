@@ -91,6 +91,35 @@ async def test_up_scores_sample_traffic_and_stops_everything(tmp_path: Path) -> 
     } <= logs
 
 
+async def test_up_cluster_scores_on_a_nats_cluster_and_a_redis_cluster(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    code, out = await run_cascade(
+        "up",
+        *FREE_PORTS,
+        "--cluster",
+        "--workers=2",
+        "--orchestrators=2",
+        f"--run-dir={run_dir}",
+        "--sample=6",
+        "--no-history",
+        "--exit-after-sample",
+    )
+    assert code == 0, out
+    nats_line = re.search(r"nats (\S+)", out)
+    redis_line = re.search(r"redis (\S+)", out)
+    assert nats_line and redis_line, out
+    assert len(nats_line.group(1).split(",")) == 3  # every node, to every service
+    assert len(redis_line.group(1).split(",")) == 6  # 3 masters, 3 replicas
+    rows = [line for line in out.splitlines() if line.startswith("tx-")]
+    assert len(rows) == 6, out
+    # Nothing unavailable: the orchestrators reached both clusters (the cache read included).
+    assert not any("UNAVAILABLE" in row or "error" in row for row in rows), out
+    assert processes_mentioning(run_dir) == set()
+    logs = {p.name for p in (run_dir / "logs").iterdir()}
+    assert sum(name.startswith("nats-") for name in logs) == 3
+    assert sum(name.startswith("redis-") for name in logs) == 6
+
+
 async def test_up_stops_everything_on_sigterm(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = await start_up(

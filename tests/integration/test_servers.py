@@ -27,11 +27,14 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 import tritonclient.grpc.aio as grpcclient
+from nats.js.api import StreamConfig
 
 from cascade.features import TOKEN_DIM
 from devstack.servers import (
     ManagedProcess,
+    NatsCluster,
     NatsServer,
+    RedisClusterServers,
     RedisServer,
     ServerStartError,
     TritonServer,
@@ -259,6 +262,64 @@ async def test_nats_is_stopped_when_the_body_raises(server_log_dir: Path) -> Non
             raise KeyError("boom")
     assert server.pid is not None
     assert not process_exists(server.pid)
+
+
+# --- Clusters ------------------------------------------------------------------------------------
+
+
+async def test_nats_cluster_routes_between_nodes_keeps_3_replicas_and_is_gone_after(
+    server_log_dir: Path,
+) -> None:
+    async with NatsCluster(log_dir=server_log_dir / "nats-cluster") as cluster:
+        pids = [node.pid for node in cluster.nodes]
+        urls = cluster.url.split(",")
+        assert len(urls) == 3
+        responder = await nats.connect(urls[0])
+        requester = await nats.connect(urls[2])
+        try:
+
+            async def echo(msg: Msg) -> None:
+                await msg.respond(b"re:" + msg.data)
+
+            await responder.subscribe("echo", cb=echo)
+            await responder.flush()
+            assert [await cluster.routed_peers(i) for i in range(3)] == [2, 2, 2]  # a full mesh
+            # Over the routes; the subscription's interest reaches node 2 a moment later.
+            async with asyncio.timeout(5):
+                while True:
+                    try:
+                        reply = await requester.request("echo", b"hi", timeout=2)
+                        break
+                    except nats.errors.NoRespondersError:
+                        await asyncio.sleep(0.05)
+            assert reply.data == b"re:hi"
+            js = requester.jetstream()
+            info = await js.add_stream(StreamConfig(name="R3", subjects=["r3.>"], num_replicas=3))
+            assert info.config.num_replicas == 3
+            ack = await js.publish("r3.x", b"kept", timeout=5)
+            assert ack.seq == 1
+        finally:
+            await requester.close()
+            await responder.close()
+    assert not any(pid is not None and process_exists(pid) for pid in pids)
+
+
+async def test_redis_cluster_has_3_masters_with_a_replica_each_and_is_gone_after(
+    server_log_dir: Path,
+) -> None:
+    async with RedisClusterServers(log_dir=server_log_dir / "redis-cluster") as cluster:
+        assert len(cluster.url.split(",")) == 6
+        # Master i serves the i-th third of the slots; node 3 + i follows it.
+        assert [await cluster.master_of(slot) for slot in (0, 8000, 16383)] == [0, 1, 2]
+        for i in range(3):
+            client = cluster.client(3 + i)
+            try:
+                replication = await client.info("replication")
+            finally:
+                await client.aclose()
+            assert replication["role"] == "slave"
+            assert replication["master_port"] == cluster.nodes[i].port
+    assert not any(node.pid is not None and process_exists(node.pid) for node in cluster.nodes)
 
 
 # --- Triton --------------------------------------------------------------------------------------
