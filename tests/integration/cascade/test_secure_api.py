@@ -94,8 +94,13 @@ class Pki:
         server = issue(self.ca, "orchestrator", Usage.SERVER, hosts=("127.0.0.1",))
         self.server_cert, self.server_key = server.write(folder, f"{name}-server")
 
-    def client(self, identity: str, **validity: dt.datetime) -> Issued:
-        return issue(self.ca, identity, Usage.CLIENT, **validity)
+    def client(
+        self,
+        identity: str,
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+    ) -> Issued:
+        return issue(self.ca, identity, Usage.CLIENT, not_before=not_before, not_after=not_after)
 
     def tls(self, *, mutual: bool = False) -> ServerTlsSettings:
         return ServerTlsSettings(
@@ -122,16 +127,18 @@ def channel(port: int, trust: Issued | None, client: Issued | None = None) -> gr
 
 async def score(ch: grpc.aio.Channel, token: str | None = None) -> scoring_pb2.ScoreResponse:
     metadata = (("authorization", f"Bearer {token}"),) if token else None
-    return await scoring_pb2_grpc.ScoringServiceStub(ch).Score(
+    reply: scoring_pb2.ScoreResponse = await scoring_pb2_grpc.ScoringServiceStub(ch).Score(
         new_request(), timeout=2.0, metadata=metadata
     )
+    return reply
 
 
-async def score_code(ch: grpc.aio.Channel, token: str | None = None) -> Code:
+async def score_code(ch: grpc.aio.Channel, token: str | None = None) -> grpc.StatusCode:
     try:
         await score(ch, token)
     except grpc.aio.AioRpcError as exc:
-        return exc.code()
+        code: grpc.StatusCode = exc.code()
+        return code
     return Code.OK
 
 
@@ -373,7 +380,7 @@ async def test_a_flooding_caller_is_limited_and_the_other_is_not(
         # calls 0.2 s apart (5/s, within its own 10/s) during the flood.
         started = time.monotonic()
 
-        async def flood() -> tuple[list[Code], float]:
+        async def flood() -> tuple[list[grpc.StatusCode], float]:
             codes = await asyncio.gather(*(score_code(noisy_ch, noisy_token) for _ in range(60)))
             return codes, time.monotonic() - started
 
