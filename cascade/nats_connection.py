@@ -5,16 +5,25 @@ forever, a short wait between attempts (nats-py's default of 2 s kept a restarte
 degraded for ~2 s after it was back), and one log line when the connection is lost and one when
 it is back, instead of nats-py's default error callback, which prints a traceback to stderr for
 every refused reconnect attempt.
+
+Credentials and TLS come from :class:`~cascade.settings.NatsSettings` (``user``/``password``,
+``tls_ca_file``, a client certificate), the same for every connection a process opens, the
+decision and outcome logs' included: :func:`connect_options` turns them into nats-py's keyword
+arguments. nats-py upgrades to TLS when the server asks for it (``tls_required`` in its INFO);
+point ``nats.url`` at a server that does (``nats-server --tls``).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Final
+import ssl
+from typing import Any, Final
 
 from nats.aio.client import Client as NatsClient
 
-__all__ = ["RECONNECT_WAIT_S", "connect_nats"]
+from cascade.settings import NatsSettings
+
+__all__ = ["RECONNECT_WAIT_S", "connect_nats", "connect_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -22,9 +31,38 @@ RECONNECT_WAIT_S: Final = 0.1
 """Between two reconnect attempts; a refused attempt on loopback costs next to nothing."""
 
 
-async def connect_nats(url: str, *, name: str, connect_timeout_s: int = 2) -> NatsClient:
-    """Connect to ``url`` (raises nats-py's errors when the first connect fails); afterwards the
-    client reconnects on its own, forever, every :data:`RECONNECT_WAIT_S`."""
+def connect_options(security: NatsSettings | None) -> dict[str, Any]:
+    """nats-py ``connect()`` keyword arguments for ``security``'s credentials and TLS (none
+    without it): ``user``/``password``, and an SSL context trusting ``tls_ca_file`` (and
+    presenting the client certificate) when a CA, a client certificate or a ``tls://`` URL is
+    configured."""
+    if security is None:
+        return {}
+    options: dict[str, Any] = {}
+    if security.user is not None and security.password is not None:
+        options["user"] = security.user
+        options["password"] = security.password.get_secret_value()
+    wants_tls = (
+        security.tls_ca_file is not None
+        or security.tls_cert_file is not None
+        or security.url.startswith("tls://")
+    )
+    if wants_tls:
+        context = ssl.create_default_context(
+            cafile=str(security.tls_ca_file) if security.tls_ca_file else None
+        )
+        if security.tls_cert_file is not None and security.tls_key_file is not None:
+            context.load_cert_chain(security.tls_cert_file, security.tls_key_file)
+        options["tls"] = context
+    return options
+
+
+async def connect_nats(
+    url: str, *, name: str, security: NatsSettings | None = None, connect_timeout_s: int = 2
+) -> NatsClient:
+    """Connect to ``url`` (raises nats-py's errors when the first connect fails) with
+    ``security``'s credentials and TLS (:func:`connect_options`); afterwards the client
+    reconnects on its own, forever, every :data:`RECONNECT_WAIT_S`."""
 
     client = NatsClient()
 
@@ -48,5 +86,6 @@ async def connect_nats(url: str, *, name: str, connect_timeout_s: int = 2) -> Na
         disconnected_cb=disconnected,
         reconnected_cb=reconnected,
         error_cb=error,
+        **connect_options(security),
     )
     return client

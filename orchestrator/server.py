@@ -550,6 +550,7 @@ class Orchestrator(AsyncResourceGroup):
                 cache_ttl_s=s.redis.cache_ttl_s,
                 feature_ttl_s=s.redis.feature_ttl_s,
                 connections=s.redis.connections,
+                security=s.redis,
             )
         )
         self._store = store
@@ -560,7 +561,7 @@ class Orchestrator(AsyncResourceGroup):
             # Entered before the server, so left after it: every answer of the drain is in the
             # buffer when the log flushes.
             sink = await self._stack.enter_async_context(
-                JetStreamSink(s.decision_log.url or s.nats.url, s.decision_log)
+                JetStreamSink(s.decision_log.url or s.nats.url, s.decision_log, security=s.nats)
             )
             self.decisions = await self._stack.enter_async_context(
                 DecisionLog(sink, s.decision_log, policy_version=self.versions.policy)
@@ -568,7 +569,12 @@ class Orchestrator(AsyncResourceGroup):
         outcomes = None
         if s.outcomes.enabled:
             outcomes = await self._stack.enter_async_context(
-                OutcomeStore(s.outcomes.url or s.nats.url, s.outcomes, name="cascade-outcome-log")
+                OutcomeStore(
+                    s.outcomes.url or s.nats.url,
+                    s.outcomes,
+                    name="cascade-outcome-log",
+                    security=s.nats,
+                )
             )
         # The serving generation's clients live in a stack of their own (a registry change
         # replaces it); closed after the server stopped, before the writer drains.

@@ -17,12 +17,14 @@ from devstack.servers._process import (
     port_is_free,
     resolve_port,
 )
+from devstack.servers._security import Credentials, ServerTls
 from devstack.servers.nats import NatsServer
 from devstack.servers.redis import RedisServer
 from devstack.servers.triton import TritonServer
 
 __all__ = [
     "LOOPBACK",
+    "Credentials",
     "ManagedProcess",
     "NatsServer",
     "ReadinessProbe",
@@ -30,6 +32,7 @@ __all__ = [
     "ServerBinaryNotFoundError",
     "ServerError",
     "ServerStartError",
+    "ServerTls",
     "TritonServer",
     "free_port",
     "port_is_free",
