@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from devstack.servers._binaries import find_executable
-from devstack.servers._security import Credentials
 from devstack.servers._process import (
     LOOPBACK,
     ManagedProcess,
@@ -27,6 +26,7 @@ from devstack.servers._process import (
     tcp_contains,
     tcp_exchange,
 )
+from devstack.servers._security import Credentials
 
 if TYPE_CHECKING:
     pass
