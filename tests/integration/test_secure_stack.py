@@ -13,6 +13,7 @@ import pytest
 
 from cascade.settings import DEFAULT_MODEL_DIR
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
+from devstack.servers.redis import find_tls_redis_server
 from devstack.stack import ClientTls, scoring_channel
 from tests.integration.cascade.conftest import new_request
 from tests.integration.conftest import processes_mentioning
@@ -71,6 +72,9 @@ async def test_up_tls_runs_the_secure_stack_with_one_command(tmp_path: Path) -> 
         found = re.search(r"scoring endpoint\s+grpcs://(127\.0\.0\.1:\d+)", seen)
         assert found, seen
         target = found.group(1)
+        # Redis speaks TLS where a redis-server built with it is installed (Debian's).
+        scheme = "rediss" if find_tls_redis_server() is not None else "redis"
+        assert f"redis {scheme}://127.0.0.1:" in seen, seen
         rows = [line for line in seen.splitlines() if line.startswith("tx-")]
         assert len(rows) == 4 and not any("error" in row for row in rows), seen
         assert all(re.search(r"\b(STAGE1|STAGE2)\b", row) for row in rows), seen
