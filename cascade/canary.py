@@ -1,5 +1,8 @@
 """The canary split: which cards the candidate scores, by a hash of the card id.
 
+The orchestrator passes the card's token (:mod:`cascade.pseudonym`), not the id it was sent:
+the split is stable for as long as the pseudonym key is, and a key rotation reshuffles it.
+
 Pure and stable across processes and restarts (BLAKE2b, not Python's salted ``hash``), so every
 orchestrator process sends a card to the same side, every time, for as long as the share stays:
 a card's answers, cache entries and history are never split between versions within a rollout.

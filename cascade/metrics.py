@@ -111,6 +111,25 @@ DECISIONS_BUFFERED: Final = Gauge(
 DECISIONS_SPOOL_BYTES: Final = Gauge(
     "cascade_decision_log_spool_bytes", "Bytes of this process's decision spool on disk."
 )
+# Per lane while a canary runs (champion and candidate side by side; nothing is counted here
+# when the champion serves alone, since the totals above are then the champion's).
+LANE_ANSWERS: Final = Counter(
+    "cascade_lane_answers",
+    "Answers per rollout lane (role: champion or candidate; versions: policy/stage1/stage2/"
+    "feature set) by what decided them, while a canary runs.",
+    ["role", "versions", "decided_by", "decision"],
+)
+LANE_DEGRADED: Final = Counter(
+    "cascade_lane_degraded_reasons",
+    "Reason codes on degraded answers per rollout lane, while a canary runs.",
+    ["role", "versions", "reason"],
+)
+LANE_SECONDS: Final = Histogram(
+    "cascade_lane_seconds",
+    "Wall time of the scoring path per rollout lane, while a canary runs.",
+    ["role", "versions"],
+    buckets=_LATENCY_BUCKETS_S,
+)
 
 
 class MetricsEndpoint:

@@ -92,6 +92,13 @@ class Candidate(BaseModel):
     policy: str | None = Field(None, min_length=1, description="Candidate policy file.")
     stage1: StageArtifact | None = Field(None, description="Candidate stage-1 model.")
     stage2: StageArtifact | None = Field(None, description="Candidate stage-2 model.")
+    canary_share: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Share of cards the candidate scores on the live path, followed live like "
+        "the rest of the file; None: the process setting rollout.canary_share.",
+    )
 
     @model_validator(mode="after")
     def _names_something(self) -> Candidate:
@@ -204,6 +211,14 @@ class Registry(BaseModel):
             stage2=c.stage2 or self.stage2,
             model_dir=self._model_dir,
         )
+
+    def canary_share(self, default: float) -> float:
+        """The share of cards the candidate scores: the registry's, else ``default`` (the
+        process setting); 0 without a candidate."""
+        c = self.candidate
+        if c is None:
+            return 0.0
+        return default if c.canary_share is None else c.canary_share
 
     def stage1_versions(self, *, with_candidate: bool = True) -> dict[str, StageArtifact]:
         """Every stage-1 version served: the champion's, and the candidate's when asked."""
@@ -330,6 +345,11 @@ class Policy(BaseModel):
     decline_threshold: float = Field(ge=0.0, le=1.0, description="Final score for DECLINE.")
     features_unavailable: FeaturesUnavailable | None = Field(
         None, description="Band and thresholds for answers scored without the card's history."
+    )
+    calibrated_on: str | None = Field(
+        None,
+        description="Where the thresholds were picked (stream and days): never the window "
+        "their quality is reported on.",
     )
 
     @model_validator(mode="after")

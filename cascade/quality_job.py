@@ -2,7 +2,9 @@
 :class:`cascade.quality.QualityJoiner` and reports, once (``cascade quality``) or for ever,
 serving its latest report as Prometheus gauges (``cascade quality --serve``).
 
-It runs as its own process, never in the orchestrator: joining, sorting scores for PR-AUC and
+It runs as its own process (``python -m cascade.quality_job``, settings from ``CASCADE_*``:
+``quality``, the decision log's and the outcomes' streams, ``metrics_port``; or
+``cascade quality --serve`` on a workstation), never in the orchestrator: joining, sorting scores for PR-AUC and
 binning features cost CPU and memory proportional to the windows (a week of decisions), which
 must not share a core with the scoring path. It only reads the streams (ordered push consumers:
 ephemeral, no state on the server), so any number can run, and one that restarts rebuilds its
@@ -35,7 +37,7 @@ from cascade.decision_record import decode_decision
 from cascade.drift import DriftReference, load_drift_reference
 from cascade.errors import Dependency, translate_jetstream_errors
 from cascade.nats_connection import connect_nats
-from cascade.outcome_record import decode_outcome
+from cascade.outcome_record import FRAUD_LABELS, decode_outcome
 from cascade.quality import (
     DecisionPoint,
     QualityJoiner,
@@ -43,6 +45,7 @@ from cascade.quality import (
     Unlabelled,
     decision_point,
 )
+from cascade.settings import Settings
 from cascade.v1 import decisions_pb2
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "StreamNames",
     "load_references",
     "measure_once",
+    "read_outcome_labels",
     "report_metrics",
 ]
 
@@ -151,6 +155,30 @@ async def _read_to_end(
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+
+async def read_outcome_labels(url: str, stream: str = "OUTCOMES") -> dict[str, bool]:
+    """Every transaction the outcome stream labels: fraud (True) when any label says fraud
+    (confirmed fraud or chargeback; a fraud label wins over a genuine one, as in the joiner),
+    else genuine. Raises ``DependencyError`` when the stream cannot be read; a stream that does
+    not exist yet holds no labels."""
+    labels: dict[str, bool] = {}
+
+    def add(data: bytes, seq: int) -> None:
+        try:
+            o = decode_outcome(data).outcome
+        except ValueError:
+            logger.warning("labels: skipping undecodable outcome at stream seq %d", seq)
+            return
+        labels[o.transaction_id] = labels.get(o.transaction_id, False) or (o.label in FRAUD_LABELS)
+
+    with translate_jetstream_errors(Dependency.OUTCOME_LOG):
+        nc = await connect_nats(url, name="cascade-labels")
+    try:
+        await _read_to_end(nc, stream, None, add, Dependency.OUTCOME_LOG)
+    finally:
+        await nc.close()
+    return labels
 
 
 async def measure_once(
@@ -272,7 +300,10 @@ class QualityCollector(Collector):
 class QualityService:
     """``cascade quality --serve``: follows both streams (from the start of the longest window)
     into one joiner and, every ``refresh_s``, evicts what left the windows, measures and hands
-    the report to :attr:`collector`. An async context manager; its refresh task is owned and cancelled on exit."""
+    the report to :attr:`collector`. A stream that does not exist yet (no label reported so far,
+    or a job started before the orchestrator) reads as empty and is subscribed to at the first
+    refresh that finds it. An async context manager; its refresh task is owned and cancelled on
+    exit."""
 
     def __init__(
         self,
@@ -298,27 +329,20 @@ class QualityService:
         """Register it (``REGISTRY.register``) to serve the gauges."""
         self.refreshed = asyncio.Event()
         """Set after each refresh (tests wait on it)."""
+        self._since_ms = 0
+        self._missing: list[tuple[str, Callable[[bytes, int], None], Dependency]] = []
+        """Streams not found yet, retried at each refresh."""
 
     async def __aenter__(self) -> QualityService:
-        since_ms = self._clock_ms() - max(self._windows_s) * 1000
+        self._since_ms = self._clock_ms() - max(self._windows_s) * 1000
         with translate_jetstream_errors(Dependency.DECISION_LOG):
             self._nc = nc = await connect_nats(self._url, name="cascade-quality-serve")
+        self._missing = [
+            (self._streams.decisions, _on_decision(self.joiner), Dependency.DECISION_LOG),
+            (self._streams.outcomes, _on_outcome(self.joiner), Dependency.OUTCOME_LOG),
+        ]
         try:
-            js = nc.jetstream()
-            for stream, add, dependency in (
-                (self._streams.decisions, _on_decision(self.joiner), Dependency.DECISION_LOG),
-                (self._streams.outcomes, _on_outcome(self.joiner), Dependency.OUTCOME_LOG),
-            ):
-                deliver, config = _deliver_from(since_ms)
-                with translate_jetstream_errors(dependency):
-                    await js.subscribe(
-                        ">",
-                        stream=stream,
-                        ordered_consumer=True,
-                        deliver_policy=deliver,
-                        config=config,
-                        cb=_callback(add),
-                    )
+            await self._subscribe_missing()
         except BaseException:
             await nc.close()
             raise
@@ -341,6 +365,29 @@ class QualityService:
             with contextlib.suppress(Exception):
                 await nc.close()
 
+    async def _subscribe_missing(self) -> None:
+        """Follow every stream not followed yet that exists now."""
+        if self._nc is None:
+            return
+        js = self._nc.jetstream()
+        still_missing = []
+        for stream, add, dependency in self._missing:
+            deliver, config = _deliver_from(self._since_ms)
+            with translate_jetstream_errors(dependency):
+                try:
+                    await js.subscribe(
+                        ">",
+                        stream=stream,
+                        ordered_consumer=True,
+                        deliver_policy=deliver,
+                        config=config,
+                        cb=_callback(add),
+                    )
+                except NotFoundError:
+                    logger.info("quality: no stream %s yet; following it once it exists", stream)
+                    still_missing.append((stream, add, dependency))
+        self._missing = still_missing
+
     def refresh(self) -> QualityReport:
         """Evict, measure and export now."""
         now_ms = self._clock_ms()
@@ -354,8 +401,10 @@ class QualityService:
     async def _refresh_loop(self) -> None:
         while True:
             try:
+                if self._missing:
+                    await self._subscribe_missing()
                 self.refresh()
-            except Exception:  # a bad record must not stop the gauges for ever
+            except Exception:  # a bad record (or NATS away) must not stop the gauges for ever
                 logger.exception("quality: refresh failed")
             await asyncio.sleep(self._refresh_s)
 
@@ -365,3 +414,50 @@ def _callback(add: Callable[[bytes, int], None]) -> Callable[[Msg], Awaitable[No
         add(msg.data, msg.metadata.sequence.stream)
 
     return on_message
+
+
+async def serve(stop: asyncio.Event, settings: Settings | None = None) -> None:
+    """The quality job's process: follow both streams and serve the gauges until ``stop``."""
+    from prometheus_client import REGISTRY
+
+    from cascade.errors import ConfigurationError
+    from cascade.metrics import MetricsEndpoint
+    from cascade.model_registry import load_registry
+    from cascade.runtime import configure_logging
+
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+    url = settings.decision_log.url or settings.nats.url
+    if (settings.outcomes.url or settings.nats.url) != url:
+        raise ConfigurationError("the quality job reads decisions and outcomes from one NATS")
+    if settings.metrics_port is None:
+        raise ConfigurationError("the quality job serves gauges: set CASCADE_METRICS_PORT")
+    registry = load_registry(settings.model_dir)
+    q = settings.quality
+    with MetricsEndpoint(settings.metrics_port, settings.metrics_host):
+        async with QualityService(
+            url,
+            windows_s=q.windows_s,
+            references=load_references(settings.model_dir, [registry.stage1.version]),
+            refresh_s=q.refresh_s,
+            streams=StreamNames(settings.decision_log.stream, settings.outcomes.stream),
+            unlabelled="exclude" if q.unlabelled == "exclude" else "genuine",
+        ) as service:
+            REGISTRY.register(service.collector)
+            try:
+                logger.info("quality job: serving gauges on port %d", settings.metrics_port)
+                print("READY", flush=True)
+                await stop.wait()
+            finally:
+                REGISTRY.unregister(service.collector)
+
+
+def main() -> None:
+    """Console entry point: ``python -m cascade.quality_job``."""
+    from cascade.runtime import run_service
+
+    run_service(serve)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,15 @@ import json
 from pathlib import Path
 from typing import Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cascade.decision import Decision
@@ -623,6 +631,91 @@ class AuthSettings(BaseModel):
         return {**self.callers, **self.file_callers()}
 
 
+class QualitySettings(BaseModel):
+    """The quality job (``python -m cascade.quality_job``): live precision, recall, PR-AUC and
+    drift per version, served as Prometheus gauges on ``metrics_port`` (``docs/quality.md``)."""
+
+    windows_s: list[int] = Field(
+        default_factory=lambda: [3600, 86400, 7 * 86400],
+        min_length=1,
+        description="Sliding windows of decision time, seconds (JSON list: [3600,86400]).",
+    )
+    refresh_s: float = Field(30.0, gt=0, description="How often the gauges are recomputed.")
+    unlabelled: str = Field(
+        "genuine",
+        pattern=r"^(genuine|exclude)$",
+        description="Decisions without a label count as genuine, or are left out.",
+    )
+
+    @model_validator(mode="after")
+    def _positive_windows(self) -> QualitySettings:
+        if any(w <= 0 for w in self.windows_s):
+            raise ValueError("quality.windows_s must be positive seconds")
+        return self
+
+
+_KEY_ID: Final = r"^[A-Za-z0-9_-]{1,16}$"
+
+
+class PseudonymSettings(BaseModel):
+    """The keyed hash that stands in for card and device ids everywhere they are kept
+    (:mod:`cascade.pseudonym`): Redis keys and history entries, the decision log, spans, logs.
+
+    The orchestrator refuses to start without a key (``cascade up`` generates one per run
+    dir). A rotation names the new key as ``key`` and the old one as ``previous_key`` for as long
+    as the card-history TTL, then drops ``previous_key`` (deploy/README.md).
+    """
+
+    key: SecretStr | None = Field(
+        None,
+        description="The current HMAC key (at least 32 characters; never logged). Exactly one "
+        "of key and key_file must be set where ids are pseudonymized.",
+    )
+    key_file: Path | None = Field(
+        None, description="A file holding the current key (surrounding whitespace ignored)."
+    )
+    key_id: str = Field(
+        "k1",
+        pattern=_KEY_ID,
+        description="The current key's version, the first part of every token "
+        "(k1.<hmac>): a new key needs a new id, so every Redis key it names is new.",
+    )
+    previous_key: SecretStr | None = Field(
+        None,
+        description="While rotating: the key before the current one. Card histories not yet "
+        "written under the current key are read (and copied over) under it.",
+    )
+    previous_key_file: Path | None = Field(
+        None, description="A file holding the previous key (instead of previous_key)."
+    )
+    previous_key_id: str | None = Field(
+        None, pattern=_KEY_ID, description="The previous key's version (set with the key)."
+    )
+
+    @field_validator("key", "previous_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # A compose file passes ${CASCADE_PSEUDONYM__KEY:-} through as "" when it is not set.
+        if value == "" or (isinstance(value, SecretStr) and not value.get_secret_value()):
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _keys_consistent(self) -> PseudonymSettings:
+        if self.key is not None and self.key_file is not None:
+            raise ValueError("pseudonym: set key or key_file, not both")
+        if self.previous_key is not None and self.previous_key_file is not None:
+            raise ValueError("pseudonym: set previous_key or previous_key_file, not both")
+        has_previous = self.previous_key is not None or self.previous_key_file is not None
+        if has_previous != (self.previous_key_id is not None):
+            raise ValueError("pseudonym: previous_key_id goes with previous_key (or its file)")
+        if has_previous and self.key is None and self.key_file is None:
+            raise ValueError("pseudonym: a previous key needs a current key")
+        if self.previous_key_id == self.key_id:
+            raise ValueError("pseudonym: previous_key_id must differ from key_id")
+        return self
+
+
 class ServerSettings(BaseModel):
     """The orchestrator's own gRPC server."""
 
@@ -686,6 +779,8 @@ class Settings(BaseSettings):
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     outcomes: OutcomeSettings = Field(default_factory=OutcomeSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
+    pseudonym: PseudonymSettings = Field(default_factory=PseudonymSettings)
     gc_freeze: bool = Field(
         True, description="gc.freeze() after warm-up, so collections skip start-up objects."
     )

@@ -22,7 +22,10 @@ class Channel(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Transaction:
-    """One validated payment. ``amount_minor`` is in the currency's minor unit."""
+    """One validated payment. ``amount_minor`` is in the currency's minor unit.
+
+    Past validation the orchestrator holds it with ``card_id`` and ``device_id`` replaced by
+    their tokens (:meth:`cascade.pseudonym.Pseudonymizer.transaction`)."""
 
     transaction_id: str
     card_id: str
@@ -35,3 +38,6 @@ class Transaction:
     timestamp_ms: int
     device_id: str = ""
     ip_country: str = ""
+    previous_card_id: str = ""
+    """Only while a pseudonym key is rotated, in the orchestrator: the card's token under the
+    previous key (``card_id`` then holds its token under the current one). No feature reads it."""

@@ -30,9 +30,10 @@ from typing import Final
 import grpc
 from prometheus_client import start_http_server
 
-from cascade.errors import DependencyError
+from cascade.errors import ConfigurationError, DependencyError
 from cascade.iso_codes import minor_unit_exponent, to_major_units
-from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
+from cascade.pseudonym import from_settings as pseudonym_from_settings
+from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT, Settings
 from cascade.shared_port import default_process_count
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from devstack.decision_rows import DecisionFilter, parse_time_ms
@@ -43,7 +44,14 @@ from devstack.rollout_cli import add_arguments as add_rollout_arguments
 from devstack.rollout_cli import run as run_rollout
 from devstack.samples import labelled_sample
 from devstack.servers import port_is_free
-from devstack.stack import ClientTls, LocalStack, StackConfig, StackPorts, scoring_channel
+from devstack.stack import (
+    PSEUDONYM_KEY_FILE,
+    ClientTls,
+    LocalStack,
+    StackConfig,
+    StackPorts,
+    scoring_channel,
+)
 from devstack.stack_settings import (
     SettingsInputError,
     check_settings,
@@ -315,14 +323,34 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _card_tokens(card_id: str, run_dir: Path) -> frozenset[str]:
+    """The tokens ``card_id`` is recorded under: with the pseudonym key the environment
+    configures (as the orchestrators read it), else the run dir's own (``cascade up``'s)."""
+    settings = Settings().pseudonym
+    if settings.key is None and settings.key_file is None:
+        key_file = run_dir.resolve() / PSEUDONYM_KEY_FILE
+        if not key_file.exists():
+            raise ConfigurationError(
+                f"no pseudonym key: set CASCADE_PSEUDONYM__KEY(_FILE) as the orchestrators have "
+                f"it, or name the stack's run dir (no {key_file})"
+            )
+        settings = settings.model_copy(update={"key_file": key_file})
+    return frozenset(pseudonym_from_settings(settings).card_tokens(card_id))
+
+
 async def _decisions(args: argparse.Namespace) -> int:
     if args.format == "parquet" and (args.follow or args.out is None):
         print(
             "cascade decisions: --format parquet needs --out FILE and no --follow", file=sys.stderr
         )
         return 2
+    try:
+        cards = _card_tokens(args.card, args.run_dir) if args.card is not None else None
+    except ConfigurationError as exc:
+        print(f"cascade decisions: --card: {exc}", file=sys.stderr)
+        return 2
     where = DecisionFilter(
-        card_id=args.card,
+        card_tokens=cards,
         decision=args.decision,
         reason=args.reason,
         decided_by=args.decided_by,
@@ -547,7 +575,19 @@ def _parser() -> argparse.ArgumentParser:
         "--subject-prefix", default="decisions", help="records are on PREFIX.<policy version>"
     )
     decisions.add_argument("--follow", "-f", action="store_true", help="wait for new records")
-    decisions.add_argument("--card", metavar="CARD_ID", help="only this card's transactions")
+    decisions.add_argument(
+        "--card",
+        metavar="CARD_ID",
+        help="only this card's transactions (hashed with the pseudonym key: "
+        "CASCADE_PSEUDONYM__KEY(_FILE) or the run dir's)",
+    )
+    decisions.add_argument(
+        "--run-dir",
+        type=Path,
+        default=REPO_ROOT / ".run",
+        help="the run dir of `cascade up`, whose pseudonym key --card uses when the environment "
+        "names none (default: .run/)",
+    )
     decisions.add_argument(
         "--decision", choices=("APPROVE", "REVIEW", "DECLINE"), help="only answers with it"
     )

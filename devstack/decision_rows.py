@@ -106,7 +106,9 @@ def decision_row(record: decisions_pb2.DecisionRecord, stream_seq: int = 0) -> d
 class DecisionFilter:
     """What ``cascade decisions`` keeps; every field that is set must match."""
 
-    card_id: str | None = None
+    card_tokens: frozenset[str] | None = None
+    """The card's tokens (records hold tokens, never card ids: :mod:`cascade.pseudonym`); a
+    record under any of them matches (two while a key is rotated)."""
     decision: str | None = None
     """APPROVE, REVIEW or DECLINE."""
     reason: str | None = None
@@ -122,8 +124,9 @@ class DecisionFilter:
 
     def matches(self, row: dict[str, object]) -> bool:
         """True when ``row`` (from :func:`decision_row`) passes every set condition."""
+        if self.card_tokens is not None and row["card_id"] not in self.card_tokens:
+            return False
         checks = (
-            ("card_id", self.card_id),
             ("decision", self.decision),
             ("decided_by", self.decided_by),
             ("policy_version", self.policy_version),

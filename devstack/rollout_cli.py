@@ -48,7 +48,7 @@ def add_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     candidate.add_argument(
         "--stage2-variant",
         metavar="VERSION",
-        help="a servable variant of models/heavy/variants.json (e.g. s2-1-fp16)",
+        help="a servable variant of models/heavy/variants.json (e.g. s2-2-fp16)",
     )
     candidate.add_argument(
         "--triton-version",
@@ -60,6 +60,17 @@ def add_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--stage1", metavar="VERSION:PATH", help="a stage-1 ONNX file (relative to the model dir)"
     )
     candidate.add_argument("--policy", metavar="PATH", help="a policy file (relative)")
+    candidate.add_argument(
+        "--share",
+        type=float,
+        default=None,
+        help="share of cards it scores live, 0-1 (default: the services' "
+        "CASCADE_ROLLOUT__CANARY_SHARE; 0: shadow only)",
+    )
+    share = commands.add_parser(
+        "share", help="change the candidate's canary share; running services follow it"
+    )
+    share.add_argument("share", type=float, help="0-1; 0 ends the live canary, keeps the shadow")
     promote = commands.add_parser(
         "promote", help="the candidate becomes the champion (the old one kept for rollback)"
     )
@@ -102,8 +113,19 @@ def add_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=None,
         help="JSON Lines of {transaction_id, fraud} for precision and recall (optional)",
     )
+    report.add_argument(
+        "--outcomes",
+        action="store_true",
+        help="labels from the OUTCOMES stream (ReportOutcome, cascade outcomes import)",
+    )
+    report.add_argument(
+        "--nats", default="nats://127.0.0.1:14222", help="with --outcomes: NATS with JetStream"
+    )
+    report.add_argument(
+        "--outcomes-stream", default="OUTCOMES", help="with --outcomes: the outcome stream"
+    )
     report.add_argument("--json", action="store_true", help="print the report as JSON")
-    for p in (status, candidate, promote, rollback, shadow):
+    for p in (status, candidate, share, promote, rollback, shadow):
         p.add_argument(
             "--model-dir",
             type=Path,
@@ -126,6 +148,11 @@ def _describe(registry: Registry) -> str:
             parts.append(f"stage1 {c.stage1.version}")
         if c.stage2 is not None:
             parts.append(f"stage2 {c.stage2.version} (triton v{c.stage2.triton_version})")
+        parts.append(
+            "share: the services' setting"
+            if c.canary_share is None
+            else f"share {c.canary_share:.1%} of cards"
+        )
         lines.append("candidate  " + "  ".join(parts))
     p = registry.previous
     if p is not None:
@@ -162,7 +189,21 @@ def _candidate(args: argparse.Namespace, registry: Registry) -> Registry:
         version, _, path = args.stage1.partition(":")
         stage1 = StageArtifact(version=version, path=path, sha256=sha256_file(model_dir / path))
     try:
-        candidate = Candidate(policy=args.policy, stage1=stage1, stage2=stage2)
+        candidate = Candidate(
+            policy=args.policy, stage1=stage1, stage2=stage2, canary_share=args.share
+        )
+        return Registry.model_validate(
+            {**registry.model_dump(exclude_none=True), "candidate": candidate.model_dump()}
+        )
+    except ValueError as exc:
+        raise RegistryError(str(exc)) from None
+
+
+def _shared(registry: Registry, share: float) -> Registry:
+    if registry.candidate is None:
+        raise RegistryError("the registry has no candidate to share traffic with")
+    try:
+        candidate = registry.candidate.model_copy(update={"canary_share": share})
         return Registry.model_validate(
             {**registry.model_dump(exclude_none=True), "candidate": candidate.model_dump()}
         )
@@ -184,6 +225,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.rollout_command == "candidate":
             changed = _candidate(args, registry)
+        elif args.rollout_command == "share":
+            changed = _shared(registry, args.share)
         elif args.rollout_command == "promote":
             changed = promoted(registry)
         else:
@@ -240,8 +283,22 @@ def _report(args: argparse.Namespace) -> int:
         return 2
     rows = [json.loads(line) for line in args.shadow.read_text().splitlines() if line.strip()]
     labels = None
+    ids = [str(r["transaction_id"]) for r in rows]
+    if args.labels is not None and args.outcomes:
+        print("cascade rollout report: --labels or --outcomes, not both", file=sys.stderr)
+        return 2
     if args.labels is not None:
-        labels = JsonlLabelSource(args.labels).labels(str(r["transaction_id"]) for r in rows)
+        labels = JsonlLabelSource(args.labels).labels(ids)
+    elif args.outcomes:
+        from cascade.errors import DependencyError
+        from cascade.quality_job import read_outcome_labels
+
+        try:
+            stored = asyncio.run(read_outcome_labels(args.nats, args.outcomes_stream))
+        except DependencyError as exc:
+            print(f"cascade rollout report: cannot read the outcomes: {exc}", file=sys.stderr)
+            return 1
+        labels = {t: stored[t] for t in ids if t in stored}
     report = build_report(rows, labels)
     print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
     return 0

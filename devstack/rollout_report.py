@@ -32,7 +32,8 @@ DECISIONS: Final = ("APPROVE", "REVIEW", "DECLINE")
 
 
 class LabelSource(Protocol):
-    """Where outcomes come from (a file today; the ``OUTCOMES`` stream when it lands)."""
+    """Where outcomes come from: a JSON Lines file (:class:`JsonlLabelSource`); the ``OUTCOMES``
+    stream is read by :func:`cascade.quality_job.read_outcome_labels` (``--outcomes``)."""
 
     def labels(self, transaction_ids: Iterable[str]) -> Mapping[str, bool]:
         """Fraud (True) or genuine (False) for the ids it knows; the others are left out."""

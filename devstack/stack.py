@@ -38,6 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cascade.lifecycle import AsyncResourceGroup
 from cascade.model_registry import load_registry
+from cascade.pseudonym import new_key_file
 from cascade.settings import DecisionLogSettings, ServerSettings
 from cascade.shared_port import metrics_port_offset, shared_port_env
 from devstack.certs import StackCertificates, write_stack_certificates
@@ -179,6 +180,20 @@ def service_env(
     )
     env.update(extra or {})
     return env
+
+
+PSEUDONYM_KEY_FILE: Final = "pseudonym.key"
+"""The run dir's own pseudonym key (``<run dir>/pseudonym.key``), made on the first start."""
+
+
+def pseudonym_env(run_dir: Path, extra: Mapping[str, str]) -> dict[str, str]:
+    """``CASCADE_PSEUDONYM__KEY_FILE`` naming the run dir's key file (made, random, on the first
+    start and kept, so a restarted stack still finds its histories), unless the user configured
+    a key (in ``extra`` or the environment)."""
+    configured = ("CASCADE_PSEUDONYM__KEY", "CASCADE_PSEUDONYM__KEY_FILE")
+    if any(name in extra or name in os.environ for name in configured):
+        return {}
+    return {"CASCADE_PSEUDONYM__KEY_FILE": str(new_key_file(run_dir / PSEUDONYM_KEY_FILE))}
 
 
 # What an orchestrator's shutdown takes besides its drain: flushing the post-answer writes
@@ -422,6 +437,7 @@ class LocalStack(AsyncResourceGroup):
             extra={
                 "CASCADE_DECISION_LOG__SPOOL_DIR": str(cfg.run_dir / "decision-spool"),
                 **trace_env,
+                **pseudonym_env(cfg.run_dir, cfg.extra_env),
                 **cfg.extra_env,
                 **security_env,
             },

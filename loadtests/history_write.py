@@ -20,11 +20,13 @@ import asyncio
 import dataclasses
 import hashlib
 import random
+import secrets
 import struct
 import sys
 from collections.abc import Sequence
 
 from cascade.features import HISTORY_LEN, encode_history_entry, history_entry
+from cascade.pseudonym import Pseudonymizer, PseudonymKey
 from cascade.transaction import Transaction
 from devstack.servers import RedisServer
 from orchestrator.online_store import RedisOnlineStore, StoreWrite, card_history_key
@@ -86,7 +88,10 @@ async def _phase(
 
 
 async def measure(cards: int) -> None:
-    stream = [r.tx for r in simulate(SimulationConfig(seed=7, n_cards=cards, n_days=60))]
+    # As the orchestrator stores them: card and device ids as tokens (a key made for this run).
+    pseudonyms = Pseudonymizer(PseudonymKey("k1", secrets.token_hex(32).encode()))
+    simulated = simulate(SimulationConfig(seed=7, n_cards=cards, n_days=60))
+    stream = [pseudonyms.transaction(r.tx) for r in simulated]
     rng = random.Random(1)
     late = sorted(stream, key=lambda tx: tx.timestamp_ms + rng.expovariate(1 / 10_800_000))
     first_ms: dict[str, int] = {}

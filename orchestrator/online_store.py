@@ -4,9 +4,16 @@ Keys name every version an entry depends on, so a deploy never reads an entry wr
 models and nothing needs flushing:
 
 * output cache ``out:{policy}:{stage1}:{stage2}:{feature_set}:{fingerprint}`` -> encoded answer
-* card history ``hist2:{feature_set}:card:{card_id}`` -> list of encoded entries (layout 2 of
-  :func:`cascade.features.encode_history_entry`), one per transaction id, ordered by
+* card history ``hist2:{feature_set}:card:{card token}`` -> list of encoded entries (layout 2
+  of :func:`cascade.features.encode_history_entry`), one per transaction id, ordered by
   ``(timestamp_ms, transaction_id)`` newest first, at most ``HISTORY_LEN``
+
+No key or value holds a raw card or device id: the orchestrator hands this module transactions
+whose ids are already tokens (:mod:`cascade.pseudonym`; the token names its key's version, as
+the keys name model versions). While a key is rotated, a lookup also reads the card's history
+under its previous token, used when the current one has none, and the post-answer write copies
+it under the current token (``COPY``, a no-op once that key exists) before adding the entry:
+histories move to the new key as cards transact, and the old keys expire with their TTL.
 
 The card history's key names its storage layout as well as the feature set. Layout 1
 (``feat:{feature_set}:card:...``: entries without a transaction id, in arrival order) cannot be
@@ -87,6 +94,9 @@ class StoreWrite:
     history_entry: bytes | None
     cache_key: str | None = None
     cache_value: bytes | None = None
+    previous_history_key: str = ""
+    """While a pseudonym key is rotated: the card's history under its previous token, copied to
+    ``history_key`` before the entry is added unless that key exists already."""
 
 
 def decode_history(raw: Sequence[bytes]) -> list[HistoryEntry]:
@@ -103,9 +113,16 @@ def decode_history(raw: Sequence[bytes]) -> list[HistoryEntry]:
 class OnlineStore(Protocol):
     """Output cache + online features, one round trip to read, one batch to write."""
 
-    async def lookup(self, keys: Sequence[tuple[str, str]], timeout_s: float) -> list[StoreLookup]:
+    async def lookup(
+        self,
+        keys: Sequence[tuple[str, str]],
+        timeout_s: float,
+        previous_history_keys: Sequence[str] | None = None,
+    ) -> list[StoreLookup]:
         """For each ``(cache_key, history_key)``, the cached answer and the card history, in one
-        round trip; raise a ``DependencyError`` on failure."""
+        round trip; raise a ``DependencyError`` on failure. With ``previous_history_keys`` (one
+        per key pair, while a pseudonym key is rotated), an empty history is read under the
+        previous key instead."""
         ...
 
     async def write(self, writes: Sequence[StoreWrite]) -> None:
@@ -219,21 +236,34 @@ class RedisOnlineStore:
             if isinstance(reply, Exception):
                 raise reply
 
-    async def lookup(self, keys: Sequence[tuple[str, str]], timeout_s: float) -> list[StoreLookup]:
-        """GET each answer and LRANGE each history in one pipelined round trip."""
+    async def lookup(
+        self,
+        keys: Sequence[tuple[str, str]],
+        timeout_s: float,
+        previous_history_keys: Sequence[str] | None = None,
+    ) -> list[StoreLookup]:
+        """GET each answer and LRANGE each history in one pipelined round trip (and, while
+        rotating, each previous-key history too, in the same round trip)."""
         commands: list[tuple[str, str] | tuple[str, str, int, int]] = []
         for cache_key, history_key in keys:
             commands.append(("GET", cache_key))
             commands.append(("LRANGE", history_key, 0, HISTORY_LEN - 1))
+        if previous_history_keys is not None:
+            commands.extend(("LRANGE", k, 0, HISTORY_LEN - 1) for k in previous_history_keys)
         with translate_redis_errors():
             replies = await self._redis.execute(commands, timeout_s)
             lookups: list[StoreLookup] = []
-            for k in range(len(keys)):
+            n = len(keys)
+            for k in range(n):
                 cached, history = replies[2 * k], replies[2 * k + 1]
                 if isinstance(cached, Exception):
                     raise cached
                 if isinstance(history, Exception):
                     raise history
+                if not history and previous_history_keys is not None:
+                    history = replies[2 * n + k]
+                    if isinstance(history, Exception):
+                        raise history
                 lookups.append(
                     StoreLookup(
                         cached=cached if isinstance(cached, bytes) else None,
@@ -247,7 +277,13 @@ class RedisOnlineStore:
         one script call per transaction (loading the script again if Redis lost it)."""
         if not writes:
             return
-        commands = [self._write_command(w) for w in writes if w.history_entry or w.cache_value]
+        commands: list[tuple[Arg, ...]] = []
+        for w in writes:
+            if w.previous_history_key and w.history_entry is not None:
+                # Before the entry is added, so the current key then holds the whole history.
+                commands.append(("COPY", w.previous_history_key, w.history_key))
+            if w.history_entry or w.cache_value:
+                commands.append(self._write_command(w))
         if not commands:
             return
         with translate_redis_errors():
@@ -306,7 +342,12 @@ class InMemoryOnlineStore:
         self.delay_s = 0.0
         self.lookups = 0
 
-    async def lookup(self, keys: Sequence[tuple[str, str]], timeout_s: float) -> list[StoreLookup]:
+    async def lookup(
+        self,
+        keys: Sequence[tuple[str, str]],
+        timeout_s: float,
+        previous_history_keys: Sequence[str] | None = None,
+    ) -> list[StoreLookup]:
         """Return what :meth:`write` stored; raise ``failure`` when one is set, or time out when
         ``delay_s`` exceeds the timeout (as a slow Redis would)."""
         self.lookups += 1
@@ -316,12 +357,15 @@ class InMemoryOnlineStore:
             await asyncio.sleep(timeout_s)
             raise DependencyTimeout(Dependency.REDIS, "timed out")
         await asyncio.sleep(self.delay_s)
+        previous = previous_history_keys or [""] * len(keys)
         return [
             StoreLookup(
                 cached=self.cache.get(cache_key),
-                history=self.histories.get(history_key, [])[:HISTORY_LEN],
+                history=(self.histories.get(history_key) or self.histories.get(previous_key) or [])[
+                    :HISTORY_LEN
+                ],
             )
-            for cache_key, history_key in keys
+            for (cache_key, history_key), previous_key in zip(keys, previous, strict=True)
         ]
 
     async def write(self, writes: Sequence[StoreWrite]) -> None:
@@ -334,6 +378,10 @@ class InMemoryOnlineStore:
             if w.cache_key is not None and w.cache_value is not None:
                 self.cache[w.cache_key] = w.cache_value
             if w.history_entry is not None:
+                if w.previous_history_key and w.history_key not in self.histories:
+                    copied = self.histories.get(w.previous_history_key)
+                    if copied is not None:
+                        self.histories[w.history_key] = list(copied)
                 raw = self.histories.setdefault(w.history_key, [])
                 entries = [decode_history_entry(b) for b in raw]
                 entry = decode_history_entry(w.history_entry)

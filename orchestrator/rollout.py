@@ -15,14 +15,18 @@ request path is what it was before rollouts existed: one attribute read picks th
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import numpy as np
 from opentelemetry import trace
+from prometheus_client import Counter, Histogram
 
+from cascade import metrics
 from cascade.canary import in_canary
+from cascade.decision import Decision
 from cascade.errors import DependencyError
 from cascade.features import N_SCREENING_FEATURES, SEQUENCE_LEN, TOKEN_DIM
 from cascade.model_registry import Policy, Registry, ServingSet, load_policy
@@ -34,7 +38,7 @@ from orchestrator.codec import versions_to_proto
 from orchestrator.heavy_client import HeavyScorer, TritonHeavyScorer
 from orchestrator.online_store import OnlineStore
 from orchestrator.post_answer import PostAnswerWriter
-from orchestrator.results import ModelVersions
+from orchestrator.results import DecidedBy, ModelVersions, Reason, ScoreResult
 from orchestrator.scoring import CascadeScorer
 from orchestrator.screening_client import NatsScreener, Screener
 
@@ -54,6 +58,30 @@ class Lane:
     versions_attr: str
     screener: NatsScreener
     heavy: HeavyScorer
+
+    def count(self, result: ScoreResult) -> None:
+        """Count one answer in this lane's metrics (called only while a canary runs, so that the
+        champion's and the candidate's decision mix, degraded reasons and latency compare)."""
+        _lane_answers(self.role, self.versions_attr, result.decided_by, result.decision).inc()
+        for reason in result.reasons:
+            _lane_degraded(self.role, self.versions_attr, reason).inc()
+        _lane_seconds(self.role, self.versions_attr).observe(result.timings.total_us / 1e6)
+
+
+# Children bound once per label set: ``labels()`` takes a lock and builds a key on every call.
+@functools.cache
+def _lane_answers(role: str, versions: str, decided_by: DecidedBy, decision: Decision) -> Counter:
+    return metrics.LANE_ANSWERS.labels(role, versions, decided_by.value, decision.value)
+
+
+@functools.cache
+def _lane_degraded(role: str, versions: str, reason: Reason) -> Counter:
+    return metrics.LANE_DEGRADED.labels(role, versions, reason.value)
+
+
+@functools.cache
+def _lane_seconds(role: str, versions: str) -> Histogram:
+    return metrics.LANE_SECONDS.labels(role, versions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,10 +189,10 @@ async def open_generation(
 ) -> Generation:
     """The lanes ``registry`` asks for, their clients entered into ``stack``.
 
-    The candidate's lane is opened only when ``settings.rollout.canary_share`` is above 0 (a
-    candidate in shadow needs nothing on the live path). ``champion_policy`` overrides the
-    registry's (``CASCADE_POLICY_FILE``)."""
-    share = settings.rollout.canary_share
+    The candidate's lane is opened only when the canary share (the registry's, else
+    ``settings.rollout.canary_share``) is above 0 (a candidate in shadow needs nothing on the
+    live path). ``champion_policy`` overrides the registry's (``CASCADE_POLICY_FILE``)."""
+    share = registry.canary_share(settings.rollout.canary_share)
     champion_set = registry.champion()
     policy = champion_policy or load_policy(champion_set.policy_path)
     champion = await _open_lane(

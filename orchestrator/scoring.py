@@ -89,6 +89,10 @@ _DEFAULT_SCORES: Final = {
 }
 
 
+def _at(keys: list[str] | None, i: int) -> str:
+    return keys[i] if keys is not None else ""
+
+
 def _us_since(start_ns: int) -> int:
     return (time.perf_counter_ns() - start_ns) // 1000
 
@@ -197,7 +201,7 @@ class CascadeScorer:
         return base_ms + (n - 1) * self._budget.batch_item_ms
 
     async def _lookup(
-        self, keys: list[tuple[str, str]], budget: Budget
+        self, keys: list[tuple[str, str]], previous: list[str] | None, budget: Budget
     ) -> list[StoreLookup] | None:
         if not self._redis_guard.allow():
             self._skipped()
@@ -205,10 +209,10 @@ class CascadeScorer:
         timeout_s = budget.allot_s(self._cap_ms(self._budget.redis_ms, len(keys)))
         try:
             if not self._spans:
-                lookups = await self._store.lookup(keys, timeout_s)
+                lookups = await self._store.lookup(keys, timeout_s, previous)
             else:
                 with self._tracer.start_as_current_span("redis.lookup", kind=trace.SpanKind.CLIENT):
-                    lookups = await self._store.lookup(keys, timeout_s)
+                    lookups = await self._store.lookup(keys, timeout_s, previous)
         except BaseException as exc:
             self._redis_guard.raised(exc)
             if isinstance(exc, DependencyError):
@@ -248,8 +252,15 @@ class CascadeScorer:
             )
             for tx in txs
         ]
+        # Only while a pseudonym key is rotated (cascade.pseudonym): the card's history under
+        # its previous token, read when the current one has none and copied over with the write.
+        previous = (
+            [card_history_key(tx.previous_card_id, self._versions.feature_set) for tx in txs]
+            if txs[0].previous_card_id
+            else None
+        )
         t0 = time.perf_counter_ns()
-        lookups = await self._lookup(keys, budget)
+        lookups = await self._lookup(keys, previous, budget)
         policy = self._policy
         if lookups is None:
             reasons += [Reason.CACHE_UNAVAILABLE, Reason.FEATURES_UNAVAILABLE]
@@ -305,7 +316,9 @@ class CascadeScorer:
                 result = self.default_answer(txs[i].transaction_id, [*reasons, stage1_reason])
                 result.features = rows[j]
                 results[i] = result
-                writes.append(StoreWrite(keys[i][1], entries[j]))
+                writes.append(
+                    StoreWrite(keys[i][1], entries[j], previous_history_key=_at(previous, i))
+                )
             return _Chunk([r for r in results if r is not None], writes)
 
         final = list(stage1_scores)
@@ -350,7 +363,9 @@ class CascadeScorer:
             results[i] = result
             # A degraded answer is never cached: after the outage the full cascade should answer.
             cache_value = None if result.degraded else encode_cached(result)
-            writes.append(StoreWrite(keys[i][1], entries[j], keys[i][0], cache_value))
+            writes.append(
+                StoreWrite(keys[i][1], entries[j], keys[i][0], cache_value, _at(previous, i))
+            )
         return _Chunk([r for r in results if r is not None], writes)
 
     async def _stage2(

@@ -50,6 +50,7 @@ from cascade.lifecycle import AsyncResourceGroup
 from cascade.model_registry import Registry, load_policy, load_registry
 from cascade.outcome_record import VIA_GRPC, validate_outcome
 from cascade.outcome_store import OutcomeStore
+from cascade.pseudonym import Pseudonymizer, from_settings
 from cascade.registry_watch import RegistryWatch
 from cascade.runtime import freeze_heap
 from cascade.settings import Settings
@@ -120,11 +121,13 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         settings: Settings,
         tracer: trace.Tracer,
         admission: Admission,
+        pseudonyms: Pseudonymizer,
         decisions: DecisionLog | None = None,
         outcomes: OutcomeStore | None = None,
     ) -> None:
         self.generation = generation
         """What serves: replaced as a whole when the registry changes (one attribute write)."""
+        self._pseudonyms = pseudonyms
         self._decisions = decisions
         self._outcomes = outcomes
         self._settings = settings
@@ -144,7 +147,10 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             return self._shed(request, budget)
         try:
             with self._span("cascade.Score", context) as span:
-                tx = await self._validated(validate_request, request, context, span)
+                tx = self._pseudonymized(
+                    request.transaction,
+                    await self._validated(validate_request, request, context, span),
+                )
                 generation = self.generation
                 lane = (
                     generation.champion
@@ -152,6 +158,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
                     else generation.lane_for(tx.card_id)
                 )
                 (result,) = await self._score(lane.scorer, [tx], budget, context)
+                if generation.candidate is not None:
+                    lane.count(result)
                 if self._spans:
                     span.set_attribute("cascade.transaction_id", tx.transaction_id)
                     span.set_attribute("cascade.decision", result.decision.value)
@@ -170,15 +178,23 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
 
     def _shed(self, request: scoring_pb2.ScoreRequest, budget: Budget) -> scoring_pb2.ScoreResponse:
         """The default answer, labelled OVERLOADED, built without touching any dependency."""
+        # Not validated, but pseudonymized all the same: the decision log records this call too.
+        wire = request.transaction
+        if wire.card_id:
+            wire.card_id = self._pseudonyms.card(wire.card_id)
+        if wire.device_id:
+            wire.device_id = self._pseudonyms.device(wire.device_id)
         generation = self.generation
         lane = (
             generation.champion
             if generation.candidate is None
-            else generation.lane_for(request.transaction.card_id)
+            else generation.lane_for(wire.card_id)
         )
         result = lane.scorer.default_answer(request.transaction.transaction_id, [Reason.OVERLOADED])
         result.timings = Timings(budget_us=int(budget.total_ms * 1000))
         record_metrics([result])
+        if generation.candidate is not None:
+            lane.count(result)
         response = result_to_proto(result, lane.versions_pb, "")
         if self._decisions is not None:
             self._decisions.record(request.transaction, response, None, METHOD_SCORE)
@@ -190,7 +206,11 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         """Score many transactions in one pass of the cascade, a chunk at a time."""
         budget = Budget.start(context.time_remaining(), self._settings.budget, batch=True)
         with self._span("cascade.ScoreBatch", context) as span:
-            txs = await self._validated(validate_batch, request, context, span)
+            valid = await self._validated(validate_batch, request, context, span)
+            txs = [
+                self._pseudonymized(wire, tx)
+                for wire, tx in zip(request.transactions, valid, strict=True)
+            ]
             if self._spans:
                 span.set_attribute("cascade.batch_size", len(txs))
             generation = self.generation
@@ -208,6 +228,9 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
                     results = await self._score_lanes(txs, lanes, budget, context)
                 finally:
                     self._batch_slots.release()
+            if generation.candidate is not None:
+                for result, lane in zip(results, lanes, strict=True):
+                    lane.count(result)
             trace_id = trace_id_hex(span)
             responses = [
                 result_to_proto(r, lane.versions_pb, trace_id)
@@ -255,6 +278,16 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         parent = extract_context(dict(metadata))
         return self._tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.SERVER)
 
+    def _pseudonymized(self, wire: scoring_pb2.Transaction, tx: Transaction) -> Transaction:
+        """``tx`` with its card and device ids replaced by their tokens, written back into the
+        request's own message too (two field writes), so nothing after this point (scoring,
+        Redis, the decision log, spans, logs) sees the raw ids and none is hashed twice."""
+        tx = self._pseudonyms.transaction(tx)
+        wire.card_id = tx.card_id
+        if tx.device_id:
+            wire.device_id = tx.device_id
+        return tx
+
     @staticmethod
     async def _validated(
         validate: Callable[[RequestT], ValidT],
@@ -277,14 +310,24 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> list[ScoreResult]:
         """A batch's answers in order, each lane's transactions scored together by its scorer
-        (a card is always in one lane, so each card's earlier transactions stay in its lane)."""
+        (a card is always in one lane, so each card's earlier transactions stay in its lane),
+        the lanes at the same time: each has its own stage clients, and the batch's one budget
+        is then not split between them."""
         first = lanes[0]
         if all(lane is first for lane in lanes):
             return await self._score(first.scorer, txs, budget, context)
+        by_lane = {lane: [i for i, ln in enumerate(lanes) if ln is lane] for lane in lanes}
+        parts = await asyncio.gather(
+            *(
+                self._score(lane.scorer, [txs[i] for i in positions], budget, context)
+                for lane, positions in by_lane.items()
+            ),
+            return_exceptions=True,  # both lanes finish before a failure propagates
+        )
         results: list[ScoreResult | None] = [None] * len(txs)
-        for lane in dict.fromkeys(lanes):
-            positions = [i for i, ln in enumerate(lanes) if ln is lane]
-            part = await self._score(lane.scorer, [txs[i] for i in positions], budget, context)
+        for positions, part in zip(by_lane.values(), parts, strict=True):
+            if isinstance(part, BaseException):
+                raise part
             for i, result in zip(positions, part, strict=True):
                 results[i] = result
         return [r for r in results if r is not None]
@@ -523,6 +566,9 @@ class Orchestrator(AsyncResourceGroup):
         self._policy = load_policy(policy_path)
         self.versions = model_versions(registry, self._policy.version)
         self._registry = registry
+        # Before anything starts: without a key no id could be kept (ConfigurationError).
+        self.pseudonyms = from_settings(settings.pseudonym)
+        """What stands in for card and device ids here (:mod:`cascade.pseudonym`)."""
         super().__init__()
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -596,7 +642,7 @@ class Orchestrator(AsyncResourceGroup):
             ]
         )
         self._servicer = ScoringServicer(
-            generation, s, self._tracer, self.admission, self.decisions, outcomes
+            generation, s, self._tracer, self.admission, self.pseudonyms, self.decisions, outcomes
         )
         guard = CallerGuard(s) if guard_needed(s) else None
         add_scoring_service(self._servicer, server, guard)
@@ -729,7 +775,8 @@ class Orchestrator(AsyncResourceGroup):
         for lane in generation.lanes:
             for i in range(_WARMUP_PASSES):
                 await lane.scorer.score(
-                    _warmup_transaction(i), Budget.start(None, self._settings.budget)
+                    self.pseudonyms.transaction(_warmup_transaction(i)),
+                    Budget.start(None, self._settings.budget),
                 )
         if self._settings.gc_freeze:
             freeze_heap()

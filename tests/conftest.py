@@ -1,15 +1,25 @@
-"""Shared test helpers: sample transactions."""
+"""Shared test helpers: sample transactions, the test session's pseudonym key."""
 
 from __future__ import annotations
 
 import dataclasses
+import secrets
+from typing import Final
 
 import pytest
 
+from cascade.pseudonym import Pseudonymizer, PseudonymKey
 from cascade.transaction import Channel, Transaction
 from cascade.v1 import scoring_pb2
 
 BASE_TS_MS = 1_763_800_000_000
+
+TEST_PSEUDONYM_KEY: Final = secrets.token_hex(32)
+"""The key every orchestrator a test starts hashes ids with: made at test time, per session."""
+TEST_PSEUDONYMS: Final = Pseudonymizer(PseudonymKey("k1", TEST_PSEUDONYM_KEY.encode()))
+"""What those orchestrators store a card or device under (``TEST_PSEUDONYMS.card("card-42")``)."""
+TEST_PSEUDONYM_ENV: Final = {"CASCADE_PSEUDONYM__KEY": TEST_PSEUDONYM_KEY}
+"""The environment that gives an orchestrator process that key."""
 
 
 def make_transaction(**overrides: object) -> Transaction:

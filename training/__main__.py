@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--policy-version", default="policy-1")
     train.add_argument("--triton-version", type=int, default=1)
     train.add_argument("--escalation-rate", type=float, default=0.08)
+    train.add_argument("--holdout-days", type=int, default=25, help="evaluation window")
+    train.add_argument(
+        "--calibration-days", type=int, default=15, help="thresholds picked on these days"
+    )
     train.add_argument("--force", action="store_true", help="overwrite existing versions")
 
     quantize = commands.add_parser("quantize", help="INT8 / FP16 variants of stage 2")
@@ -90,7 +94,14 @@ def main(argv: list[str] | None = None) -> int:
 
     report = commands.add_parser("report", help="regenerate docs/model_report.md")
     _simulation_args(report)
-    report.add_argument("--holdout-days", type=int, default=25)
+    report.add_argument("--holdout-days", type=int, default=25, help="evaluation window")
+    report.add_argument(
+        "--calibration-days",
+        type=int,
+        default=15,
+        help="the days before the evaluation window, where `train` picks the thresholds "
+        "(0: do not measure them)",
+    )
     report.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     report.add_argument("--docs-dir", type=Path, default=DEFAULT_MODEL_DIR.parent / "docs")
 
@@ -117,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         "drift-reference", help="training-data bins of the stage-1 score and main features"
     )
     _simulation_args(drift)
-    drift.add_argument("--holdout-days", type=int, default=25, help="days left out (not trained)")
+    drift.add_argument(
+        "--holdout-days",
+        type=int,
+        default=40,
+        help="days left out of training (calibration + evaluation windows)",
+    )
     drift.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     drift.add_argument("--force", action="store_true", help="overwrite an existing reference")
 
@@ -181,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         policy_version=args.policy_version,
         triton_version=args.triton_version,
         escalation_rate=args.escalation_rate,
+        holdout_days=args.holdout_days,
+        calibration_days=args.calibration_days,
     )
     result = run_training(args.model_dir, config, force=args.force)
     print(json.dumps(result.metrics, indent=2))
@@ -212,7 +230,18 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 0
     config = EvalConfig(_simulation_config(args), first_day=args.days - args.holdout_days)
     if args.command == "report":
-        print(f"wrote {write_report(args.model_dir, args.docs_dir, config)}")
+        first = args.days - args.holdout_days
+        calibration = (
+            EvalConfig(
+                _simulation_config(args),
+                first_day=first - args.calibration_days,
+                end_day=first,
+                seed=1,
+            )
+            if args.calibration_days > 0
+            else None
+        )
+        print(f"wrote {write_report(args.model_dir, args.docs_dir, config, calibration)}")
         return 0
     from training.guardrails import GuardrailBounds
     from training.quantize import make_variants

@@ -74,7 +74,8 @@ class EvalConfig:
     """Which stream and window an evaluation reads."""
 
     simulation: SimulationConfig
-    first_day: int  # window = days >= first_day
+    first_day: int  # window = first_day <= day < end_day
+    end_day: int | None = None  # None: to the stream's end
     negatives_per_stratum: int = 15_000
     seed: int = 0
 
@@ -85,7 +86,10 @@ def prepare_eval_set(registry: Registry, config: EvalConfig) -> EvalSet:
     records = simulate(config.simulation)
     data = replay_screening(records)
     s1 = stage1_scores(registry.stage1_path, data.features)
-    window = np.flatnonzero(data.day >= config.first_day).astype(np.int64)
+    in_window = data.day >= config.first_day
+    if config.end_day is not None:
+        in_window &= data.day < config.end_day
+    window = np.flatnonzero(in_window).astype(np.int64)
     eval_set = build_eval_set(
         records,
         data,
@@ -182,7 +186,15 @@ def calibrate(
     # The features-unavailable section depends on stage 1 alone, not on the escalation rate:
     # carry the active policy's forward (python -m training degraded-report measures it).
     active = load_policy(registry.policy_path)
-    policy = policy.model_copy(update={"features_unavailable": active.features_unavailable})
+    sim = config.simulation
+    end_day = sim.n_days if config.end_day is None else config.end_day
+    policy = policy.model_copy(
+        update={
+            "features_unavailable": active.features_unavailable,
+            "calibrated_on": f"simulator {SIMULATOR_VERSION} seed {sim.seed}, {sim.n_cards} cards, "
+            f"days {config.first_day}-{end_day - 1} (a stream of its own)",
+        }
+    )
     outcome = _policy_outcome(eval_set, policy)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
@@ -394,11 +406,23 @@ def _table_rows(rows: list[tuple[str, dict[str, float], str]]) -> list[str]:
     return out
 
 
-def write_report(model_dir: Path, docs_dir: Path, config: EvalConfig) -> Path:
-    """Evaluate the registered models and write ``docs/model_report.md`` with its charts."""
+def write_report(
+    model_dir: Path, docs_dir: Path, config: EvalConfig, calibration: EvalConfig | None = None
+) -> Path:
+    """Evaluate the registered models and write ``docs/model_report.md`` with its charts.
+
+    ``config`` is the evaluation window every figure is measured on; ``calibration``, when given,
+    is the window the policy's thresholds were picked on, measured too so that the report shows
+    what picking them there costs on days they were not fit to.
+    """
     registry = load_registry(model_dir)
     policy = load_policy(registry.policy_path)
     eval_set = prepare_eval_set(registry, config)
+    calib_outcome = (
+        None
+        if calibration is None
+        else _policy_outcome(prepare_eval_set(registry, calibration), policy)
+    )
     stage2 = _stage2(eval_set)
     labels, patterns, w = eval_set.labels, eval_set.patterns, eval_set.sample_weight
 
@@ -433,7 +457,7 @@ def write_report(model_dir: Path, docs_dir: Path, config: EvalConfig) -> Path:
         "",
         "Related commands (train extra installed, 2 cores): `python -m training train` (about 6 "
         "min: simulate, train, export, register), `python -m training quantize` (stage-2 INT8 / "
-        "FP16 variants + guardrail), `python -m training report` (this page, about 2-3 min), "
+        "FP16 variants + guardrail), `python -m training report` (this page, about 4 min), "
         "`python -m training calibrate --escalation-rate 0.05 --policy-version policy-N "
         "[--activate]` (a new policy version from a separate calibration stream).",
         "",
@@ -443,9 +467,19 @@ def write_report(model_dir: Path, docs_dir: Path, config: EvalConfig) -> Path:
         f"(`{model_dir.name}/{REGISTRY_FILE}`).",
         f"- Data: simulator `{SIMULATOR_VERSION}` seed {sim.seed}, {sim.n_cards} cards, "
         f"{sim.n_days} days "
-        f"(`training/simulator.py`); held-out window = days {config.first_day}-{sim.n_days - 1}, "
-        f"which training never saw: {len(eval_set.labels_all):,} transactions, {n_fraud:,} "
-        f"fraud ({n_fraud / len(eval_set.labels_all):.2%}).",
+        f"(`training/simulator.py`); evaluation (held-out) window = days {config.first_day}-"
+        f"{sim.n_days - 1}, which training never saw: {len(eval_set.labels_all):,} transactions, "
+        f"{n_fraud:,} fraud ({n_fraud / len(eval_set.labels_all):.2%}). Every figure below is "
+        "measured on it.",
+        f"- Thresholds: policy `{policy.version}` was calibrated on "
+        + (
+            f"{policy.calibrated_on}"
+            if policy.calibrated_on
+            else "an unrecorded window (a policy from before calibration was recorded)"
+        )
+        + "; its thresholds were not picked on the evaluation window. The rows `cascade @r` "
+        "below cut at a rate, not at thresholds, and recall at a fixed FPR is read off each "
+        "window's own curve, as usual for such curves.",
         f"- Stage 1 scores every held-out transaction. Stage 2 is scored on every held-out fraud "
         f"plus {int((labels == 0).sum()):,} genuine transactions sampled from the top 25% and "
         "the rest of stage-1 scores, weighted back to the real mix, so false-positive rates below "
@@ -522,6 +556,28 @@ def write_report(model_dir: Path, docs_dir: Path, config: EvalConfig) -> Path:
         )
     ]
     best_small = max((r for r in ESCALATION_RATES if r <= 0.10), key=lambda r: keep[r])
+    calib_rows: list[str] = []
+    if calib_outcome is not None and calibration is not None:
+        end = sim.n_days if calibration.end_day is None else calibration.end_day
+        calib_rows = [
+            "",
+            "| window | escalated | REVIEW FPR | REVIEW recall | DECLINE FPR | DECLINE recall |",
+            "|---|---:|---:|---:|---:|---:|",
+            *(
+                f"| {name} | {o['escalated_share']:.2%} | {o['review_fpr']:.3%} | "
+                f"{o['review_recall']:.3f} | {o['decline_fpr']:.3%} | {o['decline_recall']:.3f} |"
+                for name, o in (
+                    (
+                        f"calibration, days {calibration.first_day}-{end - 1} (picked here)",
+                        calib_outcome,
+                    ),
+                    (f"evaluation, days {config.first_day}-{sim.n_days - 1}", outcome),
+                )
+            ),
+            "",
+            "The policy was fit to 1% / 0.1% false-positive rates on the calibration window; "
+            "the evaluation row is what those thresholds do on later days.",
+        ]
     lines += [
         "## Acceptance checks",
         f"- Cascade at <=10% escalation keeps >= {_KEEP_SHARE:.0%} of stage-2-alone recall at "
@@ -543,13 +599,14 @@ def write_report(model_dir: Path, docs_dir: Path, config: EvalConfig) -> Path:
         "These are simulated data: the absolute numbers say more about the simulator than "
         "about production fraud.",
         "",
-        f"## Active policy `{policy.version}` on these days",
+        f"## Active policy `{policy.version}` on the evaluation window",
         f"- band: stage-1 score in [{policy.escalate_low:g}, {policy.escalate_high:g}) -> "
         f"escalated {outcome['escalated_share']:.2%} of traffic",
         f"- REVIEW at final score >= {policy.review_threshold:g}: FPR "
         f"{outcome['review_fpr']:.3%}, recall {outcome['review_recall']:.3f}",
         f"- DECLINE at final score >= {policy.decline_threshold:g}: FPR "
         f"{outcome['decline_fpr']:.3%}, recall {outcome['decline_recall']:.3f}",
+        *calib_rows,
         "",
         "## Stage-2 variants (quantization)",
         *_variants_section(model_dir, registry, eval_set),

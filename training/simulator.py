@@ -20,8 +20,8 @@ Cardholders (legitimate behaviour)
     Transactions: 80% at favourites, otherwise a random merchant of the same kind; amount =
     merchant typical x card multiplier x log-normal noise; card-present merchants give
     CARD_PRESENT or CONTACTLESS (ATM for MCC 6011), online ones ECOMMERCE with one of the card's
-    devices and the buyer's IP country (the home country, or a random one for the 3% of cards on a
-    VPN); 30% of taxi, hotel and airline bookings are MAIL_PHONE_ORDER (no device, no IP).
+    devices (none for guest checkouts and fingerprint-blocking browsers, see ``sim-3`` below) and
+    the buyer's IP country (the home country, or a random one for the 3% of cards on a VPN); 30% of taxi, hotel and airline bookings are MAIL_PHONE_ORDER (no device, no IP).
     Up to three subscriptions bill monthly as RECURRING. Legitimate noise that looks like
     fraud on purpose: 25% of cards take a trip (2-10 days in another country, card-present there,
     after a flight-length gap), 6% switch to a new phone (a new device from then on), online
@@ -57,7 +57,12 @@ Fraud patterns (labelled per transaction, each on a victim card after a 14-day w
 Versions
     ``sim-1`` picked card-testing merchants in an order that depended on ``PYTHONHASHSEED`` (the
     models ``s1-1`` / ``s2-1`` were trained on it); ``sim-2`` is the same process with that order
-    fixed, so a seed now gives the same stream in every process.
+    fixed, so a seed now gives the same stream in every process. ``sim-3`` removes sim-2's one
+    perfectly separating rule: there, genuine online purchases always carried a device, so an
+    online purchase without one was always fraud (30% of card-testing runs have none). Now 2% of
+    any card's online purchases are guest checkouts without a device, and 8% of cardholders block
+    fingerprinting, so 60% of their online purchases carry none (about 6.6% of genuine online
+    purchases in all).
 
 Stream format
     gzip-compressed JSON lines, sorted by ``timestamp_ms`` (ties by transaction id). Each line holds
@@ -97,7 +102,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SIMULATOR_VERSION: Final[str] = "sim-2"
+SIMULATOR_VERSION: Final[str] = "sim-3"
 
 _MS_MINUTE: Final = 60_000
 _MS_HOUR: Final = 3_600_000
@@ -129,6 +134,12 @@ class SimulationConfig:
     enrolled_device_share: float = 0.022
     compromised_merchants_per_month: int = 4
     compromised_clone_probability: float = 0.3
+    # Genuine online purchases without a device id: guest checkouts on any card, and most online
+    # purchases of cards whose owner's browser blocks fingerprinting. Without them an online
+    # purchase with no device would be fraud every time (sim-2's separating rule).
+    guest_checkout_share: float = 0.02
+    fingerprint_blocked_share: float = 0.08
+    fingerprint_blocked_online_share: float = 0.6
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +251,7 @@ class _Card:
     online_share: float
     contactless: float
     devices: list[str]
+    no_device_share: float
     vpn: bool
     local_favourites: list[_Merchant]
     online_favourites: list[_Merchant]
@@ -358,6 +370,11 @@ def _make_card(index: int, world: _World, rng: random.Random, config: Simulation
         online_share=rng.betavariate(2.0, 5.0),
         contactless=rng.uniform(0.2, 0.8),
         devices=[f"dev-{card_id}-{k}" for k in range(n_devices)],
+        no_device_share=(
+            config.fingerprint_blocked_online_share
+            if rng.random() < config.fingerprint_blocked_share
+            else config.guest_checkout_share
+        ),
         vpn=rng.random() < 0.03,
         local_favourites=local_favourites,
         online_favourites=online_favourites,
@@ -383,6 +400,8 @@ def _local_time(rng: random.Random, day_start_ms: int, card: _Card, country: _Co
 
 
 def _device_at(card: _Card, ts: int, rng: random.Random) -> str:
+    if rng.random() < card.no_device_share:
+        return ""  # guest checkout, or a browser that blocks fingerprinting
     if card.device_switch_ms is not None and ts >= card.device_switch_ms:
         return f"dev-{card.card_id}-new"
     return rng.choice(card.devices)

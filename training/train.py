@@ -3,15 +3,18 @@
 This module owns the end-to-end pipeline behind ``python -m training train``:
 
 1. simulate a stream (:mod:`training.simulator`) and replay it through :mod:`cascade.features`;
-2. split by time: the last ``holdout_days`` days are held out, everything before trains;
+2. split by time into three windows: the last ``holdout_days`` days are the evaluation window
+   the model cards and the report measure, the ``calibration_days`` before them the calibration
+   window the policy's thresholds are picked on, everything before trains;
 3. stage 1: gradient-boosted trees on every training transaction's screening features;
 4. stage 2: the sequence transformer on all training fraud plus subsampled genuine transactions
    (half at random, half "hard" ones from the top of stage 1's scores), importance-weighted
    Platt scaling folded into the graph;
 5. export both to ONNX, check them with onnxruntime against the training frameworks at batch 1
    and 32, and time them at batch 1;
-6. pick a first policy on the held-out days (escalate the top ``escalation_rate`` of stage-1
-   scores; REVIEW / DECLINE at the cascade's 1% / 0.1% false-positive-rate thresholds);
+6. pick a first policy on the calibration window (escalate the top ``escalation_rate`` of
+   stage-1 scores; REVIEW / DECLINE at the cascade's 1% / 0.1% false-positive-rate thresholds),
+   so that the figures reported for it on the evaluation window are not the ones it was fit to;
 7. write ``models/<stage>/<version>/model.onnx`` + ``model_card.md``, the policy file and
    ``models/registry.json`` (sha256 of each artifact). Existing versions are never overwritten.
 
@@ -76,6 +79,7 @@ class TrainConfig:
 
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     holdout_days: int = 25
+    calibration_days: int = 15
     stage1_iterations: int = 250
     stage2_random_negatives: int = 12_000
     stage2_hard_negatives: int = 12_000
@@ -160,7 +164,8 @@ def _model_card(
 | feature set | `{FEATURE_SET_VERSION}` (`cascade/features.py`) |
 | data | simulator `{SIMULATOR_VERSION}`, seed {sim["seed"]}, {sim["n_cards"]} cards, \
 {sim["n_days"]} days |
-| split | by time: last {config.holdout_days} days held out |
+| split | by time: last {config.holdout_days} days evaluated (below), the \
+{config.calibration_days} before them calibrate the policy's thresholds, the rest trains |
 | training seed | {config.seed} |
 | produced by | `python -m training train` |
 
@@ -170,7 +175,8 @@ def _model_card(
 ## Model
 {architecture}
 
-Training data: {data["train_rows"]} rows ({data["train_fraud"]} fraud). Held-out: \
+Training data: {data["train_rows"]} rows ({data["train_fraud"]} fraud). Calibration: \
+{data["calibration_rows"]} transactions ({data["calibration_fraud"]} fraud). Held-out: \
 {data["holdout_rows"]} transactions ({data["holdout_fraud"]} fraud).
 
 ## Held-out metrics
@@ -216,9 +222,13 @@ def run_training(
     t = time.perf_counter()
     data: ScreeningData = replay_screening(records)
     logger.info("screening features for %d rows in %.0f s", len(records), time.perf_counter() - t)
-    split_day = config.simulation.n_days - config.holdout_days
-    train_rows = np.flatnonzero(data.day < split_day)
-    hold_rows = np.flatnonzero(data.day >= split_day)
+    eval_first = config.simulation.n_days - config.holdout_days
+    calib_first = eval_first - config.calibration_days
+    if calib_first <= 0:
+        raise ValueError("holdout_days + calibration_days leave no training days")
+    train_rows = np.flatnonzero(data.day < calib_first)
+    calib_rows = np.flatnonzero((data.day >= calib_first) & (data.day < eval_first))
+    hold_rows = np.flatnonzero(data.day >= eval_first)
     rng = np.random.default_rng(config.seed)
 
     # --- stage 1
@@ -264,6 +274,31 @@ def run_training(
     s2_path = s2_dir / "model.onnx"
     export_heavy(net, s2_path)
 
+    # --- calibration window: the policy's thresholds, on days neither trained nor reported
+    t = time.perf_counter()
+    calibration = build_eval_set(
+        records,
+        data,
+        s1_all,
+        calib_rows,
+        negatives_per_stratum=config.eval_negatives_per_stratum,
+        seed=config.seed + 1,
+    )
+    if calibration.sequences is None:
+        raise RuntimeError("build_eval_set returned no sequences")
+    calibration.stage2 = stage2_scores(s2_path, calibration.sequences)
+    calibration.sequences = None
+    sim = config.simulation
+    policy = pick_policy(calibration, config.escalation_rate, config.policy_version).model_copy(
+        update={
+            "calibrated_on": f"simulator {SIMULATOR_VERSION} seed {sim.seed}, {sim.n_cards} "
+            f"cards, days {calib_first}-{eval_first - 1} (trained on days 0-{calib_first - 1}, "
+            f"evaluated on days {eval_first}-{sim.n_days - 1})"
+        }
+    )
+    logger.info("policy picked on the calibration window in %.0f s", time.perf_counter() - t)
+    del calibration
+
     # --- held-out: stage 1 on everything, stage 2 on all fraud + a stratified genuine sample
     t = time.perf_counter()
     held_out = build_eval_set(
@@ -288,7 +323,6 @@ def run_training(
     s2_timing = time_onnx(s2_path, sequences[:1])
     held_out.sequences = None
     del sequences
-    policy = pick_policy(held_out, config.escalation_rate, config.policy_version)
     sample_w = held_out.sample_weight
     s1_hold = held_out.stage1_all
     s1_table = metrics_table(s1_hold, held_out.labels_all, held_out.patterns_all)
@@ -303,6 +337,8 @@ def run_training(
     data_info = {
         "train_rows": len(train_rows),
         "train_fraud": int(data.labels[train_rows].sum()),
+        "calibration_rows": len(calib_rows),
+        "calibration_fraud": int(data.labels[calib_rows].sum()),
         "holdout_rows": len(hold_rows),
         "holdout_fraud": int(data.labels[hold_rows].sum()),
     }

@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 
 
 def wanted_versions(registry: Registry, canary_share: float) -> dict[str, StageArtifact]:
-    """The stage-1 versions a worker serves: the champion's, and the candidate's in a canary."""
-    return registry.stage1_versions(with_candidate=canary_share > 0.0)
+    """The stage-1 versions a worker serves: the champion's, and the candidate's in a canary
+    (the registry's share, else ``canary_share``, the process setting, above 0)."""
+    return registry.stage1_versions(with_candidate=registry.canary_share(canary_share) > 0.0)
 
 
 class ScreeningPool:

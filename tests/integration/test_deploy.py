@@ -89,7 +89,10 @@ def test_compose_file_validates() -> None:
         timeout=60,
         check=True,
     ).stdout
-    assert ":/models/fraud_heavy/1/model.onnx:ro" in rendered
+    champion = load_registry(DEFAULT_MODEL_DIR).stage2  # compose serves the registry's champion
+    mount = f"models/{champion.path}:/models/fraud_heavy/{champion.triton_version}/model.onnx:ro"
+    assert mount in rendered
+    assert "cascade.quality_job" in rendered  # the quality job runs beside the services
     assert ":/models/fraud_heavy/config.pbtxt:ro" in rendered
     assert re.search(r"driver: nvidia", rendered), "the GPU reservation was dropped"
     assert re.search(r"replicas: 2", rendered)

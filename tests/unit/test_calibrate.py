@@ -48,6 +48,10 @@ def test_calibrate_writes_a_new_policy_without_activating_it(model_dir: Path) ->
     assert result.recall_review >= result.recall_decline > 0.5
     active = load_policy(load_registry(model_dir).policy_path)
     assert policy.features_unavailable == active.features_unavailable  # carried forward
+    assert (
+        policy.calibrated_on
+        == "simulator sim-3 seed 31, 1000 cards, days 14-34 (a stream of its own)"
+    )
     assert (model_dir / "registry.json").read_text() == registry_before
     with pytest.raises(FileExistsError, match="immutable"):
         calibrate(model_dir, 0.05, "policy-test", SMALL)

@@ -256,14 +256,17 @@ def test_features_unavailable_validation_names_the_problem(
 
 
 def test_committed_policies_keep_their_meaning() -> None:
-    """policy-1 never gains a features-unavailable section (a version always means the same
-    decisions); the active one is policy-1's thresholds plus the section."""
-    policies = DEFAULT_MODEL_DIR / "policies"
-    if not (policies / "policy-3.json").exists():
-        pytest.skip("no committed policy-3")
-    one = load_policy(policies / "policy-1.json")
-    three = load_policy(policies / "policy-3.json")
-    assert one.features_unavailable is None
-    assert three.model_copy(update={"version": "policy-1", "features_unavailable": None}) == one
-    assert three.features_unavailable is not None
-    assert load_registry(DEFAULT_MODEL_DIR).policy_path.name == "policy-3.json"
+    """Every committed policy loads; a version never changes meaning, so the sections come as
+    new versions: the active policy is a trained one's thresholds (no section) plus the
+    features-unavailable section, and it says where its thresholds were calibrated."""
+    policies = {p.name: load_policy(p) for p in (DEFAULT_MODEL_DIR / "policies").glob("*.json")}
+    assert {p.version for p in policies.values()} == {n.removesuffix(".json") for n in policies}
+    assert policies["policy-1.json"].features_unavailable is None
+    active = load_policy(load_registry(DEFAULT_MODEL_DIR).policy_path)
+    assert active.features_unavailable is not None
+    assert active.calibrated_on is not None and "days" in active.calibrated_on
+    base = active.model_copy(update={"features_unavailable": None})
+    assert any(
+        p.features_unavailable is None and p == base.model_copy(update={"version": p.version})
+        for p in policies.values()
+    ), "the active thresholds are no trained policy's"

@@ -3,6 +3,7 @@ promote, rollback, atomic write) and the report's arithmetic."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -20,6 +21,8 @@ from cascade.model_registry import (
     write_registry,
 )
 from cascade.registry_watch import RegistryWatch
+from devstack.rollout_cli import add_arguments as add_rollout_arguments
+from devstack.rollout_cli import run as run_rollout
 from devstack.rollout_report import build_report, pearson, quantile
 from tests.unit.test_model_registry import write_model_dir
 
@@ -80,7 +83,10 @@ def test_todays_registry_loads_unchanged() -> None:
     registry = load_registry(Path("models"))
     assert registry.candidate is None and registry.previous is None
     assert registry.candidate_set() is None
-    assert registry.champion().stage1.version == "s1-1"
+    assert (
+        registry.champion().stage1.version
+        == json.loads(Path("models/registry.json").read_text())["stage1"]["version"]
+    )
 
 
 def test_a_candidate_completes_with_the_champions_parts(tmp_path: Path) -> None:
@@ -164,6 +170,36 @@ def test_promote_then_rollback_round_trips_through_the_file(tmp_path: Path) -> N
         rolled_back(back)
     with pytest.raises(RegistryError, match="no candidate to promote"):
         promoted(back)
+
+
+def test_the_registry_share_overrides_the_setting_and_the_command_changes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_model_dir(tmp_path)
+    assert load_registry(tmp_path).canary_share(0.3) == 0.0  # no candidate: no canary
+    doc = json.loads((tmp_path / "registry.json").read_text())
+    doc["candidate"] = with_candidate(tmp_path)
+    (tmp_path / "registry.json").write_text(json.dumps(doc))
+    assert load_registry(tmp_path).canary_share(0.3) == 0.3  # none in the file: the setting
+
+    parser = argparse.ArgumentParser()
+    add_rollout_arguments(parser.add_subparsers(dest="command"))
+
+    def share(value: str) -> tuple[int, str, str]:
+        args = parser.parse_args(["rollout", "share", value, "--model-dir", str(tmp_path)])
+        code = run_rollout(args)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = share("0.25")
+    assert code == 0 and "share 25.0% of cards" in out
+    assert load_registry(tmp_path).canary_share(0.3) == 0.25
+    code, _, err = share("1.5")  # refused, the file unchanged
+    assert code == 2 and "canary_share" in err
+    assert load_registry(tmp_path).canary_share(0.3) == 0.25
+    code, out, _ = share("0")
+    assert code == 0 and "share 0.0% of cards" in out
+    assert load_registry(tmp_path).canary_share(0.3) == 0.0  # 0 in the file: shadow only
 
 
 def test_rollback_during_a_canary_drops_the_candidate(tmp_path: Path) -> None:

@@ -171,6 +171,27 @@ def test_takeover_uses_a_new_device_and_enrolment_a_reused_one(
     assert all(count > 0 for count in checked.values())
 
 
+def test_no_single_field_separates_fraud_an_online_purchase_without_a_device_is_mostly_genuine(
+    stream: list[LabelledTransaction],
+) -> None:
+    """sim-2 had genuine online purchases always carry a device, so "online, no device" was
+    fraud every time; sim-3's guest checkouts and fingerprint-blocking browsers remove that."""
+    online = [r for r in stream if r.tx.channel is Channel.ECOMMERCE]
+    genuine = [r for r in online if not r.is_fraud]
+    no_device = [r for r in online if not r.tx.device_id]
+    genuine_share = sum(not r.tx.device_id for r in genuine) / len(genuine)
+    assert 0.04 < genuine_share < 0.09, genuine_share  # ~6.6% by construction
+    fraud_share = sum(r.is_fraud for r in no_device) / len(no_device)
+    assert fraud_share < 0.5, fraud_share  # informative, no longer decisive
+    assert any(r.is_fraud for r in no_device)  # card testing still often has no device
+    # Per card: the blocked browsers make some cards mostly device-less, others never.
+    by_card: dict[str, list[bool]] = defaultdict(list)
+    for r in genuine:
+        by_card[r.tx.card_id].append(not r.tx.device_id)
+    mostly = [c for c, v in by_card.items() if len(v) >= 10 and sum(v) / len(v) > 0.4]
+    assert mostly, "no card with a fingerprint-blocking browser"
+
+
 def test_impossible_travel_follows_a_home_purchase_closely(
     stream: list[LabelledTransaction],
 ) -> None:

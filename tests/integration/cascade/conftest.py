@@ -15,12 +15,14 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from pydantic import SecretStr
 
 from cascade.model_registry import load_registry
 from cascade.settings import (
     DEFAULT_MODEL_DIR,
     DecisionLogSettings,
     NatsSettings,
+    PseudonymSettings,
     RedisSettings,
     ServerSettings,
     Settings,
@@ -29,7 +31,7 @@ from cascade.settings import (
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from devstack.servers import ManagedProcess, RedisServer, TritonServer, free_port
 from devstack.stack import orchestrator_process, service_env, worker_process
-from tests.conftest import make_wire_transaction
+from tests.conftest import TEST_PSEUDONYM_ENV, TEST_PSEUDONYM_KEY, make_wire_transaction
 
 
 def new_request(**overrides: object) -> scoring_pb2.ScoreRequest:
@@ -91,6 +93,7 @@ def settings_for(
         nats=NatsSettings(url=nats_url, subject_prefix=f"t{uuid.uuid4().hex[:8]}"),
         triton=TritonSettings(url=triton_url),
         server=ServerSettings(port=0, drain_s=1.0),
+        pseudonym=PseudonymSettings(key=SecretStr(TEST_PSEUDONYM_KEY)),
         **({"budget": budget} if budget else {}),  # type: ignore[arg-type]
     )
 
@@ -110,7 +113,8 @@ async def cascade_processes(
 ) -> AsyncIterator[tuple[scoring_pb2_grpc.ScoringServiceStub, grpc.aio.Channel, ManagedProcess]]:
     """Workers and the orchestrator as their own processes (as ``cascade up`` runs them) against
     the given servers; yields a stub, its warm channel, and the orchestrator process. The
-    orchestrator listens on ``port`` (default: a free one), for tests that open more channels;
+    orchestrator listens on ``port`` (default: a free one), for tests that open more channels,
+    and hashes ids with the session's key (``tests.conftest.TEST_PSEUDONYMS``);
     a ``CASCADE_METRICS_PORT`` in ``extra_env`` is the orchestrator's alone."""
     port = port or free_port()
     env = service_env(
@@ -123,6 +127,7 @@ async def cascade_processes(
             "CASCADE_NATS__SUBJECT_PREFIX": f"t{uuid.uuid4().hex[:8]}",
             "CASCADE_SERVER__DRAIN_S": "3",
             "CASCADE_DECISION_LOG__SPOOL_DIR": str(log_dir / "decision-spool"),
+            **TEST_PSEUDONYM_ENV,
             **(extra_env or {}),
         },
     )

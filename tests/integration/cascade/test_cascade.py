@@ -39,6 +39,7 @@ from orchestrator.server import Orchestrator
 from orchestrator.validation import validate_transaction
 from stages.screening.model import ScreeningModel
 from stages.screening.worker import ScreeningWorker
+from tests.conftest import TEST_PSEUDONYMS
 from tests.integration.cascade.conftest import new_request, settings_for
 
 pytestmark = pytest.mark.integration
@@ -147,7 +148,7 @@ async def test_history_feeds_the_next_transaction(
     await cascade.app.writer.flush()
     client = aioredis.Redis.from_url(redis_server.url)
     try:
-        assert await client.llen(card_history_key(card, "fs-1")) == 3
+        assert await client.llen(card_history_key(TEST_PSEUDONYMS.card(card), "fs-1")) == 3
     finally:
         await client.aclose()
 
@@ -179,7 +180,7 @@ async def test_retried_degraded_answers_are_answered_alike_and_leave_the_history
         ip_country="RU",
     )
     client = aioredis.Redis.from_url(redis_server.url)
-    key = card_history_key(card, registry.feature_set)
+    key = card_history_key(TEST_PSEUDONYMS.card(card), registry.feature_set)
     try:
         async with running(settings, wait_serving=False) as r:
             assert r.app.writer is not None
@@ -217,7 +218,8 @@ async def test_retried_degraded_answers_are_answered_alike_and_leave_the_history
     )
     history = [decode_history_entry(b) for b in stored if isinstance(b, bytes)]
     assert len(stored) == 4 and history[0].transaction_id == retried.transaction.transaction_id
-    tx = validate_transaction(retried.transaction)
+    # The features read the tokens the orchestrator stored (equal devices, equal tokens).
+    tx = TEST_PSEUDONYMS.transaction(validate_transaction(retried.transaction))
     rows = np.stack([screening_features(tx, history[1:]), screening_features(tx, history)])
     without_itself, with_itself = model.predict(rows).tolist()
     assert second.stage1_score == pytest.approx(without_itself, rel=1e-5)

@@ -21,6 +21,7 @@ from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from devstack.decision_rows import DecisionFilter
 from devstack.decisions import read_decision_rows
 from devstack.servers import NatsServer, RedisServer, TritonServer
+from tests.conftest import TEST_PSEUDONYM_ENV, TEST_PSEUDONYMS
 from tests.integration.cascade.conftest import cascade_processes, new_request
 
 pytestmark = pytest.mark.integration
@@ -221,7 +222,11 @@ async def test_shutdown_flushes_and_cascade_decisions_exports_it(
     table = pq.read_table(parquet)
     assert table.num_rows == 20
     assert sorted(table.column("transaction_id").to_pylist()) == sorted(answers)
-    assert set(table.column("card_id").to_pylist()) == {"card-export-a", "card-export-b"}
+    # The log holds the cards' tokens, never the ids sent.
+    assert set(table.column("card_id").to_pylist()) == {
+        TEST_PSEUDONYMS.card("card-export-a"),
+        TEST_PSEUDONYMS.card("card-export-b"),
+    }
     assert table.schema.field("features").type.value_type.bit_width == 32
 
 
@@ -232,6 +237,7 @@ async def cascade(*args: str) -> None:
         "-m",
         "devstack.cli",
         *args,
+        env={**os.environ, **TEST_PSEUDONYM_ENV},  # --card hashes with the orchestrators' key
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )

@@ -88,7 +88,8 @@ async def test_redis_down_answers_give_the_measured_degraded_decisions(
     served_policy = load_policy(load_registry(model_dir).policy_path)
     assert served_policy.features_unavailable is not None, "the active policy has no section"
     degraded = served_policy.when_features_unavailable()
-    normal = load_policy(DEFAULT_MODEL_DIR / "policies" / "policy-1.json")
+    committed = load_policy(load_registry(DEFAULT_MODEL_DIR).policy_path)
+    normal = committed.model_copy(update={"features_unavailable": None})  # the baseline
     cases = _pick_cases(degraded, normal)
     missed_by_baseline = [c for c in cases if c.pattern and degraded.decide(c.stage1) == "REVIEW"]
     assert len(missed_by_baseline) >= 3, "the small world should hold such fraud"

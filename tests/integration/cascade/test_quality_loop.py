@@ -17,6 +17,8 @@ from typing import Any, Final
 import grpc
 import pytest
 
+from cascade.model_registry import load_registry
+from cascade.settings import DEFAULT_MODEL_DIR
 from cascade.v1 import scoring_pb2 as R
 from cascade.v1 import scoring_pb2_grpc
 from cascade.wire import to_wire
@@ -145,7 +147,7 @@ async def test_outcomes_reported_both_ways_give_the_known_precision_and_recall(
         )
         assert 0 < q["stage1_pr_auc"] <= 1
         assert q["label_delay_s"]["count"] == q["labelled"]
-        if q["drift"] is not None:  # the committed s1-1 reference, when present
+        if q["drift"] is not None:  # the committed stage 1's reference, when present
             assert q["drift"]["score_psi"] >= 0
 
 
@@ -234,7 +236,11 @@ async def check_quality_serve(
                 except OSError:
                     continue
         # The exposition lists labels sorted by name.
-        versions = 'policy="policy-escalate-all",stage1="s1-1",stage2="s2-1"'
+        committed = load_registry(DEFAULT_MODEL_DIR)
+        versions = (
+            f'policy="policy-escalate-all",stage1="{committed.stage1.version}",'
+            f'stage2="{committed.stage2.version}"'
+        )
         assert f'cascade_quality_fraud_labelled{{{versions},window="1h"}} 1.0' in text
         # The one fraud of the window: caught at REVIEW when its answer flagged it.
         assert (

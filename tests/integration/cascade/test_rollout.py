@@ -1,14 +1,16 @@
 """Canary, promote and rollback on real Redis, NATS and Triton (two Triton versions).
 
 The candidate is derived from the committed models: stage 1 is the champion's ONNX file under
-another version name (``s1-1c``: its own subject and cache keys), stage 2 the committed INT8
-variant served as Triton version 2. The orchestrator and a screening pool run in this process;
+another version name (the champion's with ``c`` appended: its own subject and cache keys), stage
+2 the committed FP16 variant of the champion's stage 2 (the servable one), served as a Triton
+version of its own. The orchestrator and a screening pool run in this process;
 both follow ``registry.json`` as they do in the stack.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import shutil
@@ -22,6 +24,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import REGISTRY
 
 from cascade.canary import in_canary
 from cascade.model_registry import (
@@ -31,43 +34,48 @@ from cascade.model_registry import (
     sha256_file,
     write_registry,
 )
-from cascade.settings import RolloutSettings, Settings
+from cascade.settings import DEFAULT_MODEL_DIR, RolloutSettings, Settings
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from devstack.servers import NatsServer, RedisServer, TritonServer
 from orchestrator.server import Orchestrator
 from stages.screening.pool import ScreeningPool
-from tests.conftest import make_wire_transaction
+from tests.conftest import TEST_PSEUDONYMS, make_wire_transaction
 from tests.integration.cascade.conftest import settings_for
 
 pytestmark = pytest.mark.integration
 
 R = scoring_pb2
 SHARE = 0.2
+_COMMITTED = load_registry(DEFAULT_MODEL_DIR)
+CHAMPION = (_COMMITTED.stage1.version, _COMMITTED.stage2.version)
+CANDIDATE = (f"{CHAMPION[0]}c", f"{CHAMPION[1]}-fp16")
+CHAMPION_TRITON = _COMMITTED.stage2.triton_version or 1
+CANDIDATE_TRITON = max(a.triton_version or 1 for a in _COMMITTED.stage2_artifacts()) + 1
 
 
 @pytest.fixture(scope="module")
 def rollout_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``model_dir`` plus a candidate: stage 1 ``s1-1c`` (the champion's file, renamed) and
-    stage 2 ``s2-1-int8`` as Triton version 2."""
+    """``model_dir`` plus a candidate: stage 1 under the name ``CANDIDATE[0]`` (the champion's
+    file, renamed) and stage 2 the FP16 variant ``CANDIDATE[1]`` as Triton version
+    ``CANDIDATE_TRITON``."""
     root = tmp_path_factory.mktemp("rollout-models")
     shutil.copytree(model_dir, root, dirs_exist_ok=True)
-    (root / "screening" / "s1-1c").mkdir()
-    shutil.copy2(root / "screening/s1-1/model.onnx", root / "screening/s1-1c/model.onnx")
+    s1c = f"screening/{CANDIDATE[0]}/model.onnx"
+    (root / s1c).parent.mkdir()
+    shutil.copy2(root / _COMMITTED.stage1.path, root / s1c)
     registry = json.loads((root / "registry.json").read_text())
+    registry.pop("previous", None)  # a Triton of two versions: the champion's and the candidate's
     variants = json.loads((root / "heavy/variants.json").read_text())
-    int8 = next(v for v in variants["variants"] if v["version"] == "s2-1-int8")
+    variant = next(v for v in variants["variants"] if v["version"] == CANDIDATE[1])
+    assert variant["servable"], variant
     registry["candidate"] = {
-        "stage1": {
-            "version": "s1-1c",
-            "path": "screening/s1-1c/model.onnx",
-            "sha256": sha256_file(root / "screening/s1-1c/model.onnx"),
-        },
+        "stage1": {"version": CANDIDATE[0], "path": s1c, "sha256": sha256_file(root / s1c)},
         "stage2": {
-            "version": "s2-1-int8",
+            "version": CANDIDATE[1],
             "triton_model": registry["stage2"]["triton_model"],
-            "triton_version": 2,
-            "path": int8["path"],
-            "sha256": int8["sha256"],
+            "triton_version": CANDIDATE_TRITON,
+            "path": variant["path"],
+            "sha256": variant["sha256"],
         },
     }
     (root / "registry.json").write_text(json.dumps(registry))
@@ -79,14 +87,14 @@ def rollout_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 async def two_version_triton(
     rollout_dir: Path, server_log_dir: Path
 ) -> AsyncIterator[TritonServer]:
-    """Triton serving the champion's stage 2 as v1 and the candidate's as v2."""
+    """Triton serving the champion's stage 2 and the candidate's, each as its own version."""
     registry = load_registry(rollout_dir)
     assert registry.candidate is not None and registry.candidate.stage2 is not None
     async with TritonServer(
         registry.stage2_path,
         model_name=registry.stage2.triton_model or "",
-        model_version=1,
-        extra_versions={2: rollout_dir / registry.candidate.stage2.path},
+        model_version=CHAMPION_TRITON,
+        extra_versions={CANDIDATE_TRITON: rollout_dir / registry.candidate.stage2.path},
         log_dir=server_log_dir / "triton-rollout",
     ) as server:
         yield server
@@ -152,15 +160,23 @@ async def canary(
         yield c
 
 
-CHAMPION = ("s1-1", "s2-1")
-CANDIDATE = ("s1-1c", "s2-1-int8")
-
-
 def served(reply: scoring_pb2.ScoreResponse) -> tuple[str, str]:
     return (reply.versions.stage1, reply.versions.stage2)
 
 
+def lane_answers(role: str) -> float:
+    """This process's ``cascade_lane_answers`` total for ``role``, all label values summed."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "cascade_lane_answers"
+        for sample in metric.samples
+        if sample.name == "cascade_lane_answers_total" and sample.labels["role"] == role
+    )
+
+
 async def test_canary_share_is_near_its_setting_and_sticky_per_card(canary: Canary) -> None:
+    counted_before = {role: lane_answers(role) for role in ("champion", "candidate")}
     run = uuid.uuid4().hex[:8]
     cards = [f"card-{run}-{i:05d}" for i in range(2000)]
     replies: list[scoring_pb2.ScoreResponse] = []
@@ -173,7 +189,9 @@ async def test_canary_share_is_near_its_setting_and_sticky_per_card(canary: Cana
     share = sum(v == CANDIDATE for v in by_card.values()) / len(cards)
     assert abs(share - SHARE) < 0.03, share
     for card, versions in by_card.items():  # the split is the hash's, in every process
-        assert versions == (CANDIDATE if in_canary(card, SHARE) else CHAMPION), card
+        assert versions == (
+            CANDIDATE if in_canary(TEST_PSEUDONYMS.card(card), SHARE) else CHAMPION
+        ), card
 
     # Sticky: the same cards again, one call each, new transactions: the same version each time.
     sample = cards[:300]
@@ -182,6 +200,12 @@ async def test_canary_share_is_near_its_setting_and_sticky_per_card(canary: Cana
     )
     assert [served(r) for r in again] == [by_card[c] for c in sample]
     assert all(r.versions.policy and r.versions.feature_set == "fs-1" for r in again)
+
+    # Each lane's metrics counted its own answers, batch and single calls alike.
+    answered = [served(r) for r in [*replies, *again]]
+    for role, versions in (("champion", CHAMPION), ("candidate", CANDIDATE)):
+        counted = lane_answers(role) - counted_before[role]
+        assert counted == answered.count(versions), role
 
 
 async def until(condition: Callable[[], bool], timeout_s: float) -> None:
@@ -201,13 +225,49 @@ async def wait_for_champion(canary: Canary, versions: tuple[str, str]) -> None:
     await until(switched, 30)
 
 
+def share_is(canary: Canary, share: float) -> bool:
+    return canary.app.generation.canary_share == share
+
+
+def pool_serves(canary: Canary, versions: list[str]) -> bool:
+    return canary.pool.versions == versions
+
+
+async def test_the_share_in_the_registry_is_followed_live(canary: Canary) -> None:
+    """``cascade rollout share``: the candidate's share in registry.json overrides the process
+    setting and is followed without a restart, by the orchestrator and the worker pool."""
+    registry = load_registry(canary.model_dir)
+    assert registry.candidate is not None
+    run = uuid.uuid4().hex[:8]
+    cards = [f"card-{run}-{i:04d}" for i in range(1000)]
+    for share in (0.5, 0.0):
+        candidate = registry.candidate.model_copy(update={"canary_share": share})
+        write_registry(canary.model_dir, registry.model_copy(update={"candidate": candidate}))
+        await until(functools.partial(share_is, canary, share), 30)
+        assert (canary.app.generation.candidate is None) == (share == 0.0)
+        expected_pool = sorted({CHAMPION[0], CANDIDATE[0]}) if share else [CHAMPION[0]]
+        await until(functools.partial(pool_serves, canary, expected_pool), 30)
+        replies: list[scoring_pb2.ScoreResponse] = []
+        for start in range(0, len(cards), 500):
+            batch = R.ScoreBatchRequest(transactions=[tx(c) for c in cards[start : start + 500]])
+            replies += (await canary.stub.ScoreBatch(batch, timeout=30.0)).results
+        for card, reply in zip(cards, replies, strict=True):
+            assert served(reply) == (
+                CANDIDATE if in_canary(TEST_PSEUDONYMS.card(card), share) else CHAMPION
+            ), card
+        candidate_share = sum(served(r) == CANDIDATE for r in replies) / len(cards)
+        assert abs(candidate_share - share) < 0.05, (share, candidate_share)
+
+
 async def test_promote_and_rollback_never_answer_from_another_versions_cache(
     canary: Canary,
 ) -> None:
     run = uuid.uuid4().hex[:8]
     cards = [f"card-{run}-{i:03d}" for i in range(60)]
     txs = [tx(c) for c in cards]
-    assert any(in_canary(c, SHARE) for c in cards) and not all(in_canary(c, SHARE) for c in cards)
+    assert any(in_canary(TEST_PSEUDONYMS.card(c), SHARE) for c in cards) and not all(
+        in_canary(TEST_PSEUDONYMS.card(c), SHARE) for c in cards
+    )
     # fingerprint of the transaction -> versions of the answer that computed (and cached) it
     computed: dict[str, set[tuple[str, str]]] = {}
 
@@ -232,7 +292,9 @@ async def test_promote_and_rollback_never_answer_from_another_versions_cache(
         return replies
 
     def lanes(candidate: tuple[str, str], champion: tuple[str, str]) -> dict[str, tuple[str, str]]:
-        return {c: candidate if in_canary(c, SHARE) else champion for c in cards}
+        return {
+            c: candidate if in_canary(TEST_PSEUDONYMS.card(c), SHARE) else champion for c in cards
+        }
 
     canary_replies = await score_all(lanes(CANDIDATE, CHAMPION))
     assert sum(r.decided_by == R.DECIDED_BY_CACHE for r in canary_replies) == len(txs)
@@ -245,7 +307,11 @@ async def test_promote_and_rollback_never_answer_from_another_versions_cache(
     first = promoted_replies[: len(txs)]
     # Cards that were the champion's are computed afresh by the promoted versions...
     for t, reply in zip(txs, first, strict=True):
-        expected = R.DECIDED_BY_CACHE if in_canary(t.card_id, SHARE) else R.DECIDED_BY_STAGE2
+        expected = (
+            R.DECIDED_BY_CACHE
+            if in_canary(TEST_PSEUDONYMS.card(t.card_id), SHARE)
+            else R.DECIDED_BY_STAGE2
+        )
         assert reply.decided_by == expected, (t.card_id, reply)
 
     write_registry(canary.model_dir, rolled_back(load_registry(canary.model_dir)))
@@ -253,10 +319,14 @@ async def test_promote_and_rollback_never_answer_from_another_versions_cache(
     rolled = await score_all(dict.fromkeys(cards, CHAMPION))
     # ...and after the rollback the canary's cards are computed afresh by the old champion.
     for t, reply in zip(txs, rolled[: len(txs)], strict=True):
-        expected = R.DECIDED_BY_STAGE2 if in_canary(t.card_id, SHARE) else R.DECIDED_BY_CACHE
+        expected = (
+            R.DECIDED_BY_STAGE2
+            if in_canary(TEST_PSEUDONYMS.card(t.card_id), SHARE)
+            else R.DECIDED_BY_CACHE
+        )
         assert reply.decided_by == expected, (t.card_id, reply)
     # The worker pool followed: the candidate's stage 1 retired once no lane asked for it.
-    await until(lambda: canary.pool.versions == ["s1-1"], 10)
+    await until(lambda: canary.pool.versions == [CHAMPION[0]], 10)
 
 
 async def test_a_broken_registry_change_keeps_the_current_versions_serving(
@@ -344,12 +414,16 @@ async def test_shadow_records_the_candidate_without_touching_answers(
     assert answers[True] == answers[False]
     rows = [json.loads(line) for line in shadow_file.read_text().splitlines()]
     assert [r["transaction_id"] for r in rows] == [t.transaction_id for t in txs]
-    assert {r["candidate_versions"] for r in rows} == {"policy-escalate-all/s1-1c/s2-1-int8/fs-1"}
-    assert {r["champion_versions"] for r in rows} == {"policy-escalate-all/s1-1/s2-1/fs-1"}
+    assert {r["candidate_versions"] for r in rows} == {
+        "policy-escalate-all/{}/{}/fs-1".format(*CANDIDATE)
+    }
+    assert {r["champion_versions"] for r in rows} == {
+        "policy-escalate-all/{}/{}/fs-1".format(*CHAMPION)
+    }
     # the candidate's stage 1 is the champion's file: the same stage-1 scores; its stage 2 is
-    # the INT8 variant, scored here on the same sequences: close to the champion's, not equal
+    # the FP16 variant, scored here on the same sequences: close to the champion's, not equal
     for r in rows:
         assert abs(r["candidate_stage1_score"] - r["champion_stage1_score"]) < 1e-6
         assert r["candidate_escalated"] and r["candidate_stage2_score"] is not None
-        assert abs(r["candidate_score"] - r["champion_score"]) < 0.1
+        assert abs(r["candidate_score"] - r["champion_score"]) < 0.02  # the guardrail bound
     assert any(r["candidate_score"] != r["champion_score"] for r in rows)

@@ -25,6 +25,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
+from pydantic import SecretStr
 
 from cascade.settings import (
     AuthSettings,
@@ -32,6 +33,7 @@ from cascade.settings import (
     CallerSettings,
     DecisionLogSettings,
     NatsSettings,
+    PseudonymSettings,
     RedisSettings,
     ServerSettings,
     ServerTlsSettings,
@@ -43,6 +45,7 @@ from devstack.certs import Issued, Usage, issue, new_ca
 from devstack.servers import NatsServer, RedisServer, free_port
 from orchestrator.callers import token_digest
 from orchestrator.server import RETRY_AFTER_MS_KEY, Orchestrator
+from tests.conftest import TEST_PSEUDONYM_KEY
 from tests.integration.cascade.conftest import new_request
 
 pytestmark = pytest.mark.integration
@@ -71,6 +74,7 @@ def _settings(
             port=0, drain_s=0.5, shutdown_delay_s=0.0, tls=tls or ServerTlsSettings()
         ),
         auth=auth or AuthSettings(),
+        pseudonym=PseudonymSettings(key=SecretStr(TEST_PSEUDONYM_KEY)),
     )
 
 

@@ -28,6 +28,7 @@ from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from devstack.servers import ManagedProcess, NatsServer, RedisServer, TritonServer, free_port
 from devstack.servers._process import port_is_free
 from devstack.stack import orchestrator_processes, service_env, worker_process
+from tests.conftest import TEST_PSEUDONYM_ENV
 from tests.integration.cascade.conftest import new_request
 
 pytestmark = pytest.mark.integration
@@ -105,6 +106,7 @@ def stack_env(
             "CASCADE_SERVER__DRAIN_S": "2",
             "CASCADE_SERVER__SHUTDOWN_DELAY_S": "0.1",
             "CASCADE_METRICS_PORT": str(metrics_port),
+            **TEST_PSEUDONYM_ENV,
         },
     )
 

@@ -23,6 +23,7 @@ import pytest
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from devstack.servers import ManagedProcess, NatsServer, RedisServer, TritonServer, free_port
 from devstack.stack import orchestrator_process, service_env, worker_process
+from tests.conftest import TEST_PSEUDONYM_ENV
 from tests.integration.cascade.conftest import new_request, triton_for
 
 pytestmark = pytest.mark.integration
@@ -59,7 +60,11 @@ async def stack(
         nats_url=nats_url,
         triton_url=triton_url,
         grpc_port=port,
-        extra={"CASCADE_NATS__SUBJECT_PREFIX": f"t{uuid.uuid4().hex[:8]}", **(extra_env or {})},
+        extra={
+            "CASCADE_NATS__SUBJECT_PREFIX": f"t{uuid.uuid4().hex[:8]}",
+            **TEST_PSEUDONYM_ENV,
+            **(extra_env or {}),
+        },
     )
     log_dir.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as exits:
