@@ -8,6 +8,10 @@ Tree::
     │   ├── RegistryError            registry, policy or model file unusable (cascade.model_registry)
     │   └── SettingsInputError       a `cascade up --env-file`/`--set` value (devstack.stack_settings)
     ├── ServerError                  a local server process would not start (devstack.servers)
+    ├── CallerError                  the caller may not make this call now (orchestrator.callers)
+    │   ├── UnauthenticatedError     no credentials, or unknown ones        -> UNAUTHENTICATED
+    │   ├── PermissionDeniedError    known caller, method not allowed to it -> PERMISSION_DENIED
+    │   └── QuotaExceededError       past its rate or concurrency quota     -> RESOURCE_EXHAUSTED
     └── DependencyError              Redis, NATS/screening, Triton or JetStream (decision or
                                      outcome log) failed (``.dependency``)
         ├── DependencyTimeout        it did not answer within its budget    -> DEADLINE_EXCEEDED
@@ -60,6 +64,31 @@ class InvalidInputError(CascadeError):
 
 class ConfigurationError(CascadeError):
     """Settings or model artifacts are inconsistent; raised at start-up."""
+
+
+class CallerError(CascadeError):
+    """The caller may not make this call (now); ``identity`` names it where it is known."""
+
+    def __init__(self, message: str, identity: str | None = None) -> None:
+        super().__init__(message)
+        self.identity = identity
+
+
+class UnauthenticatedError(CallerError):
+    """The call carries no usable credentials (none, or a token nobody holds)."""
+
+
+class PermissionDeniedError(CallerError):
+    """The caller is known, but may not call this method."""
+
+
+class QuotaExceededError(CallerError):
+    """The caller is past its rate or concurrency quota; ``retry_after_s`` says when a retry
+    may pass."""
+
+    def __init__(self, message: str, identity: str, retry_after_s: float) -> None:
+        super().__init__(message, identity)
+        self.retry_after_s = retry_after_s
 
 
 class DependencyError(CascadeError):
@@ -208,6 +237,9 @@ def translate_triton_errors() -> Iterator[None]:
 
 _GRPC_STATUS: dict[type[CascadeError], grpc.StatusCode] = {
     InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    QuotaExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ConfigurationError: grpc.StatusCode.FAILED_PRECONDITION,
     DependencyTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     DependencyUnavailable: grpc.StatusCode.UNAVAILABLE,

@@ -31,6 +31,11 @@ DEGRADED: Final = Counter(
     "cascade_degraded_reasons", "Reason codes on degraded answers.", ["reason"]
 )
 INVALID: Final = Counter("cascade_invalid_requests", "Requests refused as invalid.", ["field"])
+CALLERS_REFUSED: Final = Counter(
+    "cascade_callers_refused",
+    "ScoringService calls refused before scoring: unauthenticated, permission_denied, quota.",
+    ["reason"],
+)
 STAGE_SECONDS: Final = Histogram(
     "cascade_stage_seconds",
     "Wall time per stage of the scoring path (total = the whole call).",

@@ -10,18 +10,25 @@ The URL may name several servers, comma-separated (``nats://a:4222,nats://b:4222
 servers of one NATS cluster. The client connects to one of them, learns the others the cluster
 announces, and when its server goes away reconnects to another at once (nats-py waits
 ``reconnect_time_wait`` only before trying a server it tried last).
+
+Credentials and TLS come from :class:`~cascade.settings.NatsSettings` (``user``/``password``,
+``tls_ca_file``, a client certificate), the same for every connection a process opens, the
+decision and outcome logs' included: :func:`connect_options` turns them into nats-py's keyword
+arguments. nats-py upgrades to TLS when the server asks for it (``tls_required`` in its INFO);
+point ``nats.url`` at a server that does (``nats-server --tls``).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Final
+import ssl
+from typing import Any, Final
 
 from nats.aio.client import Client as NatsClient
 
-from cascade.settings import split_urls
+from cascade.settings import NatsSettings, split_urls
 
-__all__ = ["RECONNECT_WAIT_S", "connect_nats"]
+__all__ = ["RECONNECT_WAIT_S", "connect_nats", "connect_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +36,39 @@ RECONNECT_WAIT_S: Final = 0.1
 """Between two reconnect attempts; a refused attempt on loopback costs next to nothing."""
 
 
-async def connect_nats(url: str, *, name: str, connect_timeout_s: int = 2) -> NatsClient:
+def connect_options(security: NatsSettings | None) -> dict[str, Any]:
+    """nats-py ``connect()`` keyword arguments for ``security``'s credentials and TLS (none
+    without it): ``user``/``password``, and an SSL context trusting ``tls_ca_file`` (and
+    presenting the client certificate) when a CA, a client certificate or a ``tls://`` URL is
+    configured."""
+    if security is None:
+        return {}
+    options: dict[str, Any] = {}
+    if security.user is not None and security.password is not None:
+        options["user"] = security.user
+        options["password"] = security.password.get_secret_value()
+    wants_tls = (
+        security.tls_ca_file is not None
+        or security.tls_cert_file is not None
+        or security.url.startswith("tls://")
+    )
+    if wants_tls:
+        context = ssl.create_default_context(
+            cafile=str(security.tls_ca_file) if security.tls_ca_file else None
+        )
+        if security.tls_cert_file is not None and security.tls_key_file is not None:
+            context.load_cert_chain(security.tls_cert_file, security.tls_key_file)
+        options["tls"] = context
+    return options
+
+
+async def connect_nats(
+    url: str, *, name: str, security: NatsSettings | None = None, connect_timeout_s: int = 2
+) -> NatsClient:
     """Connect to ``url`` (one server, or a cluster's servers comma-separated; raises nats-py's
-    errors when the first connect fails); afterwards the client reconnects on its own, to any
-    server of the list, forever, every :data:`RECONNECT_WAIT_S`."""
+    errors when the first connect fails) with ``security``'s credentials and TLS
+    (:func:`connect_options`); afterwards the client reconnects on its own, to any server of
+    the list, forever, every :data:`RECONNECT_WAIT_S`."""
 
     client = NatsClient()
 
@@ -56,5 +92,6 @@ async def connect_nats(url: str, *, name: str, connect_timeout_s: int = 2) -> Na
         disconnected_cb=disconnected,
         reconnected_cb=reconnected,
         error_cb=error,
+        **connect_options(security),
     )
     return client

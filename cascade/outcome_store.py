@@ -27,7 +27,7 @@ from cascade.errors import Dependency, DependencyError, translate_jetstream_erro
 from cascade.jetstream_streams import ensure_stream, owned_stream_config
 from cascade.nats_connection import connect_nats
 from cascade.outcome_record import encode_outcome, outcome_message_id, outcome_subject
-from cascade.settings import OutcomeSettings
+from cascade.settings import NatsSettings, OutcomeSettings
 from cascade.v1 import outcomes_pb2, scoring_pb2
 
 __all__ = ["OutcomeStore", "StoredOutcome", "outcome_stream_config"]
@@ -62,8 +62,16 @@ class OutcomeStore:
     NATS connection and ensures the stream. Every method raises ``DependencyError``
     (``Dependency.OUTCOME_LOG``) when NATS or JetStream fails."""
 
-    def __init__(self, url: str, settings: OutcomeSettings, *, name: str = "cascade-outcomes"):
+    def __init__(
+        self,
+        url: str,
+        settings: OutcomeSettings,
+        *,
+        name: str = "cascade-outcomes",
+        security: NatsSettings | None = None,
+    ):
         self._url = url
+        self._security = security
         self._settings = settings
         self._name = name
         self._nc: NatsClient | None = None
@@ -71,7 +79,7 @@ class OutcomeStore:
 
     async def __aenter__(self) -> OutcomeStore:
         with translate_jetstream_errors(Dependency.OUTCOME_LOG):
-            self._nc = await connect_nats(self._url, name=self._name)
+            self._nc = await connect_nats(self._url, name=self._name, security=self._security)
         try:
             await self.ensure_stream()
         except Exception as exc:  # served anyway: ensured again on the first report

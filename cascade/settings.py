@@ -6,10 +6,19 @@ bad deployment fails at start-up, not on the first request.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cascade.decision import Decision
@@ -31,6 +40,11 @@ def check_nats_urls(urls: str, name: str) -> None:
     for part in parts:
         if not part.startswith(("nats://", "tls://", "ws://", "wss://")):
             raise ValueError(f"{name}: each URL must start with nats://, tls://, ws:// or wss://")
+
+
+def _check_pair(cert: Path | None, key: Path | None, cert_name: str, key_name: str) -> None:
+    if (cert is None) != (key is None):
+        raise ValueError(f"{cert_name} and {key_name} go together")
 
 
 class BudgetSettings(BaseModel):
@@ -83,8 +97,9 @@ class RedisSettings(BaseModel):
 
     url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="redis:// URL (credentials via URL, never logged); with cluster on, a "
-        "comma-separated list of startup nodes (redis://h1:p1,redis://h2:p2,...), db 0.",
+        description="redis:// URL, or rediss:// for TLS (credentials via URL or the fields "
+        "below, never logged); with cluster on, a comma-separated list of startup nodes "
+        "(redis://h1:p1,redis://h2:p2,...), db 0.",
     )
     cluster: bool = Field(
         False,
@@ -92,6 +107,21 @@ class RedisSettings(BaseModel):
         "(one pipeline per node, the slot map refreshed in the background after a failover) "
         "instead of its own pipelined connections to one Redis.",
     )
+    username: str | None = Field(
+        None, description="ACL user to AUTH as (overrides the URL's); None: the URL's, if any."
+    )
+    password: SecretStr | None = Field(
+        None, description="Password of the ACL user (overrides the URL's); never logged."
+    )
+    tls_ca_file: Path | None = Field(
+        None,
+        description="With a rediss:// URL: verify the server against this CA bundle instead of "
+        "the system's.",
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="With a rediss:// URL: client certificate (Redis tls-auth-clients)."
+    )
+    tls_key_file: Path | None = Field(None, description="Key of tls_cert_file.")
     cache_ttl_s: int = Field(3600, gt=0, description="Output-cache entry lifetime.")
     feature_ttl_s: int = Field(30 * 24 * 3600, gt=0, description="Card-history lifetime.")
     connections: int = Field(
@@ -127,6 +157,7 @@ class RedisSettings(BaseModel):
             raise ValueError(
                 "redis.url lists several servers: set redis.cluster=true for a cluster"
             )
+        _check_pair(self.tls_cert_file, self.tls_key_file, "redis.tls_cert_file", "tls_key_file")
         return self
 
 
@@ -135,12 +166,34 @@ class NatsSettings(BaseModel):
 
     url: str = Field(
         "nats://127.0.0.1:4222",
-        description="NATS server URL, or a comma-separated list of a cluster's servers "
-        "(nats://h1:p1,nats://h2:p2,...): the client connects to one and moves to another when "
-        "it goes away.",
+        description="NATS server URL (tls:// asks for TLS), or a comma-separated list of a "
+        "cluster's servers (nats://h1:p1,nats://h2:p2,...): the client connects to one and "
+        "moves to another when it goes away.",
     )
     subject_prefix: str = Field("cascade.screen", pattern=r"^[A-Za-z0-9_.-]+$")
     queue_group: str = Field("screening-workers", pattern=r"^[A-Za-z0-9_.-]+$")
+    user: str | None = Field(
+        None,
+        description="User to connect as (with password); also used for the decision and "
+        "outcome logs' NATS.",
+    )
+    password: SecretStr | None = Field(None, description="Password of user; never logged.")
+    tls_ca_file: Path | None = Field(
+        None,
+        description="Verify the NATS server against this CA bundle (turns TLS on, as does a "
+        "tls:// URL, which alone uses the system's CAs).",
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="Client certificate, for a nats-server run with --tlsverify."
+    )
+    tls_key_file: Path | None = Field(None, description="Key of tls_cert_file.")
+
+    @model_validator(mode="after")
+    def _credentials_complete(self) -> NatsSettings:
+        if (self.user is None) != (self.password is None):
+            raise ValueError("nats.user and nats.password go together")
+        _check_pair(self.tls_cert_file, self.tls_key_file, "nats.tls_cert_file", "tls_key_file")
+        return self
 
     @model_validator(mode="after")
     def _urls_named(self) -> NatsSettings:
@@ -497,6 +550,139 @@ class OutcomeSettings(BaseModel):
         return self
 
 
+class ServerTlsSettings(BaseModel):
+    """TLS on the orchestrator's gRPC port (health and reflection included). The files are
+    read again when they change (checked at each new connection): renew them in place, no
+    restart needed."""
+
+    cert_file: Path | None = Field(
+        None, description="Server certificate chain (PEM); with key_file, the port speaks TLS."
+    )
+    key_file: Path | None = Field(None, description="Private key of cert_file (PEM).")
+    client_ca_file: Path | None = Field(
+        None,
+        description="Mutual TLS: every connection must present a client certificate signed by "
+        "this CA bundle (refused in the handshake otherwise; probes need one too), and a call's "
+        "caller is the certificate's common name (else its first subject alternative name). "
+        "gRPC Python cannot ask for an optional client certificate: without this, callers "
+        "identify themselves with bearer tokens.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the port speaks TLS."""
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ServerTlsSettings:
+        _check_pair(self.cert_file, self.key_file, "server.tls.cert_file", "key_file")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("server.tls.client_ca_file needs server.tls.cert_file (TLS)")
+        return self
+
+
+ScoringMethod = Literal["Score", "ScoreBatch", "ReportOutcome"]
+SCORING_METHODS: Final[tuple[ScoringMethod, ...]] = ("Score", "ScoreBatch", "ReportOutcome")
+
+
+class CallerLimits(BaseModel):
+    """What one caller may do: which methods, how fast, how many calls at once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    methods: tuple[ScoringMethod, ...] = Field(
+        SCORING_METHODS,
+        description="ScoringService methods the caller may call; others are PERMISSION_DENIED.",
+    )
+    rate_per_s: float | None = Field(
+        None,
+        gt=0,
+        description="Calls per second on average (a token bucket); None: no rate limit. Past "
+        "it calls are RESOURCE_EXHAUSTED with a retry-after-ms hint.",
+    )
+    burst: float | None = Field(
+        None,
+        ge=1,
+        description="Calls the bucket holds (may be spent at once); None: one second's worth "
+        "of rate_per_s (at least 1).",
+    )
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Calls in flight at once; None: no limit."
+    )
+
+    @property
+    def limited(self) -> bool:
+        """Whether any quota applies."""
+        return self.rate_per_s is not None or self.max_concurrent is not None
+
+
+class CallerSettings(CallerLimits):
+    """One named caller: how it proves who it is (a client certificate naming it, or a bearer
+    token whose SHA-256 is listed here) and its limits."""
+
+    token_sha256: tuple[str, ...] = Field(
+        (),
+        description="Hex SHA-256 digests of the bearer tokens that identify this caller "
+        "(`authorization: Bearer <token>` metadata); the tokens themselves are never stored.",
+    )
+
+    @model_validator(mode="after")
+    def _digests(self) -> CallerSettings:
+        for digest in self.token_sha256:
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError("token_sha256 entries must be 64 lower-case hex digits")
+        return self
+
+
+class AuthSettings(BaseModel):
+    """Who may call ``ScoringService`` and how much (health and reflection stay open)."""
+
+    required: bool = Field(
+        False,
+        description="Every ScoringService call must name its caller (a client certificate, or a "
+        "known bearer token): UNAUTHENTICATED otherwise. Off: anonymous calls get `default`.",
+    )
+    callers: dict[str, CallerSettings] = Field(
+        default_factory=dict,
+        description="Named callers (JSON in CASCADE_AUTH__CALLERS), by identity: a client "
+        "certificate's name, or the name its tokens map to.",
+    )
+    callers_file: Path | None = Field(
+        None,
+        description="JSON file with more named callers, same shape as callers (where token "
+        "digests are best kept, outside the environment).",
+    )
+    default: CallerLimits = Field(
+        default_factory=CallerLimits,
+        description="Limits of anonymous callers (together) and of certificate identities that "
+        "callers does not name (each on its own).",
+    )
+
+    @model_validator(mode="after")
+    def _callers_file_readable(self) -> AuthSettings:
+        self.file_callers()
+        return self
+
+    def file_callers(self) -> dict[str, CallerSettings]:
+        """The callers named in ``callers_file`` (empty without one); ValueError when the file
+        cannot be read or a name is also in ``callers``."""
+        if self.callers_file is None:
+            return {}
+        try:
+            raw = json.loads(self.callers_file.read_text())
+            parsed = {str(k): CallerSettings.model_validate(v) for k, v in dict(raw).items()}
+        except (OSError, ValueError, TypeError, ValidationError) as exc:
+            raise ValueError(f"auth.callers_file {self.callers_file}: {exc}") from exc
+        both = sorted(set(parsed) & set(self.callers))
+        if both:
+            raise ValueError(f"auth.callers_file names callers already in auth.callers: {both}")
+        return parsed
+
+    def all_callers(self) -> dict[str, CallerSettings]:
+        """``callers`` and those of ``callers_file`` together."""
+        return {**self.callers, **self.file_callers()}
+
+
 class QualitySettings(BaseModel):
     """The quality job (``python -m cascade.quality_job``): live precision, recall, PR-AUC and
     drift per version, served as Prometheus gauges on ``metrics_port`` (``docs/quality.md``)."""
@@ -612,6 +798,7 @@ class ServerSettings(BaseModel):
         "metrics on metrics_port + i), forwards SIGTERM so all drain, and exits non-zero if "
         "one dies. `cascade up --orchestrators N` starts its N processes itself.",
     )
+    tls: ServerTlsSettings = Field(default_factory=ServerTlsSettings)
 
 
 class Settings(BaseSettings):
@@ -643,6 +830,7 @@ class Settings(BaseSettings):
     decision_log: DecisionLogSettings = Field(default_factory=DecisionLogSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     outcomes: OutcomeSettings = Field(default_factory=OutcomeSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
     pseudonym: PseudonymSettings = Field(default_factory=PseudonymSettings)
     gc_freeze: bool = Field(
@@ -653,3 +841,13 @@ class Settings(BaseSettings):
         None, ge=0, le=65535, description="Serve Prometheus /metrics here (None: off)."
     )
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds.")
+
+    @model_validator(mode="after")
+    def _callers_can_authenticate(self) -> Settings:
+        tokens = any(c.token_sha256 for c in self.auth.all_callers().values())
+        if self.auth.required and self.server.tls.client_ca_file is None and not tokens:
+            raise ValueError(
+                "auth.required, but no caller can authenticate: set "
+                "server.tls.client_ca_file or give a caller token_sha256"
+            )
+        return self

@@ -44,7 +44,14 @@ from devstack.rollout_cli import add_arguments as add_rollout_arguments
 from devstack.rollout_cli import run as run_rollout
 from devstack.samples import labelled_sample
 from devstack.servers import port_is_free
-from devstack.stack import PSEUDONYM_KEY_FILE, LocalStack, StackConfig, StackPorts
+from devstack.stack import (
+    PSEUDONYM_KEY_FILE,
+    ClientTls,
+    LocalStack,
+    StackConfig,
+    StackPorts,
+    scoring_channel,
+)
 from devstack.stack_settings import (
     SettingsInputError,
     check_settings,
@@ -70,12 +77,22 @@ _HISTORY_SETTLE_S: Final = 0.5
 
 
 async def score_samples(
-    target: str, count: int, seed: int, deadline_ms: float, *, history: bool = True
+    target: str,
+    count: int,
+    seed: int,
+    deadline_ms: float,
+    *,
+    history: bool = True,
+    tls: ClientTls | None = None,
+    token: str | None = None,
 ) -> list[str]:
     """Score ``count`` sample transactions against ``target``; return the table's lines.
 
     With ``history``, the sampled cards' earlier transactions are sent first (``ScoreBatch``).
+    With ``tls`` the channel is TLS (mutual, when it names a client certificate); a ``token``
+    goes with every call as ``authorization: Bearer``.
     """
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
     header = (
         f"{'transaction':<24} {'card':<12} {'amount':>14} {'decision':<8} {'score':>6} "
         f"{'by':<7} {'esc':<3} {'ms':>6} {'redis':>6} {'s1':>6} {'s2':>6}  {'truth':<20} "
@@ -83,14 +100,18 @@ async def score_samples(
     )
     sample = labelled_sample(count, seed=seed)
     lines: list[str] = []
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with scoring_channel(target, tls) as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
         if history:
             # The cards' earlier transactions, in order, in a few ScoreBatch calls: the features
             # then see the history a running deployment would have for these cards.
             for i in range(0, len(sample.history), _BACKFILL_BATCH):
                 chunk = sample.history[i : i + _BACKFILL_BATCH]
-                await stub.ScoreBatch(scoring_pb2.ScoreBatchRequest(transactions=chunk), timeout=30)
+                await stub.ScoreBatch(
+                    scoring_pb2.ScoreBatchRequest(transactions=chunk),
+                    timeout=30,
+                    metadata=metadata,
+                )
             lines.append(
                 f"(sent {len(sample.history)} earlier transactions of these cards with ScoreBatch)"
             )
@@ -101,7 +122,9 @@ async def score_samples(
             start = time.perf_counter()
             try:
                 reply = await stub.Score(
-                    scoring_pb2.ScoreRequest(transaction=tx), timeout=deadline_ms / 1000
+                    scoring_pb2.ScoreRequest(transaction=tx),
+                    timeout=deadline_ms / 1000,
+                    metadata=metadata,
                 )
             except grpc.aio.AioRpcError as exc:
                 lines.append(f"{tx.transaction_id:<24} error {exc.code().name}: {exc.details()}")
@@ -172,6 +195,11 @@ def restart_summary(restarts: Mapping[str, int]) -> str:
 
 
 async def _up(args: argparse.Namespace) -> int:
+    if args.cluster and args.tls:
+        # The local clusters' nodes start without certificates or credentials (deploy/README.md
+        # says how a real cluster is secured); refusing beats a stack that looks secure.
+        print("cascade up: --cluster and --tls are not combined (yet)", file=sys.stderr)
+        return 2
     busy = _busy_port(args)
     if busy is not None:
         print(f"cascade up: {busy}", file=sys.stderr)
@@ -197,6 +225,7 @@ async def _up(args: argparse.Namespace) -> int:
         cluster=args.cluster,
         traces_dir=args.run_dir.resolve() / "traces" if args.traces else None,
         extra_env=extra_env,
+        tls=args.tls,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -219,13 +248,22 @@ async def _up(args: argparse.Namespace) -> int:
                 flush=True,
             )
         stack = await exits.enter_async_context(LocalStack(config, on_restart=report))
+        scheme = "grpcs" if config.tls else "grpc"
         print(
             f"stack healthy in {time.monotonic() - started:.1f}s\n"
-            f"  scoring endpoint  grpc://{stack.target}  (cascade.v1.ScoringService/Score, "
+            f"  scoring endpoint  {scheme}://{stack.target}  (cascade.v1.ScoringService/Score, "
             f"{config.orchestrators} orchestrator process{'es' if config.orchestrators > 1 else ''})\n"
             f"  redis {stack.redis_url}   nats {stack.nats_url}   triton grpc {stack.triton_url}",
             flush=True,
         )
+        if stack.certificates is not None:
+            tls_dir = stack.certificates.ca_file.parent
+            print(
+                f"  mutual TLS: CA and client certificate ({stack.certificates.client_identity}) "
+                f"in {tls_dir}; NATS: TLS + password, Redis: ACL user\n"
+                f"  try: cascade score --target {stack.target} --tls-dir {tls_dir}",
+                flush=True,
+            )
         if stack.traces is not None:
             print(
                 f"  traces: every span goes to {stack.traces.spans_path}; "
@@ -234,7 +272,12 @@ async def _up(args: argparse.Namespace) -> int:
             )
         if args.sample:
             for line in await score_samples(
-                stack.target, args.sample, args.seed, args.deadline_ms, history=not args.no_history
+                stack.target,
+                args.sample,
+                args.seed,
+                args.deadline_ms,
+                history=not args.no_history,
+                tls=stack.client_tls,
             ):
                 print(line)
         if args.sample and stack.traces is not None:
@@ -250,8 +293,24 @@ async def _up(args: argparse.Namespace) -> int:
 
 
 async def _score(args: argparse.Namespace) -> int:
+    tls = ClientTls.from_dir(args.tls_dir) if args.tls_dir is not None else None
+    if tls is None and args.ca_file is not None:
+        tls = ClientTls(args.ca_file)
+    token = None
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            print(f"cascade score: --token-file {args.token_file}: {exc.strerror}", file=sys.stderr)
+            return 2
     for line in await score_samples(
-        args.target, args.count, args.seed, args.deadline_ms, history=not args.no_history
+        args.target,
+        args.count,
+        args.seed,
+        args.deadline_ms,
+        history=not args.no_history,
+        tls=tls,
+        token=token,
     ):
         print(line)
     return 0
@@ -441,6 +500,12 @@ def _parser() -> argparse.ArgumentParser:
         "port's /metrics (0: a free one; default: off)",
     )
     up.add_argument(
+        "--tls",
+        action="store_true",
+        help="the secure stack: a new local CA in RUN_DIR/tls, mutual TLS with required caller "
+        "identities on the scoring port, NATS with TLS and a password, Redis with an ACL user",
+    )
+    up.add_argument(
         "--env-file",
         type=Path,
         action="append",
@@ -483,6 +548,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     score.add_argument(
         "--count", type=_positive_int, default=20, help="how many transactions to score"
+    )
+    score.add_argument(
+        "--tls-dir",
+        type=Path,
+        metavar="DIR",
+        help="mutual TLS with the CA and client certificate `cascade up --tls` wrote "
+        "(RUN_DIR/tls: ca.crt, client.crt, client.key)",
+    )
+    score.add_argument(
+        "--ca-file", type=Path, metavar="FILE", help="TLS, trusting this CA (no client cert)"
+    )
+    score.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="send the bearer token in FILE with every call (authorization metadata)",
     )
     for p in (up, score):
         p.add_argument("--seed", type=int, default=7, help="sample-traffic seed")

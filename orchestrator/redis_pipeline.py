@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import ssl
@@ -28,11 +29,13 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Self, cast
+from typing import Any, Final, Self, cast
 from urllib.parse import unquote, urlsplit
 
 import hiredis
 import redis.exceptions
+
+from cascade.settings import RedisSettings
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,26 @@ class RedisAddress:
             password=unquote(parts.password) if parts.password else None,
             tls=parts.scheme == "rediss",
         )
+
+
+def redis_connect_options(security: RedisSettings | None) -> dict[str, Any]:
+    """:class:`PipelinedRedis` keyword arguments for ``security``'s ACL user, password and TLS
+    files (none without it; the URL's scheme still decides whether TLS is spoken)."""
+    if security is None:
+        return {}
+    options: dict[str, Any] = {}
+    if security.username is not None:
+        options["username"] = security.username
+    if security.password is not None:
+        options["password"] = security.password.get_secret_value()
+    if security.tls_ca_file is not None or security.tls_cert_file is not None:
+        context = ssl.create_default_context(
+            cafile=str(security.tls_ca_file) if security.tls_ca_file else None
+        )
+        if security.tls_cert_file is not None and security.tls_key_file is not None:
+            context.load_cert_chain(security.tls_cert_file, security.tls_key_file)
+        options["tls"] = context
+    return options
 
 
 def encode_commands(commands: Sequence[Sequence[Arg]]) -> bytes:
@@ -197,10 +220,29 @@ def _expire(future: asyncio.Future[list[Reply]], *, polled: bool = False) -> Non
 class PipelinedRedis:
     """``connections`` dedicated connections to one Redis; requests go to the least busy one."""
 
-    def __init__(self, url: str, *, connections: int = 2, connect_timeout_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        connections: int = 2,
+        connect_timeout_s: float = 0.25,
+        username: str | None = None,
+        password: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """``username``/``password`` replace the URL's (an ACL user); ``tls`` is the context of
+        a ``rediss://`` URL's connections (default: the system's CAs)."""
         if connections < 1:
             raise ValueError("connections must be >= 1")
-        self._address = RedisAddress.from_url(url)
+        address = RedisAddress.from_url(url)
+        if username is not None or password is not None:
+            address = dataclasses.replace(
+                address,
+                username=username if username is not None else address.username,
+                password=password if password is not None else address.password,
+            )
+        self._address = address
+        self._tls = tls
         self._size = connections
         self._connect_timeout_s = connect_timeout_s
         self._connections: list[_Connection] = []
@@ -264,7 +306,7 @@ class PipelinedRedis:
     async def _open(self) -> _Connection:
         a = self._address
         loop = asyncio.get_running_loop()
-        context = ssl.create_default_context() if a.tls else None
+        context = (self._tls or ssl.create_default_context()) if a.tls else None
         async with asyncio.timeout(self._connect_timeout_s):
             _, conn = await loop.create_connection(_Connection, a.host, a.port, ssl=context)
             hello: list[list[Arg]] = []

@@ -129,6 +129,7 @@ async def _open_lane(
             feature_set=serving.feature_set,
             tracer=tracer,
             hedging=s.hedging if s.hedging.enabled else None,
+            security=s.nats,
         )
     )
     heavy = await stack.enter_async_context(

@@ -41,7 +41,7 @@ from cascade.screening_protocol import (
     screening_subject,
     worker_subject,
 )
-from cascade.settings import HedgingSettings
+from cascade.settings import HedgingSettings, NatsSettings
 from cascade.telemetry import inject_headers, records_spans
 from orchestrator.screening_routing import (
     HedgeBudget,
@@ -107,8 +107,10 @@ class NatsScreener:
         feature_set: str,
         tracer: trace.Tracer,
         hedging: HedgingSettings | None = None,
+        security: NatsSettings | None = None,
     ) -> None:
         self._url = url
+        self._security = security
         self._subject = screening_subject(subject_prefix, model_version)
         self._model_version = model_version
         self._feature_set = feature_set
@@ -130,7 +132,9 @@ class NatsScreener:
 
     async def __aenter__(self) -> NatsScreener:
         with translate_nats_errors():
-            self._nc = nc = await connect_nats(self._url, name="cascade-orchestrator")
+            self._nc = nc = await connect_nats(
+                self._url, name="cascade-orchestrator", security=self._security
+            )
             if self._hedging is not None:
                 self._inbox = nc.new_inbox() + "."
                 await nc.subscribe(self._inbox + "*", cb=self._on_reply)

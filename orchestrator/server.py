@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, AsyncExitStack, suppress
@@ -26,6 +27,8 @@ from typing import Final, TypeVar
 import grpc
 import numpy as np
 import numpy.typing as npt
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -34,10 +37,12 @@ from prometheus_client import Counter
 from cascade import metrics
 from cascade.decision_record import METHOD_SCORE, METHOD_SCORE_BATCH
 from cascade.errors import (
+    CallerError,
     CascadeError,
     ConfigurationError,
     DependencyError,
     InvalidInputError,
+    QuotaExceededError,
     grpc_status_for,
 )
 from cascade.features import FEATURE_SET_VERSION, N_SCREENING_FEATURES
@@ -55,6 +60,7 @@ from cascade.transaction import Channel, Transaction
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from orchestrator.admission import Admission
 from orchestrator.budget import Budget
+from orchestrator.callers import CallerGuard, guard_needed
 from orchestrator.cluster_store import RedisClusterOnlineStore
 from orchestrator.codec import MessageT, decode_request, result_to_proto
 from orchestrator.decision_log import DecisionLog, JetStreamSink
@@ -72,6 +78,7 @@ from orchestrator.rollout import (
 from orchestrator.routing import Decision
 from orchestrator.scoring import CascadeScorer
 from orchestrator.screening_client import NatsScreener
+from orchestrator.tls import ReloadingCertificates, server_credentials
 from orchestrator.validation import validate_batch, validate_request
 
 logger = logging.getLogger(__name__)
@@ -388,23 +395,87 @@ def _decoding(
     return decode_then_handle
 
 
-def add_scoring_service(servicer: ScoringServicer, server: grpc.aio.Server) -> None:
+def _guarded(
+    guard: CallerGuard, method: str, handler: Handler[bytes, ResponseT]
+) -> Handler[bytes, ResponseT]:
+    """``handler`` behind ``guard``: the caller is authenticated, authorized for ``method`` and
+    counted against its quota before anything else (the body is not even decoded), and its
+    quota released when the call ends."""
+
+    async def guard_then_handle(body: bytes, context: grpc.aio.ServicerContext) -> ResponseT:
+        try:
+            quota = guard.admit(method, context)
+        except CallerError as exc:
+            await _refuse_caller(exc, context)
+            raise  # unreachable: abort raises
+        if quota is None:
+            return await handler(body, context)
+        try:
+            return await handler(body, context)
+        finally:
+            quota.release()
+
+    return guard_then_handle
+
+
+_REFUSAL_REASON: Final[dict[grpc.StatusCode, str]] = {
+    grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
+    grpc.StatusCode.PERMISSION_DENIED: "permission_denied",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "quota",
+}
+RETRY_AFTER_MS_KEY: Final = "retry-after-ms"
+"""Trailing metadata of a call refused for its caller's quota: milliseconds until a retry may
+pass (also in ``grpc-status-details-bin`` as a ``google.rpc.RetryInfo``)."""
+
+
+async def _refuse_caller(exc: CallerError, context: grpc.aio.ServicerContext) -> None:
+    """End the call with the status ``exc`` maps to; a quota refusal carries its retry hint."""
+    code = grpc_status_for(exc)
+    metrics.CALLERS_REFUSED.labels(_REFUSAL_REASON.get(code, "other")).inc()
+    trailing: tuple[tuple[str, str | bytes], ...] = ()
+    if isinstance(exc, QuotaExceededError):
+        trailing = retry_trailers(str(exc), exc.retry_after_s)
+    await context.abort(code, str(exc), trailing_metadata=trailing)
+
+
+def retry_trailers(message: str, retry_after_s: float) -> tuple[tuple[str, str | bytes], ...]:
+    """``retry-after-ms`` and the standard rich status (``google.rpc.Status`` with a
+    ``RetryInfo``) for a RESOURCE_EXHAUSTED answer."""
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(max(1, int(retry_after_s * 1e9)))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[detail])
+    return (
+        (RETRY_AFTER_MS_KEY, str(max(1, math.ceil(retry_after_s * 1000)))),
+        ("grpc-status-details-bin", status.SerializeToString()),
+    )
+
+
+def add_scoring_service(
+    servicer: ScoringServicer, server: grpc.aio.Server, guard: CallerGuard | None = None
+) -> None:
     """Register ``servicer`` on ``server`` as ``add_ScoringServiceServicer_to_server`` does, but
-    with request bodies decoded by :func:`decode_request` (see :func:`_decoding`)."""
+    with request bodies decoded by :func:`decode_request` (see :func:`_decoding`), and with
+    every method behind ``guard`` when there is one (none: no per-call cost at all)."""
     undecodable = ThrottledLog(logger)
+    behaviours: dict[str, Handler[bytes, object]] = {
+        "Score": _decoding(scoring_pb2.ScoreRequest, servicer.Score, undecodable),
+        "ScoreBatch": _decoding(scoring_pb2.ScoreBatchRequest, servicer.ScoreBatch, undecodable),
+        "ReportOutcome": _decoding(
+            scoring_pb2.ReportOutcomeRequest, servicer.ReportOutcome, undecodable
+        ),
+    }
+    if guard is not None:
+        behaviours = {name: _guarded(guard, name, b) for name, b in behaviours.items()}
+    serializers = {
+        "Score": scoring_pb2.ScoreResponse.SerializeToString,
+        "ScoreBatch": scoring_pb2.ScoreBatchResponse.SerializeToString,
+        "ReportOutcome": scoring_pb2.ReportOutcomeResponse.SerializeToString,
+    }
     handlers = {
-        "Score": grpc.unary_unary_rpc_method_handler(
-            _decoding(scoring_pb2.ScoreRequest, servicer.Score, undecodable),
-            response_serializer=scoring_pb2.ScoreResponse.SerializeToString,
-        ),
-        "ScoreBatch": grpc.unary_unary_rpc_method_handler(
-            _decoding(scoring_pb2.ScoreBatchRequest, servicer.ScoreBatch, undecodable),
-            response_serializer=scoring_pb2.ScoreBatchResponse.SerializeToString,
-        ),
-        "ReportOutcome": grpc.unary_unary_rpc_method_handler(
-            _decoding(scoring_pb2.ReportOutcomeRequest, servicer.ReportOutcome, undecodable),
-            response_serializer=scoring_pb2.ReportOutcomeResponse.SerializeToString,
-        ),
+        name: grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=serializers[name])
+        for name, behaviour in behaviours.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -458,6 +529,16 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
+def _security_note(settings: Settings, guard: CallerGuard | None) -> str:
+    tls = settings.server.tls
+    parts = []
+    if tls.enabled:
+        parts.append("mutual TLS" if tls.client_ca_file is not None else "TLS")
+    if guard is not None:
+        parts.append("callers checked" if settings.auth.required else "callers metered")
+    return f" with {', '.join(parts)}" if parts else ""
+
+
 def model_versions(registry: Registry, policy_version: str) -> ModelVersions:
     """The versions named in responses and cache keys."""
     return ModelVersions(
@@ -505,6 +586,8 @@ class Orchestrator(AsyncResourceGroup):
         self._servicer: ScoringServicer | None = None
         self._generation_stack = AsyncExitStack()
         self._follow: asyncio.Task[None] | None = None
+        self.certificates: ReloadingCertificates | None = None
+        """The port's TLS files, re-read when they change (None without TLS)."""
 
     async def _start(self) -> None:
         s = self._settings
@@ -524,6 +607,7 @@ class Orchestrator(AsyncResourceGroup):
                     cache_ttl_s=s.redis.cache_ttl_s,
                     feature_ttl_s=s.redis.feature_ttl_s,
                     connections=s.redis.connections,
+                    security=s.redis,
                 )
             )
         self._store = store
@@ -534,7 +618,7 @@ class Orchestrator(AsyncResourceGroup):
             # Entered before the server, so left after it: every answer of the drain is in the
             # buffer when the log flushes.
             sink = await self._stack.enter_async_context(
-                JetStreamSink(s.decision_log.url or s.nats.url, s.decision_log)
+                JetStreamSink(s.decision_log.url or s.nats.url, s.decision_log, security=s.nats)
             )
             self.decisions = await self._stack.enter_async_context(
                 DecisionLog(sink, s.decision_log, policy_version=self.versions.policy)
@@ -542,7 +626,12 @@ class Orchestrator(AsyncResourceGroup):
         outcomes = None
         if s.outcomes.enabled:
             outcomes = await self._stack.enter_async_context(
-                OutcomeStore(s.outcomes.url or s.nats.url, s.outcomes, name="cascade-outcome-log")
+                OutcomeStore(
+                    s.outcomes.url or s.nats.url,
+                    s.outcomes,
+                    name="cascade-outcome-log",
+                    security=s.nats,
+                )
             )
         # The serving generation's clients live in a stack of their own (a registry change
         # replaces it); closed after the server stopped, before the writer drains.
@@ -566,12 +655,18 @@ class Orchestrator(AsyncResourceGroup):
         self._servicer = ScoringServicer(
             generation, s, self._tracer, self.admission, self.pseudonyms, self.decisions, outcomes
         )
-        add_scoring_service(self._servicer, server)
+        guard = CallerGuard(s) if guard_needed(s) else None
+        add_scoring_service(self._servicer, server, guard)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = server.add_insecure_port(f"{s.server.host}:{s.server.port}")
+        address = f"{s.server.host}:{s.server.port}"
+        if s.server.tls.enabled:
+            self.certificates = ReloadingCertificates(s.server.tls)
+            self.port = server.add_secure_port(address, server_credentials(self.certificates))
+        else:
+            self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise ConfigurationError(f"cannot bind {s.server.host}:{s.server.port}")
         await server.start()
@@ -597,9 +692,10 @@ class Orchestrator(AsyncResourceGroup):
             }
         )
         logger.info(
-            "orchestrator listening on %s:%d (policy %s, stage1 %s, stage2 %s, features %s)",
+            "orchestrator listening on %s:%d%s (policy %s, stage1 %s, stage2 %s, features %s)",
             s.server.host,
             self.port,
+            _security_note(s, guard),
             self.versions.policy,
             self.versions.stage1,
             self.versions.stage2,

@@ -18,6 +18,7 @@ from devstack.servers._process import (
     port_is_free,
     resolve_port,
 )
+from devstack.servers._security import Credentials, ServerTls
 from devstack.servers.clusters import NatsCluster, RedisClusterServers
 from devstack.servers.nats import NatsServer
 from devstack.servers.redis import RedisServer
@@ -25,6 +26,7 @@ from devstack.servers.triton import TritonServer
 
 __all__ = [
     "LOOPBACK",
+    "Credentials",
     "ManagedProcess",
     "NatsCluster",
     "NatsServer",
@@ -34,6 +36,7 @@ __all__ = [
     "ServerBinaryNotFoundError",
     "ServerError",
     "ServerStartError",
+    "ServerTls",
     "TritonServer",
     "free_port",
     "port_is_free",

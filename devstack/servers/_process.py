@@ -19,6 +19,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import tempfile
 import time
 import urllib.error
@@ -384,11 +385,17 @@ class ManagedProcess(StartStop):
 
 
 async def tcp_exchange(
-    host: str, port: int, send: bytes, expect_prefix: bytes, timeout_s: float = 1.0
+    host: str,
+    port: int,
+    send: bytes,
+    expect_prefix: bytes,
+    timeout_s: float = 1.0,
+    tls: ssl.SSLContext | None = None,
 ) -> bool:
-    """Connect, send ``send`` (may be empty); True when the first line read starts as expected."""
+    """Connect (over TLS with ``tls``), send ``send`` (may be empty); True when the first line
+    read starts as expected."""
     async with asyncio.timeout(timeout_s):
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_connection(host, port, ssl=tls)
         try:
             if send:
                 writer.write(send)
@@ -402,11 +409,17 @@ async def tcp_exchange(
 
 
 async def tcp_contains(
-    host: str, port: int, send: bytes, needle: bytes, timeout_s: float = 1.0
+    host: str,
+    port: int,
+    send: bytes,
+    needle: bytes,
+    timeout_s: float = 1.0,
+    tls: ssl.SSLContext | None = None,
 ) -> bool:
-    """Connect, send ``send``, read one chunk (up to 64 KiB); True when it contains ``needle``."""
+    """Connect (over TLS with ``tls``), send ``send``, read one chunk (up to 64 KiB); True when
+    it contains ``needle``."""
     async with asyncio.timeout(timeout_s):
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_connection(host, port, ssl=tls)
         try:
             writer.write(send)
             await writer.drain()

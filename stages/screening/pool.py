@@ -71,6 +71,7 @@ class ScreeningPool:
             feature_set=feature_set,
             tracer=self._tracer,
             heartbeat_s=s.hedging.heartbeat_s,
+            nats_security=s.nats,
         )
 
     async def _serve(self, registry: Registry, artifact: StageArtifact) -> None:

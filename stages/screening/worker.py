@@ -50,6 +50,7 @@ from cascade.screening_protocol import (
     worker_id_for,
     worker_subject,
 )
+from cascade.settings import NatsSettings
 from cascade.telemetry import extract_context, records_spans
 from stages.screening.model import ScreeningModel
 
@@ -80,9 +81,11 @@ class ScreeningWorker:
         feature_set: str,
         tracer: trace.Tracer,
         heartbeat_s: float | None = 0.25,
+        nats_security: NatsSettings | None = None,
     ) -> None:
         self._model = model
         self._url = nats_url
+        self._security = nats_security
         self.subject = screening_subject(subject_prefix, model.version)
         self._queue_group = queue_group
         self._feature_set = feature_set
@@ -101,7 +104,9 @@ class ScreeningWorker:
 
     async def __aenter__(self) -> ScreeningWorker:
         self._model.warm()
-        self._nc = await connect_nats(self._url, name=f"screening-worker-{self._model.version}")
+        self._nc = await connect_nats(
+            self._url, name=f"screening-worker-{self._model.version}", security=self._security
+        )
         self._sub = await self._nc.subscribe(self.subject, queue=self._queue_group, cb=self._answer)
         if self._heartbeat_s is not None:
             self._own_sub = await self._nc.subscribe(
