@@ -391,6 +391,7 @@ def settings_problems(docs: Sequence[Doc], provided: Mapping[str, int]) -> list[
     for service, port in provided.items():
         reachable.setdefault(service, set()).add(port)
     for deployment in of_kind(docs, "Deployment"):
+        volumes = {v["name"]: v for v in pod_spec(deployment).get("volumes", [])}
         for container in pod_spec(deployment)["containers"]:
             if image_name(container["image"]) != APP_IMAGE:
                 continue
@@ -413,13 +414,18 @@ def settings_problems(docs: Sequence[Doc], provided: Mapping[str, int]) -> list[
                 problems.append(f"{where}: {exc}")
                 continue
             problems += [
-                f"{where}: {p}" for p in _container_problems(container, env, settings, reachable)
+                f"{where}: {p}"
+                for p in _container_problems(container, volumes, env, settings, reachable)
             ]
     return problems
 
 
 def _container_problems(
-    container: Doc, env: Mapping[str, str], settings: Settings, reachable: Mapping[str, set[int]]
+    container: Doc,
+    volumes: Mapping[str, Doc],
+    env: Mapping[str, str],
+    settings: Settings,
+    reachable: Mapping[str, set[int]],
 ) -> Iterator[str]:
     ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
     mounts = _mounts(container)
@@ -456,12 +462,30 @@ def _container_problems(
         spool = str(settings.decision_log.spool_dir)
         if spool not in mounts or mounts[spool].get("readOnly"):
             yield f"CASCADE_DECISION_LOG__SPOOL_DIR {spool} is not a writable mount"
-    elif command[-1:] == ["stages.screening"]:
+        yield from _pseudonym_problems(container, volumes, env, settings)
+    elif command[-1:] in (["stages.screening"], ["cascade.quality_job"]):
         probe = container.get("readinessProbe", {})
         if "httpGet" not in probe or _port_of(probe, ports) != settings.metrics_port:
-            yield "readiness must be an HTTP GET on the metrics port (open once subscribed)"
+            yield "readiness must be an HTTP GET on the metrics port"
     else:
-        yield f"runs {command}, neither the orchestrator nor the screening worker"
+        yield f"runs {command}: not the orchestrator, a screening worker or the quality job"
+
+
+def _pseudonym_problems(
+    container: Doc, volumes: Mapping[str, Doc], env: Mapping[str, str], settings: Settings
+) -> Iterator[str]:
+    """The orchestrator's pseudonym key comes from a file of a mounted Secret, never inline."""
+    for name in ("CASCADE_PSEUDONYM__KEY", "CASCADE_PSEUDONYM__PREVIOUS_KEY"):
+        if env.get(name):
+            yield f"{name} is set inline: a key in a manifest is a key in the repository"
+    for path in (settings.pseudonym.key_file, settings.pseudonym.previous_key_file):
+        if path is None:
+            continue
+        mount = _mounts(container).get(str(path.parent))
+        if mount is None or "secret" not in volumes.get(mount["name"], {}):
+            yield f"the pseudonym key file {path} is not in a mounted Secret"
+    if settings.pseudonym.key_file is None and settings.pseudonym.key is None:
+        yield "no CASCADE_PSEUDONYM__KEY_FILE: the orchestrator refuses to start without a key"
 
 
 # -- images and the other containers ------------------------------------------------------------
@@ -483,10 +507,9 @@ def image_problems(docs: Sequence[Doc]) -> list[str]:
     problems = []
     compose = compose_images()
     expected = {
-        "orchestrator": image_name(compose["orchestrator"]),
-        "screening-worker": image_name(compose["screening-worker"]),
+        name: image_name(compose[name]) for name in ("orchestrator", "screening-worker", "quality")
     }
-    if expected != {"orchestrator": APP_IMAGE, "screening-worker": APP_IMAGE}:
+    if set(expected.values()) != {APP_IMAGE}:
         problems.append(f"docker-compose.yml's app image is {expected}, not {APP_IMAGE}")
     if f"-t {MODELS_IMAGE}:" not in MODELS_DOCKERFILE.read_text():
         problems.append(f"{MODELS_DOCKERFILE.name} no longer builds {MODELS_IMAGE}")

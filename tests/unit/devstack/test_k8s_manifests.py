@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
+from cascade.model_registry import load_registry
+from cascade.settings import DEFAULT_MODEL_DIR
 from devstack.k8s_manifests import (
     K8S_DIR,
     KUBERNETES_VERSIONS,
@@ -71,6 +73,7 @@ def test_every_overlay_renders_the_cascade(overlay: str, rendered: dict[str, lis
         assert ("PodDisruptionBudget", name) in kinds
     for name in ("orchestrator", "screening-worker"):
         assert ("HorizontalPodAutoscaler", name) in kinds
+    assert {("Deployment", "quality"), ("ServiceMonitor", "quality")} <= kinds
     namespaces = {d["metadata"].get("namespace") for d in rendered[overlay]}
     assert namespaces == {"fraud-cascade" if overlay == "prod" else "fraud-cascade-dev"}
 
@@ -271,12 +274,29 @@ def test_ports_probes_and_mounts_follow_the_settings(rendered: dict[str, list[Do
     def worker_tcp_probe(d: Doc) -> None:
         container(d)["readinessProbe"] = {"tcpSocket": {"port": 9464}}
 
+    def inline_key(d: Doc) -> None:
+        for item in container(d)["env"]:
+            if item["name"] == "CASCADE_PSEUDONYM__KEY_FILE":
+                item.update(name="CASCADE_PSEUDONYM__KEY", value="x" * 32)
+
+    def key_outside_the_secret(d: Doc) -> None:
+        for item in container(d)["env"]:
+            if item["name"] == "CASCADE_PSEUDONYM__KEY_FILE":
+                item["value"] = "/tmp/pseudonym.key"
+
+    def no_key(d: Doc) -> None:
+        env = container(d)["env"]
+        container(d)["env"] = [e for e in env if not e["name"].startswith("CASCADE_PSEUDONYM")]
+
     cases = [
         ("orchestrator", grpc_port, "grpc port 50052 is not CASCADE_SERVER__PORT (50051)"),
         ("orchestrator", probe_service, "readiness must be grpc.health on 50051"),
         ("orchestrator", processes, "one orchestrator process per pod"),
         ("orchestrator", spool_unmounted, "is not a writable mount"),
         ("screening-worker", worker_tcp_probe, "readiness must be an HTTP GET"),
+        ("orchestrator", inline_key, "CASCADE_PSEUDONYM__KEY is set inline"),
+        ("orchestrator", key_outside_the_secret, "is not in a mounted Secret"),
+        ("orchestrator", no_key, "refuses to start without a key"),
     ]
     for name, edit, message in cases:
         problems = settings_problems(changed(docs, "Deployment", name, edit), provided)
@@ -324,13 +344,16 @@ def test_the_models_image_holds_what_the_pods_copy() -> None:
     copies = [line.split()[1:] for line in dockerfile.splitlines() if line.startswith("COPY ")]
     for source, _ in copies:
         assert (K8S_DIR.parents[1] / source).exists(), source
-    assert [dest for _, dest in copies] == [
-        "/app/models",
-        "/triton",
-        "/triton/fraud_heavy/1/model.onnx",
+    # Triton serves the registry's champion, under the version and model name it names.
+    stage2 = load_registry(DEFAULT_MODEL_DIR).stage2
+    assert copies == [
+        ["models", "/app/models"],
+        ["deploy/triton/model_repository", "/triton"],
+        [
+            f"models/{stage2.path}",
+            f"/triton/{stage2.triton_model}/{stage2.triton_version}/model.onnx",
+        ],
     ]
-    registry = yaml.safe_load((K8S_DIR.parents[1] / "models" / "registry.json").read_text())
-    assert f"models/{registry['stage2']['path']}" in dockerfile  # the version the registry names
 
 
 def test_triton_runs_the_compose_files_flags(rendered: dict[str, list[Doc]]) -> None:
