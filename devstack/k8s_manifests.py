@@ -39,7 +39,7 @@ import yaml
 from pydantic import BaseModel
 
 from cascade.errors import ConfigurationError
-from cascade.settings import REPO_ROOT, Settings
+from cascade.settings import REPO_ROOT, Settings, split_urls
 from cascade.v1 import scoring_pb2
 from devstack.stack_settings import SettingsInputError, check_settings
 
@@ -436,13 +436,14 @@ def _container_problems(
         yield "CASCADE_METRICS_HOST must be 0.0.0.0 for Prometheus to reach the pod"
     if str(settings.model_dir) not in mounts or not mounts[str(settings.model_dir)].get("readOnly"):
         yield f"CASCADE_MODEL_DIR {settings.model_dir} is not a read-only mount"
-    for url, what in (
-        (settings.redis.url, "CASCADE_REDIS__URL"),
-        (settings.nats.url, "CASCADE_NATS__URL"),
+    for urls, what in (
+        (settings.redis.urls, "CASCADE_REDIS__URL"),
+        (split_urls(settings.nats.url), "CASCADE_NATS__URL"),
     ):
-        host, port = host_port(url)
-        if port not in reachable.get(host, set()):
-            yield f"{what} points at {host}:{port}, which no Service or upstream chart provides"
+        for url in urls:
+            host, port = host_port(url)
+            if port not in reachable.get(host, set()):
+                yield f"{what} points at {host}:{port}, which no Service or upstream chart provides"
     host, port = host_port(settings.triton.url)
     if port not in reachable.get(host, set()):
         yield f"CASCADE_TRITON__URL points at {host}:{port}, which no Service provides"
@@ -648,9 +649,13 @@ def dependency_problems(charts: Sequence[Doc], overlay: str, docs: Sequence[Doc]
                 problems.append(f"chart {chart['release']}: {path} is not a mapping")
     if problems:
         return problems
-    for release in ("nats", "redis", "kube-prometheus-stack"):
-        if overlay not in by_release.get(release, {}).get("values", {}):
+    installed = {r for r, c in by_release.items() if overlay in c.get("values", {})}
+    for release in ("nats", "kube-prometheus-stack"):
+        if release not in installed:
             problems.append(f"overlay {overlay} installs no {release}")
+    redis_releases = installed & {"redis", "redis-cluster"}
+    if len(redis_releases) != 1:
+        problems.append(f"overlay {overlay} installs {sorted(redis_releases)}: one Redis chart")
     if problems:
         return problems
     settings_env = {}
@@ -676,13 +681,43 @@ def dependency_problems(charts: Sequence[Doc], overlay: str, docs: Sequence[Doc]
             problems.append(
                 f"nats: config.merge.{key} is {merged.get(key)}, deploy/nats.conf says {conf.get(key)}"
             )
-    redis = _values(by_release["redis"], overlay)
-    if redis.get("architecture") != "standalone":
-        problems.append("redis: the orchestrator speaks to one endpoint: architecture standalone")
-    if _dig(redis, "master.persistence.enabled") is not False:
-        problems.append("redis: caches and online features only: master.persistence.enabled false")
+    problems += _redis_problems(by_release, redis_releases.pop(), overlay, settings)
     if "crd" not in by_release["kube-prometheus-stack"]["provides"]:
         problems.append("kube-prometheus-stack: must provide the ServiceMonitor CRD")
+    return problems
+
+
+def _redis_problems(
+    by_release: Mapping[str, Doc], release: str, overlay: str, settings: Settings
+) -> list[str]:
+    """One Redis (the single-node path) or a Redis Cluster (the cluster client), as the settings
+    say; neither persists data."""
+    values = _values(by_release[release], overlay)
+    if release == "redis":
+        problems = (
+            []
+            if not settings.redis.cluster
+            else ["redis: one Redis, but CASCADE_REDIS__CLUSTER is on"]
+        )
+        if values.get("architecture") != "standalone":
+            problems.append(
+                "redis: the single-node path speaks to one Redis: architecture standalone"
+            )
+        if _dig(values, "master.persistence.enabled") is not False:
+            problems.append(
+                "redis: caches and online features only: master.persistence.enabled false"
+            )
+        return problems
+    problems = (
+        [] if settings.redis.cluster else ["redis-cluster: CASCADE_REDIS__CLUSTER must be on"]
+    )
+    masters = (_dig(values, "cluster.nodes") or 0) // (1 + (_dig(values, "cluster.replicas") or 0))
+    if masters < 3 or not _dig(values, "cluster.replicas"):
+        problems.append("redis-cluster: at least 3 masters, each with a replica (a node may die)")
+    config = _dig(values, "redis.configmap") or ""
+    for line in ("appendonly no", 'save ""', "cluster-require-full-coverage no"):
+        if line not in config.splitlines():
+            problems.append(f"redis-cluster: redis.configmap needs `{line}`")
     return problems
 
 

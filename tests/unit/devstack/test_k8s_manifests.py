@@ -384,7 +384,7 @@ def test_the_collector_exports_to_jaeger(rendered: dict[str, list[Doc]]) -> None
 
 def test_upstream_charts_are_named_and_pinned() -> None:
     charts = {c["release"]: c for c in load_dependencies()}
-    assert set(charts) == {"nats", "redis", "jaeger", "kube-prometheus-stack"}
+    assert set(charts) == {"nats", "redis", "redis-cluster", "jaeger", "kube-prometheus-stack"}
     assert charts["nats"]["repository"] == "https://nats-io.github.io/k8s/helm/charts/"
     for chart in charts.values():
         assert chart["version"].count(".") == 2
@@ -417,24 +417,48 @@ def test_chart_values_give_the_code_what_it_needs(
             with_values("nats", lambda v: v["config"]["merge"].update(ping_max=5)),
             "ping_max is 5",
         ),
-        (
-            with_values("redis", lambda v: v.update(architecture="replication")),
-            "architecture standalone",
-        ),
     ]
     unpinned = copy.deepcopy(charts)
     unpinned[0]["version"] = "2.x"
     cases.append((unpinned, "is not pinned"))
-    if overlay == "prod":
+    both = copy.deepcopy(charts)
+    for chart in both:
+        if chart["release"].startswith("redis"):
+            chart["values"] = {"dev": "charts/redis.dev.yaml", "prod": "charts/redis.dev.yaml"}
+    cases.append((both, "installs ['redis', 'redis-cluster']: one Redis chart"))
+    if overlay == "dev":
         cases.append(
+            (
+                with_values("redis", lambda v: v.update(architecture="replication")),
+                "architecture standalone",
+            )
+        )
+    else:
+        cases += [
             (
                 with_values("nats", lambda v: v["config"]["cluster"].update(replicas=1)),
                 "1 servers cannot hold streams of 3 replicas",
-            )
-        )
+            ),
+            (
+                with_values("redis-cluster", lambda v: v["cluster"].update(nodes=3, replicas=0)),
+                "at least 3 masters, each with a replica",
+            ),
+            (
+                with_values("redis-cluster", lambda v: v["redis"].update(configmap='save ""')),
+                "needs `cluster-require-full-coverage no`",
+            ),
+        ]
     for edited, message in cases:
         problems = dependency_problems(edited, overlay, docs)
         assert any(message in p for p in problems), (message, problems)
+
+    # The Redis chart and CASCADE_REDIS__CLUSTER go together.
+    flipped = "false" if overlay == "prod" else "true"
+    edited_docs = changed(
+        docs, "ConfigMap", "cascade-env", lambda d: d["data"].update(CASCADE_REDIS__CLUSTER=flipped)
+    )
+    problems = dependency_problems(charts, overlay, edited_docs)
+    assert any("CASCADE_REDIS__CLUSTER" in p for p in problems), problems
 
 
 # -- prod sizing and the command ----------------------------------------------------------------
