@@ -18,19 +18,20 @@ from stages.screening.pool import ScreeningPool
 
 
 async def serve(stop: asyncio.Event) -> None:
-    """Load and warm the models, subscribe, serve until ``stop``."""
+    """Load and warm the models, subscribe, open the metrics port, serve until ``stop``."""
     settings = Settings()
     configure_logging(settings.log_level)
-    with (
-        MetricsEndpoint(settings.metrics_port, settings.metrics_host),
-        tracer_provider("cascade-screening-worker") as provider,
-    ):
+    with tracer_provider("cascade-screening-worker") as provider:
         trace.set_tracer_provider(provider)
         async with ScreeningPool(settings, provider.get_tracer("cascade.screening")):
             if settings.gc_freeze:
                 freeze_heap()
-            print("READY", flush=True)
-            await stop.wait()
+            # The metrics port opens only now, with every model loaded and subscribed: an HTTP
+            # GET on it is the worker's readiness signal (deploy/k8s probes it), and a worker
+            # that cannot reach NATS at start never looks ready.
+            with MetricsEndpoint(settings.metrics_port, settings.metrics_host):
+                print("READY", flush=True)
+                await stop.wait()
 
 
 def main() -> None:
