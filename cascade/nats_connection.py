@@ -50,6 +50,7 @@ def connect_options(security: NatsSettings | None) -> dict[str, Any]:
     wants_tls = (
         security.tls_ca_file is not None
         or security.tls_cert_file is not None
+        or security.tls_handshake_first
         or security.url.startswith("tls://")
     )
     if wants_tls:
@@ -59,6 +60,10 @@ def connect_options(security: NatsSettings | None) -> dict[str, Any]:
         if security.tls_cert_file is not None and security.tls_key_file is not None:
             context.load_cert_chain(security.tls_cert_file, security.tls_key_file)
         options["tls"] = context
+        if security.tls_handshake_first:
+            # Otherwise nats-py upgrades only when the server's INFO asks for TLS, and INFO
+            # travels in the clear: whoever strips its tls_required gets the password.
+            options["tls_handshake_first"] = True
     return options
 
 

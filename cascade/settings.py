@@ -187,6 +187,12 @@ class NatsSettings(BaseModel):
         None, description="Client certificate, for a nats-server run with --tlsverify."
     )
     tls_key_file: Path | None = Field(None, description="Key of tls_cert_file.")
+    tls_handshake_first: bool = Field(
+        False,
+        description="TLS from the first byte, before NATS's INFO (the server's tls "
+        "{ handshake_first: true }, nats-server 2.10.4+): a man in the middle cannot strip "
+        "INFO's tls_required and read the password; a plain INFO-first server is refused.",
+    )
 
     @model_validator(mode="after")
     def _credentials_complete(self) -> NatsSettings:
@@ -783,6 +789,15 @@ class ServerSettings(BaseModel):
         "so load balancers (and calls already on the wire) see the change before we stop.",
     )
     drain_s: float = Field(5.0, ge=0, description="Grace period for in-flight calls on SIGTERM.")
+    health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Also serve grpc.health.v1 (and nothing else: no scoring, no reflection) "
+        "in plaintext on this port, for probes that cannot do TLS or present a client "
+        "certificate (Kubernetes' gRPC probes). The same health status as the main port. "
+        "None: health on the main port only.",
+    )
     reuse_port: bool = Field(
         False,
         description="Bind with SO_REUSEPORT, so several orchestrator processes share one port "

@@ -315,6 +315,7 @@ def secure_service_env(
         "CASCADE_NATS__USER": nats_login.user,
         "CASCADE_NATS__PASSWORD": nats_login.password,
         "CASCADE_NATS__TLS_CA_FILE": str(certs.ca_file),
+        "CASCADE_NATS__TLS_HANDSHAKE_FIRST": "true",
         "CASCADE_REDIS__USERNAME": redis_login.user,
         "CASCADE_REDIS__PASSWORD": redis_login.password,
         "CASCADE_SERVER__TLS__CERT_FILE": str(certs.server_cert),
@@ -429,7 +430,11 @@ class LocalStack(AsyncResourceGroup):
                 jetstream=True,
                 store_dir=cfg.run_dir / "jetstream",
                 log_dir=self.log_dir,
-                tls=server_tls,
+                tls=(
+                    None
+                    if server_tls is None
+                    else dataclasses.replace(server_tls, handshake_first=True)
+                ),
                 credentials=nats_login,
             )
         triton = TritonServer(

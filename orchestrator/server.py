@@ -578,6 +578,8 @@ class Orchestrator(AsyncResourceGroup):
         self.serving = False
         """What health says (SERVING or not), as the readiness task last set it."""
         self.port = 0
+        self.health_port: int | None = None
+        """The bound plaintext health port (``server.health_port``; None without one)."""
         self.writer: PostAnswerWriter | None = None
         self.admission: Admission | None = None
         self.decisions: DecisionLog | None = None
@@ -671,6 +673,8 @@ class Orchestrator(AsyncResourceGroup):
             raise ConfigurationError(f"cannot bind {s.server.host}:{s.server.port}")
         await server.start()
         self._server = server
+        if s.server.health_port is not None:
+            await self._serve_health_port(s.server.host, s.server.health_port, s.server.reuse_port)
         # Unwound in reverse: tasks cancelled, then the server stopped (in-flight calls get the
         # grace), then the generation's clients closed, the writer drained, the store closed.
         self._stack.push_async_callback(server.stop, s.server.drain_s)
@@ -767,6 +771,18 @@ class Orchestrator(AsyncResourceGroup):
                 await asyncio.sleep(linger_s)
             finally:
                 await old_stack.aclose()
+
+    async def _serve_health_port(self, host: str, port: int, reuse_port: bool) -> None:
+        """A second, plaintext server with the health service alone (the one servicer, so the
+        same status): probes that cannot do mutual TLS see health, and nothing else is there
+        to reach without the main port's credentials (scoring answers UNIMPLEMENTED)."""
+        probes = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, probes)
+        self.health_port = probes.add_insecure_port(f"{host}:{port}")
+        if self.health_port == 0:
+            raise ConfigurationError(f"cannot bind the health port {host}:{port}")
+        await probes.start()
+        self._stack.push_async_callback(probes.stop, 0)
 
     async def _warm(self, store: RedisOnlineStore | RedisClusterOnlineStore) -> None:
         """Retry one stage-1 and one stage-2 request until both answer, run the whole scoring

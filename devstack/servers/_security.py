@@ -17,6 +17,9 @@ class ServerTls:
     cert_file: Path
     key_file: Path
     client_ca_file: Path | None = None
+    handshake_first: bool = False
+    """NATS only: TLS before any protocol byte (``tls { handshake_first: true }``), so not even
+    the ``INFO`` that says TLS is required goes out in the clear to be stripped."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,8 @@ def nats_security_config(tls: ServerTls | None, credentials: Credentials | None)
         if tls.client_ca_file is not None:
             lines.append(f"  ca_file: {_quoted(str(tls.client_ca_file))}")
             lines.append("  verify: true")
+        if tls.handshake_first:
+            lines.append("  handshake_first: true")
         lines.append("}")
     if credentials is not None:
         lines.append("authorization {")
@@ -72,7 +74,8 @@ class NatsServer(OneProcessServer):
     """``nats-server`` on 127.0.0.1, started on entry and stopped on exit.
 
     Ready means a TCP client received the server's ``INFO`` line (and ``/healthz`` answered, when
-    the monitoring port is on). ``port=0`` picks a free port; ``monitor_port=0`` turns monitoring on
+    the monitoring port is on); with TLS handshake-first, which sends nothing before a TLS
+    handshake, monitoring is turned on and ``/healthz`` alone says so. ``port=0`` picks a free port; ``monitor_port=0`` turns monitoring on
     at a free port, ``None`` leaves it off. With ``jetstream=True`` the store lives in
     ``store_dir`` (a temporary folder when not given).
 
@@ -107,6 +110,8 @@ class NatsServer(OneProcessServer):
     ) -> None:
         self.host: Final = LOOPBACK
         self.port: Final = resolve_port(port)
+        if tls is not None and tls.handshake_first and monitor_port is None:
+            monitor_port = 0  # the readiness probe's only way in without a TLS client
         self.monitor_port: Final = None if monitor_port is None else resolve_port(monitor_port)
         self.jetstream: Final = jetstream
         fd, config = tempfile.mkstemp(prefix="cascade-nats-", suffix=".conf")
@@ -164,7 +169,8 @@ class NatsServer(OneProcessServer):
         return None if self.monitor_port is None else f"http://{self.host}:{self.monitor_port}"
 
     async def _ready(self) -> bool:
-        if not await tcp_exchange(self.host, self.port, b"", b"INFO "):
+        handshake_first = self.tls is not None and self.tls.handshake_first
+        if not handshake_first and not await tcp_exchange(self.host, self.port, b"", b"INFO "):
             return False
         if self.monitor_url is None:
             return True

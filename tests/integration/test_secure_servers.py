@@ -63,6 +63,26 @@ async def test_nats_with_tls_and_a_password_lets_in_only_who_has_both(tmp_path: 
             assert not await connects(server.url, security), why
 
 
+async def test_nats_with_tls_handshake_first_refuses_clients_that_wait_for_info(
+    tmp_path: Path,
+) -> None:
+    """TLS from the first byte: no INFO in the clear for a man in the middle to strip (and
+    have the password sent unencrypted); a client that waits for INFO gets nothing."""
+    certs = write_stack_certificates(tmp_path / "tls")
+    tls = ServerTls(certs.server_cert, certs.server_key, handshake_first=True)
+    async with NatsServer(tls=tls, log_dir=tmp_path / "logs") as server:
+        first = NatsSettings(url=server.url, tls_ca_file=certs.ca_file, tls_handshake_first=True)
+        assert await connects(server.url, first)
+        # What an INFO-first client (or a man in the middle) sees in the clear: nothing.
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        try:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.read(1), 0.5)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+
 async def test_nats_with_mutual_tls_needs_a_client_certificate(tmp_path: Path) -> None:
     certs = write_stack_certificates(tmp_path / "tls")
     tls = ServerTls(certs.server_cert, certs.server_key, client_ca_file=certs.ca_file)

@@ -216,6 +216,29 @@ async def test_mutual_tls_needs_a_valid_client_certificate_from_its_ca(
                 assert await score_code(ch) == Code.UNAVAILABLE, why
 
 
+async def test_a_plaintext_health_port_serves_probes_and_nothing_else(
+    tmp_path: Path, model_dir: Path, redis_server: RedisServer, nats_server: NatsServer
+) -> None:
+    """Under mutual TLS a probe without a client certificate (Kubernetes' gRPC probe) reads
+    health on ``server.health_port``; scoring is not there at all."""
+    pki = Pki(tmp_path)
+    base = _settings(model_dir, redis_server, nats_server, tls=pki.tls(mutual=True))
+    settings = base.model_copy(update={"server": base.server.model_copy(update={"health_port": 0})})
+    async with orchestrator(settings) as app:
+        assert app.health_port is not None and app.health_port != app.port
+        async with (
+            channel(app.health_port, None) as probe,
+            channel(app.port, pki.ca, pki.client("acme")) as caller,
+        ):
+            assert await health_status(probe) == await health_status(caller)
+            await app._set_serving(True)  # what the warm-up does once stage 1 answers
+            assert await health_status(probe) == health_pb2.HealthCheckResponse.SERVING
+            assert await score_code(probe) == Code.UNIMPLEMENTED
+            assert (await score(caller)).transaction_id  # the main port still scores
+        async with channel(app.port, None) as plaintext:  # and still wants mutual TLS
+            assert await score_code(plaintext) == Code.UNAVAILABLE
+
+
 async def test_the_client_certificate_names_the_caller_and_its_methods(
     tmp_path: Path, model_dir: Path, redis_server: RedisServer, nats_server: NatsServer
 ) -> None:
