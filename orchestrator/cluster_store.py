@@ -43,7 +43,14 @@ from redis.backoff import NoBackoff
 
 from cascade.errors import translate_redis_errors
 from cascade.features import HISTORY_LEN
-from orchestrator.online_store import WRITE_SCRIPT, StoreLookup, StoreWrite
+from orchestrator.online_store import (
+    WRITE_SCRIPT,
+    StoreLookup,
+    StoreWrite,
+    lookup_commands,
+    lookups_from_replies,
+    write_command,
+)
 from orchestrator.redis_pipeline import RedisAddress
 
 logger = logging.getLogger(__name__)
@@ -153,26 +160,8 @@ class RedisClusterOnlineStore:
         """GET each answer and LRANGE each history: one pipeline to each node they live on, sent
         together, all within ``timeout_s`` (while rotating, each previous-token history too,
         used when the current one is empty)."""
-        commands: list[tuple[Any, ...]] = []
-        for cache_key, history_key in keys:
-            commands.append(("GET", cache_key))
-            commands.append(("LRANGE", history_key, 0, HISTORY_LEN - 1))
-        if previous_history_keys is not None:
-            commands.extend(("LRANGE", k, 0, HISTORY_LEN - 1) for k in previous_history_keys)
-        replies = await self._run(commands, timeout_s)
-        n = len(keys)
-        lookups = []
-        for k in range(n):
-            cached, history = replies[2 * k], replies[2 * k + 1]
-            if not history and previous_history_keys is not None:
-                history = replies[2 * n + k]
-            lookups.append(
-                StoreLookup(
-                    cached=cached if isinstance(cached, bytes) else None,
-                    history=history if isinstance(history, list) else [],
-                )
-            )
-        return lookups
+        replies = await self._run(lookup_commands(keys, previous_history_keys), timeout_s)
+        return lookups_from_replies(replies, len(keys), previous_history_keys is not None)
 
     async def write(self, writes: Sequence[StoreWrite]) -> None:
         """Write answers and append history entries (the single-node store's script, one call
@@ -246,29 +235,11 @@ class RedisClusterOnlineStore:
             return replies
 
     def _write_command(self, w: StoreWrite) -> tuple[Any, ...]:
-        if w.history_entry is None:
-            return ("SET", w.cache_key or "", w.cache_value or b"", "EX", self._cache_ttl_s)
-        if w.cache_key is not None and w.cache_value is not None:
-            return (
-                "EVALSHA",
-                self._write_sha,
-                2,
-                w.history_key,
-                w.cache_key,
-                w.history_entry,
-                HISTORY_LEN,
-                self._feature_ttl_s,
-                w.cache_value,
-                self._cache_ttl_s,
-            )
-        return (
-            "EVALSHA",
-            self._write_sha,
-            1,
-            w.history_key,
-            w.history_entry,
-            HISTORY_LEN,
-            self._feature_ttl_s,
+        return write_command(
+            w,
+            script_sha=self._write_sha,
+            cache_ttl_s=self._cache_ttl_s,
+            feature_ttl_s=self._feature_ttl_s,
         )
 
     async def _refresh_loop(self) -> None:

@@ -41,7 +41,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 from cascade.errors import Dependency, DependencyTimeout, translate_redis_errors
 from cascade.features import HISTORY_LEN, HistoryEntry, decode_history_entry, insert_entry
@@ -199,6 +199,55 @@ return added
 """
 
 
+def lookup_commands(
+    keys: Sequence[tuple[str, str]], previous_history_keys: Sequence[str] | None
+) -> list[tuple[Arg, ...]]:
+    """A lookup's commands, for either store: GET and LRANGE per ``(cache_key, history_key)``,
+    then (while a pseudonym key is rotated) an LRANGE per previous-token history."""
+    commands: list[tuple[Arg, ...]] = []
+    for cache_key, history_key in keys:
+        commands.append(("GET", cache_key))
+        commands.append(("LRANGE", history_key, 0, HISTORY_LEN - 1))
+    if previous_history_keys is not None:
+        commands.extend(("LRANGE", k, 0, HISTORY_LEN - 1) for k in previous_history_keys)
+    return commands
+
+
+def lookups_from_replies(replies: Sequence[object], n: int, rotating: bool) -> list[StoreLookup]:
+    """The :func:`lookup_commands` replies of ``n`` keys as lookups (an empty history read under
+    the previous token while ``rotating``); an error reply is raised."""
+    lookups: list[StoreLookup] = []
+    for k in range(n):
+        cached, history = replies[2 * k], replies[2 * k + 1]
+        if not history and rotating:
+            history = replies[2 * n + k]
+        for reply in (cached, history):
+            if isinstance(reply, Exception):
+                raise reply
+        lookups.append(
+            StoreLookup(
+                cached=cached if isinstance(cached, bytes) else None,
+                history=cast("list[bytes]", history) if isinstance(history, list) else [],
+            )
+        )
+    return lookups
+
+
+def write_command(
+    w: StoreWrite, *, script_sha: str, cache_ttl_s: int, feature_ttl_s: int
+) -> tuple[Arg, ...]:
+    """One transaction's post-answer write, for either store: SET of the answer alone, or the
+    write script (``EVALSHA``) adding the history entry and, with an answer, caching it."""
+    if w.history_entry is None:
+        return ("SET", w.cache_key or "", w.cache_value or b"", "EX", cache_ttl_s)
+    if w.cache_key is not None and w.cache_value is not None:
+        return (
+            "EVALSHA", script_sha, 2, w.history_key, w.cache_key, w.history_entry, HISTORY_LEN,
+            feature_ttl_s, w.cache_value, cache_ttl_s,
+        )  # fmt: skip
+    return ("EVALSHA", script_sha, 1, w.history_key, w.history_entry, HISTORY_LEN, feature_ttl_s)
+
+
 class RedisOnlineStore:
     """:class:`OnlineStore` on Redis: a few dedicated pipelined connections
     (:class:`~orchestrator.redis_pipeline.PipelinedRedis`), millisecond timeouts, no retries.
@@ -254,33 +303,10 @@ class RedisOnlineStore:
     ) -> list[StoreLookup]:
         """GET each answer and LRANGE each history in one pipelined round trip (and, while
         rotating, each previous-key history too, in the same round trip)."""
-        commands: list[tuple[str, str] | tuple[str, str, int, int]] = []
-        for cache_key, history_key in keys:
-            commands.append(("GET", cache_key))
-            commands.append(("LRANGE", history_key, 0, HISTORY_LEN - 1))
-        if previous_history_keys is not None:
-            commands.extend(("LRANGE", k, 0, HISTORY_LEN - 1) for k in previous_history_keys)
+        commands = lookup_commands(keys, previous_history_keys)
         with translate_redis_errors():
             replies = await self._redis.execute(commands, timeout_s)
-            lookups: list[StoreLookup] = []
-            n = len(keys)
-            for k in range(n):
-                cached, history = replies[2 * k], replies[2 * k + 1]
-                if isinstance(cached, Exception):
-                    raise cached
-                if isinstance(history, Exception):
-                    raise history
-                if not history and previous_history_keys is not None:
-                    history = replies[2 * n + k]
-                    if isinstance(history, Exception):
-                        raise history
-                lookups.append(
-                    StoreLookup(
-                        cached=cached if isinstance(cached, bytes) else None,
-                        history=history if isinstance(history, list) else [],  # type: ignore[arg-type]
-                    )
-                )
-        return lookups
+            return lookups_from_replies(replies, len(keys), previous_history_keys is not None)
 
     async def write(self, writes: Sequence[StoreWrite]) -> None:
         """Write answers and append history entries for many transactions in one round trip,
@@ -315,30 +341,11 @@ class RedisOnlineStore:
                 raise failed[0]
 
     def _write_command(self, w: StoreWrite) -> tuple[Arg, ...]:
-        has_answer = w.cache_key is not None and w.cache_value is not None
-        if w.history_entry is None:
-            return ("SET", w.cache_key or "", w.cache_value or b"", "EX", self._cache_ttl_s)
-        if has_answer:
-            return (
-                "EVALSHA",
-                self._write_sha,
-                2,
-                w.history_key,
-                w.cache_key or "",
-                w.history_entry,
-                HISTORY_LEN,
-                self._feature_ttl_s,
-                w.cache_value or b"",
-                self._cache_ttl_s,
-            )
-        return (
-            "EVALSHA",
-            self._write_sha,
-            1,
-            w.history_key,
-            w.history_entry,
-            HISTORY_LEN,
-            self._feature_ttl_s,
+        return write_command(
+            w,
+            script_sha=self._write_sha,
+            cache_ttl_s=self._cache_ttl_s,
+            feature_ttl_s=self._feature_ttl_s,
         )
 
 
