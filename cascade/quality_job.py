@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 from cascade.decision_record import decode_decision
 from cascade.drift import DriftReference, load_drift_reference
 from cascade.errors import Dependency, translate_jetstream_errors
+from cascade.lifecycle import cancel_and_wait
 from cascade.nats_connection import connect_nats
 from cascade.outcome_record import FRAUD_LABELS, decode_outcome
 from cascade.quality import (
@@ -356,10 +357,7 @@ class QualityService:
         tb: TracebackType | None,
     ) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         nc, self._nc = self._nc, None
         if nc is not None:
             with contextlib.suppress(Exception):

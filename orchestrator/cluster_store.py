@@ -29,7 +29,6 @@ rotating and off the request path.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from redis.backoff import NoBackoff
 
 from cascade.errors import translate_redis_errors
 from cascade.features import HISTORY_LEN
+from cascade.lifecycle import cancel_and_wait
 from orchestrator.online_store import (
     WRITE_SCRIPT,
     StoreLookup,
@@ -141,10 +141,7 @@ class RedisClusterOnlineStore:
         tb: TracebackType | None,
     ) -> None:
         task, self._refresher = self._refresher, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         await self._client.aclose()
 
     async def ping(self, timeout_s: float = 1.0) -> None:
