@@ -22,6 +22,7 @@ from typing import Any, Final
 VARIANTS: Final[dict[str, tuple[str, ...]]] = {
     "all on": (),
     "no coalescing of concurrent calls": ("CASCADE_COALESCING__ENABLED=false",),
+    "no decision log": ("CASCADE_DECISION_LOG__ENABLED=false",),
     "no admission control": ("CASCADE_ADMISSION__ENABLED=false",),
     "no gc.freeze after warm-up": ("CASCADE_GC_FREEZE=false",),
     "spans recorded (OTEL_TRACES_SAMPLER=always_on, no exporter)": (
@@ -38,6 +39,8 @@ _COLUMNS: Final = (
     ("load p99.9 ms", ("step", "latency_ms", "p99_9")),
     ("orchestrator CPU ms/answer", ("step", "cpu", "ms_per_answer", "orchestrator")),
     ("workers CPU ms/answer", ("step", "cpu", "ms_per_answer", "screening-workers")),
+    ("NATS CPU ms/answer", ("step", "cpu", "ms_per_answer", "nats")),
+    ("stack CPU ms/answer", ("step", "cpu", "ms_per_answer", "stack")),
 )
 
 
@@ -83,10 +86,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--serial-count", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path(".run/ablation"))
+    parser.add_argument(
+        "--variant",
+        action="append",
+        choices=sorted(VARIANTS),
+        help="run only these variants (repeatable; default: all)",
+    )
     args = parser.parse_args(argv)
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
+    chosen = {name: VARIANTS[name] for name in VARIANTS if name in (args.variant or VARIANTS)}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in chosen}
     for round_ in range(args.rounds):
-        for i, (name, settings) in enumerate(VARIANTS.items()):
+        for i, (name, settings) in enumerate(chosen.items()):
             out = args.out / f"round{round_}-variant{i}"
             runs[name].append(_run_once(settings, args, out))
             print(f"round {round_ + 1}/{args.rounds}: {name} done", file=sys.stderr, flush=True)

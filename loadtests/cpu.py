@@ -8,6 +8,12 @@ including its reaped children (the spawned generator processes). Take a snapshot
 after a step; :func:`cpu_report` turns the difference into cores used and CPU milliseconds per
 answer. :func:`role_of` (which process is what) is pure.
 
+Beside the CPU it reads the scheduler's own accounting (``/proc/PID/task/*/schedstat``): how
+often each role's threads were scheduled in and how long they waited on a run queue before they
+ran. Per answer, the first counts the wake-ups (hand-offs) a call costs and the second the
+latency that contention for the cores adds to it, which is what makes a loaded 2-core machine
+slower per call than one call at a time.
+
 Roles with several processes (the screening workers) are also kept per process, so a report can
 show each worker beside their sum. When two stacks run under the generator (the current one and a
 compared checkout's, see :mod:`loadtests.compare`), each gets its own meter: ``stack_root`` picks
@@ -65,6 +71,25 @@ def _stat(pid: int) -> tuple[int, float, float] | None:
     return ppid, own, children
 
 
+def _schedstat(pid: int) -> tuple[float, int]:
+    """(seconds waited on a run queue, times scheduled in), summed over ``pid``'s threads
+    (``schedstat`` holds run ns, wait ns, timeslices); (0.0, 0) where none can be read."""
+    try:
+        tasks = list((_PROC / str(pid) / "task").iterdir())
+    except OSError:
+        return 0.0, 0
+    wait_ns = slices = 0
+    for task in tasks:
+        try:
+            fields = (task / "schedstat").read_text().split()
+        except OSError:
+            continue
+        if len(fields) >= 3:
+            wait_ns += int(fields[1])
+            slices += int(fields[2])
+    return wait_ns / 1e9, slices
+
+
 def _cmdline(pid: int) -> list[str]:
     try:
         return (_PROC / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -74,10 +99,14 @@ def _cmdline(pid: int) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class CpuSnapshot:
-    """CPU seconds so far by role, and per process (``"PID"``) for :data:`PER_PROCESS_ROLES`."""
+    """CPU seconds so far by role, and per process (``"PID"``) for :data:`PER_PROCESS_ROLES`;
+    run-queue wait seconds and times scheduled in by role (empty where ``schedstat`` is not
+    kept)."""
 
     roles: Mapping[str, float] = field(default_factory=dict)
     processes: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    waits: Mapping[str, float] = field(default_factory=dict)
+    switches: Mapping[str, int] = field(default_factory=dict)
 
 
 class CpuMeter:
@@ -119,6 +148,16 @@ class CpuMeter:
                 usage[int(entry.name)] = stat[1]
         totals: dict[str, float] = {LOADGEN: root_stat[1] + root_stat[2]}
         processes: dict[str, dict[str, float]] = {}
+        waits: dict[str, float] = {}
+        switches: dict[str, int] = {}
+
+        def add_sched(role: str, pid: int) -> None:
+            wait_s, slices = _schedstat(pid)
+            if slices:
+                waits[role] = waits.get(role, 0.0) + wait_s
+                switches[role] = switches.get(role, 0) + slices
+
+        add_sched(LOADGEN, self._root)
         for pid in usage:
             if pid == self._root or not self._counted(pid, parents):
                 continue
@@ -126,9 +165,10 @@ class CpuMeter:
             if pid == self._stack_root and role == "other":
                 role = "supervisor"
             totals[role] = totals.get(role, 0.0) + usage[pid]
+            add_sched(role, pid)
             if role in PER_PROCESS_ROLES:
                 processes.setdefault(role, {})[str(pid)] = usage[pid]
-        return CpuSnapshot(totals, processes)
+        return CpuSnapshot(totals, processes, waits, switches)
 
     def _counted(self, pid: int, parents: Mapping[int, int]) -> bool:
         """Whether ``pid`` is ``stack_root`` or below it, and not below a skipped process."""
@@ -161,7 +201,10 @@ def cpu_report(
 
     ``total`` is everything measured, ``stack`` the roles in ``stack_roles`` (default: all but the
     generator), and ``per_process_ms_per_answer`` each process of a role with several (a process
-    that started or ended between the snapshots counts what it used while seen).
+    that started or ended between the snapshots counts what it used while seen). Where both
+    snapshots hold scheduler counts, ``sched`` has, by role and for the stack, the times
+    scheduled in (``switches_per_answer``) and the run-queue wait (``rq_wait_ms_per_answer``)
+    per answer.
     """
     roles = sorted(set(before.roles) | set(after.roles))
     used = {r: max(0.0, after.roles.get(r, 0.0) - before.roles.get(r, 0.0)) for r in roles}
@@ -179,7 +222,7 @@ def cpu_report(
             pid: _per_answer_ms(max(0.0, seconds - then.get(pid, 0.0)), answers)
             for pid, seconds in sorted(now.items())
         }
-    return {
+    report: dict[str, Any] = {
         "cores": {r: cores(used[r]) for r in roles}
         | {"stack": cores(stack), "total": cores(total)},
         "ms_per_answer": {r: _per_answer_ms(used[r], answers) for r in roles}
@@ -187,3 +230,15 @@ def cpu_report(
         "per_process_ms_per_answer": per_process,
         "stack_roles": in_stack,
     }
+    if before.switches and after.switches and answers:
+        sched_roles = sorted(set(after.switches) & set(before.switches))
+        waited = {r: max(0.0, after.waits[r] - before.waits[r]) for r in sched_roles}
+        slices = {r: max(0, after.switches[r] - before.switches[r]) for r in sched_roles}
+        stack_sched = [r for r in sched_roles if r in in_stack]
+        report["sched"] = {
+            "switches_per_answer": {r: round(slices[r] / answers, 2) for r in sched_roles}
+            | {"stack": round(sum(slices[r] for r in stack_sched) / answers, 2)},
+            "rq_wait_ms_per_answer": {r: _per_answer_ms(waited[r], answers) for r in sched_roles}
+            | {"stack": _per_answer_ms(sum(waited[r] for r in stack_sched), answers)},
+        }
+    return report

@@ -8,7 +8,7 @@ step; the comparisons (naive baseline, a compared ref); the goals.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from loadtests.report import Goals, common_rate
 
@@ -166,6 +166,57 @@ def _cpu_rows(report: Mapping[str, Any]) -> list[list[str]]:
             ]
         )
     return rows
+
+
+_SCHED_HEADER: Final = [
+    "target",
+    "step",
+    "orchestrator",
+    "screening",
+    "triton",
+    "redis",
+    "nats",
+    "generator",
+    "stack",
+]
+_SCHED_LINE: Final = (
+    "Wake-ups (times scheduled in) / run-queue wait ms, per answer, every step "
+    "(/proc/PID/task/*/schedstat; the wait is latency that contention for the cores adds):"
+)
+
+
+def _sched_cell(sched: Mapping[str, Any], role: str) -> str:
+    switches = sched["switches_per_answer"].get(role)
+    wait = sched["rq_wait_ms_per_answer"].get(role)
+    return "-" if switches is None or wait is None else f"{switches:.1f} / {wait:.3f}"
+
+
+def _sched_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    """Wake-ups and run-queue wait per answer of every step that has them, by role."""
+    rows = []
+    for name, step in _steps(report):
+        sched = (step.get("cpu") or {}).get("sched")
+        if not sched:
+            continue
+        naive = name == "naive"
+        server, workers = (
+            ("naive-server", "naive-workers") if naive else ("orchestrator", "screening-workers")
+        )
+        roles = (server, workers, "triton", "redis", "nats", "loadgen", "stack")
+        rows.append([name, _offered(step), *(_sched_cell(sched, r) for r in roles)])
+    return rows
+
+
+def _sched_part(report: Mapping[str, Any], *, markdown: bool) -> list[str]:
+    rows = _sched_rows(report)
+    if not rows:
+        return []
+    return [
+        _SCHED_LINE,
+        *([""] if markdown else []),
+        _render(_SCHED_HEADER, rows, markdown=markdown),
+        "",
+    ]
 
 
 def _cpu_targets_line() -> str:
@@ -350,6 +401,7 @@ def text_table(report: Mapping[str, Any]) -> str:
         "CPU per answer, ms, every step; " + _cpu_targets_line() + ":",
         _render(_CPU_HEADER, _cpu_rows(report), markdown=False),
         "",
+        *_sched_part(report, markdown=False),
         *_overload_part(report, "overload step:", markdown=False),
         *_history_lines(report),
         *_comparison_lines(report),
@@ -373,6 +425,7 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
         "",
         _render(_CPU_HEADER, _cpu_rows(report), markdown=True),
         "",
+        *_sched_part(report, markdown=True),
         *_overload_part(
             report,
             "Overload step (late: client-measured service time over the deadline + 2 ms):\n",

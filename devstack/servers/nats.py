@@ -70,6 +70,16 @@ def find_nats_server() -> Path:
     )
 
 
+def go_environment(go_max_procs: int | None) -> dict[str, str] | None:
+    """This process's environment with ``GOMAXPROCS=go_max_procs`` where it sets none (None:
+    inherit it unchanged)."""
+    if go_max_procs is None or "GOMAXPROCS" in os.environ:
+        return None
+    if go_max_procs < 1:
+        raise ValueError(f"go_max_procs must be >= 1, got {go_max_procs}")
+    return {**os.environ, "GOMAXPROCS": str(go_max_procs)}
+
+
 class NatsServer(OneProcessServer):
     """``nats-server`` on 127.0.0.1, started on entry and stopped on exit.
 
@@ -87,6 +97,12 @@ class NatsServer(OneProcessServer):
     With ``cluster_port`` the server is one node of a cluster (:class:`NatsCluster` builds
     one): it listens for routes there and connects to the other nodes' ``routes`` ports;
     ``server_name`` names it (JetStream in a cluster needs it).
+
+    The Go runtime gets ``go_max_procs`` processors (``GOMAXPROCS``; an environment that sets
+    it wins; None: Go's default of one per core). One is plenty for the few thousand messages a
+    second of a local stack, and on a small machine shared with the rest of the stack it spends
+    less CPU per message: with more, Go hands each message between its threads (measured on
+    2 cores at 300 scores/s: about 0.19 against 0.24 ms of NATS CPU per answer).
     """
 
     def __init__(
@@ -107,6 +123,7 @@ class NatsServer(OneProcessServer):
         routes: Sequence[int] = (),
         tls: ServerTls | None = None,
         credentials: Credentials | None = None,
+        go_max_procs: int | None = 1,
     ) -> None:
         self.host: Final = LOOPBACK
         self.port: Final = resolve_port(port)
@@ -147,6 +164,7 @@ class NatsServer(OneProcessServer):
             f"nats-{self.port}",
             argv,
             log_dir=log_dir,
+            env=go_environment(go_max_procs),
             probe=self._ready,
             ports=(
                 self.port,

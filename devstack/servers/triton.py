@@ -89,12 +89,18 @@ def render_model_config(
     model_name: str,
     shape: HeavyModelShape,
     max_batch_size: int = 64,
-    max_queue_delay_us: int = 200,
+    max_queue_delay_us: int = 0,
     instance_count: int = 1,
     delay_ms: float = 0.0,
     intra_op_threads: int = 1,
 ) -> str:
-    """Fill the local ``config.pbtxt`` template (pure: no files read or written)."""
+    """Fill the local ``config.pbtxt`` template (pure: no files read or written).
+
+    ``max_queue_delay_us`` defaults to 0: the dynamic batcher then sends a request to an idle
+    instance at once and still batches whatever queued while the instance was busy. A window
+    makes every lone escalation wait it out, and the orchestrator already merges concurrent
+    escalations into one request (:mod:`orchestrator.coalescing`); on one CPU instance a window
+    buys no batch that the busy instance would not have formed anyway."""
     return string.Template(template).substitute(
         model_name=model_name,
         max_batch_size=max_batch_size,
@@ -151,6 +157,7 @@ def build_model_repository(
     model_name: str = DEFAULT_MODEL_NAME,
     model_version: int = 1,
     max_batch_size: int = 64,
+    max_queue_delay_us: int = 0,
     instance_count: int = 1,
     delay_ms: float = 0.0,
     intra_op_threads: int = 1,
@@ -166,6 +173,7 @@ def build_model_repository(
         model_name=model_name,
         shape=shape,
         max_batch_size=max_batch_size,
+        max_queue_delay_us=max_queue_delay_us,
         instance_count=instance_count,
         delay_ms=delay_ms,
         intra_op_threads=intra_op_threads,

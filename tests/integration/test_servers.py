@@ -232,6 +232,9 @@ async def test_nats_request_reply_and_gone_after(server_log_dir: Path) -> None:
         assert server.monitor_url is not None
         pid = server.pid
         assert pid is not None
+        if "GOMAXPROCS" not in os.environ:  # the local stack's Go runtime gets one processor
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert b"GOMAXPROCS=1" in environ
         client = await nats.connect(server.url)
         try:
 

@@ -17,7 +17,12 @@ def report(p50: float, cpu: float) -> dict[str, Any]:
                     {
                         "latency_ms": latency,
                         "cpu": {
-                            "ms_per_answer": {"orchestrator": cpu, "screening-workers": cpu / 2}
+                            "ms_per_answer": {
+                                "orchestrator": cpu,
+                                "screening-workers": cpu / 2,
+                                "nats": cpu / 4,
+                                "stack": cpu * 2,
+                            }
                         },
                     }
                 ],
@@ -32,6 +37,8 @@ def test_extract_reads_serial_and_step_columns() -> None:
     assert values["load p99.9 ms"] == 6.0
     assert values["orchestrator CPU ms/answer"] == 1.5
     assert values["workers CPU ms/answer"] == 0.75
+    assert values["NATS CPU ms/answer"] == 0.375
+    assert values["stack CPU ms/answer"] == 3.0
 
 
 def test_summary_reports_the_median_of_each_variant() -> None:

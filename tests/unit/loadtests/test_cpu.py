@@ -66,6 +66,26 @@ def test_cpu_report_counts_only_the_named_stack_roles_and_each_worker() -> None:
     }
 
 
+def test_cpu_report_gives_wake_ups_and_run_queue_wait_per_answer() -> None:
+    before = CpuSnapshot(
+        {"orchestrator": 1.0, "loadgen": 1.0},
+        waits={"orchestrator": 2.0, "loadgen": 1.0},
+        switches={"orchestrator": 10_000, "loadgen": 500},
+    )
+    after = CpuSnapshot(
+        {"orchestrator": 2.0, "loadgen": 1.5},
+        waits={"orchestrator": 2.3, "loadgen": 1.5, "nats": 9.0},
+        switches={"orchestrator": 17_000, "loadgen": 2_500, "nats": 99},
+    )
+    sched = cpu_report(before, after, 1.0, 1000)["sched"]
+    assert sched["switches_per_answer"] == {"orchestrator": 7.0, "loadgen": 2.0, "stack": 7.0}
+    assert sched["rq_wait_ms_per_answer"]["orchestrator"] == pytest.approx(0.3)
+    assert sched["rq_wait_ms_per_answer"]["stack"] == pytest.approx(0.3)  # not the generator
+    # A role seen only after the step started (nats here) has no difference to report.
+    assert "nats" not in sched["switches_per_answer"]
+    assert "sched" not in cpu_report(CpuSnapshot(), after, 1.0, 1000)
+
+
 def test_cpu_report_without_answers_or_time() -> None:
     report = cpu_report(CpuSnapshot(), CpuSnapshot({"x": 1.0}), wall_s=0.0, answers=0)
     assert report["cores"]["x"] == 0.0 and report["ms_per_answer"]["x"] == 0.0
@@ -89,6 +109,19 @@ def test_snapshot_counts_this_process_and_its_children() -> None:
     )
     after = meter.snapshot()
     assert after.roles["loadgen"] - before.roles["loadgen"] >= 0.35
+
+
+@pytest.mark.skipif(not CpuMeter.available(), reason="needs /proc")
+def test_snapshot_counts_this_process_wake_ups() -> None:
+    meter = CpuMeter()
+    before = meter.snapshot()
+    if not before.switches:
+        pytest.skip("this kernel keeps no schedstat")
+    for _ in range(20):
+        time.sleep(0.001)  # each sleep ends with the thread scheduled in again
+    after = meter.snapshot()
+    assert after.switches["loadgen"] - before.switches["loadgen"] >= 20
+    assert after.waits["loadgen"] >= before.waits["loadgen"]
 
 
 @pytest.mark.skipif(not CpuMeter.available(), reason="needs /proc")

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from cascade.v1 import scoring_pb2
+from loadtests.cpu import CpuSnapshot, cpu_report
 from loadtests.histogram import Histogram
 from loadtests.report import (
     Criteria,
@@ -263,6 +264,22 @@ def test_tables_show_every_step_and_goal() -> None:
     assert md.startswith("| target |") and "| naive | 200 |" in md
     assert "NOT met" in md or "met" in md
     assert scoring_pb2  # the fake replies come from the real message type
+
+
+def test_tables_show_wake_ups_and_run_queue_wait_where_measured() -> None:
+    cascade = _target(2000, 1.0)
+    assert "run-queue wait" not in text_table({"targets": {"cascade": cascade}})
+    before = CpuSnapshot(
+        {"orchestrator": 1.0}, waits={"orchestrator": 1.0}, switches={"orchestrator": 100}
+    )
+    after = CpuSnapshot(
+        {"orchestrator": 1.5}, waits={"orchestrator": 1.25}, switches={"orchestrator": 825}
+    )
+    cascade["steps"][0]["cpu"] = cpu_report(before, after, 1.0, 100)
+    report = {"targets": {"cascade": cascade}}
+    line = next(x for x in text_table(report).splitlines() if "7.2 / 2.500" in x)
+    assert line.split()[:2] == ["cascade", "100"]  # 725 wake-ups, 0.25 s waited, 100 answers
+    assert "| cascade | 100 | 7.2 / 2.500 |" in markdown_tables(report)
 
 
 def test_stack_env_pairs() -> None:
