@@ -252,6 +252,7 @@ class TritonServer(StartStop):
         instance_count: int = 1,
         intra_op_threads: int = 1,
         max_batch_size: int = 64,
+        max_queue_delay_us: int = 0,
         start_timeout_s: float = 120.0,
         stop_grace_s: float = 15.0,
         trace_url: str | None = None,
@@ -261,6 +262,8 @@ class TritonServer(StartStop):
             raise ValueError(f"model_version must be >= 1, got {model_version}")
         if instance_count < 1 or intra_op_threads < 1 or max_batch_size < 1:
             raise ValueError("instance_count, intra_op_threads and max_batch_size must be >= 1")
+        if max_queue_delay_us < 0:
+            raise ValueError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
         if delay_ms < 0:
             raise ValueError(f"delay_ms must be >= 0, got {delay_ms}")
         if not onnx_path.is_file():
@@ -278,6 +281,8 @@ class TritonServer(StartStop):
         self.instance_count: Final = instance_count
         self.intra_op_threads: Final = intra_op_threads
         self.max_batch_size: Final = max_batch_size
+        self.max_queue_delay_us: Final = max_queue_delay_us
+        """The dynamic batcher's window (:func:`render_model_config` says why 0)."""
         self._own_work_dir = work_dir is None
         self.work_dir: Final = work_dir or Path(tempfile.mkdtemp(prefix="cascade-triton-"))
         self._log_dir = log_dir or self.work_dir
@@ -380,6 +385,7 @@ class TritonServer(StartStop):
                 model_name=self.model_name,
                 model_version=self.model_version,
                 max_batch_size=self.max_batch_size,
+                max_queue_delay_us=self.max_queue_delay_us,
                 instance_count=self.instance_count,
                 delay_ms=self.delay_ms,
                 intra_op_threads=self.intra_op_threads,
