@@ -57,6 +57,7 @@ from devstack.stack_settings import (
     check_settings,
     parse_assignments,
     parse_env_file,
+    positive_int,
 )
 from devstack.supervision import STACK_METRICS, RestartEvent
 from devstack.trace_view import waterfall
@@ -417,13 +418,6 @@ def _trace_id(text: str) -> str:
     return text.lower()
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cascade",
@@ -467,7 +461,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--orchestrators",
-        type=_positive_int,
+        type=positive_int,
         default=default_process_count(),
         help="orchestrator processes sharing the port (default: one per CPU core)",
     )
@@ -547,7 +541,7 @@ def _parser() -> argparse.ArgumentParser:
         "--target", default=f"127.0.0.1:{defaults.grpc}", help="the scoring endpoint, host:port"
     )
     score.add_argument(
-        "--count", type=_positive_int, default=20, help="how many transactions to score"
+        "--count", type=positive_int, default=20, help="how many transactions to score"
     )
     score.add_argument(
         "--tls-dir",
@@ -630,7 +624,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     decisions.add_argument("--out", type=Path, metavar="FILE", help="write here (default: stdout)")
     decisions.add_argument(
-        "--limit", type=_positive_int, metavar="N", help="stop after N records (table, jsonl)"
+        "--limit", type=positive_int, metavar="N", help="stop after N records (table, jsonl)"
     )
     add_rollout_arguments(sub)
     add_quality_commands(sub)

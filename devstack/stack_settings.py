@@ -9,6 +9,7 @@ rather than a traceback after Triton has started.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ __all__ = [
     "check_settings",
     "parse_assignments",
     "parse_env_file",
+    "positive_int",
 ]
 
 OWNED_BY_STACK: Final = {
@@ -37,6 +39,14 @@ OWNED_BY_STACK: Final = {
     "CASCADE_MODEL_DIR": "--model-dir",
 }
 """Variables the stack sets itself, and the flag that sets each instead."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts: an int of at least 1, else an error naming the value."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 class SettingsInputError(ConfigurationError, ValueError):

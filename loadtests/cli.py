@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
-from devstack.stack_settings import parse_assignments
+from devstack.stack_settings import parse_assignments, positive_int
 from loadtests.address import parse_loopback_target
 from loadtests.cpu import CpuMeter, CpuSnapshot, cpu_report
 from loadtests.history import HistoryMode, MatureSplit, backfill_batches
@@ -122,13 +122,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also start this commit's own stack (a worktree under .run/compare/) and run every "
         "step against it, alternating with the current one",
     )
-    where.add_argument("--workers", type=int, default=2, help="screening workers (own stack)")
+    where.add_argument(
+        "--workers", type=positive_int, default=2, help="screening workers (own stack)"
+    )
     where.add_argument(
         "--orchestrators",
-        type=int,
+        type=positive_int,
         default=1,
         help="orchestrator processes sharing the port (own stack; cascade up defaults to one "
         "per core)",
+    )
+    where.add_argument(
+        "--compare-orchestrators",
+        type=positive_int,
+        metavar="N",
+        help="orchestrator processes of the --compare-ref stack (default: --orchestrators), "
+        "to compare two layouts of one commit",
     )
     where.add_argument(
         "--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="models for the stack it starts"
@@ -331,6 +340,7 @@ async def _start_compare(
             args.compare_ref,
             run_dir=run_dir,
             workers=args.workers,
+            orchestrators=args.compare_orchestrators or args.orchestrators,
             extra_env=stack_env(args.stack_env),
         )
     )

@@ -60,9 +60,13 @@ def parse_endpoint(text: str) -> str | None:
     return match.group(1) if match else None
 
 
-def up_arguments(help_text: str, *, workers: int, run_dir: Path) -> list[str]:
-    """``cascade up`` arguments for free ports, ``workers`` and ``run_dir``, keeping only the flags
-    ``help_text`` (that checkout's ``up --help``) lists."""
+def up_arguments(
+    help_text: str, *, workers: int, run_dir: Path, orchestrators: int | None = None
+) -> list[str]:
+    """``cascade up`` arguments for free ports, ``workers``, ``orchestrators`` and ``run_dir``,
+    keeping only the flags ``help_text`` (that checkout's ``up --help``) lists. The orchestrator
+    count must be passed: ``cascade up``'s own default is one per core, and a loadtest that put
+    one process on its own side against that would compare two layouts, not two commits."""
     known = set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
     args: list[str] = []
     for flag in _PORT_FLAGS:
@@ -70,6 +74,8 @@ def up_arguments(help_text: str, *, workers: int, run_dir: Path) -> list[str]:
             args += [flag, "0"]
     if "--workers" in known:
         args += ["--workers", str(workers)]
+    if orchestrators is not None and "--orchestrators" in known:
+        args += ["--orchestrators", str(orchestrators)]
     if "--run-dir" in known:
         args += ["--run-dir", str(run_dir)]
     return args
@@ -118,12 +124,14 @@ class CompareStack:
         *,
         run_dir: Path,
         workers: int = 2,
+        orchestrators: int | None = None,
         extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.ref = ref
         self._repo = repo
         self._run_dir = run_dir
         self._workers = workers
+        self._orchestrators = orchestrators
         self._extra_env = dict(extra_env or {})
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -156,7 +164,12 @@ class CompareStack:
         )
         if help_out.returncode != 0:
             raise CompareStackError(f"{self.ref}: cascade up --help failed: {help_out.stderr}")
-        args = up_arguments(help_out.stdout, workers=self._workers, run_dir=self._run_dir)
+        args = up_arguments(
+            help_out.stdout,
+            workers=self._workers,
+            run_dir=self._run_dir,
+            orchestrators=self._orchestrators,
+        )
         self._run_dir.mkdir(parents=True, exist_ok=True)
         log_path = self._run_dir / "up.log"
         self._log = log_path.open("wb")

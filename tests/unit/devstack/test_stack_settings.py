@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from devstack.stack_settings import (
@@ -9,6 +11,7 @@ from devstack.stack_settings import (
     check_settings,
     parse_assignments,
     parse_env_file,
+    positive_int,
 )
 
 
@@ -53,3 +56,11 @@ def test_check_settings_builds_them_and_names_a_bad_variable() -> None:
         check_settings({"CASCADE_BUDGET__SLO_MS": "-1"})
     with pytest.raises(SettingsInputError, match="CASCADE_DEFAULT_DECISION"):
         check_settings({"CASCADE_DEFAULT_DECISION": "MAYBE"})
+
+
+def test_counts_must_be_positive() -> None:
+    assert positive_int("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match="at least 1, got 0"):
+        positive_int("0")
+    with pytest.raises(ValueError, match="invalid literal"):
+        positive_int("two")

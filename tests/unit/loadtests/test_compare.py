@@ -38,6 +38,12 @@ def test_up_arguments_pass_only_the_flags_that_checkout_lists() -> None:
     assert args[-2:] == ["--run-dir", "/r"]
     assert args[args.index("--nats-port") + 1] == "0"
     assert args[args.index("--triton-grpc-port") + 1] == "0"
+    # cascade up's own default is one orchestrator per core: the count is always passed on.
+    assert "--orchestrators" not in up_arguments(old_help, workers=1, run_dir=Path("/r"))
+    counted = up_arguments(
+        new_help + " [--orchestrators N]", workers=2, run_dir=Path("/r"), orchestrators=1
+    )
+    assert counted[counted.index("--orchestrators") + 1] == "1"
 
 
 def test_compare_names_the_two_sides() -> None:
