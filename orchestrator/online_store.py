@@ -36,6 +36,7 @@ tests. Redis errors leave this module only as :mod:`cascade.errors` types.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Protocol, cast
 
-from cascade.errors import Dependency, DependencyTimeout, translate_redis_errors
+from cascade.errors import Dependency, DependencyError, DependencyTimeout, translate_redis_errors
 from cascade.features import HISTORY_LEN, HistoryEntry, decode_history_entry, insert_entry
 from cascade.settings import RedisSettings
 from cascade.transaction import Transaction
@@ -278,7 +279,19 @@ class RedisOnlineStore:
 
     async def __aenter__(self) -> RedisOnlineStore:
         await self._redis.__aenter__()
+        # Loaded now, the first writes need no NOSCRIPT round trips (three instead of one, while
+        # the lookups that carry them read without them). A Redis not up yet gets it on first use.
+        with contextlib.suppress(DependencyError):
+            await self._load_script()
         return self
+
+    async def _load_script(self) -> None:
+        with translate_redis_errors():
+            (loaded,) = await self._redis.execute(
+                [("SCRIPT", "LOAD", WRITE_SCRIPT)], self._write_timeout_s
+            )
+            if isinstance(loaded, Exception):
+                raise loaded
 
     async def __aexit__(
         self,
@@ -326,11 +339,7 @@ class RedisOnlineStore:
             replies = await self._redis.execute(commands, self._write_timeout_s)
             failed = [r for r in replies if isinstance(r, Exception)]
             if failed and all(str(r).startswith("NOSCRIPT") for r in failed):
-                (loaded,) = await self._redis.execute(
-                    [("SCRIPT", "LOAD", WRITE_SCRIPT)], self._write_timeout_s
-                )
-                if isinstance(loaded, Exception):
-                    raise loaded
+                await self._load_script()
                 # Only the script calls failed: the script was missing for every one of them.
                 retry = [
                     c for c, r in zip(commands, replies, strict=True) if isinstance(r, Exception)

@@ -3,7 +3,8 @@
 Redis answers the commands of one connection in the order they were sent, so a connection does
 not have to sit idle while a pipeline is out: every request is written at once and its replies
 are matched to it by position. Requests made in the same pass of the event loop go out in one
-write (one system call), so concurrent lookups share a round trip without waiting for company;
+write (one system call), on one connection, so concurrent lookups share a round trip without
+waiting for company, and requests of one pass reach Redis in the order they were made;
 each still gets its own replies, straight from the protocol callback, with no task in between. Two connections carry the orchestrator's whole load with no pool
 to run out of (redis-py's pool had calls fail with ``MaxConnectionsError`` under load) and
 without redis-py's per-call machinery (pipeline objects, pool checkout, a task hop per reply),
@@ -125,6 +126,11 @@ class _Connection(asyncio.Protocol):
     def pending(self) -> int:
         """Requests written and not yet answered."""
         return len(self._waiting)
+
+    @property
+    def writing(self) -> bool:
+        """Requests of this loop pass are queued for one write."""
+        return bool(self._outgoing)
 
     @property
     def is_open(self) -> bool:
@@ -292,16 +298,21 @@ class PipelinedRedis:
         return await conn.send(encode_commands(commands), len(commands), timeout_s)
 
     def _least_busy(self) -> _Connection | None:
+        """The open connection whose write of this loop pass is already being built (so the
+        request shares its system call, in order), else the one with the fewest requests out."""
         best: _Connection | None = None
+        joining: _Connection | None = None
         open_count = 0
         for conn in self._connections:
             if conn.is_open:
                 open_count += 1
+                if joining is None and conn.writing:
+                    joining = conn
                 if best is None or conn.pending < best.pending:
                     best = conn
         if open_count < self._size:
             self._schedule_reconnect()
-        return best
+        return joining or best
 
     async def _open(self) -> _Connection:
         a = self._address
