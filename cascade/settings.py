@@ -137,8 +137,7 @@ class RedisSettings(BaseModel):
         ge=0,
         le=1000,
         description="Post-answer cache and history writes wait this long for company, so that "
-        "several answers share one Redis round trip (and one wake-up), or until the next lookup "
-        "goes out, which then carries them, ahead of itself, in the same write.",
+        "several answers share one Redis round trip (and one wake-up).",
     )
 
     @property

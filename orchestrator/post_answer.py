@@ -2,14 +2,9 @@
 
 One owned background task drains a bounded queue and writes in batches (one Redis round trip per
 batch), 5 ms after the first item arrives: the response goes out first, and at a few hundred
-answers a second several answers share a round trip instead of paying one each. When a lookup
-is about to go out first, :meth:`PostAnswerWriter.release` ends the wait: the waiting writes are
-queued just ahead of the lookup and go out in the same write to Redis (one system call, one
-reply to wake up for, no timer), and Redis, answering a connection's commands in order, applies
-them before it reads for the lookup, so a card's next transaction sees the entries of the
-answers given before it was looked up. A retry scored while its first attempt's write is still
-out is scored again, identically, and so is one after the write (its own entry is neither read
-nor written twice). Batches stay small
+answers a second several answers share a round trip instead of paying one each. A card's next
+transaction rarely follows within 5 ms; a retry that does is scored again, identically, and so
+is one after the write (its own entry is neither read nor written twice). Batches stay small
 (64 writes): the pipeline is built on the request path's event loop, and a 256-write batch
 after a large ScoreBatch was seen to hold a concurrent lookup past its 5 ms cap. Failures are
 logged and counted, never raised into a request. On exit the queue is drained (bounded by
@@ -63,9 +58,6 @@ class PostAnswerWriter:
         self._linger_s = linger_s
         self._drain_timeout_s = drain_timeout_s
         self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Future[None] | None = None  # set while a batch waits for company
-        self._idle = True  # waiting for a first write (no batch waiting or out)
-        self._released = False  # the next batch goes without waiting
         self._last_log_s = 0.0
         self.stats = WriterStats()
 
@@ -108,39 +100,11 @@ class PostAnswerWriter:
                 "post-answer queue full; dropped %d writes so far", self.stats.dropped
             )
 
-    def release(self) -> bool:
-        """End the wait of writes waiting for company: they are written on the writer's next
-        turn of the event loop. True when there were some; a caller that then yields once
-        (``await asyncio.sleep(0)``) before its own Redis request has them queued ahead of it,
-        in the same write. False while nothing waits (a batch already out included)."""
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
-            return True
-        if self._linger_s and self._idle and not self._queue.empty():
-            # Submitted in this loop pass: the writer takes them on its next turn, at once.
-            self._released = True
-            return True
-        return False
-
-    async def _linger(self) -> None:
-        loop = asyncio.get_running_loop()
-        wake = self._wake = loop.create_future()
-        timer = loop.call_later(self._linger_s, _wake_up, wake)
-        try:
-            await wake
-        finally:
-            timer.cancel()
-            self._wake = None
-
     async def _run(self) -> None:
         while True:
-            self._idle = True
             first = await self._queue.get()
-            self._idle = False
-            if self._linger_s and not self._released:
-                await self._linger()
-            self._released = False
+            if self._linger_s:
+                await asyncio.sleep(self._linger_s)
             batch = [first]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
@@ -164,8 +128,3 @@ class PostAnswerWriter:
         if now - self._last_log_s >= _LOG_EVERY_S:
             self._last_log_s = now
             logger.warning(message, *args)
-
-
-def _wake_up(wake: asyncio.Future[None]) -> None:
-    if not wake.done():
-        wake.set_result(None)

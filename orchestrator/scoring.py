@@ -24,7 +24,6 @@ Cache and history writes are queued for after the answer (:mod:`orchestrator.pos
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -207,9 +206,6 @@ class CascadeScorer:
         if not self._redis_guard.allow():
             self._skipped()
             return None
-        if self._writer.release():
-            # The answers' writes go out first, in this lookup's write: it reads what they wrote.
-            await asyncio.sleep(0)
         timeout_s = budget.allot_s(self._cap_ms(self._budget.redis_ms, len(keys)))
         try:
             if not self._spans:

@@ -61,19 +61,12 @@ Waves = Sequence[Sequence[Transaction]]
 
 
 async def replay_online(
-    redis_url: str,
-    waves: Waves,
-    *,
-    stage2_down: bool = False,
-    flush_each_wave: bool = True,
-    linger_s: float = 0.005,
+    redis_url: str, waves: Waves, *, stage2_down: bool = False
 ) -> tuple[dict[int, Array], dict[int, Array], dict[str, list[bytes]]]:
     """Score ``waves`` through the real online path; the stage-1 row and stage-2 sequence each
     call sent (by call number, counting across waves), and every card's stored history after.
     With ``stage2_down`` stage 2 records its input and fails: answers are degraded, never cached,
-    so a transaction sent again is scored again. Without ``flush_each_wave`` the next wave starts
-    as soon as the previous one is answered, its writes still waiting for company
-    (``linger_s``)."""
+    so a transaction sent again is scored again."""
     rows: dict[int, Array] = {}
     sequences: dict[int, Array] = {}
 
@@ -91,7 +84,7 @@ async def replay_online(
     versions = ModelVersions("parity", "s1", "s2", f"fs-parity-{uuid.uuid4().hex[:8]}")
     async with (
         RedisOnlineStore(redis_url, cache_ttl_s=600, feature_ttl_s=600) as store,
-        PostAnswerWriter(store, linger_s=linger_s) as writer,
+        PostAnswerWriter(store) as writer,
     ):
         scorer = CascadeScorer(
             store=store,
@@ -115,10 +108,7 @@ async def replay_online(
         for wave in waves:
             await asyncio.gather(*(call(number + k, tx) for k, tx in enumerate(wave)))
             number += len(wave)
-            if flush_each_wave:
-                await writer.flush()  # the next wave must see this one
-        writer.release()  # no lookup follows to carry the last writes
-        await writer.flush()
+            await writer.flush()  # the next wave must see this one
         cards = sorted({tx.card_id for wave in waves for tx in wave})
         keys = [("out:none", card_history_key(card, versions.feature_set)) for card in cards]
         lookups = await store.lookup(keys, timeout_s=5.0)
@@ -141,20 +131,11 @@ def replay_offline(waves: Waves) -> tuple[list[Array], list[Array], CardHistorie
 
 
 async def assert_parity(
-    redis_url: str,
-    waves: Waves,
-    *,
-    stage2_down: bool = False,
-    flush_each_wave: bool = True,
-    linger_s: float = 0.005,
+    redis_url: str, waves: Waves, *, stage2_down: bool = False
 ) -> CardHistories:
     """Online and offline replays of ``waves`` give identical inputs and identical histories."""
     online_rows, online_sequences, stored = await replay_online(
-        redis_url,
-        waves,
-        stage2_down=stage2_down,
-        flush_each_wave=flush_each_wave,
-        linger_s=linger_s,
+        redis_url, waves, stage2_down=stage2_down
     )
     expected_rows, expected_sequences, offline = replay_offline(waves)
     n = len(expected_rows)
@@ -183,17 +164,6 @@ async def test_online_features_match_offline_replay(redis_server: RedisServer) -
     offline = await assert_parity(redis_server.url, one_by_one([r.tx for r in stream]))
     # Cards with a long past exercise the 64-entry cap on both sides.
     assert max(len(offline.history(r.tx.card_id)) for r in stream) == HISTORY_LEN
-
-
-async def test_each_call_reads_the_answers_before_it_while_their_writes_wait(
-    redis_server: RedisServer,
-) -> None:
-    """No flush between calls, and writes that would wait a minute for company: each lookup
-    carries the waiting writes ahead of itself in its own write to Redis, so every call still
-    reads its card's history as the offline rule has it, however soon it follows the last."""
-    stream = _stream(seed=13, n_cards=6)[:300]
-    assert len({tx.card_id for tx in stream}) < 10  # many calls follow one of their card's
-    await assert_parity(redis_server.url, one_by_one(stream), flush_each_wave=False, linger_s=60.0)
 
 
 async def test_out_of_order_arrivals_match_offline_replay(redis_server: RedisServer) -> None:

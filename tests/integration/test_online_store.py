@@ -6,6 +6,7 @@ writes come in, concurrent or not, and one script call per entry."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import uuid
 
@@ -21,6 +22,7 @@ from cascade.features import (
 from cascade.transaction import Transaction
 from devstack.servers import RedisServer
 from orchestrator.online_store import (
+    WRITE_SCRIPT,
     InMemoryOnlineStore,
     RedisOnlineStore,
     StoreWrite,
@@ -138,3 +140,29 @@ async def test_each_entry_is_one_script_call(redis_server: RedisServer) -> None:
     assert isinstance(info, bytes)
     stats = dict(line.split(":", 1) for line in info.decode().splitlines() if ":" in line)
     assert stats["cmdstat_evalsha"].startswith("calls=99,")
+
+
+async def test_requests_of_one_loop_pass_share_one_connection(redis_server: RedisServer) -> None:
+    """Two connections, requests made in one pass: they join the write already being built
+    (one system call, in order), rather than spreading over the least busy connections."""
+    async with PipelinedRedis(redis_server.url, connections=2) as redis:
+        ids = await asyncio.gather(*(redis.execute([("CLIENT", "ID")], 1.0) for _ in range(4)))
+        assert len({reply for (reply,) in ids}) == 1
+        # Once that write is out, a new request goes to the least busy connection: the other.
+        blocked = [("CLIENT", "ID"), ("BLPOP", f"empty-{uuid.uuid4().hex}", "0.2")]
+        first = asyncio.ensure_future(redis.execute(blocked, 1.0))
+        for _ in range(2):
+            await asyncio.sleep(0)  # the first request is queued, then written
+        (second,) = await redis.execute([("CLIENT", "ID")], 1.0)
+        busy_id, nothing = await first
+    assert nothing is None
+    assert second != busy_id
+
+
+async def test_the_write_script_is_loaded_when_the_store_opens(redis_server: RedisServer) -> None:
+    async with PipelinedRedis(redis_server.url, connections=1) as redis:
+        await redis.execute([("SCRIPT", "FLUSH")], 1.0)
+        async with RedisOnlineStore(redis_server.url, cache_ttl_s=60, feature_ttl_s=60):
+            sha = hashlib.sha1(WRITE_SCRIPT.encode()).hexdigest()
+            ((loaded,),) = [await redis.execute([("SCRIPT", "EXISTS", sha)], 1.0)]
+    assert loaded == [1]
