@@ -29,7 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["LOADGEN", "PER_PROCESS_ROLES", "CpuMeter", "CpuSnapshot", "cpu_report", "role_of"]
+__all__ = [
+    "LOADGEN",
+    "PER_PROCESS_ROLES",
+    "CpuMeter",
+    "CpuSnapshot",
+    "cpu_report",
+    "process_cpu_s",
+    "role_of",
+]
 
 _PROC: Final = Path("/proc")
 _TICKS: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -69,6 +77,12 @@ def _stat(pid: int) -> tuple[int, float, float] | None:
     own = (int(fields[11]) + int(fields[12])) / _TICKS
     children = (int(fields[13]) + int(fields[14])) / _TICKS
     return ppid, own, children
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds ``pid`` has used so far (user + system, its threads included); 0.0 if gone."""
+    stat = _stat(pid)
+    return 0.0 if stat is None else stat[1]
 
 
 def _schedstat(pid: int) -> tuple[float, int]:

@@ -20,13 +20,7 @@ import tritonclient.grpc.aio as grpcclient
 from cascade.model_registry import load_registry
 from cascade.settings import DEFAULT_MODEL_DIR
 from devstack.servers.triton import INPUT_NAME, OUTPUT_NAME, TritonServer, read_model_shape
-
-
-def quantile(sorted_ms: Sequence[float], q: float) -> float:
-    """The ``q`` quantile of ascending ``sorted_ms`` (nearest rank; pure)."""
-    if not sorted_ms:
-        raise ValueError("no samples")
-    return sorted_ms[min(len(sorted_ms) - 1, int(q * len(sorted_ms)))]
+from loadtests.histogram import percentile_of_sorted
 
 
 async def _call(
@@ -76,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--window-us and --n must be positive")
     for window, samples in asyncio.run(measure(args.n, args.window_us)).items():
         samples.sort()
-        p50, p90, p99 = (quantile(samples, q) for q in (0.5, 0.9, 0.99))
+        p50, p90, p99 = (percentile_of_sorted(samples, p) for p in (50, 90, 99))
         print(f"window {window:4d} us: p50 {p50:.3f} ms, p90 {p90:.3f} ms, p99 {p99:.3f} ms")
     return 0
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-from loadtests.cpu import CpuMeter, CpuSnapshot, cpu_report, role_of
+from loadtests.cpu import CpuMeter, CpuSnapshot, cpu_report, process_cpu_s, role_of
 
 
 @pytest.mark.parametrize(
@@ -109,6 +110,16 @@ def test_snapshot_counts_this_process_and_its_children() -> None:
     )
     after = meter.snapshot()
     assert after.roles["loadgen"] - before.roles["loadgen"] >= 0.35
+
+
+@pytest.mark.skipif(not CpuMeter.available(), reason="needs /proc")
+def test_process_cpu_counts_one_process() -> None:
+    before = process_cpu_s(os.getpid())
+    deadline = time.process_time() + 0.1
+    while time.process_time() < deadline:
+        pass
+    assert process_cpu_s(os.getpid()) - before >= 0.08
+    assert process_cpu_s(2**22 + 7) == 0.0  # no such process
 
 
 @pytest.mark.skipif(not CpuMeter.available(), reason="needs /proc")
