@@ -291,13 +291,13 @@ class PipelinedRedis:
         received, not until this coroutine resumes: a busy event loop delaying either end is not
         Redis's slowness, so Redis's cap measures Redis.
         """
-        conn = self._least_busy()
+        conn = self._connection_for_request()
         if conn is None:
             self._schedule_reconnect()
             raise ConnectionError("no Redis connection open")
         return await conn.send(encode_commands(commands), len(commands), timeout_s)
 
-    def _least_busy(self) -> _Connection | None:
+    def _connection_for_request(self) -> _Connection | None:
         """The open connection whose write of this loop pass is already being built (so the
         request shares its system call, in order), else the one with the fewest requests out."""
         best: _Connection | None = None

@@ -102,9 +102,9 @@ class NatsServer(OneProcessServer):
     it wins; None: Go's default of one per core). One is plenty for the few thousand messages a
     second of a local stack, and on a small machine shared with the rest of the stack it spends
     less CPU per message and wakes fewer threads: with more, Go hands each message between its
-    threads. Measured on 2 cores, serial request-reply: 0.083 against 0.117 ms of server CPU per
-    round trip, p50 0.151 against 0.182 ms; in the stack at 300 scores/s, 6.5 against 10.5
-    wake-ups of nats-server per answer.
+    threads. Measured on 2 cores (``python -m loadtests.nats_gomaxprocs``): 0.080 against 0.113 ms
+    of server CPU per request-reply, p50 0.144 against 0.175 ms; in the stack at 300 scores/s,
+    6.5 against 10.5 wake-ups of nats-server per answer (``docs/loadtest-2026-12-01d.md``).
     """
 
     def __init__(
