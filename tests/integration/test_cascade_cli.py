@@ -232,9 +232,13 @@ async def test_up_passes_env_file_and_set_settings_to_the_services(tmp_path: Pat
     assert proc.stdout is not None
     try:
         target = ""
+        seen: list[str] = []
         async with asyncio.timeout(180):
             while not (line := (await proc.stdout.readline()).decode()).startswith("running;"):
-                assert line, "cascade up exited early"
+                if not line:  # say how, for a failure seen once in CI with no output at all
+                    code = await asyncio.wait_for(proc.wait(), 10)
+                    pytest.fail(f"cascade up exited early (status {code}): {''.join(seen)!r}")
+                seen.append(line)
                 if found := re.search(r"grpc://(127\.0\.0\.1:\d+)", line):
                     target = found.group(1)
         async with grpc.aio.insecure_channel(target) as channel:
