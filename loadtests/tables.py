@@ -136,6 +136,14 @@ def _ms(cpu: Mapping[str, Any], role: str) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _server_roles(target: str) -> tuple[str, str]:
+    """The roles in a target's orchestrator and screening columns: the naive baseline's server
+    and workers for it."""
+    if target == "naive":
+        return "naive-server", "naive-workers"
+    return "orchestrator", "screening-workers"
+
+
 def _cpu_rows(report: Mapping[str, Any]) -> list[list[str]]:
     """CPU ms per answer of every step, by process role. The naive baseline's server and
     workers go in the orchestrator and screening columns."""
@@ -144,10 +152,7 @@ def _cpu_rows(report: Mapping[str, Any]) -> list[list[str]]:
         cpu = step.get("cpu")
         if not cpu:
             continue
-        naive = name == "naive"
-        server, workers = (
-            ("naive-server", "naive-workers") if naive else ("orchestrator", "screening-workers")
-        )
+        server, workers = _server_roles(name)
         each = cpu.get("per_process_ms_per_answer", {}).get(workers, {})
         rows.append(
             [
@@ -198,10 +203,7 @@ def _sched_rows(report: Mapping[str, Any]) -> list[list[str]]:
         sched = (step.get("cpu") or {}).get("sched")
         if not sched:
             continue
-        naive = name == "naive"
-        server, workers = (
-            ("naive-server", "naive-workers") if naive else ("orchestrator", "screening-workers")
-        )
+        server, workers = _server_roles(name)
         roles = (server, workers, "triton", "redis", "nats", "loadgen", "stack")
         rows.append([name, _offered(step), *(_sched_cell(sched, r) for r in roles)])
     return rows

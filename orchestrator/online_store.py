@@ -279,19 +279,21 @@ class RedisOnlineStore:
 
     async def __aenter__(self) -> RedisOnlineStore:
         await self._redis.__aenter__()
-        # Loaded now, the first writes need no NOSCRIPT round trips (three instead of one, while
-        # the lookups that carry them read without them). A Redis not up yet gets it on first use.
+        # Loaded now, the first writes need one round trip, not three (NOSCRIPT, load, retry).
+        # A Redis that is not up yet gets it on first use.
         with contextlib.suppress(DependencyError):
             await self._load_script()
         return self
 
-    async def _load_script(self) -> None:
+    async def _command(self, command: tuple[Arg, ...], timeout_s: float) -> None:
+        """Run one command; raise a ``DependencyError`` on failure or an error reply."""
         with translate_redis_errors():
-            (loaded,) = await self._redis.execute(
-                [("SCRIPT", "LOAD", WRITE_SCRIPT)], self._write_timeout_s
-            )
-            if isinstance(loaded, Exception):
-                raise loaded
+            (reply,) = await self._redis.execute([command], timeout_s)
+            if isinstance(reply, Exception):
+                raise reply
+
+    async def _load_script(self) -> None:
+        await self._command(("SCRIPT", "LOAD", WRITE_SCRIPT), self._write_timeout_s)
 
     async def __aexit__(
         self,
@@ -303,10 +305,7 @@ class RedisOnlineStore:
 
     async def ping(self, timeout_s: float = 1.0) -> None:
         """Raise a ``DependencyError`` unless Redis answers within ``timeout_s``."""
-        with translate_redis_errors():
-            (reply,) = await self._redis.execute([("PING",)], timeout_s)
-            if isinstance(reply, Exception):
-                raise reply
+        await self._command(("PING",), timeout_s)
 
     async def lookup(
         self,
