@@ -11,8 +11,11 @@ import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import uvloop
+
+T = TypeVar("T")
 
 
 def configure_logging(level: str) -> None:
@@ -34,6 +37,31 @@ def run_service(service: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         await service(stop)
 
     uvloop.run(main())
+
+
+async def stopped_by_sigterm(main: Awaitable[T]) -> T:
+    """Await ``main``, cancelling it on SIGTERM as asyncio cancels it on Ctrl-C, so that what it
+    started (stacks, servers, generator processes) stops through its context managers instead of
+    outliving it; the process then exits with status 143 (128 + SIGTERM)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None, "stopped_by_sigterm runs inside a task"
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        return await main
+    except asyncio.CancelledError:
+        if terminated:
+            raise SystemExit(128 + signal.SIGTERM) from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def freeze_heap() -> None:

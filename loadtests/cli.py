@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from cascade.runtime import stopped_by_sigterm
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
 from devstack.stack_settings import parse_assignments, positive_int
 from loadtests.address import parse_loopback_target
@@ -608,7 +609,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         _write_outputs(report, out_dir, sweep=bool(report["meta"].get("sweep")))
         print(text_table(report))
         return 0
-    report = uvloop.run(run_loadtest(args, argv if argv is not None else sys.argv[2:], out_dir))
+    report = uvloop.run(
+        stopped_by_sigterm(run_loadtest(args, argv if argv is not None else sys.argv[2:], out_dir))
+    )
     _write_outputs(report, out_dir, sweep=args.sweep)
     print(text_table(report))
     print(f"\nwrote {out_dir / 'report.json'} and PNGs beside it")

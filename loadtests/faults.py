@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from cascade.runtime import stopped_by_sigterm
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
 from cascade.v1 import scoring_pb2
 from cascade.wire import to_wire
@@ -340,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         PhaseTiming(args.pre, args.fault, args.post, args.kill_wait)
     except ValueError as exc:
         parser.error(str(exc))
-    report = uvloop.run(run_matrix(args, phases))
+    report = uvloop.run(stopped_by_sigterm(run_matrix(args, phases)))
     table = markdown_table(report["phases"])
     out_dir: Path = args.out.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,10 @@ two generator processes, and a report whose numbers add up."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -207,3 +209,78 @@ async def test_loadtest_refuses_a_target_that_is_not_loopback(tmp_path: Path) ->
     assert code == 2
     assert "not a loopback address" in out
     assert not (tmp_path / "report.json").exists()
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` now (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(proc.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.skipif(
+    not (DEFAULT_MODEL_DIR / "registry.json").exists(), reason="no committed models"
+)
+async def test_loadtest_stopped_by_sigterm_stops_the_stack_it_started(tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "devstack.cli",
+        "loadtest",
+        f"--model-dir={DEFAULT_MODEL_DIR}",
+        f"--out={out_dir}",
+        "--workers=1",
+        "--no-baseline",
+        "--history=mature",
+        "--rate=5",
+        "--duration=300",
+        "--serial-count=0",
+        "--no-overload",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    seen = ""
+    stack: set[int] = set()
+    try:
+        async with asyncio.timeout(180):
+            while "backfilling" not in seen:  # printed once the stack serves
+                line = await proc.stdout.readline()
+                assert line, seen
+                seen += line.decode()
+        await asyncio.sleep(1.0)
+        stack = _descendants(proc.pid)
+        # Redis, NATS, Triton (and its stub), a worker and an orchestrator at least.
+        assert len(stack) >= 6, stack
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            out, _ = await proc.communicate()
+        left = [pid for pid in stack if Path(f"/proc/{pid}").exists()]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for pid in stack:  # should this fail, nothing it started outlives the test
+            if Path(f"/proc/{pid}").exists():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, seen + out.decode()
+    assert left == []
+    assert processes_mentioning(out_dir) == set()
+    assert not (out_dir / "report.json").exists()
