@@ -114,6 +114,43 @@ async def triton_server(
         yield server
 
 
+def process_table() -> list[tuple[int, str, int, int]]:
+    """``(pid, state, ppid, pgrp)`` of every process now, from /proc (state ``Z``: a zombie)."""
+    table = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command: state, ppid, pgrp, ...
+        state, ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        table.append((int(entry.name), state, int(ppid), int(pgrp)))
+    return table
+
+
+def live_descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` now (children, their children, ...) that is not a zombie."""
+    table = process_table()
+    children: dict[int, list[int]] = {}
+    for child, _state, parent, _pgrp in table:
+        children.setdefault(parent, []).append(child)
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.add(child)
+            todo.append(child)
+    return found & live_processes(table)
+
+
+def live_processes(table: list[tuple[int, str, int, int]] | None = None) -> set[int]:
+    """Pids of ``table`` (default: now) that are not zombies."""
+    rows = process_table() if table is None else table
+    return {pid for pid, state, _ppid, _pgrp in rows if state != "Z"}
+
+
 def processes_mentioning(folder: Path) -> set[int]:
     """Pids whose command line names ``folder`` (a run folder a test gave the stack)."""
     pids = set()

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from cascade.settings import DEFAULT_MODEL_DIR
-from tests.integration.conftest import processes_mentioning
+from tests.integration.conftest import live_descendants, live_processes, processes_mentioning
 
 pytestmark = pytest.mark.integration
 
@@ -23,8 +23,9 @@ STAGES = {"redis", "features", "stage1", "stage2", "server_total", "orchestrator
 SUMMARY_KEYS = {"count", "mean", "p50", "p95", "p99", "p99_9", "max"}
 
 
-async def run_cli(*args: str, timeout_s: float = 400) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
+async def start_cli(*args: str) -> asyncio.subprocess.Process:
+    """``cascade loadtest`` with ``args``, stdout and stderr together on a pipe."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "devstack.cli",
@@ -34,6 +35,10 @@ async def run_cli(*args: str, timeout_s: float = 400) -> tuple[int, str]:
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+async def run_cli(*args: str, timeout_s: float = 400) -> tuple[int, str]:
+    proc = await start_cli(*args)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
     except TimeoutError:
@@ -211,37 +216,12 @@ async def test_loadtest_refuses_a_target_that_is_not_loopback(tmp_path: Path) ->
     assert not (tmp_path / "report.json").exists()
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` now (children, their children, ...), from /proc."""
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(proc.name))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
 @pytest.mark.skipif(
     not (DEFAULT_MODEL_DIR / "registry.json").exists(), reason="no committed models"
 )
 async def test_loadtest_stopped_by_sigterm_stops_the_stack_it_started(tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "devstack.cli",
-        "loadtest",
+    proc = await start_cli(
         f"--model-dir={DEFAULT_MODEL_DIR}",
         f"--out={out_dir}",
         "--workers=1",
@@ -251,9 +231,6 @@ async def test_loadtest_stopped_by_sigterm_stops_the_stack_it_started(tmp_path: 
         "--duration=300",
         "--serial-count=0",
         "--no-overload",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.stdout is not None
     seen = ""
@@ -265,22 +242,21 @@ async def test_loadtest_stopped_by_sigterm_stops_the_stack_it_started(tmp_path: 
                 assert line, seen
                 seen += line.decode()
         await asyncio.sleep(1.0)
-        stack = _descendants(proc.pid)
+        stack = live_descendants(proc.pid)
         # Redis, NATS, Triton (and its stub), a worker and an orchestrator at least.
         assert len(stack) >= 6, stack
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(60):
             out, _ = await proc.communicate()
-        left = [pid for pid in stack if Path(f"/proc/{pid}").exists()]
+        left = stack & live_processes()
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        for pid in stack:  # should this fail, nothing it started outlives the test
-            if Path(f"/proc/{pid}").exists():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        for pid in stack & live_processes():  # should this fail, nothing it started outlives it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 128 + signal.SIGTERM, seen + out.decode()
-    assert left == []
+    assert left == set()
     assert processes_mentioning(out_dir) == set()
     assert not (out_dir / "report.json").exists()

@@ -41,6 +41,7 @@ from devstack.servers import (
     free_port,
 )
 from devstack.servers.triton import ModelContractError
+from tests.integration.conftest import process_table
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -66,19 +67,7 @@ def process_exists(pid: int) -> bool:
 
 def live_group_members(pgid: int) -> list[int]:
     """Processes of group ``pgid`` that are not zombies (a killed orphan waits for init to reap)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the parenthesised command: state, ppid, pgrp, ...
-        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
-        if int(pgrp) == pgid and state != "Z":
-            members.append(int(entry.name))
-    return members
+    return [pid for pid, state, _ppid, pgrp in process_table() if pgrp == pgid and state != "Z"]
 
 
 async def wait_group_dead(pgid: int, timeout_s: float = 2.0) -> list[int]:
