@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from cascade.runtime import stopped_by_sigterm
+from cascade.shared_port import default_process_count
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
 from devstack.stack_settings import parse_assignments, positive_int
 from loadtests.address import parse_loopback_target
@@ -129,9 +130,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--orchestrators",
         type=positive_int,
-        default=1,
-        help="orchestrator processes sharing the port (own stack; cascade up defaults to one "
-        "per core)",
+        default=default_process_count(),
+        help="orchestrator processes sharing the port (own stack; default: one per CPU core, "
+        "as cascade up)",
     )
     where.add_argument(
         "--compare-orchestrators",

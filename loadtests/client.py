@@ -1,7 +1,10 @@
 """The generator's I/O inside one process: gRPC channels, the open-loop send loop, the serial loop.
 
 :class:`ScoringClient` owns ``channels`` grpc.aio channels to one loopback target (each its own
-TCP connection) and sends pre-serialised ``ScoreRequest`` bytes round-robin over them.
+TCP connection) and sends pre-serialised ``ScoreRequest`` bytes round-robin over them. Where
+several processes share the target's port (``cascade up --orchestrators N``), it keeps an equal
+number of connections on each (:mod:`loadtests.connections`): the kernel gives a connection to
+one of them by a hash, so one connection would load one process and leave the others idle.
 
 :func:`run_open_loop` sends each request at its intended time whether or not earlier ones have
 been answered (open loop), one owned task per call inside a ``TaskGroup``. Latency is counted
@@ -41,6 +44,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cascade.v1 import scoring_pb2
 from loadtests.address import parse_loopback_target
+from loadtests.connections import listeners, owners
 from loadtests.replay import RequestPlan
 from loadtests.results import Failure, Tally
 
@@ -62,6 +66,7 @@ logger = logging.getLogger(__name__)
 SCORE_METHOD: Final = "/cascade.v1.ScoringService/Score"
 SCORE_BATCH_METHOD: Final = "/cascade.v1.ScoringService/ScoreBatch"
 _GRACE_S: Final = 2.0
+_SPREAD_ATTEMPTS_PER_CHANNEL: Final = 20
 
 Sender = Callable[[bytes, float], Awaitable[scoring_pb2.ScoreResponse]]
 """``send(serialised ScoreRequest, timeout_s) -> ScoreResponse``; raises on failure."""
@@ -103,23 +108,26 @@ class ScoringClient:
     def __init__(self, target: str, *, channels: int = 1, connect_timeout_s: float = 10.0) -> None:
         if channels < 1:
             raise ValueError("channels must be >= 1")
-        self.target = parse_loopback_target(target).grpc_target
+        address = parse_loopback_target(target)
+        self.target = address.grpc_target
+        self._port = address.port
         self._n_channels = channels
         self._connect_timeout_s = connect_timeout_s
         self._channels: list[grpc.aio.Channel] = []
         self._callables: itertools.cycle[grpc.aio.UnaryUnaryMultiCallable] | None = None
+        self.connections_by_process: dict[int, int] = {}
+        """Where the target's port is shared by several processes: how many of this client's
+        connections each holds (an equal share, at least ``channels`` in all)."""
 
     async def __aenter__(self) -> ScoringClient:
         try:
-            for _ in range(self._n_channels):
-                # A local subchannel pool gives every channel its own connection.
-                channel = grpc.aio.insecure_channel(
-                    self.target, options=[("grpc.use_local_subchannel_pool", 1)]
-                )
-                self._channels.append(channel)
             async with asyncio.timeout(self._connect_timeout_s):
-                for channel in self._channels:
-                    await channel.channel_ready()
+                servers = await asyncio.to_thread(listeners, self._port)
+                if len(servers) > 1:
+                    await self._open_spread(servers)
+                else:
+                    for _ in range(self._n_channels):
+                        self._channels.append(await self._open())
         except BaseException:
             await self._close()
             raise
@@ -143,6 +151,46 @@ class ScoringClient:
         tb: TracebackType | None,
     ) -> None:
         await self._close()
+
+    async def _open(self) -> grpc.aio.Channel:
+        # A local subchannel pool gives every channel its own connection.
+        channel = grpc.aio.insecure_channel(
+            self.target, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        try:
+            await channel.channel_ready()
+        except BaseException:
+            await channel.close()
+            raise
+        return channel
+
+    async def _open_spread(self, servers: list[int]) -> None:
+        """As many connections on each of ``servers`` (processes sharing the port), at least
+        ``channels`` in all: a connection the kernel gave to a process that has its share
+        already is closed and another one opened."""
+        share = -(-self._n_channels // len(servers))
+        held = dict.fromkeys(servers, 0)
+        known = set(await asyncio.to_thread(owners, self._port, servers))
+        attempts = _SPREAD_ATTEMPTS_PER_CHANNEL * share * len(servers)
+        while min(held.values()) < share and attempts > 0:
+            attempts -= 1
+            channel = await self._open()
+            now = await asyncio.to_thread(owners, self._port, servers)
+            new = [client_port for client_port in now if client_port not in known]
+            known = set(now)
+            # Two new connections at once (another client connecting): whose is whose is
+            # unknown, so this one goes too.
+            pid = now[new[0]] if len(new) == 1 else None
+            if pid is None or held[pid] >= share:
+                await channel.close()
+                continue
+            held[pid] += 1
+            self._channels.append(channel)
+        if min(held.values()) < share:
+            logger.warning(
+                "connections spread unevenly over the processes on port %d: %s", self._port, held
+            )
+        self.connections_by_process = held
 
     async def _close(self) -> None:
         channels, self._channels = self._channels, []

@@ -53,7 +53,7 @@ _ROLES: Final = (
     ("multiprocessing", "loadgen"),
 )
 LOADGEN: Final = "loadgen"
-PER_PROCESS_ROLES: Final = frozenset({"screening-workers", "naive-workers"})
+PER_PROCESS_ROLES: Final = frozenset({"orchestrator", "screening-workers", "naive-workers"})
 
 
 def role_of(cmdline: Sequence[str]) -> str:

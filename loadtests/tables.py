@@ -153,12 +153,17 @@ def _cpu_rows(report: Mapping[str, Any]) -> list[list[str]]:
         if not cpu:
             continue
         server, workers = _server_roles(name)
-        each = cpu.get("per_process_ms_per_answer", {}).get(workers, {})
+        per_process = cpu.get("per_process_ms_per_answer", {})
+        each = per_process.get(workers, {})
+        servers = per_process.get(server, {})
+        server_cell = _ms(cpu, server)
+        if len(servers) > 1:  # several processes on one port: how the load spread over them
+            server_cell += " (" + " / ".join(f"{v:.3f}" for v in servers.values()) + ")"
         rows.append(
             [
                 name,
                 _offered(step),
-                _ms(cpu, server),
+                server_cell,
                 _ms(cpu, workers),
                 " / ".join(f"{v:.3f}" for v in each.values()) or "-",
                 _ms(cpu, "triton"),
