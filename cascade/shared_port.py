@@ -17,7 +17,12 @@ import os
 from collections.abc import Mapping
 from typing import Final
 
-__all__ = ["default_process_count", "metrics_port_offset", "shared_port_env"]
+__all__ = [
+    "default_process_count",
+    "local_stack_orchestrators",
+    "metrics_port_offset",
+    "shared_port_env",
+]
 
 _REUSE_PORT: Final = "CASCADE_SERVER__REUSE_PORT"
 _PROCESSES: Final = "CASCADE_SERVER__PROCESSES"
@@ -33,6 +38,20 @@ def default_process_count() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+def local_stack_orchestrators() -> int:
+    """Orchestrator processes for a stack that has the machine to itself, workers, NATS, Redis
+    and Triton included (``cascade up``, ``cascade loadtest``): one per two usable cores, at
+    least one, since the orchestrators get only part of the cores.
+
+    Measured on a 2-core VM with every server and the load generator on it, two serving
+    orchestrator processes against one (2026-12-01e): capacity at p99 <= 10 ms 645/s against
+    753/s, at 1,936/s for 10 s 137 late answers and 115 DEADLINE_EXCEEDED against 8 and 4,
+    and 1.07 against 0.83 ms of orchestrator CPU per answer at 274/s (each process then has half
+    the calls to share a wake-up).
+    """
+    return max(1, default_process_count() // 2)
 
 
 def shared_port_env(env: Mapping[str, str], index: int, count: int) -> dict[str, str]:

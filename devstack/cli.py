@@ -1,7 +1,7 @@
 """``cascade``: run the local stack and send it sample transactions.
 
 * ``cascade up``    start Redis, NATS, Triton, screening workers and the orchestrator processes on
-                    loopback (one per core, on one port), wait until healthy, print the endpoint,
+                    loopback (one per two cores, on one port), wait until healthy, print the endpoint,
                     optionally send sample traffic, and run until SIGINT/SIGTERM, restarting any
                     process that exits on its own (printed, and counted); then stop everything it
                     started.
@@ -34,7 +34,7 @@ from cascade.errors import ConfigurationError, DependencyError
 from cascade.iso_codes import minor_unit_exponent, to_major_units
 from cascade.pseudonym import from_settings as pseudonym_from_settings
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT, Settings
-from cascade.shared_port import default_process_count
+from cascade.shared_port import local_stack_orchestrators
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from devstack.decision_rows import DecisionFilter, parse_time_ms
 from devstack.decisions import read_decision_rows, table_line, write_jsonl, write_parquet
@@ -462,8 +462,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--orchestrators",
         type=positive_int,
-        default=default_process_count(),
-        help="orchestrator processes sharing the port (default: one per CPU core)",
+        default=local_stack_orchestrators(),
+        help="orchestrator processes sharing the port (default: one per two CPU cores, at "
+        "least one: the workers, NATS, Redis and Triton share the cores)",
     )
     up.add_argument(
         "--model-dir",

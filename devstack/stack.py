@@ -86,7 +86,7 @@ class StackConfig:
     ports: StackPorts = field(default_factory=StackPorts)
     workers: int = 2
     orchestrators: int = 1
-    """Orchestrator processes on the one port (``cascade up`` defaults to one per core)."""
+    """Orchestrator processes on the one port (``cascade up`` defaults to one per two cores)."""
     triton_instances: int = 1
     triton_delay_ms: float = 0.0
     extra_env: dict[str, str] = field(default_factory=dict)

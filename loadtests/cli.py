@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from cascade.runtime import stopped_by_sigterm
-from cascade.shared_port import default_process_count
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
+from cascade.shared_port import local_stack_orchestrators
 from devstack.stack_settings import parse_assignments, positive_int
 from loadtests.address import parse_loopback_target
 from loadtests.cpu import CpuMeter, CpuSnapshot, cpu_report
@@ -130,9 +130,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--orchestrators",
         type=positive_int,
-        default=default_process_count(),
-        help="orchestrator processes sharing the port (own stack; default: one per CPU core, "
-        "as cascade up)",
+        default=local_stack_orchestrators(),
+        help="orchestrator processes sharing the port (own stack; default as cascade up: one "
+        "per two CPU cores, at least one); the generator keeps an equal share of its "
+        "connections on each",
     )
     where.add_argument(
         "--compare-orchestrators",

@@ -65,7 +65,7 @@ def up_arguments(
 ) -> list[str]:
     """``cascade up`` arguments for free ports, ``workers``, ``orchestrators`` and ``run_dir``,
     keeping only the flags ``help_text`` (that checkout's ``up --help``) lists. The orchestrator
-    count must be passed: ``cascade up``'s own default is one per core, and a loadtest that put
+    count must be passed: ``cascade up``'s own default (one per core before 2026-12-01e) may differ, and a loadtest that put
     one process on its own side against that would compare two layouts, not two commits."""
     known = set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
     args: list[str] = []

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from cascade.settings import Settings
-from cascade.shared_port import default_process_count, metrics_port_offset, shared_port_env
+from cascade.shared_port import (
+    default_process_count,
+    local_stack_orchestrators,
+    metrics_port_offset,
+    shared_port_env,
+)
 from devstack.cli import _parser
 
 BASE = {"CASCADE_SERVER__PORT": "50051", "CASCADE_METRICS_PORT": "9464", "PATH": "/bin"}
@@ -55,9 +60,11 @@ def test_reuse_port_is_off_and_one_process_by_default() -> None:
     assert server.processes == 1
 
 
-def test_orchestrators_flag_defaults_to_the_usable_cores() -> None:
+def test_orchestrators_flag_defaults_to_one_per_two_usable_cores() -> None:
     assert default_process_count() >= 1
-    assert _parser().parse_args(["up"]).orchestrators == default_process_count()
+    assert local_stack_orchestrators() == max(1, default_process_count() // 2)
+    assert _parser().parse_args(["up"]).orchestrators == local_stack_orchestrators()
+    assert _parser().parse_args(["loadtest"]).orchestrators == local_stack_orchestrators()
     assert _parser().parse_args(["up", "--orchestrators", "3"]).orchestrators == 3
 
 
