@@ -18,7 +18,7 @@ from cascade.settings import DEFAULT_MODEL_DIR
 from cascade.v1 import scoring_pb2_grpc
 from devstack.servers import free_port
 from tests.integration.cascade.conftest import new_request
-from tests.integration.conftest import processes_mentioning
+from tests.integration.conftest import process_table, processes_mentioning
 
 pytestmark = pytest.mark.integration
 
@@ -261,17 +261,15 @@ async def test_up_passes_env_file_and_set_settings_to_the_services(tmp_path: Pat
 def children_running(parent: int, module: str) -> list[int]:
     """Pids of ``python -m <module>`` processes whose parent is ``parent``."""
     found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+    for pid, _state, ppid, _pgrp in process_table():
+        if ppid != parent:
             continue
         try:
-            stat = (proc / "stat").read_text()
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and cmdline[1:3] == [b"-m", module.encode()]:
-            found.append(int(proc.name))
+        if cmdline[1:3] == [b"-m", module.encode()]:
+            found.append(pid)
     return found
 
 
