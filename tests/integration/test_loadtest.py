@@ -1,5 +1,5 @@
 """``cascade loadtest`` end to end: its own local stack and the naive baseline, a tiny sweep from
-two generator processes, and a report whose numbers add up."""
+two generator processes, a report whose numbers add up, and a SIGTERM that stops the stack."""
 
 from __future__ import annotations
 

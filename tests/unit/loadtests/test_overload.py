@@ -129,7 +129,10 @@ def _clean(rate: float, *, degraded: int = 0) -> dict[str, Any]:
             "loadgen": 0.2,
             "total": 1.3,
         },
-        "per_process_ms_per_answer": {"screening-workers": {"101": 0.1, "102": 0.2}},
+        "per_process_ms_per_answer": {
+            "screening-workers": {"101": 0.1, "102": 0.2},
+            "orchestrator": {"201": 0.26, "202": 0.24},
+        },
     }
     return step
 
@@ -184,6 +187,7 @@ def test_tables_show_cpu_per_step_with_each_worker_and_the_overload_step() -> No
     md = markdown_tables(report)
     assert "900 (overload)" in text
     assert "0.100 / 0.200" in text  # each screening worker
+    assert "0.500 (0.260 / 0.240)" in text  # the orchestrator, and each of its processes
     assert "orchestrator <= 0.6 ms" in text
     assert "640 earlier transactions of 10 cards" in text
     overload_row = next(line for line in md.splitlines() if line.startswith("| cascade | 900 |"))
