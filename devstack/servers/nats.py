@@ -98,6 +98,13 @@ class NatsServer(OneProcessServer):
     one): it listens for routes there and connects to the other nodes' ``routes`` ports;
     ``server_name`` names it (JetStream in a cluster needs it).
 
+    JetStream's file store is declared (``max_file_store``), not auto-sized: nats-server's
+    default is 75% of the disk that is free when it starts, and every stream reserves its
+    ``max_bytes`` against it, so on a machine with less than ~40 GB free the decision log's
+    8 GiB streams could not be created ("insufficient storage resources available", seen in a
+    test run here). A declared limit only bounds the reservations; a disk that really fills up
+    fails the writes, which the decision log spools.
+
     The Go runtime gets ``go_max_procs`` processors (``GOMAXPROCS``; an environment that sets
     it wins; None: Go's default of one per core). One is plenty for the few thousand messages a
     second of a local stack, and on a small machine shared with the rest of the stack it spends
@@ -126,6 +133,7 @@ class NatsServer(OneProcessServer):
         tls: ServerTls | None = None,
         credentials: Credentials | None = None,
         go_max_procs: int | None = 1,
+        max_file_store: str = "1TB",
     ) -> None:
         self.host: Final = LOOPBACK
         self.port: Final = resolve_port(port)
@@ -162,6 +170,7 @@ class NatsServer(OneProcessServer):
         )
         if self.store_dir is not None:
             argv += ["-js", "-sd", str(self.store_dir)]
+            self._config += f"jetstream {{\n  max_file_store: {max_file_store}\n}}\n"
         self.process = ManagedProcess(
             f"nats-{self.port}",
             argv,

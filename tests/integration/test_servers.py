@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import types
@@ -213,6 +214,25 @@ async def test_a_process_ignoring_sigterm_is_killed_with_its_children(
 
 
 # --- NATS ----------------------------------------------------------------------------------------
+
+
+async def test_jetstream_reserves_streams_beyond_three_quarters_of_the_free_disk(
+    server_log_dir: Path,
+) -> None:
+    # Auto-sized, the file store would be 75% of the free disk, and a stream reserving the whole
+    # free disk would be refused (the decision log's 8 GiB streams were, on a fuller disk).
+    async with NatsServer(log_dir=server_log_dir, jetstream=True) as server:
+        assert server.store_dir is not None
+        free = shutil.disk_usage(server.store_dir).free
+        client = await nats.connect(server.url)
+        try:
+            js = client.jetstream()
+            await js.add_stream(
+                StreamConfig(name="RESERVE", subjects=["reserve.>"], max_bytes=free)
+            )
+            assert (await js.stream_info("RESERVE")).config.max_bytes == free
+        finally:
+            await client.close()
 
 
 async def test_nats_request_reply_and_gone_after(server_log_dir: Path) -> None:
