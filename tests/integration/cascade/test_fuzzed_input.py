@@ -153,10 +153,18 @@ def test_undecodable_bodies_cost_one_throttled_log_line_not_a_traceback_each(
                 call.result()
             _assert_refused_naming_a_field(info.value.code(), info.value.details())
             assert (info.value.details() or "").startswith("request: ")
-    logged = _log_since(target.log_path, log_start)
+    # A screening worker joining or leaving meanwhile is logged too (seen in CI): not ours to count.
+    logged = [
+        line
+        for line in _log_since(target.log_path, log_start)
+        if " orchestrator.screening_routing: screening worker " not in line
+    ]
     print(f"{UNDECODABLE_BODIES} undecodable bodies -> {len(logged)} log lines: {logged}")
     assert 1 <= len(logged) <= 2, logged  # one line per 10 s: two if the burst straddles one
-    assert "WARNING" in logged[0] and "refused undecodable request bodies" in logged[0]
+    assert all(
+        " WARNING orchestrator.server: refused undecodable request bodies" in line
+        for line in logged
+    ), logged
 
 
 def test_fuzzed_score_requests_are_scored_or_refused_naming_the_field(
