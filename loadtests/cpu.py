@@ -236,11 +236,15 @@ def cpu_report(
             pid: _per_answer_ms(max(0.0, seconds - then.get(pid, 0.0)), answers)
             for pid, seconds in sorted(now.items())
         }
+    # No stack process seen (a --target stack this meter does not own): no stack figure at all,
+    # rather than a 0 that reads as "met".
+    stack_cores = {"stack": cores(stack)} if in_stack else {}
+    stack_ms = {"stack": _per_answer_ms(stack, answers)} if in_stack else {}
     report: dict[str, Any] = {
-        "cores": {r: cores(used[r]) for r in roles}
-        | {"stack": cores(stack), "total": cores(total)},
+        "cores": {r: cores(used[r]) for r in roles} | stack_cores | {"total": cores(total)},
         "ms_per_answer": {r: _per_answer_ms(used[r], answers) for r in roles}
-        | {"stack": _per_answer_ms(stack, answers), "total": _per_answer_ms(total, answers)},
+        | stack_ms
+        | {"total": _per_answer_ms(total, answers)},
         "per_process_ms_per_answer": per_process,
         "stack_roles": in_stack,
     }
@@ -251,8 +255,16 @@ def cpu_report(
         stack_sched = [r for r in sched_roles if r in in_stack]
         report["sched"] = {
             "switches_per_answer": {r: round(slices[r] / answers, 2) for r in sched_roles}
-            | {"stack": round(sum(slices[r] for r in stack_sched) / answers, 2)},
+            | (
+                {"stack": round(sum(slices[r] for r in stack_sched) / answers, 2)}
+                if in_stack
+                else {}
+            ),
             "rq_wait_ms_per_answer": {r: _per_answer_ms(waited[r], answers) for r in sched_roles}
-            | {"stack": _per_answer_ms(sum(waited[r] for r in stack_sched), answers)},
+            | (
+                {"stack": _per_answer_ms(sum(waited[r] for r in stack_sched), answers)}
+                if in_stack
+                else {}
+            ),
         }
     return report

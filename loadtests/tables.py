@@ -171,7 +171,7 @@ def _cpu_rows(report: Mapping[str, Any]) -> list[list[str]]:
                 _ms(cpu, "nats"),
                 _ms(cpu, "loadgen"),
                 _ms(cpu, "stack"),
-                f"{cpu['cores'].get('stack', 0.0):.2f}",
+                f"{cpu['cores']['stack']:.2f}" if "stack" in cpu["cores"] else "-",
                 _ms(cpu, "total"),
             ]
         )

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from loadtests.cpu import CpuMeter, CpuSnapshot, cpu_report, process_cpu_s, role_of
+from loadtests.report import Goals, evaluate_goals
 
 
 @pytest.mark.parametrize(
@@ -85,6 +86,23 @@ def test_cpu_report_gives_wake_ups_and_run_queue_wait_per_answer() -> None:
     # A role seen only after the step started (nats here) has no difference to report.
     assert "nats" not in sched["switches_per_answer"]
     assert "sched" not in cpu_report(CpuSnapshot(), after, 1.0, 1000)
+
+
+def test_cpu_report_without_stack_processes_has_no_stack_figure() -> None:
+    """Against a --target the meter does not own, it sees only the generator: a "stack" of 0 ms
+    per answer once read as the whole-stack CPU goal met."""
+    report = cpu_report(
+        CpuSnapshot({"loadgen": 1.0}, waits={"loadgen": 1.0}, switches={"loadgen": 10}),
+        CpuSnapshot({"loadgen": 1.3}, waits={"loadgen": 1.1}, switches={"loadgen": 310}),
+        wall_s=1.0,
+        answers=1000,
+    )
+    assert "stack" not in report["ms_per_answer"] and "stack" not in report["cores"]
+    assert "stack" not in report["sched"]["switches_per_answer"]
+    assert report["ms_per_answer"]["total"] == pytest.approx(0.3)
+    step = {"mode": "open", "offered_rate": 300.0, "cpu": report}
+    goals = {g["name"]: g for g in evaluate_goals({"steps": [step]}, None, Goals())}
+    assert goals["stack_cpu_ms"]["measured"] is None and goals["stack_cpu_ms"]["met"] is None
 
 
 def test_cpu_report_without_answers_or_time() -> None:
