@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from cascade.runtime import stopped_by_sigterm
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
@@ -44,6 +44,7 @@ from loadtests.cpu import CpuMeter, CpuSnapshot, cpu_report
 from loadtests.history import HistoryMode, MatureSplit, backfill_batches
 from loadtests.replay import ReplayStream, load_mature, load_transactions
 from loadtests.report import (
+    FLOOR_NAME,
     Criteria,
     Goals,
     SweepPlan,
@@ -58,6 +59,9 @@ from loadtests.report import (
 from loadtests.runner import LoadSettings, TargetRunner, sweep_point
 from loadtests.schedule import Arrivals
 from loadtests.tables import markdown_tables, text_table
+
+if TYPE_CHECKING:
+    from devstack.servers import ManagedProcess
 
 __all__ = ["add_arguments", "run"]
 
@@ -118,6 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--baseline-target", help="with --target: HOST:PORT of a running naive baseline server"
     )
     where.add_argument("--no-baseline", action="store_true", help="do not measure the baseline")
+    where.add_argument(
+        "--floor",
+        action="store_true",
+        help="also load the gRPC floor (loadtests.grpc_floor: the orchestrator's gRPC front "
+        "answering at once, no work) step for step: what gRPC alone costs per call here",
+    )
     where.add_argument(
         "--compare-ref",
         metavar="GIT_REF",
@@ -287,6 +297,8 @@ async def _targets(args: argparse.Namespace, out_dir: Path) -> AsyncIterator[Tar
             await _start_own_stack(args, out_dir, stack, found)
         if args.compare_ref:
             await _start_compare(args, out_dir, stack, found)
+        if args.floor:
+            await _start_floor(out_dir, stack, found)
         yield found
 
 
@@ -324,6 +336,29 @@ async def _start_own_stack(
             )
         )
         found.specs.append(TargetSpec("naive", naive.target, stack_roles=_STACK_ROLES["naive"]))
+
+
+def floor_process(log_dir: Path) -> tuple[ManagedProcess, str]:
+    """The gRPC floor server (:mod:`loadtests.grpc_floor`) as a process on a free loopback port,
+    ready once its health says SERVING, and its ``127.0.0.1:PORT``."""
+    from devstack.servers import resolve_port
+    from devstack.stack import orchestrator_process
+
+    port = resolve_port(0)
+    env = dict(os.environ) | {
+        "CASCADE_SERVER__HOST": "127.0.0.1",
+        "CASCADE_SERVER__PORT": str(port),
+        "PYTHONUNBUFFERED": "1",
+    }
+    log_dir.mkdir(parents=True, exist_ok=True)
+    process = orchestrator_process(env, log_dir, name=FLOOR_NAME, module="loadtests.grpc_floor")
+    return process, f"127.0.0.1:{port}"
+
+
+async def _start_floor(out_dir: Path, stack: AsyncExitStack, found: Targets) -> None:
+    process, target = floor_process(out_dir / "floor")
+    await stack.enter_async_context(process)
+    found.specs.append(TargetSpec(FLOOR_NAME, target, stack_roles=(FLOOR_NAME,)))
 
 
 async def _start_compare(

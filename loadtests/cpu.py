@@ -44,6 +44,7 @@ _TICKS: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _ROLES: Final = (
     ("loadtests.naive server", "naive-server"),
     ("loadtests.naive worker", "naive-workers"),
+    ("-m loadtests.grpc_floor", "grpc-floor"),
     ("-m orchestrator", "orchestrator"),
     ("-m stages.screening", "screening-workers"),
     ("redis-server", "redis"),

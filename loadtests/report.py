@@ -26,6 +26,7 @@ from loadtests.histogram import Histogram
 from loadtests.results import STAGES, Tally
 
 __all__ = [
+    "FLOOR_NAME",
     "PERCENTILES",
     "Criteria",
     "Goals",
@@ -47,6 +48,8 @@ __all__ = [
     "summarize",
 ]
 
+FLOOR_NAME: Final = "grpc-floor"
+"""The report's name for the gRPC floor target (``cascade loadtest --floor``)."""
 PERCENTILES: Final = (("p50", 50.0), ("p95", 95.0), ("p99", 99.0), ("p99_9", 99.9))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from loadtests.report import Goals, common_rate
+from loadtests.report import FLOOR_NAME, Goals, common_rate
 
 __all__ = ["markdown_tables", "text_table"]
 
@@ -141,6 +141,8 @@ def _server_roles(target: str) -> tuple[str, str]:
     and workers for it."""
     if target == "naive":
         return "naive-server", "naive-workers"
+    if target == FLOOR_NAME:
+        return FLOOR_NAME, "-"  # no workers: its screening column stays empty
     return "orchestrator", "screening-workers"
 
 
@@ -371,6 +373,7 @@ def _comparison_lines(report: Mapping[str, Any]) -> list[str]:
                 f"gRPC floor ({name}, health Check, 1 in flight): p50 {floor['p50']:.2f} ms, "
                 f"p99 {floor['p99']:.2f} ms"
             )
+    lines += _floor_lines(report)
     ref = report.get("comparison_with_ref")
     if ref:
         about = report.get("meta", {}).get("compare") or {}
@@ -379,6 +382,34 @@ def _comparison_lines(report: Mapping[str, Any]) -> list[str]:
             "'compare' in the tables:"
         )
         lines += _pair_lines(ref)
+    return lines
+
+
+def _floor_lines(report: Mapping[str, Any]) -> list[str]:
+    """The orchestrator's CPU per answer beside the gRPC floor server's, step for step (the steps
+    both targets ran at the same offered rate)."""
+    targets = report["targets"]
+    if FLOOR_NAME not in targets or "cascade" not in targets:
+        return []
+
+    def by_rate(name: str) -> dict[float, float]:
+        out = {}
+        for step in targets[name].get("steps", []):
+            ms = (step.get("cpu") or {}).get("ms_per_answer", {})
+            role = FLOOR_NAME if name == FLOOR_NAME else "orchestrator"
+            if step.get("mode") == "open" and role in ms:
+                out[float(step["offered_rate"])] = float(ms[role])
+        return out
+
+    floor, cascade = by_rate(FLOOR_NAME), by_rate("cascade")
+    lines = []
+    for rate in sorted(set(floor) & set(cascade)):
+        own, base = cascade[rate], floor[rate]
+        share = f"{base / own:.0%}" if own > 0 else "-"
+        lines.append(
+            f"@{rate:g}/s: orchestrator {own:.3f} ms of CPU per answer, of which the gRPC floor "
+            f"server's {base:.3f} ms ({share}); the product's own work {own - base:.3f} ms"
+        )
     return lines
 
 

@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import os
 
-# Before anything imports grpc: serve on gRPC's iomgr TCP stack instead of its EventEngine one.
-# With EventEngine, every call's bytes are read on one of four EventEngine threads and then
-# handed to the completion-queue thread and on to the event loop (about one extra context
-# switch per call on each). Measured at 300/s, side by side with the EventEngine stack in one
-# run, three times: 0.93x, 0.83x and 0.99x the orchestrator's CPU per answer (separate runs
-# vary by more than that on this VM). An operator's own GRPC_EXPERIMENTS wins.
-os.environ.setdefault(
-    "GRPC_EXPERIMENTS", "-event_engine_listener,-event_engine_for_all_other_endpoints"
-)
+from cascade.grpc_stack import GRPC_EXPERIMENTS_DEFAULT
+
+# Before anything imports grpc: serve on gRPC's iomgr TCP stack (see cascade.grpc_stack).
+os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS_DEFAULT)
 
 import asyncio
 import logging

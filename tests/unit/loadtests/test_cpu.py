@@ -20,6 +20,7 @@ from loadtests.report import Goals, evaluate_goals
         (["/v/bin/python", "-m", "stages.screening"], "screening-workers"),
         (["/v/bin/python", "-m", "loadtests.naive", "server"], "naive-server"),
         (["/v/bin/python", "-m", "loadtests.naive", "worker"], "naive-workers"),
+        (["/v/bin/python", "-m", "loadtests.grpc_floor"], "grpc-floor"),
         (["/x/redis-server", "127.0.0.1:6379"], "redis"),
         (["/x/nats-server", "-p", "4222"], "nats"),
         (["/x/bin/tritonserver", "--model-repository=r"], "triton"),

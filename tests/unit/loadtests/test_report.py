@@ -10,6 +10,7 @@ from cascade.v1 import scoring_pb2
 from loadtests.cpu import CpuSnapshot, cpu_report
 from loadtests.histogram import Histogram
 from loadtests.report import (
+    FLOOR_NAME,
     Criteria,
     Goals,
     SweepPlan,
@@ -280,6 +281,26 @@ def test_tables_show_wake_ups_and_run_queue_wait_where_measured() -> None:
     line = next(x for x in text_table(report).splitlines() if "7.2 / 2.500" in x)
     assert line.split()[:2] == ["cascade", "100"]  # 725 wake-ups, 0.25 s waited, 100 answers
     assert "| cascade | 100 | 7.2 / 2.500 |" in markdown_tables(report)
+
+
+def test_tables_set_the_orchestrators_cpu_beside_the_grpc_floor_servers() -> None:
+    cascade, floor = _target(2000, 1.0), _target(5000, 0.4)
+    cascade["steps"][0]["cpu"] = cpu_report(
+        CpuSnapshot({"orchestrator": 1.0}), CpuSnapshot({"orchestrator": 1.08}), 1.0, 100
+    )
+    floor["steps"][0]["cpu"] = cpu_report(
+        CpuSnapshot({FLOOR_NAME: 2.0}), CpuSnapshot({FLOOR_NAME: 2.02}), 1.0, 100
+    )
+    report = {"targets": {"cascade": cascade, FLOOR_NAME: floor}}
+    text = text_table(report)
+    assert (
+        "@100/s: orchestrator 0.800 ms of CPU per answer, of which the gRPC floor server's "
+        "0.200 ms (25%); the product's own work 0.600 ms"
+    ) in text
+    assert "@200/s: orchestrator" not in text  # no CPU measured in that step
+    # The floor's row names its own server's CPU, and no screening workers.
+    assert f"| {FLOOR_NAME} | 100 | 0.200 | - | - |" in markdown_tables(report)
+    assert "@100/s: orchestrator" not in text_table({"targets": {"cascade": cascade}})
 
 
 def test_stack_env_pairs() -> None:
