@@ -12,13 +12,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from loadtests.report import common_rate
+from loadtests.report import FLOOR_NAME, common_rate
 
 __all__ = ["plot_summary", "plot_sweep", "reference_step"]
 
 _STAGE_ORDER: Final = ("redis", "features", "stage1", "stage2", "orchestrator", "transport")
 _STAGE_COLOURS: Final = ("#d62728", "#9467bd", "#1f77b4", "#ff7f0e", "#7f7f7f", "#2ca02c")
-_TARGET_STYLE: Final = {"cascade": "-", "naive": "--"}
+_TARGET_STYLE: Final = {"cascade": "-", "naive": "--", FLOOR_NAME: "-."}
+_STYLE_WORDS: Final = {"-": "solid", "--": "dashed", "-.": "dash-dot", ":": "dotted"}
 _PERCENTILE_KEYS: Final = (("p50", "p50"), ("p99", "p99"), ("p99_9", "p99.9"), ("max", "max"))
 
 
@@ -185,9 +186,10 @@ def plot_sweep(report: Mapping[str, Any], path: Path) -> Path:
     _plain_ticks(ax_lat)
     ax_lat.set_xlabel("offered rate, requests/s")
     ax_lat.set_ylabel("latency from intended send, ms")
-    ax_lat.set_title(
-        "latency against offered load (solid: cascade, dashed: naive, dotted: compared ref)"
+    legend = ", ".join(
+        f"{_STYLE_WORDS[_TARGET_STYLE.get(name, ':')]}: {name}" for name in report["targets"]
     )
+    ax_lat.set_title(f"latency against offered load ({legend})")
     ax_lat.legend(fontsize=7, ncol=2)
     ax_rate.plot([0, top_rate], [0, top_rate], color="grey", alpha=0.4, label="achieved = offered")
     ax_rate.set_xlabel("offered rate, requests/s")
