@@ -71,7 +71,8 @@ BREAKER_TRANSITIONS: Final = Counter(
 )
 SCREENING_HEDGES: Final = Counter(
     "cascade_screening_hedges",
-    "Stage-1 hedges: sent, won (answered first), or skipped for want of budget or tokens.",
+    "Stage-1 hedges: sent, won (answered first), skipped for want of budget or tokens, or "
+    "outrun (won, but the overtaken worker answered within the grace, so it was not suspected).",
     ["outcome"],
 )
 SCREENING_MEMBERS: Final = Gauge(

@@ -365,6 +365,13 @@ class HedgingSettings(BaseModel):
     min_left_ms: float = Field(
         1.0, ge=0, description="Hedge only if at least this much of the stage-1 time is left."
     )
+    overtaken_grace_ms: float = Field(
+        5.0,
+        ge=0,
+        description="A worker whose request a hedge overtook is routed around only if its own "
+        "answer has not come this long after the hedge's: a busy worker that merely lost the race "
+        "answers a moment later, a stalled one never does.",
+    )
 
     @model_validator(mode="after")
     def _ttl_covers_heartbeats(self) -> HedgingSettings:

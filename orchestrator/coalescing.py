@@ -34,6 +34,7 @@ import numpy.typing as npt
 
 from cascade import metrics
 from cascade.errors import Dependency, DependencyFailed, DependencyTimeout
+from orchestrator.expiry import after_next_read
 from orchestrator.heavy_client import HeavyScorer
 from orchestrator.screening_client import Screener
 
@@ -155,6 +156,7 @@ class Coalescer(Generic[InT, OutT]):
         timer.append(
             loop.call_later(
                 max(0.0, min(m.deadline_s for m in members) - now_s),
+                after_next_read,  # an answer already in the socket wins (orchestrator.expiry)
                 self._expire,
                 members,
                 timer,
@@ -202,7 +204,7 @@ class Coalescer(Generic[InT, OutT]):
                 next_deadline_s = m.deadline_s
         if next_deadline_s is not None:
             timer[0] = asyncio.get_running_loop().call_later(
-                next_deadline_s - now_s, self._expire, members, timer
+                next_deadline_s - now_s, after_next_read, self._expire, members, timer
             )
 
 

@@ -37,6 +37,7 @@ import hiredis
 import redis.exceptions
 
 from cascade.settings import RedisSettings
+from orchestrator.expiry import expire_later
 
 logger = logging.getLogger(__name__)
 
@@ -197,9 +198,8 @@ class _Connection(asyncio.Protocol):
             return  # connection_lost fails the futures
         self._transport.write(b"".join(payload for payload, _, _ in outgoing))
         # The clocks start at the write: a busy event loop delaying it is not Redis's time.
-        loop = asyncio.get_running_loop()
         for _, future, timeout_s in outgoing:
-            timer = loop.call_later(timeout_s, _expire, future)
+            timer = expire_later(future, timeout_s, _no_reply)
             future.add_done_callback(functools.partial(_cancel_timer, timer))
 
     def close(self) -> None:
@@ -212,15 +212,8 @@ def _cancel_timer(timer: asyncio.TimerHandle, _: asyncio.Future[list[Reply]]) ->
     timer.cancel()
 
 
-def _expire(future: asyncio.Future[list[Reply]], *, polled: bool = False) -> None:
-    if future.done():
-        return
-    if not polled:
-        # After the event loop was busy, libuv runs due timers before it reads the sockets:
-        # give it one pass to read replies that arrived in time before calling them late.
-        asyncio.get_running_loop().call_later(0.0, functools.partial(_expire, future, polled=True))
-        return
-    future.set_exception(TimeoutError("no reply from Redis in time"))
+def _no_reply() -> TimeoutError:
+    return TimeoutError("no reply from Redis in time")
 
 
 class PipelinedRedis:

@@ -43,6 +43,7 @@ from cascade.screening_protocol import (
 )
 from cascade.settings import HedgingSettings, NatsSettings
 from cascade.telemetry import inject_headers, records_spans
+from orchestrator.expiry import expire_later
 from orchestrator.screening_routing import (
     HedgeBudget,
     LatencyQuantile,
@@ -58,6 +59,7 @@ _NO_RESPONDERS: Final = "503"
 _HEDGES_SENT: Final = metrics.SCREENING_HEDGES.labels("sent")
 _HEDGES_WON: Final = metrics.SCREENING_HEDGES.labels("won")
 _HEDGES_SKIPPED: Final = metrics.SCREENING_HEDGES.labels("skipped")
+_HEDGES_OUTRUN: Final = metrics.SCREENING_HEDGES.labels("outrun")
 
 
 class Screener(Protocol):
@@ -127,6 +129,9 @@ class NatsScreener:
             self._budget = HedgeBudget(hedging.ratio, hedging.burst)
         self._inbox = ""
         self._calls: dict[str, _Call] = {}
+        # Reply token of a copy a hedge overtook -> its worker and the timer that suspects it
+        # unless that copy's answer comes within the grace.
+        self._overtaken: dict[str, tuple[str, asyncio.TimerHandle]] = {}
         self._next_token = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -151,6 +156,9 @@ class NatsScreener:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for _, timer in self._overtaken.values():
+            timer.cancel()
+        self._overtaken.clear()
         if self._nc is not None:
             await self._nc.close()
             self._nc = None
@@ -224,7 +232,11 @@ class NatsScreener:
             if timeout_s - hedge_s >= hedging.min_left_ms / 1000.0:
                 call.hedge_at_s = loop.time() + hedge_s
                 timer = loop.call_later(hedge_s, self._hedge, nc, call)
-            msg = await asyncio.wait_for(call.future, timeout_s)
+            expiry = expire_later(call.future, timeout_s, TimeoutError)
+            try:
+                msg = await call.future
+            finally:
+                expiry.cancel()
         except TimeoutError:
             for worker_id in call.targets:
                 if worker_id is not None:
@@ -278,6 +290,16 @@ class NatsScreener:
 
     async def _on_reply(self, msg: Msg) -> None:
         token = msg.subject[len(self._inbox) :]
+        overtaken = self._overtaken.pop(token, None)
+        if overtaken is not None:  # the copy a hedge overtook
+            overtaken_id, timer = overtaken
+            timer.cancel()
+            if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
+                if self.members is not None:
+                    self.members.left(overtaken_id)  # its process is gone
+            else:
+                _HEDGES_OUTRUN.inc()  # it lost the race, but it answers: not stalled
+            return
         call = self._calls.pop(token, None)
         if call is None or call.future.done():
             return
@@ -298,9 +320,27 @@ class NatsScreener:
             call.won_by_hedge = True
             _HEDGES_WON.inc()
             first = call.targets[0]
-            if first is not None and self.members is not None:
-                self.members.suspect(first, "overtaken by a hedge")
+            if first is not None:
+                self._watch_overtaken(call.tokens[0], first)
         call.future.set_result(msg)
+
+    def _watch_overtaken(self, token: str, worker_id: str) -> None:
+        """A hedge overtook the copy sent to ``worker_id``: suspect it unless that copy's answer
+        comes within the grace. On a shared machine a worker that was off its core for a moment
+        loses such races several times a second; routing around it then sent every request to
+        the other worker for a heartbeat or two each time."""
+        assert self._hedging is not None
+        grace_s = self._hedging.overtaken_grace_ms / 1000.0
+        timer = asyncio.get_running_loop().call_later(grace_s, self._overtaken_silent, token)
+        self._overtaken[token] = (worker_id, timer)
+
+    def _overtaken_silent(self, token: str) -> None:
+        entry = self._overtaken.pop(token, None)
+        if entry is not None and self.members is not None:
+            grace_ms = self._hedging.overtaken_grace_ms if self._hedging is not None else 0.0
+            self.members.suspect(
+                entry[0], f"overtaken by a hedge, and no answer {grace_ms:g} ms later"
+            )
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         if self.members is None:
