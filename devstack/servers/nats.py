@@ -103,7 +103,8 @@ class NatsServer(OneProcessServer):
     ``max_bytes`` against it, so on a machine with less than ~40 GB free the decision log's
     8 GiB streams could not be created ("insufficient storage resources available", seen in a
     test run here). A declared limit only bounds the reservations; a disk that really fills up
-    fails the writes, which the decision log spools.
+    fails the writes, which the decision log spools. ``deploy/nats.conf`` declares the same
+    for compose.
 
     The Go runtime gets ``go_max_procs`` processors (``GOMAXPROCS``; an environment that sets
     it wins; None: Go's default of one per core). One is plenty for the few thousand messages a

@@ -41,6 +41,7 @@ from devstack.servers import (
     TritonServer,
     free_port,
 )
+from devstack.servers._process import tcp_exchange
 from devstack.servers.triton import ModelContractError
 from tests.integration.conftest import process_table
 
@@ -225,6 +226,36 @@ async def test_jetstream_reserves_streams_beyond_three_quarters_of_the_free_disk
         assert server.store_dir is not None
         free = shutil.disk_usage(server.store_dir).free
         client = await nats.connect(server.url)
+        try:
+            js = client.jetstream()
+            await js.add_stream(
+                StreamConfig(name="RESERVE", subjects=["reserve.>"], max_bytes=free)
+            )
+            assert (await js.stream_info("RESERVE")).config.max_bytes == free
+        finally:
+            await client.close()
+
+
+async def test_the_compose_nats_config_reserves_streams_beyond_three_quarters_of_the_free_disk(
+    server_log_dir: Path, tmp_path: Path
+) -> None:
+    """``deploy/nats.conf`` as compose runs it (``-c ... -js -sd DIR``), on a loopback port."""
+    from devstack.servers.nats import find_nats_server
+
+    port = free_port()
+    store = tmp_path / "jetstream"
+    conf = Path(__file__).resolve().parents[2] / "deploy" / "nats.conf"
+    argv = [str(find_nats_server()), "-c", str(conf), "-js", "-sd", str(store)]
+    process = ManagedProcess(
+        "nats-compose-conf",
+        [*argv, "-a", "127.0.0.1", "-p", str(port)],
+        log_dir=server_log_dir,
+        probe=lambda: tcp_exchange("127.0.0.1", port, b"", b"INFO "),
+        ports=(port,),
+    )
+    async with process:
+        free = shutil.disk_usage(tmp_path).free
+        client = await nats.connect(f"nats://127.0.0.1:{port}")
         try:
             js = client.jetstream()
             await js.add_stream(
