@@ -60,6 +60,7 @@ _HEDGES_SENT: Final = metrics.SCREENING_HEDGES.labels("sent")
 _HEDGES_WON: Final = metrics.SCREENING_HEDGES.labels("won")
 _HEDGES_SKIPPED: Final = metrics.SCREENING_HEDGES.labels("skipped")
 _HEDGES_OUTRUN: Final = metrics.SCREENING_HEDGES.labels("outrun")
+_TIMER_TICK_S: Final = 0.001  # libuv's timer resolution
 
 
 class Screener(Protocol):
@@ -89,6 +90,8 @@ class _Call:
     hedged: bool = False
     won_by_hedge: bool = False
     hedge_at_s: float = 0.0  # loop time the hedge timer is due
+    hedge_after_s: float = 0.0  # the hedge delay, from sent_s (perf_counter)
+    hedge_timer: asyncio.TimerHandle | None = None
 
 
 class NatsScreener:
@@ -219,7 +222,6 @@ class NatsScreener:
         assert budget is not None and hedging is not None
         loop = asyncio.get_running_loop()
         call = _Call(loop.create_future(), time.perf_counter(), payload, headers)
-        timer = None
         try:
             await self._send(nc, call, members.pick())
             budget.earn()
@@ -231,7 +233,8 @@ class NatsScreener:
             )
             if timeout_s - hedge_s >= hedging.min_left_ms / 1000.0:
                 call.hedge_at_s = loop.time() + hedge_s
-                timer = loop.call_later(hedge_s, self._hedge, nc, call)
+                call.hedge_after_s = hedge_s
+                call.hedge_timer = loop.call_later(hedge_s, self._hedge, nc, call)
             expiry = expire_later(call.future, timeout_s, TimeoutError)
             try:
                 msg = await call.future
@@ -243,8 +246,8 @@ class NatsScreener:
                     members.suspect(worker_id, f"no reply within {timeout_s * 1000:.1f} ms")
             raise DependencyTimeout(Dependency.SCREENING, "no reply in time") from None
         finally:
-            if timer is not None:
-                timer.cancel()
+            if call.hedge_timer is not None:
+                call.hedge_timer.cancel()
             for token in call.tokens:
                 self._calls.pop(token, None)
         latency.observe(time.perf_counter() - call.sent_s)
@@ -265,7 +268,16 @@ class NatsScreener:
         assert self._budget is not None and self.members is not None
         if call.future.done() or len(call.tokens) > 1:
             return
-        if timer_is_late(call.hedge_at_s, asyncio.get_running_loop().time()):
+        loop = asyncio.get_running_loop()
+        early_s = call.sent_s + call.hedge_after_s - time.perf_counter()
+        if early_s > 0:
+            # libuv counts timers in whole milliseconds from the start of a loop pass, so a
+            # 1.3 ms timer can fire 0.5 ms after it was armed: before most answers, which then
+            # spent the hedge budget on healthy requests (two thirds of them were hedged at
+            # 100/s) and left none for a stalled worker. Wait out the rest, a tick at least.
+            call.hedge_timer = loop.call_later(max(early_s, _TIMER_TICK_S), self._hedge, nc, call)
+            return
+        if timer_is_late(call.hedge_at_s, loop.time()):
             # The event loop itself is behind (overload): the answer may be waiting unread in
             # our socket, and another request would only add work. Shedding handles this case.
             _HEDGES_SKIPPED.inc()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
+from opentelemetry.trace import NoOpTracer
 
 from cascade.screening_protocol import (
     encode_heartbeat,
@@ -11,6 +15,8 @@ from cascade.screening_protocol import (
     worker_id_for,
     worker_subject,
 )
+from cascade.settings import HedgingSettings
+from orchestrator.screening_client import NatsScreener, _Call
 from orchestrator.screening_routing import HedgeBudget, LatencyQuantile, MemberTable, timer_is_late
 
 
@@ -137,3 +143,25 @@ def test_a_late_hedge_timer_means_the_loop_is_behind() -> None:
     assert not timer_is_late(10.0, 10.0025)  # a noisy machine's jitter is not overload
     assert timer_is_late(10.0, 10.0035)
     assert not timer_is_late(10.0, 10.002, tolerance_s=0.005)
+
+
+async def test_a_hedge_timer_that_fires_early_waits_out_the_rest() -> None:
+    """libuv counts timers in whole milliseconds from the start of a loop pass, so a 1.3 ms hedge
+    timer could fire 0.5 ms after it was armed. At 100/s that hedged two thirds of the requests,
+    emptied the hedge budget and left none for a stalled worker. An early firing re-arms."""
+    screener = NatsScreener(
+        "nats://127.0.0.1:1",  # never connected: an early firing sends nothing
+        subject_prefix="p",
+        model_version="m",
+        feature_set="fs-1",
+        tracer=NoOpTracer(),
+        hedging=HedgingSettings(),
+    )
+    loop = asyncio.get_running_loop()
+    call = _Call(loop.create_future(), time.perf_counter(), b"", {})
+    call.hedge_after_s = 0.050  # not due for another 50 ms
+    call.hedge_at_s = loop.time()  # what the millisecond clock said
+    screener._hedge(None, call)  # type: ignore[arg-type]  # the early path needs no connection
+    assert not call.hedged and len(call.tokens) == 0
+    assert call.hedge_timer is not None
+    call.hedge_timer.cancel()
