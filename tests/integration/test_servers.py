@@ -339,7 +339,15 @@ async def test_nats_cluster_routes_between_nodes_keeps_3_replicas_and_is_gone_af
             js = requester.jetstream()
             info = await js.add_stream(StreamConfig(name="R3", subjects=["r3.>"], num_replicas=3))
             assert info.config.num_replicas == 3
-            ack = await js.publish("r3.x", b"kept", timeout=5)
+            # The new stream elects its own leader a moment after it is created; until then a
+            # publish finds no responder (seen once in CI on a busy machine).
+            async with asyncio.timeout(10):
+                while True:
+                    try:
+                        ack = await js.publish("r3.x", b"kept", timeout=2)
+                        break
+                    except nats.js.errors.NoStreamResponseError:
+                        await asyncio.sleep(0.05)
             assert ack.seq == 1
         finally:
             await requester.close()
