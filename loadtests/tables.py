@@ -394,9 +394,9 @@ def _floor_lines(report: Mapping[str, Any]) -> list[str]:
 
     def by_rate(name: str) -> dict[float, float]:
         out = {}
+        role, _ = _server_roles(name)
         for step in targets[name].get("steps", []):
             ms = (step.get("cpu") or {}).get("ms_per_answer", {})
-            role = FLOOR_NAME if name == FLOOR_NAME else "orchestrator"
             if step.get("mode") == "open" and role in ms:
                 out[float(step["offered_rate"])] = float(ms[role])
         return out

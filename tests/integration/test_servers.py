@@ -31,6 +31,7 @@ import tritonclient.grpc.aio as grpcclient
 from nats.js.api import StreamConfig
 
 from cascade.features import TOKEN_DIM
+from cascade.settings import REPO_ROOT
 from devstack.servers import (
     ManagedProcess,
     NatsCluster,
@@ -42,6 +43,7 @@ from devstack.servers import (
     free_port,
 )
 from devstack.servers._process import tcp_exchange
+from devstack.servers.nats import find_nats_server
 from devstack.servers.triton import ModelContractError
 from tests.integration.conftest import process_table
 
@@ -224,27 +226,27 @@ async def test_jetstream_reserves_streams_beyond_three_quarters_of_the_free_disk
     # free disk would be refused (the decision log's 8 GiB streams were, on a fuller disk).
     async with NatsServer(log_dir=server_log_dir, jetstream=True) as server:
         assert server.store_dir is not None
-        free = shutil.disk_usage(server.store_dir).free
-        client = await nats.connect(server.url)
-        try:
-            js = client.jetstream()
-            await js.add_stream(
-                StreamConfig(name="RESERVE", subjects=["reserve.>"], max_bytes=free)
-            )
-            assert (await js.stream_info("RESERVE")).config.max_bytes == free
-        finally:
-            await client.close()
+        await _assert_a_stream_reserves_the_whole_free_disk(server.url, server.store_dir)
+
+
+async def _assert_a_stream_reserves_the_whole_free_disk(url: str, store_dir: Path) -> None:
+    free = shutil.disk_usage(store_dir).free
+    client = await nats.connect(url)
+    try:
+        js = client.jetstream()
+        await js.add_stream(StreamConfig(name="RESERVE", subjects=["reserve.>"], max_bytes=free))
+        assert (await js.stream_info("RESERVE")).config.max_bytes == free
+    finally:
+        await client.close()
 
 
 async def test_the_compose_nats_config_reserves_streams_beyond_three_quarters_of_the_free_disk(
     server_log_dir: Path, tmp_path: Path
 ) -> None:
     """``deploy/nats.conf`` as compose runs it (``-c ... -js -sd DIR``), on a loopback port."""
-    from devstack.servers.nats import find_nats_server
-
     port = free_port()
     store = tmp_path / "jetstream"
-    conf = Path(__file__).resolve().parents[2] / "deploy" / "nats.conf"
+    conf = REPO_ROOT / "deploy" / "nats.conf"
     argv = [str(find_nats_server()), "-c", str(conf), "-js", "-sd", str(store)]
     process = ManagedProcess(
         "nats-compose-conf",
@@ -254,16 +256,7 @@ async def test_the_compose_nats_config_reserves_streams_beyond_three_quarters_of
         ports=(port,),
     )
     async with process:
-        free = shutil.disk_usage(tmp_path).free
-        client = await nats.connect(f"nats://127.0.0.1:{port}")
-        try:
-            js = client.jetstream()
-            await js.add_stream(
-                StreamConfig(name="RESERVE", subjects=["reserve.>"], max_bytes=free)
-            )
-            assert (await js.stream_info("RESERVE")).config.max_bytes == free
-        finally:
-            await client.close()
+        await _assert_a_stream_reserves_the_whole_free_disk(f"nats://127.0.0.1:{port}", tmp_path)
 
 
 async def test_nats_request_reply_and_gone_after(server_log_dir: Path) -> None:
