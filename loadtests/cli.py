@@ -40,7 +40,7 @@ from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
 from cascade.shared_port import local_stack_orchestrators
 from devstack.stack_settings import parse_assignments, positive_int
 from loadtests.address import parse_loopback_target
-from loadtests.cpu import CpuMeter, CpuSnapshot, cpu_report
+from loadtests.cpu import CpuMeter, CpuSnapshot, cpu_report, idle_settings
 from loadtests.history import HistoryMode, MatureSplit, backfill_batches
 from loadtests.replay import ReplayStream, load_mature, load_transactions
 from loadtests.report import (
@@ -587,6 +587,7 @@ def build_report(
             "wall_s": round(time.time() - started, 1),
             "git_commit": git_commit(),
             "cpus": os.cpu_count(),
+            "idle": idle_settings(),
             "load_average_1m_at_end": round(os.getloadavg()[0], 2),
             "targets": targets,
             "budget_ms": args.budget_ms,

@@ -19,6 +19,11 @@ show each worker beside their sum. When two stacks run under the generator (the 
 compared checkout's, see :mod:`loadtests.compare`), each gets its own meter: ``stack_root`` picks
 the subtree a meter counts and ``skip`` leaves out another stack's subtree; the generator
 (``loadgen``, the root with its reaped children) is counted by every meter.
+
+:func:`idle_settings` reads what an idle core does on this machine (the cpuidle driver and guest
+halt polling), which the report records beside the CPU figures: on a virtual machine whose idle
+cores halt, work that follows an idle gap runs cold and costs several times its CPU
+(:mod:`loadtests.idle_penalty`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ __all__ = [
     "CpuMeter",
     "CpuSnapshot",
     "cpu_report",
+    "describe_idle",
+    "idle_settings",
     "process_cpu_s",
     "role_of",
 ]
@@ -269,3 +276,37 @@ def cpu_report(
             ),
         }
     return report
+
+
+_SYS: Final = Path("/sys")
+_IDLE_FILES: Final = {
+    "cpuidle_driver": "devices/system/cpu/cpuidle/current_driver",
+    "cpuidle_governor": "devices/system/cpu/cpuidle/current_governor_ro",
+    "guest_halt_poll_ns": "module/haltpoll/parameters/guest_halt_poll_ns",
+}
+
+
+def idle_settings(sys_root: Path = _SYS) -> dict[str, str | None]:
+    """What an idle core does here: the cpuidle driver and governor, and how long a halting guest
+    core polls first (``guest_halt_poll_ns``; 0: it halts at once). ``None`` where not exposed."""
+    settings: dict[str, str | None] = {}
+    for name, relative in _IDLE_FILES.items():
+        try:
+            settings[name] = (sys_root / relative).read_text().strip()
+        except OSError:
+            settings[name] = None
+    return settings
+
+
+def describe_idle(settings: Mapping[str, str | None]) -> str:
+    """One line for a report: the settings, and what halt polling at 0 means."""
+    driver = settings.get("cpuidle_driver") or "unknown"
+    poll = settings.get("guest_halt_poll_ns")
+    line = f"cpuidle driver {driver}"
+    if settings.get("cpuidle_governor"):
+        line += f", governor {settings['cpuidle_governor']}"
+    if poll is not None:
+        line += f", guest halt polling {poll} ns"
+        if poll == "0":
+            line += " (an idle core halts at once; `python -m loadtests.idle_penalty` measures what the work after an idle gap costs then)"
+    return line

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
+from loadtests.cpu import describe_idle
 from loadtests.report import FLOOR_NAME, Goals, common_rate
 
 __all__ = ["markdown_tables", "text_table"]
@@ -298,6 +299,11 @@ def _overload_part(report: Mapping[str, Any], title: str, *, markdown: bool) -> 
     return [title, _render(_OVERLOAD_HEADER, rows, markdown=markdown), ""]
 
 
+def _machine_lines(report: Mapping[str, Any]) -> list[str]:
+    idle = report.get("meta", {}).get("idle")
+    return [f"machine idle: {describe_idle(idle)}"] if idle else []
+
+
 def _history_lines(report: Mapping[str, Any]) -> list[str]:
     meta = report.get("meta", {}).get("history")
     if not meta:
@@ -441,6 +447,7 @@ def text_table(report: Mapping[str, Any]) -> str:
         "",
         *_sched_part(report, markdown=False),
         *_overload_part(report, "overload step:", markdown=False),
+        *_machine_lines(report),
         *_history_lines(report),
         *_comparison_lines(report),
         "",
@@ -469,6 +476,7 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
             "Overload step (late: client-measured service time over the deadline + 2 ms):\n",
             markdown=True,
         ),
+        *(f"- {line}" for line in _machine_lines(report)),
         *(f"- {line}" for line in _history_lines(report)),
         *(f"- {line}" for line in _comparison_lines(report)),
         "",
