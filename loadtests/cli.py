@@ -231,7 +231,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--render",
         type=Path,
         metavar="REPORT_JSON",
-        help="no load: redraw the tables and PNGs of an earlier report.json into --out",
+        help="no load: redraw the tables and PNGs of an earlier report.json into --out, its goals "
+        "judged again against the current targets",
     )
     out.add_argument(
         "--progress",
@@ -609,7 +610,9 @@ def build_report(
         "comparison": comparison,
         "comparison_with_ref": compared,
     }
-    report["goals"] = evaluate_goals(per_target["cascade"], comparison, Goals())
+    report["goals"] = evaluate_goals(
+        per_target["cascade"], comparison, Goals(), floor=per_target.get(FLOOR_NAME)
+    )
     return report
 
 
@@ -642,6 +645,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.render:
         report = json.loads(args.render.read_text())
+        targets = report["targets"]
+        if "cascade" in targets:  # judged again: goals added since are judged too
+            report["goals"] = evaluate_goals(
+                targets["cascade"], report.get("comparison"), Goals(), floor=targets.get(FLOOR_NAME)
+            )
         if args.render.resolve() != (out_dir / "report.json"):
             (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         _write_outputs(report, out_dir, sweep=bool(report["meta"].get("sweep")))

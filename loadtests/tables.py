@@ -419,18 +419,22 @@ def _floor_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _goal_rows(report: Mapping[str, Any]) -> list[list[str]]:
+def _goal_part(report: Mapping[str, Any], *, markdown: bool) -> str:
+    """The goals with what was measured and, when the gRPC floor ran, the floor's own figure
+    for the same measurement beside it (the part that gRPC and the machine cost alone)."""
+    goals = report.get("goals", [])
+    with_floor = any("floor" in goal for goal in goals)
     rows = []
-    for goal in report.get("goals", []):
+    for goal in goals:
         measured = goal["measured"]
-        rows.append(
-            [
-                goal["goal"],
-                "-" if measured is None else f"{measured:g}",
-                {True: "met", False: "NOT met", None: "not measured"}[goal["met"]],
-            ]
-        )
-    return rows
+        row = [goal["goal"], "-" if measured is None else f"{measured:g}"]
+        if with_floor:
+            on_floor = goal.get("floor")
+            row.append("" if on_floor is None else f"{on_floor:g}")
+        row.append({True: "met", False: "NOT met", None: "not measured"}[goal["met"]])
+        rows.append(row)
+    header = ["goal", "measured", *(["gRPC floor"] if with_floor else []), ""]
+    return _render(header, rows, markdown=markdown)
 
 
 def text_table(report: Mapping[str, Any]) -> str:
@@ -451,7 +455,7 @@ def text_table(report: Mapping[str, Any]) -> str:
         *_history_lines(report),
         *_comparison_lines(report),
         "",
-        _render(["goal", "measured", ""], _goal_rows(report), markdown=False),
+        _goal_part(report, markdown=False),
     ]
     return "\n".join(parts)
 
@@ -480,6 +484,6 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
         *(f"- {line}" for line in _history_lines(report)),
         *(f"- {line}" for line in _comparison_lines(report)),
         "",
-        _render(["goal", "measured", ""], _goal_rows(report), markdown=True),
+        _goal_part(report, markdown=True),
     ]
     return "\n".join(parts)

@@ -133,6 +133,7 @@ async def test_loadtest_sweeps_both_cascades_and_writes_a_consistent_report(
         "serial_escalated_p99_ms",
         "capacity_rate",
         "capacity_ratio",
+        "low_load_p99_ms",
         "orchestrator_p50_ms",
         "orchestrator_cpu_ms",
         "screening_cpu_ms",
@@ -141,6 +142,12 @@ async def test_loadtest_sweeps_both_cascades_and_writes_a_consistent_report(
         "overload_late",
         "overload_deadline_exceeded",
         "overload_unlabelled",
+    }
+    # What an idle core does here is recorded beside the figures (None where /sys hides it).
+    assert set(report["meta"]["idle"]) == {
+        "cpuidle_driver",
+        "cpuidle_governor",
+        "guest_halt_poll_ns",
     }
     for png in ("summary.png", "sweep.png"):
         assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

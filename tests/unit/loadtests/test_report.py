@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from loadtests.report import (
     common_rate,
     compare,
     evaluate_goals,
+    max_p99_at_low_load,
     next_sweep_rate,
     passes_at,
     saturation_reasons,
@@ -251,6 +254,44 @@ def test_goals_are_judged_against_the_issue_targets() -> None:
     assert all(g["met"] is None for g in none.values())
 
 
+def test_the_low_load_p99_is_the_worst_of_1_in_flight_and_the_steps_up_to_a_share_of_capacity() -> (
+    None
+):
+    cascade = _target(2000, 1.0)
+    cascade["serial"]["latency_ms"]["p99"] = 3.0
+    p99_at_200 = cascade["steps"][1]["latency_ms"]["p99"]
+    assert p99_at_200 > 3.0  # the fake 200/s step has a slow tail
+    assert max_p99_at_low_load(cascade, 2000.0, 0.6) == p99_at_200  # 200/s <= 1200/s
+    assert max_p99_at_low_load(cascade, 300.0, 0.6) == 3.0  # 200/s > 180/s: serial vs 100/s
+    cascade["steps"][0]["latency_ms"]["p99"] = 4.5
+    assert max_p99_at_low_load(cascade, 300.0, 0.6) == 4.5
+    assert max_p99_at_low_load(cascade, None, 0.6) is None
+    goals = {g["name"]: g for g in evaluate_goals(cascade, None, Goals())}
+    low = goals["low_load_p99_ms"]
+    assert low["goal"] == "p99 <= 5 ms from 1 in flight up to 60% of capacity"
+    assert low["measured"] == p99_at_200 and low["met"] is False
+    assert "floor" not in low  # no floor ran
+
+
+def test_goals_carry_the_grpc_floors_figure_where_a_server_without_work_has_one() -> None:
+    cascade, floor = _target(2000, 1.0), _target(5000, 0.4)
+    goals = {g["name"]: g for g in evaluate_goals(cascade, None, Goals(), floor=floor)}
+    assert goals["capacity_rate"]["floor"] == 5000
+    assert goals["serial_stage1_p50_ms"]["floor"] == floor["serial"]["by_path_ms"]["STAGE1"]["p50"]
+    # The low-load steps are the cascade's (up to 60% of its 2000/s), measured on the floor.
+    assert goals["low_load_p99_ms"]["floor"] == max_p99_at_low_load(floor, 2000.0, 0.6)
+    # No stage 2, no workers, no overload step on the floor: nothing to set beside those.
+    for name in ("serial_escalated_p99_ms", "screening_cpu_ms", "overload_late"):
+        assert goals[name]["floor"] is None
+    text = text_table({"targets": {}, "goals": list(goals.values())})
+    header = next(line for line in text.splitlines() if line.strip().startswith("goal"))
+    assert header.split() == ["goal", "measured", "gRPC", "floor"]
+    capacity_line = next(line for line in text.splitlines() if "capacity at SLO" in line)
+    assert capacity_line.split()[-3:] == ["2000", "5000", "met"]
+    plain = text_table({"targets": {}, "goals": evaluate_goals(cascade, None, Goals())})
+    assert "gRPC floor" not in plain
+
+
 def test_tables_show_every_step_and_goal() -> None:
     cascade, naive = _target(2000, 1.0), _target(500, 3.0)
     comparison = compare(cascade, naive)
@@ -323,3 +364,29 @@ def test_common_rate_is_the_highest_rate_every_target_ran_unsaturated() -> None:
     }
     assert common_rate(report) == 200
     assert common_rate({"targets": {"a": {"steps": [step(1)]}, "b": {"steps": []}}}) is None
+
+
+def test_render_judges_an_earlier_reports_goals_again_with_the_floor_beside(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loadtests.cli import main
+
+    cascade, floor = _target(2000, 1.0), _target(5000, 0.4)
+    old_goals = [
+        g for g in evaluate_goals(cascade, None, Goals()) if g["name"] != "low_load_p99_ms"
+    ]
+    report = {
+        "meta": {"sweep": False},
+        "targets": {"cascade": cascade, FLOOR_NAME: floor},
+        "comparison": None,
+        "goals": old_goals,  # as a report written before the low-load goal existed
+    }
+    source = tmp_path / "old.json"
+    source.write_text(json.dumps(report))
+    assert main(["--render", str(source), "--out", str(tmp_path / "out")]) == 0
+    rendered = json.loads((tmp_path / "out" / "report.json").read_text())
+    goals = {g["name"]: g for g in rendered["goals"]}
+    assert goals["low_load_p99_ms"]["floor"] == max_p99_at_low_load(floor, 2000.0, 0.6)
+    assert goals["capacity_rate"]["floor"] == 5000
+    assert "p99 <= 5 ms from 1 in flight up to 60% of capacity" in capsys.readouterr().out
+    assert "| gRPC floor |" in (tmp_path / "out" / "tables.md").read_text()
