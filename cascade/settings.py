@@ -365,6 +365,26 @@ class HedgingSettings(BaseModel):
     min_left_ms: float = Field(
         1.0, ge=0, description="Hedge only if at least this much of the stage-1 time is left."
     )
+    routing: Literal["pack", "round_robin"] = Field(
+        "pack",
+        description="pack: each request goes to the first worker, in this process's own "
+        "preference order (rendezvous hashing, so that orchestrator processes prefer different "
+        "workers), that has fewer than pack_in_flight of this process's requests in flight; "
+        "failing that, to the least busy. At a few hundred requests a second that keeps one "
+        "worker's caches warm instead of two workers idling in turn (measured at 300/s on a 2-core "
+        "VM: 8-29% less screening CPU per answer than round_robin). round_robin: every live "
+        "worker in turn.",
+    )
+    pack_in_flight: int = Field(
+        4,
+        ge=1,
+        le=1000,
+        description="routing=pack: a worker with this many of our requests in flight is passed "
+        "over for the next one in order. Waiting behind a request or two at a warm worker costs "
+        "less than a cold spare (measured with 1: a quarter of the requests at 300/s went to the "
+        "spare and the CPU saved was gone); past this the worker is backlogged and the load "
+        "spreads.",
+    )
     overtaken_grace_ms: float = Field(
         5.0,
         ge=0,

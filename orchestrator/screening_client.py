@@ -127,7 +127,12 @@ class NatsScreener:
         self._latency: LatencyQuantile | None = None
         self._budget: HedgeBudget | None = None
         if hedging is not None:
-            self.members = MemberTable(ttl_s=hedging.member_ttl_s, heartbeat_s=hedging.heartbeat_s)
+            self.members = MemberTable(
+                ttl_s=hedging.member_ttl_s,
+                heartbeat_s=hedging.heartbeat_s,
+                routing=hedging.routing,
+                pack_in_flight=hedging.pack_in_flight,
+            )
             self._latency = LatencyQuantile(hedging.quantile)
             self._budget = HedgeBudget(hedging.ratio, hedging.burst)
         self._inbox = ""
@@ -250,6 +255,11 @@ class NatsScreener:
                 call.hedge_timer.cancel()
             for token in call.tokens:
                 self._calls.pop(token, None)
+            for token, worker_id in zip(call.tokens, call.targets, strict=True):
+                # A copy a hedge overtook stays in flight at its worker until it answers or
+                # its grace runs out (_on_reply, _overtaken_silent): packing passes it over.
+                if worker_id is not None and token not in self._overtaken:
+                    members.finished(worker_id)
         latency.observe(time.perf_counter() - call.sent_s)
         return msg, call.won_by_hedge
 
@@ -258,6 +268,8 @@ class NatsScreener:
         token = str(self._next_token)
         call.tokens.append(token)
         call.targets.append(worker_id)
+        if worker_id is not None and self.members is not None:
+            self.members.sent(worker_id)  # finished in _routed_request, for every target
         self._calls[token] = call
         subject = self._subject if worker_id is None else worker_subject(self._subject, worker_id)
         with translate_nats_errors():
@@ -295,6 +307,8 @@ class NatsScreener:
         task.add_done_callback(self._tasks.discard)
 
     async def _send_second(self, nc: NatsClient, call: _Call, worker_id: str | None) -> None:
+        if call.future.done():  # answered meanwhile: its wait has already finished its targets
+            return
         try:
             await self._send(nc, call, worker_id)
         except DependencyError as exc:  # the first copy may still answer; its wait reports
@@ -306,6 +320,8 @@ class NatsScreener:
         if overtaken is not None:  # the copy a hedge overtook
             overtaken_id, timer = overtaken
             timer.cancel()
+            if self.members is not None:
+                self.members.finished(overtaken_id, overtaken=True)
             if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
                 if self.members is not None:
                     self.members.left(overtaken_id)  # its process is gone
@@ -345,10 +361,13 @@ class NatsScreener:
         grace_s = self._hedging.overtaken_grace_ms / 1000.0
         timer = asyncio.get_running_loop().call_later(grace_s, self._overtaken_silent, token)
         self._overtaken[token] = (worker_id, timer)
+        if self.members is not None:
+            self.members.overtook(worker_id)
 
     def _overtaken_silent(self, token: str) -> None:
         entry = self._overtaken.pop(token, None)
         if entry is not None and self.members is not None:
+            self.members.finished(entry[0], overtaken=True)
             grace_ms = self._hedging.overtaken_grace_ms if self._hedging is not None else 0.0
             self.members.suspect(
                 entry[0], f"overtaken by a hedge, and no answer {grace_ms:g} ms later"

@@ -6,7 +6,13 @@ NATS notices. So the orchestrator routes for itself:
 
 * every worker announces itself on ``{subject}.members`` every ``heartbeat_s`` and also listens
   on its own subject ``{subject}.w.{worker_id}``; :class:`MemberTable` keeps the workers heard
-  from within ``member_ttl_s`` and picks one per request, round robin;
+  from within ``member_ttl_s`` and picks one per request. By default it *packs*: the first
+  worker in this process's preference order that is not busy with our requests, so that at
+  moderate rates one worker stays warm and the others are spares. On a VM whose idle cores halt,
+  a worker that idles 7 ms between requests runs its model several times slower than one that
+  idles 3 ms (``python -m loadtests.idle_penalty``). The order is rendezvous hashing of the worker
+  ids with a per-process salt: orchestrator processes prefer different workers, and a worker
+  that joins or leaves moves only its own share. ``round_robin`` takes every live worker in turn;
 * a worker whose request was overtaken by a hedge (or timed out) is *suspect*: it gets no new
   requests until it is heard from again a heartbeat later, which a stalled process never is;
 * a request still unanswered after the recent ``quantile`` of answer times (:class:`LatencyQuantile`)
@@ -21,11 +27,13 @@ group as before.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from cascade import metrics
 
@@ -43,7 +51,10 @@ _SUSPECT: Final = metrics.SCREENING_MEMBERS.labels("suspect")
 @dataclass(slots=True)
 class _Member:
     last_heard_s: float
+    weight: bytes  # its rank in this process's preference order (highest first)
     suspect_since_s: float | None = None
+    in_flight: int = 0  # our requests sent to it and not yet finished
+    overtaken: int = 0  # of those, copies a hedge overtook that have not answered yet
 
 
 class MemberTable:
@@ -55,12 +66,18 @@ class MemberTable:
         ttl_s: float,
         heartbeat_s: float,
         clock: Callable[[], float] = time.monotonic,
+        routing: Literal["pack", "round_robin"] = "pack",
+        pack_in_flight: int = 4,
+        salt: bytes | None = None,
     ) -> None:
         self._ttl_s = ttl_s
         self._heartbeat_s = heartbeat_s
         self._clock = clock
+        self._pack = routing == "pack"
+        self._pack_in_flight = pack_in_flight
+        self._salt = salt if salt is not None else random.randbytes(8)
         self._members: dict[str, _Member] = {}
-        self._order: list[str] = []
+        self._order: list[str] = []  # preference order when packing, join order otherwise
         self._next = 0
 
     def __len__(self) -> int:
@@ -72,8 +89,11 @@ class MemberTable:
         now = self._clock()
         member = self._members.get(worker_id)
         if member is None:
-            self._members[worker_id] = _Member(now)
+            weight = hashlib.blake2b(worker_id.encode(), digest_size=8, key=self._salt).digest()
+            self._members[worker_id] = _Member(now, weight)
             self._order.append(worker_id)
+            if self._pack:
+                self._order.sort(key=lambda w: self._members[w].weight, reverse=True)
             logger.info("screening worker %s joined", worker_id)
             self._publish()
             return
@@ -103,27 +123,70 @@ class MemberTable:
         self._publish()
 
     def pick(self, exclude: str | None = None) -> str | None:
-        """The next live, unsuspected worker other than ``exclude`` (round robin), or None."""
-        order = self._order
-        n = len(order)
-        if not n:
+        """A live, unsuspected worker other than ``exclude``, or None: packing, the first in
+        preference order with room (else the least busy); round robin, the next in turn."""
+        if not self._order:
             return None
         now = self._clock()
-        expired = False
-        for _ in range(n):
-            self._next = (self._next + 1) % n
-            worker_id = order[self._next]
+        chosen, expired = (self._packed if self._pack else self._in_turn)(exclude, now)
+        if expired:
+            self._expire(now)
+        return chosen
+
+    def _routable(self, worker_id: str, member: _Member, exclude: str | None) -> bool:
+        return member.suspect_since_s is None and worker_id != exclude
+
+    def _packed(self, exclude: str | None, now: float) -> tuple[str | None, bool]:
+        chosen: str | None = None
+        has_room = expired = False
+        for worker_id in self._order:  # all of them: a quiet one is noticed wherever it stands
             member = self._members[worker_id]
             if now - member.last_heard_s > self._ttl_s:
                 expired = True
+            elif has_room or not self._routable(worker_id, member, exclude):
                 continue
-            if member.suspect_since_s is None and worker_id != exclude:
-                if expired:
-                    self._expire(now)
-                return worker_id
-        if expired:
-            self._expire(now)
-        return None
+            elif member.in_flight < self._pack_in_flight and not member.overtaken:
+                chosen, has_room = worker_id, True
+            elif chosen is None or member.in_flight < self._members[chosen].in_flight:
+                chosen = worker_id
+        return chosen, expired
+
+    def _in_turn(self, exclude: str | None, now: float) -> tuple[str | None, bool]:
+        n = len(self._order)
+        expired = False
+        for _ in range(n):
+            self._next = (self._next + 1) % n
+            worker_id = self._order[self._next]
+            member = self._members[worker_id]
+            if now - member.last_heard_s > self._ttl_s:
+                expired = True
+            elif self._routable(worker_id, member, exclude):
+                return worker_id, expired
+        return None, expired
+
+    def sent(self, worker_id: str) -> None:
+        """A request of ours went to ``worker_id``."""
+        member = self._members.get(worker_id)
+        if member is not None:
+            member.in_flight += 1
+
+    def overtook(self, worker_id: str) -> None:
+        """A hedge overtook one of our requests in flight at ``worker_id``: until that copy
+        answers, packing passes the worker over (it may be stalled; the grace decides)."""
+        member = self._members.get(worker_id)
+        if member is not None:
+            member.overtaken += 1
+
+    def finished(self, worker_id: str, *, overtaken: bool = False) -> None:
+        """A request of ours that went to ``worker_id`` is over (answered, or given up;
+        ``overtaken``: a copy :meth:`overtook` named, answered late or given up after its
+        grace). Harmless for a worker that has left since."""
+        member = self._members.get(worker_id)
+        if member is None:
+            return
+        member.in_flight = max(0, member.in_flight - 1)
+        if overtaken:
+            member.overtaken = max(0, member.overtaken - 1)
 
     def pick_other(self, exclude: str | None) -> str | None:
         """Where a hedge of a request sent to ``exclude`` goes: a live, unsuspected other worker;

@@ -1,7 +1,10 @@
-"""A worker whose request a hedge overtook is routed around only if it then stays silent.
+"""Stage-1 routing on a real nats-server: hedges, suspects, and packing onto one worker.
 
-Two stand-in screening workers on a real nats-server, driven by the real ``NatsScreener``: one
-answers at once, the other only after the hedge delay (busy, not stalled) or never (stalled).
+Two stand-in screening workers, driven by the real ``NatsScreener``. Round robin: one answers
+at once, the other only after the hedge delay (busy, not stalled) or never (stalled); a worker
+whose request a hedge overtook is routed around only if it then stays silent. Packing (the
+default): requests keep to the preferred worker, spill to the other while it is busy, and go
+around it once it stalls.
 """
 
 from __future__ import annotations
@@ -44,25 +47,39 @@ _HEDGING = HedgingSettings(
     ratio=1.0,
     heartbeat_s=1.0,
     member_ttl_s=3.0,
+    routing="round_robin",  # these tests need both workers to get requests
 )
 
 
+class _Behaviour:
+    """How a stand-in worker answers (changeable while it runs), and what it was sent."""
+
+    def __init__(self, delay_s: float | None) -> None:
+        self.delay_s = delay_s  # None: never
+        self.received = 0
+
+
 @asynccontextmanager
-async def _worker(url: str, worker_id: str, delay_s: float | None) -> AsyncIterator[None]:
+async def _worker(
+    url: str, worker_id: str, delay_s: float | None, behaviour: _Behaviour | None = None
+) -> AsyncIterator[None]:
     """A stand-in worker: heartbeats every 50 ms; answers each request after ``delay_s`` (never
-    when None)."""
+    when None), or as ``behaviour`` says at the time."""
     subject = screening_subject(_PREFIX, _MODEL)
+    how = behaviour if behaviour is not None else _Behaviour(delay_s)
     nc = await nats.connect(url)
     replies: set[asyncio.Task[None]] = set()
 
     async def answer(msg: Msg) -> None:
-        if delay_s is None:
+        delay = how.delay_s
+        if delay is None:
             return
-        await asyncio.sleep(delay_s)
+        await asyncio.sleep(delay)
         reply = encode_screening_reply(_MODEL, np.zeros(1, dtype=np.float32))
         await nc.publish(msg.reply, reply)
 
     async def on_request(msg: Msg) -> None:
+        how.received += 1
         task = asyncio.create_task(answer(msg))
         replies.add(task)
         task.add_done_callback(replies.discard)
@@ -85,14 +102,14 @@ async def _worker(url: str, worker_id: str, delay_s: float | None) -> AsyncItera
         await nc.close()
 
 
-def _screener(url: str) -> NatsScreener:
+def _screener(url: str, hedging: HedgingSettings = _HEDGING) -> NatsScreener:
     return NatsScreener(
         url,
         subject_prefix=_PREFIX,
         model_version=_MODEL,
         feature_set="fs-1",
         tracer=NoOpTracer(),
-        hedging=_HEDGING,
+        hedging=hedging,
     )
 
 
@@ -152,3 +169,44 @@ async def test_a_worker_that_stays_silent_after_losing_to_a_hedge_is_routed_arou
         await _screen_a_few(screener, 4)  # every call answered, by a hedge when it went astray
         await asyncio.sleep(_GRACE_MS / 1000.0 + 0.02)
         assert _routable(screener) == {"fast"}
+
+
+_PACKING = _HEDGING.model_copy(update={"routing": "pack"})
+
+
+async def test_packing_keeps_to_one_worker_and_spills_while_it_is_busy(
+    nats_server: NatsServer,
+) -> None:
+    one, two = _Behaviour(0.0), _Behaviour(0.0)
+    async with (
+        _worker(nats_server.url, "one", None, one),
+        _worker(nats_server.url, "two", None, two),
+        _screener(nats_server.url, _PACKING) as screener,
+    ):
+        await _wait_members(screener, 2)
+        await _screen_a_few(screener, 20)  # one at a time: the preferred worker is never busy
+        assert sorted((one.received, two.received)) == [0, 20]
+        spare = one if one.received == 0 else two
+        rows = np.zeros((1, 4), dtype=np.float32)
+        await asyncio.gather(*(screener.screen(rows, timeout_s=1.0) for _ in range(6)))
+        assert spare.received >= 1  # calls in flight together spilled over to the other one
+
+
+async def test_packing_goes_around_a_preferred_worker_that_stalls(
+    nats_server: NatsServer,
+) -> None:
+    one, two = _Behaviour(0.0), _Behaviour(0.0)
+    async with (
+        _worker(nats_server.url, "one", None, one),
+        _worker(nats_server.url, "two", None, two),
+        _screener(nats_server.url, _PACKING) as screener,
+    ):
+        await _wait_members(screener, 2)
+        await _screen_a_few(screener, 3)
+        preferred, spare, spare_id = (one, two, "two") if one.received else (two, one, "one")
+        preferred.delay_s = None  # stalls: connected, heartbeating, never answering
+        await _screen_a_few(screener, 10)  # every call answered: by a hedge, then by the spare
+        await asyncio.sleep(_GRACE_MS / 1000.0 + 0.02)
+        assert _routable(screener) == {spare_id}
+        assert spare.received >= 10
+        assert preferred.received <= 4  # after the first overtaken request, at most a few more

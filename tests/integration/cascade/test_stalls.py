@@ -23,6 +23,7 @@ import pytest
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from devstack.servers import ManagedProcess, NatsServer, RedisServer, TritonServer, free_port
 from devstack.stack import orchestrator_process, service_env, worker_process
+from loadtests.cpu import process_cpu_s
 from tests.conftest import TEST_PSEUDONYM_ENV
 from tests.integration.cascade.conftest import new_request, triton_for
 
@@ -188,11 +189,22 @@ def metric(port: int, name: str, labels: str) -> float:
     raise AssertionError(f"{name}{{{labels}}} not in /metrics")
 
 
+async def serving_worker(s: Stack, calls: int = 200) -> ManagedProcess:
+    """The worker that answers one-at-a-time calls: the orchestrator packs them onto its
+    preferred worker while that one is not busy (``hedging.routing``); found by the CPU each
+    worker spends on a run of them."""
+    before = [process_cpu_s(pid_of(w)) for w in s.workers]
+    await score_many(s.stub, calls)
+    spent = [process_cpu_s(pid_of(w)) - cpu for w, cpu in zip(s.workers, before, strict=True)]
+    return s.workers[spent.index(max(spent))]
+
+
 async def test_one_frozen_worker_of_two_costs_no_default_answers(
     model_dir: Path, servers: Servers, tmp_path: Path
 ) -> None:
     async with warm_stack(model_dir, tmp_path, servers, workers=2) as s:
-        os.kill(pid_of(s.workers[0]), signal.SIGSTOP)
+        frozen = await serving_worker(s)  # freezing the idle spare would test nothing
+        os.kill(pid_of(frozen), signal.SIGSTOP)
         replies = await score_many(s.stub, 100)
         defaults = [r for r in replies if r.decided_by == R.DECIDED_BY_DEFAULT]
         hedges = {
@@ -207,7 +219,7 @@ async def test_one_frozen_worker_of_two_costs_no_default_answers(
         assert max(r.timings.stage1_us for r in replies) < STAGE1_CAP_US * 2 / 3
         assert metric(s.metrics_port, "cascade_screening_members", 'state="suspect"') == 1
         assert "stopped answering" in log
-        os.kill(pid_of(s.workers[0]), signal.SIGCONT)
+        os.kill(pid_of(frozen), signal.SIGCONT)
         await until_members(s, 2)  # a heartbeat or two after it resumed
         assert "is answering again" in s.orchestrator.log_path.read_text()
 
@@ -239,7 +251,7 @@ async def test_killed_worker_is_replaced_by_the_other_at_once(
     model_dir: Path, servers: Servers, tmp_path: Path
 ) -> None:
     async with warm_stack(model_dir, tmp_path, servers, workers=2) as s:
-        os.kill(pid_of(s.workers[0]), signal.SIGKILL)
+        os.kill(pid_of(await serving_worker(s)), signal.SIGKILL)
         replies = await score_many(s.stub, 50)
         assert not [r for r in replies if r.decided_by == R.DECIDED_BY_DEFAULT]
 

@@ -28,8 +28,17 @@ class Clock:
         return self.now
 
 
-def table(clock: Clock) -> MemberTable:
-    return MemberTable(ttl_s=1.0, heartbeat_s=0.25, clock=clock)
+def table(
+    clock: Clock, *, routing: str = "pack", salt: bytes = b"fixed", pack_in_flight: int = 1
+) -> MemberTable:
+    return MemberTable(
+        ttl_s=1.0,
+        heartbeat_s=0.25,
+        clock=clock,
+        routing=routing,  # type: ignore[arg-type]  # the two literals, passed as a str
+        pack_in_flight=pack_in_flight,
+        salt=salt,
+    )
 
 
 def test_no_member_means_the_queue_group() -> None:
@@ -37,12 +46,71 @@ def test_no_member_means_the_queue_group() -> None:
 
 
 def test_round_robin_over_live_members() -> None:
-    members = table(Clock())
+    members = table(Clock(), routing="round_robin")
     for w in ("a", "b", "c"):
         members.heard(w)
     picks = [members.pick() or "" for _ in range(6)]
     assert sorted(picks) == ["a", "a", "b", "b", "c", "c"]
     assert picks[:3] == picks[3:]
+
+
+def test_packing_keeps_to_one_worker_until_it_is_busy_then_spills_in_order() -> None:
+    members = table(Clock())
+    for w in ("a", "b", "c"):
+        members.heard(w)
+    first = members.pick()
+    assert first is not None and {members.pick() for _ in range(10)} == {first}
+    members.sent(first)  # one of our requests in flight there: the next worker in order
+    second = members.pick()
+    assert second not in (None, first)
+    members.sent(second)
+    third = members.pick()
+    assert third not in (None, first, second)
+    members.sent(third)
+    members.sent(first)
+    # Every one busy: the least busy, earliest in order on a tie.
+    assert members.pick() == second
+    members.finished(first)
+    members.finished(first)
+    assert members.pick() == first  # free again: back to the preferred worker
+    members.finished("gone")  # a worker that has left: harmless
+    members.finished(first)  # never below zero
+    assert members.pick() == first
+
+
+def test_packing_waits_for_the_limit_and_passes_over_a_worker_a_hedge_overtook() -> None:
+    members = table(Clock(), pack_in_flight=2)
+    members.heard("a")
+    members.heard("b")
+    first = members.pick()
+    assert first is not None
+    members.sent(first)
+    assert members.pick() == first  # one in flight, limit two: still the preferred one
+    members.overtook(first)  # that request was overtaken and has not answered
+    other = members.pick()
+    assert other not in (None, first)
+    members.finished(first, overtaken=True)  # it answered after all
+    assert members.pick() == first
+
+
+def test_the_preference_order_is_per_process_and_moves_only_a_joining_workers_share() -> None:
+    workers = [f"w{i}" for i in range(8)]
+    preferred = set()
+    for salt in (b"one", b"two", b"three", b"four", b"five"):
+        members = table(Clock(), salt=salt)
+        for w in workers:
+            members.heard(w)
+        preferred.add(members.pick())
+    assert len(preferred) > 1  # processes with other salts prefer other workers
+    members = table(Clock(), salt=b"one")
+    for w in workers:
+        members.heard(w)
+    before = members.pick()
+    for w in (f"new{i}" for i in range(20)):
+        members.heard(w)
+        now = members.pick()
+        assert now in (before, w)  # rendezvous: the preference changes only to a newcomer
+        before = now
 
 
 def test_suspect_is_avoided_until_heard_a_heartbeat_later() -> None:
@@ -57,7 +125,7 @@ def test_suspect_is_avoided_until_heard_a_heartbeat_later() -> None:
     assert {members.pick() for _ in range(10)} == {"b"}
     clock.now += 0.2
     members.heard("a")
-    assert {members.pick() for _ in range(10)} == {"a", "b"}
+    assert members.pick(exclude="b") == "a"  # routable again
 
 
 def test_quiet_member_expires_and_exclude_is_honoured() -> None:
