@@ -92,6 +92,7 @@ class _Call:
     hedge_at_s: float = 0.0  # loop time the hedge timer is due
     hedge_after_s: float = 0.0  # the hedge delay, from sent_s (perf_counter)
     hedge_timer: asyncio.TimerHandle | None = None
+    overtaken_token: str = ""  # the copy a winning hedge overtook: its worker is finished later
 
 
 class NatsScreener:
@@ -258,7 +259,7 @@ class NatsScreener:
             for token, worker_id in zip(call.tokens, call.targets, strict=True):
                 # A copy a hedge overtook stays in flight at its worker until it answers or
                 # its grace runs out (_on_reply, _overtaken_silent): packing passes it over.
-                if worker_id is not None and token not in self._overtaken:
+                if worker_id is not None and token != call.overtaken_token:
                     members.finished(worker_id)
         latency.observe(time.perf_counter() - call.sent_s)
         return msg, call.won_by_hedge
@@ -349,6 +350,7 @@ class NatsScreener:
             _HEDGES_WON.inc()
             first = call.targets[0]
             if first is not None:
+                call.overtaken_token = call.tokens[0]
                 self._watch_overtaken(call.tokens[0], first)
         call.future.set_result(msg)
 

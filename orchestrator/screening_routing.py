@@ -170,6 +170,11 @@ class MemberTable:
         if member is not None:
             member.in_flight += 1
 
+    def in_flight(self, worker_id: str) -> int:
+        """Our requests at ``worker_id`` not finished yet (0 for a worker not in the table)."""
+        member = self._members.get(worker_id)
+        return member.in_flight if member is not None else 0
+
     def overtook(self, worker_id: str) -> None:
         """A hedge overtook one of our requests in flight at ``worker_id``: until that copy
         answers, packing passes the worker over (it may be stalled; the grace decides)."""

@@ -155,6 +155,8 @@ async def test_a_worker_that_answers_after_losing_to_a_hedge_is_not_routed_aroun
         await asyncio.sleep(_GRACE_MS / 1000.0 + 0.05)  # every grace has run out
         assert _hedges("outrun") > outrun  # "slow" lost races, and answered after each
         assert _routable(screener) == {"fast", "slow"}
+        assert screener.members is not None  # every request, overtaken or not, is accounted
+        assert [screener.members.in_flight(w) for w in ("fast", "slow")] == [0, 0]
 
 
 async def test_a_worker_that_stays_silent_after_losing_to_a_hedge_is_routed_around(
@@ -190,6 +192,8 @@ async def test_packing_keeps_to_one_worker_and_spills_while_it_is_busy(
         rows = np.zeros((1, 4), dtype=np.float32)
         await asyncio.gather(*(screener.screen(rows, timeout_s=1.0) for _ in range(6)))
         assert spare.received >= 1  # calls in flight together spilled over to the other one
+        assert screener.members is not None
+        assert [screener.members.in_flight(w) for w in ("one", "two")] == [0, 0]
 
 
 async def test_packing_goes_around_a_preferred_worker_that_stalls(
@@ -210,3 +214,5 @@ async def test_packing_goes_around_a_preferred_worker_that_stalls(
         assert _routable(screener) == {spare_id}
         assert spare.received >= 10
         assert preferred.received <= 4  # after the first overtaken request, at most a few more
+        assert screener.members is not None  # the unanswered copies ended with their grace
+        assert [screener.members.in_flight(w) for w in ("one", "two")] == [0, 0]
