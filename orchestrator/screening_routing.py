@@ -67,7 +67,7 @@ class MemberTable:
         heartbeat_s: float,
         clock: Callable[[], float] = time.monotonic,
         routing: Literal["pack", "round_robin"] = "pack",
-        pack_in_flight: int = 4,
+        pack_in_flight: int = 2,
         salt: bytes | None = None,
     ) -> None:
         self._ttl_s = ttl_s
