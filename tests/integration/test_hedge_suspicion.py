@@ -176,16 +176,24 @@ async def test_a_worker_that_stays_silent_after_losing_to_a_hedge_is_routed_arou
 _PACKING = _HEDGING.model_copy(update={"routing": "pack"})
 
 
+@asynccontextmanager
+async def _packing_pair(url: str) -> AsyncIterator[tuple[NatsScreener, _Behaviour, _Behaviour]]:
+    """Two stand-in workers, "one" and "two", answering at once, and a packing screener that
+    has heard both."""
+    one, two = _Behaviour(0.0), _Behaviour(0.0)
+    async with (
+        _worker(url, "one", None, one),
+        _worker(url, "two", None, two),
+        _screener(url, _PACKING) as screener,
+    ):
+        await _wait_members(screener, 2)
+        yield screener, one, two
+
+
 async def test_packing_keeps_to_one_worker_and_spills_while_it_is_busy(
     nats_server: NatsServer,
 ) -> None:
-    one, two = _Behaviour(0.0), _Behaviour(0.0)
-    async with (
-        _worker(nats_server.url, "one", None, one),
-        _worker(nats_server.url, "two", None, two),
-        _screener(nats_server.url, _PACKING) as screener,
-    ):
-        await _wait_members(screener, 2)
+    async with _packing_pair(nats_server.url) as (screener, one, two):
         await _screen_a_few(screener, 20)  # one at a time: the preferred worker is never busy
         assert sorted((one.received, two.received)) == [0, 20]
         spare = one if one.received == 0 else two
@@ -199,13 +207,7 @@ async def test_packing_keeps_to_one_worker_and_spills_while_it_is_busy(
 async def test_packing_goes_around_a_preferred_worker_that_stalls(
     nats_server: NatsServer,
 ) -> None:
-    one, two = _Behaviour(0.0), _Behaviour(0.0)
-    async with (
-        _worker(nats_server.url, "one", None, one),
-        _worker(nats_server.url, "two", None, two),
-        _screener(nats_server.url, _PACKING) as screener,
-    ):
-        await _wait_members(screener, 2)
+    async with _packing_pair(nats_server.url) as (screener, one, two):
         await _screen_a_few(screener, 3)
         preferred, spare, spare_id = (one, two, "two") if one.received else (two, one, "one")
         preferred.delay_s = None  # stalls: connected, heartbeating, never answering
