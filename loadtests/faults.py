@@ -76,8 +76,8 @@ def _pids(stack: LocalStack, target: Target) -> list[tuple[str, int]]:
     """(name, pid) of the processes ``target`` names, as they run now."""
     processes: Sequence[_Process | None]
     if target is Target.ONE_WORKER:
-        # The busiest one: the orchestrator packs requests onto its preferred worker
-        # (hedging.routing), and stopping the idle spare would test nothing.
+        # The busiest one: with hedging.routing=pack the orchestrator keeps to its preferred
+        # worker, and stopping the idle spare would test nothing.
         processes = sorted(stack.workers, key=_cpu_so_far, reverse=True)[:1]
     elif target is Target.ALL_WORKERS:
         processes = stack.workers

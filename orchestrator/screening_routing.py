@@ -6,13 +6,13 @@ NATS notices. So the orchestrator routes for itself:
 
 * every worker announces itself on ``{subject}.members`` every ``heartbeat_s`` and also listens
   on its own subject ``{subject}.w.{worker_id}``; :class:`MemberTable` keeps the workers heard
-  from within ``member_ttl_s`` and picks one per request. By default it *packs*: the first
+  from within ``member_ttl_s`` and picks one per request: in turn (``round_robin``, the default), or it *packs*: the first
   worker in this process's preference order that is not busy with our requests, so that at
   moderate rates one worker stays warm and the others are spares. On a VM whose idle cores halt,
   a worker that idles 7 ms between requests runs its model several times slower than one that
   idles 3 ms (``python -m loadtests.idle_penalty``). The order is rendezvous hashing of the worker
   ids with a per-process salt: orchestrator processes prefer different workers, and a worker
-  that joins or leaves moves only its own share. ``round_robin`` takes every live worker in turn;
+  that joins or leaves moves only its own share;
 * a worker whose request was overtaken by a hedge (or timed out) is *suspect*: it gets no new
   requests until it is heard from again a heartbeat later, which a stalled process never is;
 * a request still unanswered after the recent ``quantile`` of answer times (:class:`LatencyQuantile`)
@@ -66,7 +66,7 @@ class MemberTable:
         ttl_s: float,
         heartbeat_s: float,
         clock: Callable[[], float] = time.monotonic,
-        routing: Literal["pack", "round_robin"] = "pack",
+        routing: Literal["pack", "round_robin"] = "round_robin",
         pack_in_flight: int = 2,
         salt: bytes | None = None,
     ) -> None:

@@ -190,9 +190,8 @@ def metric(port: int, name: str, labels: str) -> float:
 
 
 async def serving_worker(s: Stack, calls: int = 200) -> ManagedProcess:
-    """The worker that answers one-at-a-time calls: the orchestrator packs them onto its
-    preferred worker while that one is not busy (``hedging.routing``); found by the CPU each
-    worker spends on a run of them."""
+    """A worker that answers calls: with ``hedging.routing=pack`` the only one (its preferred
+    worker), round robin either; found by the CPU each worker spends on a run of calls."""
     before = [process_cpu_s(pid_of(w)) for w in s.workers]
     await score_many(s.stub, calls)
     spent = [process_cpu_s(pid_of(w)) - cpu for w, cpu in zip(s.workers, before, strict=True)]
