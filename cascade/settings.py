@@ -367,25 +367,19 @@ class HedgingSettings(BaseModel):
     )
     routing: Literal["pack", "round_robin"] = Field(
         "round_robin",
-        description="round_robin: every live worker in turn. pack (opt-in): each request goes "
-        "to the first worker, in this process's own "
-        "preference order (rendezvous hashing, so that orchestrator processes prefer different "
-        "workers), that has fewer than pack_in_flight of this process's requests in flight; "
-        "failing that, to the least busy. At a few hundred requests a second that keeps one "
-        "worker's caches warm instead of two workers idling in turn (measured at 300/s on a 2-core "
-        "VM: 8-29% less screening CPU per answer than round_robin). Not the default: both "
-        "clean-clone CI runs with it as the default had one stage-1 timeout each, in tests that "
-        "passed in every run before, and no paired sweep with its spill limit has been run.",
+        description="round_robin: every live worker in turn. pack (opt-in): the first worker in "
+        "this process's preference order (rendezvous hashing, salted per process) with fewer "
+        "than pack_in_flight of our requests in flight and no copy a hedge overtook, else the "
+        "least busy; it keeps one worker warm at moderate rates (docs/latency.md, eighth run: "
+        "8-29% less screening CPU per answer at 300/s; why it is not the default yet).",
     )
     pack_in_flight: int = Field(
         2,
         ge=1,
         le=1000,
         description="routing=pack: a worker with this many of our requests in flight is passed "
-        "over for the next one in order. Waiting behind one request at a warm worker costs less "
-        "than a cold spare: with 1, a quarter of the requests at 300/s went to the spare and the "
-        "CPU saved was gone. With 4, one sweep shed more than round robin at 1,000/s and above "
-        "(a backlog of four at one worker while the other idled); 2 spills at the first backlog.",
+        "over for the next one in order (1 sent a quarter of the requests at 300/s to the cold "
+        "spare; 4 shed more than round robin from 1,000/s up).",
     )
     overtaken_grace_ms: float = Field(
         5.0,

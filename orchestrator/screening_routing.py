@@ -6,9 +6,10 @@ NATS notices. So the orchestrator routes for itself:
 
 * every worker announces itself on ``{subject}.members`` every ``heartbeat_s`` and also listens
   on its own subject ``{subject}.w.{worker_id}``; :class:`MemberTable` keeps the workers heard
-  from within ``member_ttl_s`` and picks one per request: in turn (``round_robin``, the default), or it *packs*: the first
-  worker in this process's preference order that is not busy with our requests, so that at
-  moderate rates one worker stays warm and the others are spares. On a VM whose idle cores halt,
+  from within ``member_ttl_s`` and picks one per request: in turn (``round_robin``, the
+  default), or, with ``routing="pack"``, the first worker in this process's preference order
+  that is not busy with our requests, so that at moderate rates one worker stays warm and the
+  others are spares. On a VM whose idle cores halt,
   a worker that idles 7 ms between requests runs its model several times slower than one that
   idles 3 ms (``python -m loadtests.idle_penalty``). The order is rendezvous hashing of the worker
   ids with a per-process salt: orchestrator processes prefer different workers, and a worker
@@ -133,7 +134,8 @@ class MemberTable:
             self._expire(now)
         return chosen
 
-    def _routable(self, worker_id: str, member: _Member, exclude: str | None) -> bool:
+    @staticmethod
+    def _routable(worker_id: str, member: _Member, exclude: str | None) -> bool:
         return member.suspect_since_s is None and worker_id != exclude
 
     def _packed(self, exclude: str | None, now: float) -> tuple[str | None, bool]:
