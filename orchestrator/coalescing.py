@@ -13,6 +13,8 @@ Each caller keeps its own deadline. The shared request is given the latest deadl
 members; a member whose own deadline comes first stops waiting then, with
 :class:`~cascade.errors.DependencyTimeout`, exactly as if it had made the call alone. One timer
 per round serves every member. A failure of the shared request is every member's failure.
+A member's grace (:mod:`orchestrator.expiry`: more time when the loop itself was away past the
+deadline) is kept the same way: the shared request gets the latest, each member its own.
 
 :class:`Coalescer` is generic over how inputs join and outputs split; the two stage clients are
 wrapped by :class:`CoalescingScreener` and :class:`CoalescingHeavyScorer`, which keep the
@@ -34,7 +36,7 @@ import numpy.typing as npt
 
 from cascade import metrics
 from cascade.errors import Dependency, DependencyFailed, DependencyTimeout
-from orchestrator.expiry import after_next_read
+from orchestrator.expiry import NATS_HANDOFFS, after_next_read, timer_is_late
 from orchestrator.heavy_client import HeavyScorer
 from orchestrator.screening_client import Screener
 
@@ -49,6 +51,7 @@ class _Member(Generic[InT, OutT]):
     items: InT
     size: int
     deadline_s: float
+    grace_until_s: float  # the latest its deadline may move to when the loop was away
     future: asyncio.Future[OutT] | None = None  # None: the round's leader, until it must wait
 
 
@@ -59,24 +62,28 @@ class _Round(Generic[InT, OutT]):
 
 
 class Coalescer(Generic[InT, OutT]):
-    """Merges concurrent ``run(items, timeout_s)`` calls into shared ``call(items, timeout_s)``.
+    """Merges concurrent ``run(items, timeout_s, grace_s)`` calls into shared
+    ``call(items, timeout_s, grace_s)``.
 
     ``join`` concatenates inputs, ``size`` counts an input's items and ``part(out, start, stop)``
     cuts one member's share out of a shared output. A round holds at most ``max_items`` items;
-    a call of that size or more goes alone. Owns the tasks of the shared calls: use it as an
-    async context manager (or call :meth:`aclose`) so none outlives it.
+    a call of that size or more goes alone. ``handoffs``: loop passes from reading a reply to
+    ``call`` returning it, plus one for the round's task (:func:`~orchestrator.expiry.after_next_read`).
+    Owns the tasks of the shared calls: use it as an async context manager (or call
+    :meth:`aclose`) so none outlives it.
     """
 
     def __init__(
         self,
         stage: str,
         dependency: Dependency,
-        call: Callable[[InT, float], Awaitable[OutT]],
+        call: Callable[[InT, float, float], Awaitable[OutT]],
         *,
         join: Callable[[list[InT]], InT],
         size: Callable[[InT], int],
         part: Callable[[OutT, int, int], OutT],
         max_items: int,
+        handoffs: int,
     ) -> None:
         if max_items < 1:
             raise ValueError("max_items must be >= 1")
@@ -86,6 +93,7 @@ class Coalescer(Generic[InT, OutT]):
         self._size = size
         self._part = part
         self._max_items = max_items
+        self._handoffs = handoffs
         self._open: _Round[InT, OutT] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._round_items = metrics.COALESCED_ITEMS.labels(stage)
@@ -108,20 +116,22 @@ class Coalescer(Generic[InT, OutT]):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def run(self, items: InT, timeout_s: float) -> OutT:
-        """``call(items, timeout_s)``'s answer for these items, possibly shared with others."""
+    async def run(self, items: InT, timeout_s: float, grace_s: float = 0.0) -> OutT:
+        """``call(items, timeout_s, grace_s)``'s answer for these items, possibly shared with
+        others."""
         n = self._size(items)
         if n >= self._max_items:
             self._round_items.observe(n)
-            return await self._call(items, timeout_s)
+            return await self._call(items, timeout_s, grace_s)
         deadline_s = time.monotonic() + timeout_s
+        member: _Member[InT, OutT] = _Member(items, n, deadline_s, deadline_s + max(0.0, grace_s))
         current = self._open
         if current is not None and current.size + n <= self._max_items:
-            future: asyncio.Future[OutT] = asyncio.get_running_loop().create_future()
-            current.members.append(_Member(items, n, deadline_s, future))
+            member.future = asyncio.get_running_loop().create_future()
+            current.members.append(member)
             current.size += n
-            return await future
-        return await self._lead(_Member(items, n, deadline_s))
+            return await member.future
+        return await self._lead(member)
 
     async def _lead(self, leader: _Member[InT, OutT]) -> OutT:
         rnd: _Round[InT, OutT] = _Round([leader], leader.size)
@@ -134,7 +144,10 @@ class Coalescer(Generic[InT, OutT]):
         self._close(rnd, leader_waits=True)
         self._round_items.observe(rnd.size)
         if leader.future is None:  # alone: no task, no join, no split
-            return await self._call(leader.items, max(0.0, leader.deadline_s - time.monotonic()))
+            timeout_s = max(0.0, leader.deadline_s - time.monotonic())
+            return await self._call(
+                leader.items, timeout_s, leader.grace_until_s - leader.deadline_s
+            )
         return await leader.future
 
     def _close(self, rnd: _Round[InT, OutT], *, leader_waits: bool) -> None:
@@ -150,22 +163,15 @@ class Coalescer(Generic[InT, OutT]):
             task.add_done_callback(self._tasks.discard)
 
     async def _send(self, members: list[_Member[InT, OutT]]) -> None:
-        loop = asyncio.get_running_loop()
         now_s = time.monotonic()
         timer: list[asyncio.TimerHandle] = []  # the round's one pending expiry timer
-        timer.append(
-            loop.call_later(
-                max(0.0, min(m.deadline_s for m in members) - now_s),
-                after_next_read,  # an answer already in the socket wins (orchestrator.expiry)
-                self._expire,
-                members,
-                timer,
-            )
-        )
+        self._arm(min(m.deadline_s for m in members), now_s, members, timer)
+        latest_s = max(m.deadline_s for m in members)
         try:
             out = await self._call(
                 self._join([m.items for m in members]),
-                max(0.0, max(m.deadline_s for m in members) - now_s),
+                max(0.0, latest_s - now_s),
+                max(0.0, max(m.grace_until_s for m in members) - latest_s),
             )
         except asyncio.CancelledError:
             for m in members:
@@ -191,6 +197,34 @@ class Coalescer(Generic[InT, OutT]):
         finally:
             timer[0].cancel()
 
+    def _arm(
+        self,
+        due_s: float,
+        now_s: float,
+        members: list[_Member[InT, OutT]],
+        timer: list[asyncio.TimerHandle],
+    ) -> None:
+        """Set ``timer`` (the round's one) to run :meth:`_fired` at ``due_s``."""
+        handle = asyncio.get_running_loop().call_later(
+            max(0.0, due_s - now_s), self._fired, due_s, members, timer
+        )
+        if timer:
+            timer[0] = handle
+        else:
+            timer.append(handle)
+
+    def _fired(
+        self, due_s: float, members: list[_Member[InT, OutT]], timer: list[asyncio.TimerHandle]
+    ) -> None:
+        now_s = time.monotonic()
+        if timer_is_late(due_s, now_s):  # the loop was away: members with grace wait that long
+            late_s = now_s - due_s
+            for m in members:
+                if m.deadline_s <= now_s and m.grace_until_s > m.deadline_s:
+                    m.deadline_s = m.grace_until_s = min(now_s + late_s, m.grace_until_s)
+        # An answer already in the socket wins (orchestrator.expiry).
+        after_next_read(self._expire, members, timer, handoffs=self._handoffs)
+
     def _expire(self, members: list[_Member[InT, OutT]], timer: list[asyncio.TimerHandle]) -> None:
         """Fail the members whose own deadline has passed; re-arm ``timer`` for the next one."""
         now_s = time.monotonic()
@@ -203,9 +237,7 @@ class Coalescer(Generic[InT, OutT]):
             elif next_deadline_s is None or m.deadline_s < next_deadline_s:
                 next_deadline_s = m.deadline_s
         if next_deadline_s is not None:
-            timer[0] = asyncio.get_running_loop().call_later(
-                next_deadline_s - now_s, after_next_read, self._expire, members, timer
-            )
+            self._arm(next_deadline_s, now_s, members, timer)
 
 
 def _concat_rows(parts: list[npt.NDArray[np.float32]]) -> npt.NDArray[np.float32]:
@@ -232,13 +264,14 @@ class CoalescingScreener(Coalescer[npt.NDArray[np.float32], npt.NDArray[np.float
             size=_rows,
             part=_row_slice,
             max_items=max_items,
+            handoffs=NATS_HANDOFFS + 1,
         )
 
     async def screen(
-        self, rows: npt.NDArray[np.float32], timeout_s: float
+        self, rows: npt.NDArray[np.float32], timeout_s: float, grace_s: float = 0.0
     ) -> npt.NDArray[np.float32]:
         """One score per row, as the wrapped screener."""
-        return await self.run(rows, timeout_s)
+        return await self.run(rows, timeout_s, grace_s)
 
 
 class CoalescingHeavyScorer(Coalescer[npt.NDArray[np.float32], npt.NDArray[np.float32]]):
@@ -248,11 +281,12 @@ class CoalescingHeavyScorer(Coalescer[npt.NDArray[np.float32], npt.NDArray[np.fl
         super().__init__(
             "stage2",
             Dependency.HEAVY,
-            inner.score,
+            lambda sequences, timeout_s, _grace_s: inner.score(sequences, timeout_s),
             join=_concat_rows,
             size=_rows,
             part=_row_slice,
             max_items=max_items,
+            handoffs=1,  # the round's task; stage 2's timeout is its budget's, given no grace
         )
 
     async def score(

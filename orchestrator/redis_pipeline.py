@@ -37,7 +37,7 @@ import hiredis
 import redis.exceptions
 
 from cascade.settings import RedisSettings
-from orchestrator.expiry import expire_later
+from orchestrator.expiry import Expiry, expire_later
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +199,8 @@ class _Connection(asyncio.Protocol):
         self._transport.write(b"".join(payload for payload, _, _ in outgoing))
         # The clocks start at the write: a busy event loop delaying it is not Redis's time.
         for _, future, timeout_s in outgoing:
-            timer = expire_later(future, timeout_s, _no_reply)
-            future.add_done_callback(functools.partial(_cancel_timer, timer))
+            expiry = expire_later(future, timeout_s, _no_reply)
+            future.add_done_callback(functools.partial(_cancel_expiry, expiry))
 
     def close(self) -> None:
         """Close the transport (pending requests fail with ``ConnectionError``)."""
@@ -208,8 +208,8 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
 
-def _cancel_timer(timer: asyncio.TimerHandle, _: asyncio.Future[list[Reply]]) -> None:
-    timer.cancel()
+def _cancel_expiry(expiry: Expiry[list[Reply]], _: asyncio.Future[list[Reply]]) -> None:
+    expiry.cancel()
 
 
 def _no_reply() -> TimeoutError:

@@ -25,6 +25,7 @@ Cache and history writes are queued for after the answer (:mod:`orchestrator.pos
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -300,9 +301,11 @@ class CascadeScorer:
         else:
             t0 = time.perf_counter_ns()
             try:
-                scores = await self._screener.screen(
-                    rows, budget.allot_s(self._cap_ms(cfg.stage1_ms, len(todo)))
-                )
+                timeout_s = budget.allot_s(self._cap_ms(cfg.stage1_ms, len(todo)))
+                # Past the cap, the rest of the budget is there should our own loop be away
+                # when the cap's timer is due (orchestrator.expiry).
+                grace_s = budget.allot_s(math.inf) - timeout_s
+                scores = await self._screener.screen(rows, timeout_s, grace_s)
                 stage1_scores = scores.tolist()
                 self._stage1_guard.answered()
             except BaseException as exc:

@@ -43,13 +43,8 @@ from cascade.screening_protocol import (
 )
 from cascade.settings import HedgingSettings, NatsSettings
 from cascade.telemetry import inject_headers, records_spans
-from orchestrator.expiry import expire_later
-from orchestrator.screening_routing import (
-    HedgeBudget,
-    LatencyQuantile,
-    MemberTable,
-    timer_is_late,
-)
+from orchestrator.expiry import NATS_HANDOFFS, expire_later, timer_is_late
+from orchestrator.screening_routing import HedgeBudget, LatencyQuantile, MemberTable
 from orchestrator.stage_twin import ScoreFn, StageTwin
 
 logger = logging.getLogger(__name__)
@@ -67,9 +62,12 @@ class Screener(Protocol):
     """Scores feature rows with the stage-1 model."""
 
     async def screen(
-        self, rows: npt.NDArray[np.float32], timeout_s: float
+        self, rows: npt.NDArray[np.float32], timeout_s: float, grace_s: float = 0.0
     ) -> npt.NDArray[np.float32]:
-        """One score per row; raise a ``DependencyError`` on failure or timeout."""
+        """One score per row; raise a ``DependencyError`` on failure or timeout.
+
+        ``grace_s``: how much longer than ``timeout_s`` the call may wait when this process's
+        own event loop was away past the timeout (:mod:`orchestrator.expiry`)."""
         ...
 
 
@@ -173,7 +171,7 @@ class NatsScreener:
             self._nc = None
 
     async def screen(
-        self, rows: npt.NDArray[np.float32], timeout_s: float
+        self, rows: npt.NDArray[np.float32], timeout_s: float, grace_s: float = 0.0
     ) -> npt.NDArray[np.float32]:
         """Request scores for ``rows`` from one worker (hedged to another when late)."""
         nc = self._nc
@@ -185,7 +183,7 @@ class NatsScreener:
         headers: dict[str, str] = {}
         if not self._spans:
             inject_headers(headers)  # the call's (non-recording) context still propagates
-            msg, _ = await self._request(nc, payload, timeout_s, headers)
+            msg, _ = await self._request(nc, payload, timeout_s, grace_s, headers)
         else:
             with self._tracer.start_as_current_span(
                 "stage1.screen",
@@ -196,7 +194,7 @@ class NatsScreener:
                 },
             ) as span:
                 inject_headers(headers)
-                msg, hedged = await self._request(nc, payload, timeout_s, headers)
+                msg, hedged = await self._request(nc, payload, timeout_s, grace_s, headers)
                 span.set_attribute("cascade.stage1.hedge_won", hedged)
         try:
             reply = parse_screening_reply(msg.data)
@@ -211,17 +209,27 @@ class NatsScreener:
         return reply.scores
 
     async def _request(
-        self, nc: NatsClient, payload: bytes, timeout_s: float, headers: dict[str, str]
+        self,
+        nc: NatsClient,
+        payload: bytes,
+        timeout_s: float,
+        grace_s: float,
+        headers: dict[str, str],
     ) -> tuple[Msg, bool]:
         """The reply, and whether a hedge gave it."""
-        if self._hedging is None:
+        if self._hedging is None:  # nats-py's own request and timeout: no grace
             with translate_nats_errors():
                 msg = await nc.request(self._subject, payload, timeout=timeout_s, headers=headers)
             return msg, False
-        return await self._routed_request(nc, payload, timeout_s, headers)
+        return await self._routed_request(nc, payload, timeout_s, grace_s, headers)
 
     async def _routed_request(
-        self, nc: NatsClient, payload: bytes, timeout_s: float, headers: dict[str, str]
+        self,
+        nc: NatsClient,
+        payload: bytes,
+        timeout_s: float,
+        grace_s: float,
+        headers: dict[str, str],
     ) -> tuple[Msg, bool]:
         members, latency, budget, hedging = self.members, self._latency, self._budget, self._hedging
         assert members is not None and latency is not None
@@ -241,7 +249,9 @@ class NatsScreener:
                 call.hedge_at_s = loop.time() + hedge_s
                 call.hedge_after_s = hedge_s
                 call.hedge_timer = loop.call_later(hedge_s, self._hedge, nc, call)
-            expiry = expire_later(call.future, timeout_s, TimeoutError)
+            expiry = expire_later(
+                call.future, timeout_s, TimeoutError, handoffs=NATS_HANDOFFS, grace_s=grace_s
+            )
             try:
                 msg = await call.future
             finally:
@@ -403,7 +413,8 @@ class InMemoryScreener(StageTwin):
         super().__init__(Dependency.SCREENING, score_fn, delay_s=delay_s, failure=failure)
 
     async def screen(
-        self, rows: npt.NDArray[np.float32], timeout_s: float
+        self, rows: npt.NDArray[np.float32], timeout_s: float, grace_s: float = 0.0
     ) -> npt.NDArray[np.float32]:
-        """One score per row, as :meth:`NatsScreener.screen`."""
+        """One score per row, as :meth:`NatsScreener.screen` (a twin's loop is never away: no
+        grace)."""
         return await self.run(rows, timeout_s)

@@ -19,8 +19,9 @@ NATS notices. So the orchestrator routes for itself:
 * a request still unanswered after the recent ``quantile`` of answer times (:class:`LatencyQuantile`)
   is sent once more to another live worker, and the first answer wins; :class:`HedgeBudget` (a
   token bucket) keeps hedges to a small share of requests when everything is slow, and no hedge
-  is sent when its timer fires late (:func:`timer_is_late`): then the orchestrator's own event
-  loop is the bottleneck, the answer may already wait unread, and admission control sheds.
+  is sent when its timer fires late (:func:`orchestrator.expiry.timer_is_late`): then the
+  orchestrator's own event loop is the bottleneck, the answer may already wait unread, and
+  admission control sheds.
 
 With no member known (workers of an older release, or none heard yet) requests go to the queue
 group as before.
@@ -40,10 +41,7 @@ from cascade import metrics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HedgeBudget", "LatencyQuantile", "MemberTable", "timer_is_late"]
-
-LATE_TIMER_S: Final = 0.003
-"""A hedge timer firing this much after it was due means the event loop is behind."""
+__all__ = ["HedgeBudget", "LatencyQuantile", "MemberTable"]
 
 _LIVE: Final = metrics.SCREENING_MEMBERS.labels("live")
 _SUSPECT: Final = metrics.SCREENING_MEMBERS.labels("suspect")
@@ -270,9 +268,3 @@ class HedgeBudget:
             return False
         self.tokens -= 1.0
         return True
-
-
-def timer_is_late(due_s: float, now_s: float, tolerance_s: float = LATE_TIMER_S) -> bool:
-    """Whether a timer due at ``due_s`` (loop time) that runs at ``now_s`` ran late: the loop
-    had more to do than time to do it."""
-    return now_s - due_s > tolerance_s

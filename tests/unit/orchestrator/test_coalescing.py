@@ -23,11 +23,13 @@ class Backend:
     failure: Exception | None = None
     calls: list[list[int]] = field(default_factory=list)
     timeouts_s: list[float] = field(default_factory=list)
+    graces_s: list[float] = field(default_factory=list)
     cancelled: int = 0
 
-    async def call(self, items: list[int], timeout_s: float) -> list[int]:
+    async def call(self, items: list[int], timeout_s: float, grace_s: float) -> list[int]:
         self.calls.append(items)
         self.timeouts_s.append(timeout_s)
+        self.graces_s.append(grace_s)
         try:
             await asyncio.sleep(self.delay_s)
         except asyncio.CancelledError:
@@ -61,6 +63,7 @@ async def coalescer(backend: Backend) -> AsyncIterator[Coalescer[list[int], list
         size=len,
         part=_part,
         max_items=MAX_ITEMS,
+        handoffs=1,
     ) as c:
         yield c
 
@@ -181,3 +184,36 @@ async def test_aclose_cancels_shared_calls_in_flight(coalescer: Co, backend: Bac
         outcomes = await asyncio.gather(*members, return_exceptions=True)
     assert backend.cancelled == 1
     assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)
+
+
+async def test_the_grace_goes_down_with_the_call_a_round_gets_its_latest(
+    coalescer: Co, backend: Backend
+) -> None:
+    await coalescer.run([1], 0.5, 0.020)  # alone
+    await asyncio.gather(coalescer.run([2], 0.5, 0.010), coalescer.run([3], 0.2, 0.100))
+    lone, shared = backend.graces_s
+    assert lone == pytest.approx(0.020, abs=0.002)
+    # The round's timeout is the latest deadline (0.5 s); its grace what reaches furthest past
+    # that: 0.2 + 0.1 s ends before 0.5 + 0.01 s.
+    assert backend.timeouts_s[1] == pytest.approx(0.5, abs=0.005)
+    assert shared == pytest.approx(0.010, abs=0.002)
+
+
+@pytest.mark.parametrize(("grace_s", "answered"), [(0.050, True), (0.0, False)])
+async def test_a_member_whose_deadline_passed_while_the_loop_was_away_waits_its_grace(
+    coalescer: Co, backend: Backend, grace_s: float, answered: bool
+) -> None:
+    # The short member's 10 ms deadline passes while the loop is stuck for 25 ms; the shared
+    # call answers at 30 ms. With grace the member waits as long as its timer was late and gets
+    # that answer; without, it times out.
+    backend.delay_s = 0.030
+    short = asyncio.ensure_future(coalescer.run([1], 0.010, grace_s))
+    long = asyncio.ensure_future(coalescer.run([2], 1.0))
+    await asyncio.sleep(0.003)
+    time.sleep(0.025)  # noqa: ASYNC251 - the loop stalls, as if off its core
+    outcomes = await asyncio.gather(short, long, return_exceptions=True)
+    assert outcomes[1] == [20]
+    if answered:
+        assert outcomes[0] == [10]
+    else:
+        assert isinstance(outcomes[0], DependencyTimeout)

@@ -116,3 +116,56 @@ def test_a_cancelled_expiry_never_fires() -> None:
         return future.done()
 
     assert uvloop.run(main()) is False
+
+
+def _settle(future: asyncio.Future[str]) -> None:
+    if not future.done():
+        future.set_result("reply")
+
+
+def _stalled_then(answer_at_s: float | None, grace_s: float, stall_s: float) -> tuple[str, float]:
+    """A 5 ms timeout with ``grace_s``; the loop is stuck for ``stall_s`` at once (this process
+    off its core), and an answer comes ``answer_at_s`` after the start (None: never). Returns
+    the outcome and the seconds it took."""
+
+    async def main() -> tuple[str, float]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
+        start = time.monotonic()
+        expire_later(future, 0.005, TimeoutError, grace_s=grace_s)
+        loop.call_soon(time.sleep, stall_s)
+        if answer_at_s is not None:
+            loop.call_later(answer_at_s, _settle, future)
+        try:
+            outcome = await future
+        except TimeoutError:
+            outcome = "timeout"
+        return outcome, time.monotonic() - start
+
+    return uvloop.run(main())
+
+
+def test_a_timer_that_fired_late_waits_as_long_again_within_its_grace() -> None:
+    # Due at 5 ms, run at 20 ms: 15 ms late, so it waits until about 35 ms; the answer at 30 ms
+    # wins. Without a grace the same answer loses.
+    assert _stalled_then(0.030, grace_s=0.050, stall_s=0.020)[0] == "reply"
+    assert _stalled_then(0.030, grace_s=0.0, stall_s=0.020)[0] == "timeout"
+
+
+def test_the_extra_wait_is_at_most_the_grace() -> None:
+    # 35 ms late, 4 ms of grace: it fails about 4 ms after the stall, not 35 ms.
+    outcome, took_s = _stalled_then(None, grace_s=0.004, stall_s=0.040)
+    assert outcome == "timeout"
+    assert 0.042 <= took_s < 0.040 + 0.035
+
+
+def test_a_timer_that_fires_on_time_gets_no_grace() -> None:
+    async def main() -> float:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        start = time.monotonic()
+        expire_later(future, 0.005, TimeoutError, grace_s=0.100)
+        with pytest.raises(TimeoutError):
+            await future
+        return time.monotonic() - start
+
+    assert uvloop.run(main()) < 0.100  # the grace is for a late timer only

@@ -16,8 +16,9 @@ from cascade.screening_protocol import (
     worker_subject,
 )
 from cascade.settings import HedgingSettings
+from orchestrator.expiry import timer_is_late
 from orchestrator.screening_client import NatsScreener, _Call
-from orchestrator.screening_routing import HedgeBudget, LatencyQuantile, MemberTable, timer_is_late
+from orchestrator.screening_routing import HedgeBudget, LatencyQuantile, MemberTable
 
 
 class Clock:

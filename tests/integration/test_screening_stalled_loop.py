@@ -1,0 +1,187 @@
+"""The screening hop's cap on a real nats-server when the orchestrator's own event loop stalls.
+
+On a shared machine the orchestrator is sometimes off its core for a few milliseconds. Two ways
+that used to turn an answer into a stage-1 timeout, each reproduced here with the real
+``NatsScreener`` (uvloop) and a stand-in worker:
+
+- the worker's reply arrives during the stall, inside the cap, and is still unread in the
+  socket when the overdue cap timer fires: nats-py hands a reply on through two tasks after the
+  read, so a check one read later still came before it;
+- the stall begins just after the request was queued, so the request leaves only after the cap
+  has passed. The worker never had the cap's time; the timer firing that late is the evidence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import nats
+import numpy as np
+import pytest
+import uvloop
+from nats.aio.msg import Msg
+from opentelemetry.trace import NoOpTracer
+
+from cascade.errors import DependencyTimeout
+from cascade.screening_protocol import encode_screening_reply, screening_subject
+from cascade.settings import HedgingSettings
+from devstack.servers import NatsServer
+from orchestrator import screening_client
+from orchestrator.expiry import NATS_HANDOFFS
+from orchestrator.screening_client import NatsScreener
+
+pytestmark = pytest.mark.integration
+
+_PREFIX = "stall-test.screen"
+_MODEL = "s1-stall"
+_CAP_S = 0.005
+_STALL_S = 0.020
+
+
+@contextmanager
+def _worker_thread(url: str, before_reply: Callable[[], object] | None = None) -> Iterator[None]:
+    """A stand-in worker on its own thread and event loop, so that it answers while the test's
+    loop is stalled; it answers on the queue group subject at once, after ``before_reply()``."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    stop: asyncio.Event | None = None
+
+    async def serve() -> None:
+        nonlocal stop
+        stop = asyncio.Event()
+        nc = await nats.connect(url)
+
+        async def answer(msg: Msg) -> None:
+            if before_reply is not None:
+                before_reply()
+                time.sleep(0.002)  # noqa: ASYNC251 - the test's loop is in its stall by now
+            await nc.publish(msg.reply, encode_screening_reply(_MODEL, np.zeros(1, np.float32)))
+            await nc.flush()
+
+        await nc.subscribe(screening_subject(_PREFIX, _MODEL), queue="workers", cb=answer)
+        await nc.flush()
+        ready.set()
+        await stop.wait()
+        await nc.close()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10.0), "the stand-in worker did not subscribe"
+        yield
+    finally:
+        if stop is not None:
+            loop.call_soon_threadsafe(stop.set)
+        thread.join(10.0)
+        loop.close()
+
+
+def _screener(url: str) -> NatsScreener:
+    # No worker sends heartbeats, so requests go to the queue group; the hedge comes too late to
+    # matter (the cap is what is tested).
+    return NatsScreener(
+        url,
+        subject_prefix=_PREFIX,
+        model_version=_MODEL,
+        feature_set="fs-1",
+        tracer=NoOpTracer(),
+        hedging=HedgingSettings(initial_delay_ms=50.0, min_delay_ms=50.0),
+    )
+
+
+class _Stall:
+    """A socket whose read callback blocks the test's loop for 20 ms, as if it lost its core;
+    ``trigger()`` (from any thread) sets it off once it is armed."""
+
+    def __init__(self) -> None:
+        self._in, self._out = socket.socketpair()
+        self._in.setblocking(False)
+        self.armed = False
+
+    def trigger(self) -> None:
+        if self.armed:
+            self.armed = False
+            self._out.send(b"s")
+
+    def on_readable(self) -> None:
+        self._in.recv(16)
+        time.sleep(_STALL_S)
+
+    def fileno(self) -> int:
+        return self._in.fileno()
+
+    def close(self) -> None:
+        self._in.close()
+        self._out.close()
+
+
+def _run(url: str, stall: _Stall, *, before_send: bool, grace_s: float) -> tuple[str, float]:
+    """One screening request with a 5 ms cap while the loop stalls for 20 ms: when the worker
+    is about to reply, or (``before_send``) before nats-py's flusher has written the request.
+    The outcome ("reply" or "timeout") and the seconds it took."""
+
+    async def main() -> tuple[str, float]:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(stall.fileno(), stall.on_readable)
+        rows = np.zeros((1, 4), dtype=np.float32)
+        try:
+            async with _screener(url) as screener:
+                await screener.screen(rows, timeout_s=1.0)  # connected and warm
+                start = time.perf_counter()
+                request = asyncio.ensure_future(screener.screen(rows, _CAP_S, grace_s))
+                if before_send:
+                    loop.call_soon(time.sleep, _STALL_S)
+                else:
+                    stall.armed = True
+                try:
+                    await request
+                    outcome = "reply"
+                except DependencyTimeout:
+                    outcome = "timeout"
+                return outcome, time.perf_counter() - start
+        finally:
+            loop.remove_reader(stall.fileno())
+
+    return uvloop.run(main())
+
+
+@pytest.mark.parametrize(
+    ("handoffs", "outcome"),
+    [
+        (NATS_HANDOFFS - 1, "timeout"),  # the hazard: checked a pass before nats-py hands it on
+        (NATS_HANDOFFS, "reply"),
+    ],
+)
+def test_a_reply_that_arrived_during_a_stall_beats_the_overdue_cap(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, handoffs: int, outcome: str
+) -> None:
+    monkeypatch.setattr(screening_client, "NATS_HANDOFFS", handoffs)
+    stall = _Stall()
+    try:
+        with _worker_thread(nats_server.url, before_reply=stall.trigger):
+            # No grace: the reply is already there, only the order of the checks matters.
+            got, took_s = _run(nats_server.url, stall, before_send=False, grace_s=0.0)
+    finally:
+        stall.close()
+    assert got == outcome
+    assert took_s < _STALL_S + 0.010  # settled as soon as the loop was back either way
+
+
+@pytest.mark.parametrize(("grace_s", "outcome"), [(0.0, "timeout"), (0.040, "reply")])
+def test_a_request_that_left_after_the_cap_gets_the_time_the_stall_took(
+    nats_server: NatsServer, grace_s: float, outcome: str
+) -> None:
+    stall = _Stall()
+    try:
+        with _worker_thread(nats_server.url):
+            got, took_s = _run(nats_server.url, stall, before_send=True, grace_s=grace_s)
+    finally:
+        stall.close()
+    assert got == outcome
+    # With grace, answered about when the worker could answer: long before the 40 ms grace.
+    assert took_s < _STALL_S + 0.010
