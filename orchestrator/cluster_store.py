@@ -153,10 +153,12 @@ class RedisClusterOnlineStore:
         keys: Sequence[tuple[str, str]],
         timeout_s: float,
         previous_history_keys: Sequence[str] | None = None,
+        grace_s: float = 0.0,
     ) -> list[StoreLookup]:
         """GET each answer and LRANGE each history: one pipeline to each node they live on, sent
         together, all within ``timeout_s`` (while rotating, each previous-token history too,
-        used when the current one is empty)."""
+        used when the current one is empty). redis-py's cluster client runs under a plain
+        ``asyncio.timeout``: ``grace_s`` is not used."""
         replies = await self._run(lookup_commands(keys, previous_history_keys), timeout_s)
         return lookups_from_replies(replies, len(keys), previous_history_keys is not None)
 

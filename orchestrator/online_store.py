@@ -128,11 +128,13 @@ class OnlineStore(Protocol):
         keys: Sequence[tuple[str, str]],
         timeout_s: float,
         previous_history_keys: Sequence[str] | None = None,
+        grace_s: float = 0.0,
     ) -> list[StoreLookup]:
         """For each ``(cache_key, history_key)``, the cached answer and the card history, in one
         round trip; raise a ``DependencyError`` on failure. With ``previous_history_keys`` (one
         per key pair, while a pseudonym key is rotated), an empty history is read under the
-        previous key instead."""
+        previous key instead. ``grace_s``: how much longer than ``timeout_s`` it may wait when
+        this process's own event loop was away past the timeout (:mod:`orchestrator.expiry`)."""
         ...
 
     async def write(self, writes: Sequence[StoreWrite]) -> None:
@@ -312,12 +314,13 @@ class RedisOnlineStore:
         keys: Sequence[tuple[str, str]],
         timeout_s: float,
         previous_history_keys: Sequence[str] | None = None,
+        grace_s: float = 0.0,
     ) -> list[StoreLookup]:
         """GET each answer and LRANGE each history in one pipelined round trip (and, while
         rotating, each previous-key history too, in the same round trip)."""
         commands = lookup_commands(keys, previous_history_keys)
         with translate_redis_errors():
-            replies = await self._redis.execute(commands, timeout_s)
+            replies = await self._redis.execute(commands, timeout_s, grace_s)
             return lookups_from_replies(replies, len(keys), previous_history_keys is not None)
 
     async def write(self, writes: Sequence[StoreWrite]) -> None:
@@ -372,8 +375,9 @@ class InMemoryOnlineStore:
         keys: Sequence[tuple[str, str]],
         timeout_s: float,
         previous_history_keys: Sequence[str] | None = None,
+        grace_s: float = 0.0,
     ) -> list[StoreLookup]:
-        """Return what :meth:`write` stored; raise ``failure`` when one is set, or time out when
+        """Return what :meth:`write` stored (no grace: a twin's loop is never away); raise ``failure`` when one is set, or time out when
         ``delay_s`` exceeds the timeout (as a slow Redis would)."""
         self.lookups += 1
         if self.failure is not None:

@@ -117,8 +117,8 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self._reader = hiredis.Reader(replyError=RedisReplyError)
         self._transport: asyncio.Transport | None = None
-        # Requests of this loop pass, written together by _flush: payload, future, timeout.
-        self._outgoing: list[tuple[bytes, asyncio.Future[list[Reply]], float]] = []
+        # Requests of this loop pass, written together by _flush: payload, future, timeout, grace.
+        self._outgoing: list[tuple[bytes, asyncio.Future[list[Reply]], float, float]] = []
         # Per request: how many replies it waits for, what it got so far, its future.
         self._waiting: deque[tuple[int, list[Reply], asyncio.Future[list[Reply]]]] = deque()
         self.closed = asyncio.get_running_loop().create_future()
@@ -176,10 +176,13 @@ class _Connection(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(None)
 
-    def send(self, payload: bytes, count: int, timeout_s: float) -> asyncio.Future[list[Reply]]:
+    def send(
+        self, payload: bytes, count: int, timeout_s: float, grace_s: float = 0.0
+    ) -> asyncio.Future[list[Reply]]:
         """Queue one request of ``count`` commands for this loop pass's write; its future gets
         their replies in order, or ``TimeoutError`` when they have not been received
-        ``timeout_s`` after the write."""
+        ``timeout_s`` after the write (plus up to ``grace_s`` if the timer fires late:
+        :mod:`orchestrator.expiry`)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Reply]] = loop.create_future()
         if self._transport is None or self._transport.is_closing():
@@ -188,7 +191,7 @@ class _Connection(asyncio.Protocol):
         self._waiting.append((count, [], future))
         if not self._outgoing:
             loop.call_soon(self._flush)
-        self._outgoing.append((payload, future, timeout_s))
+        self._outgoing.append((payload, future, timeout_s, grace_s))
         return future
 
     def _flush(self) -> None:
@@ -196,10 +199,10 @@ class _Connection(asyncio.Protocol):
         self._outgoing = []
         if self._transport is None or self._transport.is_closing():
             return  # connection_lost fails the futures
-        self._transport.write(b"".join(payload for payload, _, _ in outgoing))
+        self._transport.write(b"".join(payload for payload, _, _, _ in outgoing))
         # The clocks start at the write: a busy event loop delaying it is not Redis's time.
-        for _, future, timeout_s in outgoing:
-            expiry = expire_later(future, timeout_s, _no_reply)
+        for _, future, timeout_s, grace_s in outgoing:
+            expiry = expire_later(future, timeout_s, _no_reply, grace_s=grace_s)
             future.add_done_callback(functools.partial(_cancel_expiry, expiry))
 
     def close(self) -> None:
@@ -274,7 +277,9 @@ class PipelinedRedis:
         await asyncio.gather(*(conn.closed for conn in self._connections))
         self._connections.clear()
 
-    async def execute(self, commands: Sequence[Sequence[Arg]], timeout_s: float) -> list[Reply]:
+    async def execute(
+        self, commands: Sequence[Sequence[Arg]], timeout_s: float, grace_s: float = 0.0
+    ) -> list[Reply]:
         """Send ``commands`` as one pipeline; their replies in order (error replies are
         :class:`RedisReplyError` values in the list). Raises ``TimeoutError`` when the replies
         have not arrived within ``timeout_s`` and ``ConnectionError`` when no connection is
@@ -282,13 +287,14 @@ class PipelinedRedis:
 
         The timeout runs from the moment the request is written until its replies are
         received, not until this coroutine resumes: a busy event loop delaying either end is not
-        Redis's slowness, so Redis's cap measures Redis.
+        Redis's slowness, so Redis's cap measures Redis. When the timer itself fires late,
+        the wait goes on for up to ``grace_s`` more (:mod:`orchestrator.expiry`).
         """
         conn = self._connection_for_request()
         if conn is None:
             self._schedule_reconnect()
             raise ConnectionError("no Redis connection open")
-        return await conn.send(encode_commands(commands), len(commands), timeout_s)
+        return await conn.send(encode_commands(commands), len(commands), timeout_s, grace_s)
 
     def _connection_for_request(self) -> _Connection | None:
         """The open connection whose write of this loop pass is already being built (so the

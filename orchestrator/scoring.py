@@ -208,12 +208,13 @@ class CascadeScorer:
             self._skipped()
             return None
         timeout_s = budget.allot_s(self._cap_ms(self._budget.redis_ms, len(keys)))
+        grace_s = budget.allot_s(math.inf) - timeout_s  # should our loop be away at the cap
         try:
             if not self._spans:
-                lookups = await self._store.lookup(keys, timeout_s, previous)
+                lookups = await self._store.lookup(keys, timeout_s, previous, grace_s)
             else:
                 with self._tracer.start_as_current_span("redis.lookup", kind=trace.SpanKind.CLIENT):
-                    lookups = await self._store.lookup(keys, timeout_s, previous)
+                    lookups = await self._store.lookup(keys, timeout_s, previous, grace_s)
         except BaseException as exc:
             self._redis_guard.raised(exc)
             if isinstance(exc, DependencyError):

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
+import signal
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -166,3 +170,31 @@ async def test_the_write_script_is_loaded_when_the_store_opens(redis_server: Red
             sha = hashlib.sha1(WRITE_SCRIPT.encode()).hexdigest()
             ((loaded,),) = [await redis.execute([("SCRIPT", "EXISTS", sha)], 1.0)]
     assert loaded == [1]
+
+
+@pytest.mark.parametrize(("grace_s", "outcome"), [(0.0, "timeout"), (0.040, "reply")])
+async def test_a_cap_timer_that_fired_late_waits_out_its_grace_for_redis(
+    tmp_path: Path, grace_s: float, outcome: str
+) -> None:
+    """The whole machine away: Redis stopped and our loop stuck for 20 ms just after the write,
+    Redis back at 25 ms. The 5 ms cap's timer fires 15 ms late; with a grace it waits that long
+    again and gets the reply, without it fails before Redis could answer."""
+    async with RedisServer(log_dir=tmp_path) as server:
+        pid = server.pid
+        assert pid is not None
+        async with PipelinedRedis(server.url, connections=1) as redis:
+            await redis.execute([("PING",)], 1.0)
+            loop = asyncio.get_running_loop()
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                request = asyncio.ensure_future(redis.execute([("PING",)], 0.005, grace_s))
+                await asyncio.sleep(0)  # written
+                loop.call_soon(time.sleep, 0.020)
+                loop.call_later(0.025, os.kill, pid, signal.SIGCONT)
+                try:
+                    got = "reply" if await request == [b"PONG"] else "wrong reply"
+                except TimeoutError:
+                    got = "timeout"
+            finally:
+                os.kill(pid, signal.SIGCONT)
+    assert got == outcome
