@@ -38,3 +38,11 @@ class Budget:
     def allot_s(self, cap_ms: float, *, keep_ms: float = 0.0) -> float:
         """Seconds a downstream call may take: at most ``cap_ms``, leaving ``keep_ms`` unspent."""
         return max(0.0, min(cap_ms, self.remaining_ms() - keep_ms)) / 1000.0
+
+    def capped_s(self, cap_ms: float) -> tuple[float, float]:
+        """A stage's timeout (at most ``cap_ms``) and its grace: the rest of the budget past
+        it, for when this process itself was away as the cap ran out
+        (:mod:`orchestrator.expiry`)."""
+        left_ms = self.remaining_ms()
+        timeout_ms = min(cap_ms, left_ms)
+        return timeout_ms / 1000.0, (left_ms - timeout_ms) / 1000.0

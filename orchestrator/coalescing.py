@@ -68,9 +68,9 @@ class Coalescer(Generic[InT, OutT]):
     ``join`` concatenates inputs, ``size`` counts an input's items and ``part(out, start, stop)``
     cuts one member's share out of a shared output. A round holds at most ``max_items`` items;
     a call of that size or more goes alone. ``handoffs``: loop passes from reading a reply to
-    ``call`` returning it, plus one for the round's task (:func:`~orchestrator.expiry.after_next_read`).
-    Owns the tasks of the shared calls: use it as an async context manager (or call
-    :meth:`aclose`) so none outlives it.
+    ``call`` returning it, plus one for the round's task
+    (:func:`~orchestrator.expiry.after_next_read`). Owns the tasks of the shared calls: use it
+    as an async context manager (or call :meth:`aclose`) so none outlives it.
     """
 
     def __init__(

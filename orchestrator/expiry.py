@@ -27,7 +27,14 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Final, Generic, TypeVar
 
-__all__ = ["LATE_TIMER_S", "NATS_HANDOFFS", "Expiry", "after_next_read", "expire_later"]
+__all__ = [
+    "LATE_TIMER_S",
+    "NATS_HANDOFFS",
+    "Expiry",
+    "after_next_read",
+    "expire_later",
+    "timer_is_late",
+]
 
 T = TypeVar("T")
 

@@ -369,6 +369,7 @@ class InMemoryOnlineStore:
         self.failure: Exception | None = None
         self.delay_s = 0.0
         self.lookups = 0
+        self.graces_s: list[float] = []  # the grace each lookup was given (a twin needs none)
 
     async def lookup(
         self,
@@ -377,9 +378,10 @@ class InMemoryOnlineStore:
         previous_history_keys: Sequence[str] | None = None,
         grace_s: float = 0.0,
     ) -> list[StoreLookup]:
-        """Return what :meth:`write` stored (no grace: a twin's loop is never away); raise ``failure`` when one is set, or time out when
+        """Return what :meth:`write` stored; raise ``failure`` when one is set, or time out when
         ``delay_s`` exceeds the timeout (as a slow Redis would)."""
         self.lookups += 1
+        self.graces_s.append(grace_s)
         if self.failure is not None:
             raise self.failure
         if self.delay_s > timeout_s:

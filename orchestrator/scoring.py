@@ -25,7 +25,6 @@ Cache and history writes are queued for after the answer (:mod:`orchestrator.pos
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -207,8 +206,7 @@ class CascadeScorer:
         if not self._redis_guard.allow():
             self._skipped()
             return None
-        timeout_s = budget.allot_s(self._cap_ms(self._budget.redis_ms, len(keys)))
-        grace_s = budget.allot_s(math.inf) - timeout_s  # should our loop be away at the cap
+        timeout_s, grace_s = budget.capped_s(self._cap_ms(self._budget.redis_ms, len(keys)))
         try:
             if not self._spans:
                 lookups = await self._store.lookup(keys, timeout_s, previous, grace_s)
@@ -302,10 +300,7 @@ class CascadeScorer:
         else:
             t0 = time.perf_counter_ns()
             try:
-                timeout_s = budget.allot_s(self._cap_ms(cfg.stage1_ms, len(todo)))
-                # Past the cap, the rest of the budget is there should our own loop be away
-                # when the cap's timer is due (orchestrator.expiry).
-                grace_s = budget.allot_s(math.inf) - timeout_s
+                timeout_s, grace_s = budget.capped_s(self._cap_ms(cfg.stage1_ms, len(todo)))
                 scores = await self._screener.screen(rows, timeout_s, grace_s)
                 stage1_scores = scores.tolist()
                 self._stage1_guard.answered()

@@ -411,10 +411,12 @@ class InMemoryScreener(StageTwin):
         self, score_fn: ScoreFn, *, delay_s: float = 0.0, failure: Exception | None = None
     ) -> None:
         super().__init__(Dependency.SCREENING, score_fn, delay_s=delay_s, failure=failure)
+        self.graces_s: list[float] = []
 
     async def screen(
         self, rows: npt.NDArray[np.float32], timeout_s: float, grace_s: float = 0.0
     ) -> npt.NDArray[np.float32]:
-        """One score per row, as :meth:`NatsScreener.screen` (a twin's loop is never away: no
-        grace)."""
+        """One score per row, as :meth:`NatsScreener.screen` (the grace is recorded, not needed:
+        a twin's loop is never away)."""
+        self.graces_s.append(grace_s)
         return await self.run(rows, timeout_s)

@@ -44,6 +44,18 @@ def test_allot_caps_and_keeps_a_margin() -> None:
     assert budget.allot_s(float("inf"), keep_ms=5) == pytest.approx(0.015, abs=0.001)
 
 
+def test_a_capped_stage_gets_the_rest_of_the_budget_as_its_grace() -> None:
+    budget = Budget(deadline_s=time.monotonic() + 0.020, total_ms=20)
+    timeout_s, grace_s = budget.capped_s(5)
+    assert timeout_s == pytest.approx(0.005)
+    assert timeout_s + grace_s == pytest.approx(0.020, abs=0.001)
+    timeout_s, grace_s = budget.capped_s(50)  # the budget is the cap: nothing past it
+    assert timeout_s == pytest.approx(0.020, abs=0.001)
+    assert grace_s == 0
+    expired = Budget(deadline_s=time.monotonic() - 1.0, total_ms=20)
+    assert expired.capped_s(5) == (0.0, 0.0)
+
+
 def test_margin_must_fit_in_slo() -> None:
     with pytest.raises(ValueError, match="response_margin_ms"):
         BudgetSettings(slo_ms=5, response_margin_ms=5)

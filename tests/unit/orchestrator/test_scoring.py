@@ -202,6 +202,22 @@ async def test_slow_stage1_times_out_inside_its_sub_budget(cascade: Cascade) -> 
     assert result.decided_by is DecidedBy.DEFAULT
 
 
+async def test_each_capped_stage_is_given_the_rest_of_the_budget_as_its_grace(
+    cascade: Cascade,
+) -> None:
+    # The grace is only used when our own loop was away past the cap (orchestrator.expiry);
+    # it must never reach past the call's budget.
+    total_ms = 50 - SETTINGS.response_margin_ms
+    await cascade.scorer.score(make_transaction(), budget())
+    (redis_grace_s,) = cascade.store.graces_s
+    (stage1_timeout_s,) = cascade.screener.timeouts_s
+    (stage1_grace_s,) = cascade.screener.graces_s
+    assert stage1_timeout_s == pytest.approx(SETTINGS.stage1_ms / 1000)
+    assert total_ms - SETTINGS.redis_ms - 3 < redis_grace_s * 1000 <= total_ms - SETTINGS.redis_ms
+    assert total_ms - SETTINGS.stage1_ms - 3 < stage1_grace_s * 1000
+    assert stage1_timeout_s + stage1_grace_s <= total_ms / 1000
+
+
 async def test_store_failure_still_answers_labelled(cascade: Cascade) -> None:
     cascade.store.failure = DependencyUnavailable(Dependency.REDIS, "refused")
     result = await cascade.scorer.score(make_transaction(), budget())
