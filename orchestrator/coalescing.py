@@ -36,7 +36,7 @@ import numpy.typing as npt
 
 from cascade import metrics
 from cascade.errors import Dependency, DependencyFailed, DependencyTimeout
-from orchestrator.expiry import NATS_HANDOFFS, after_next_read, timer_is_late
+from orchestrator.expiry import NATS_HANDOFFS, STALL_GRACE_S, after_next_read, timer_is_late
 from orchestrator.heavy_client import HeavyScorer
 from orchestrator.screening_client import Screener
 
@@ -217,11 +217,10 @@ class Coalescer(Generic[InT, OutT]):
         self, due_s: float, members: list[_Member[InT, OutT]], timer: list[asyncio.TimerHandle]
     ) -> None:
         now_s = time.monotonic()
-        if timer_is_late(due_s, now_s):  # the loop was away: members with grace wait that long
-            late_s = now_s - due_s
+        if timer_is_late(due_s, now_s):  # the loop was away: members with grace wait a little
             for m in members:
                 if m.deadline_s <= now_s and m.grace_until_s > m.deadline_s:
-                    m.deadline_s = m.grace_until_s = min(now_s + late_s, m.grace_until_s)
+                    m.deadline_s = m.grace_until_s = min(now_s + STALL_GRACE_S, m.grace_until_s)
         # An answer already in the socket wins (orchestrator.expiry).
         after_next_read(self._expire, members, timer, handoffs=self._handoffs)
 

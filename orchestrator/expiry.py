@@ -14,8 +14,10 @@ loop, then the subscription's), so the screening client waits that many more pas
 
 A timer that fires late is the evidence that this process did not run for that long: a request
 it queued just before may have left only now, or its worker (on the same cores) was stopped too.
-Given a ``grace_s``, the expiry then waits once more, as long as it was late and at most the
+Given a ``grace_s``, the expiry then waits once more, :data:`STALL_GRACE_S` and at most the
 grace, which the caller bounds by its budget: a stage cap counts the dependency's time, not ours.
+Not as long as the timer was late: a stall then costs twice its length, and near the end of a
+budget that can make an answer late.
 
 :func:`expire_later` arms such a timeout. On a loop that keeps up it costs a few callbacks on the
 timeout path and nothing otherwise.
@@ -30,6 +32,7 @@ from typing import Any, Final, Generic, TypeVar
 __all__ = [
     "LATE_TIMER_S",
     "NATS_HANDOFFS",
+    "STALL_GRACE_S",
     "Expiry",
     "after_next_read",
     "expire_later",
@@ -40,6 +43,10 @@ T = TypeVar("T")
 
 LATE_TIMER_S: Final = 0.003
 """A timer firing this much after it was due means the event loop was behind or away."""
+
+STALL_GRACE_S: Final = 0.003
+"""How much longer a late timer waits: a request that left when the loop came back, or a worker
+stopped with it, answers within about a millisecond here."""
 
 NATS_HANDOFFS: Final = 2
 """Loop passes from nats-py reading a reply to a subscription callback seeing it."""
@@ -97,10 +104,9 @@ class Expiry(Generic[T]):
         if self.cancelled or self._future.done():
             return
         now_s = self._loop.time()
-        late_s = now_s - due_s
         if self._grace_s > 0.0 and timer_is_late(due_s, now_s):
-            wait_s = min(late_s, self._grace_s)
-            self._grace_s = 0.0  # once: a loop that keeps stalling gets no more than the budget
+            wait_s = min(STALL_GRACE_S, self._grace_s)
+            self._grace_s = 0.0  # once: a loop that keeps stalling gets no more
             self._timer = self._loop.call_later(wait_s, self._fire, now_s + wait_s)
             return
         after_next_read(self._fail, handoffs=self._handoffs)
@@ -120,6 +126,6 @@ def expire_later(
 ) -> Expiry[T]:
     """Fail ``future`` with ``error()`` ``delay_s`` from now, unless a reply already received by
     then settles it first, ``handoffs`` passes after its read (see the module's docstring). When
-    the timer fires late, wait once more for as long as it was late, at most ``grace_s``. Cancel
+    the timer fires late, wait once more, :data:`STALL_GRACE_S` and at most ``grace_s``. Cancel
     the returned expiry once the future is settled otherwise."""
     return Expiry(future, delay_s, error, handoffs, grace_s)

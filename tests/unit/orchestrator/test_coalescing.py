@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from cascade.errors import Dependency, DependencyTimeout, DependencyUnavailable
+from orchestrator import coalescing
 from orchestrator.coalescing import Coalescer
 
 MAX_ITEMS = 8
@@ -201,12 +202,17 @@ async def test_the_grace_goes_down_with_the_call_a_round_gets_its_latest(
 
 @pytest.mark.parametrize(("grace_s", "answered"), [(0.050, True), (0.0, False)])
 async def test_a_member_whose_deadline_passed_while_the_loop_was_away_waits_its_grace(
-    coalescer: Co, backend: Backend, grace_s: float, answered: bool
+    coalescer: Co,
+    backend: Backend,
+    monkeypatch: pytest.MonkeyPatch,
+    grace_s: float,
+    answered: bool,
 ) -> None:
-    # The short member's 10 ms deadline passes while the loop is stuck for 25 ms; the shared
-    # call answers at 30 ms. With grace the member waits as long as its timer was late and gets
-    # that answer; without, it times out.
-    backend.delay_s = 0.030
+    # The short member's 10 ms deadline passes while the loop is stuck until 28 ms; the shared
+    # call answers at 32 ms. With grace the member waits STALL_GRACE_S more (10 ms here, for a
+    # wide margin) and gets that answer; without, it times out.
+    monkeypatch.setattr(coalescing, "STALL_GRACE_S", 0.010)
+    backend.delay_s = 0.032
     short = asyncio.ensure_future(coalescer.run([1], 0.010, grace_s))
     long = asyncio.ensure_future(coalescer.run([2], 1.0))
     await asyncio.sleep(0.003)
