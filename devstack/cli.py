@@ -38,7 +38,7 @@ from cascade.shared_port import local_stack_orchestrators
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from devstack.decision_rows import DecisionFilter, parse_time_ms
 from devstack.decisions import read_decision_rows, table_line, write_jsonl, write_parquet
-from devstack.otlp_receiver import SPANS_FILE, read_trace
+from devstack.otlp_receiver import SPANS_FILE, read_trace, wait_for_services
 from devstack.quality_cli import add_quality_commands, run_outcomes, run_quality
 from devstack.rollout_cli import add_arguments as add_rollout_arguments
 from devstack.rollout_cli import run as run_rollout
@@ -66,6 +66,8 @@ logger = logging.getLogger("cascade")
 
 _BACKFILL_BATCH: Final = 500
 _TRACE_SETTLE_S: Final = 1.0
+_TRACE_SETTLE_MAX_S: Final = 10.0
+_TRACE_ID: Final = re.compile(r"\b[0-9a-f]{32}\b")
 _PORT_FLAGS: Final = (
     "--port",
     "--redis-port",
@@ -75,6 +77,20 @@ _PORT_FLAGS: Final = (
     "--triton-metrics-port",
 )
 _HISTORY_SETTLE_S: Final = 0.5
+
+
+def _sample_services(lines: Sequence[str]) -> dict[str, set[str]]:
+    """The services whose spans each sample row's trace must have: the orchestrator's, and
+    Triton's where stage 2 decided."""
+    wanted: dict[str, set[str]] = {}
+    for line in lines:
+        match = _TRACE_ID.search(line) if line.startswith("tx-") else None
+        if match is not None:
+            services = {"cascade-orchestrator"}
+            if " STAGE2 " in line:
+                services.add("triton")
+            wanted[match.group(0)] = services
+    return wanted
 
 
 async def score_samples(
@@ -271,19 +287,31 @@ async def _up(args: argparse.Namespace) -> int:
                 f"see one with: cascade trace TRACE_ID --run-dir {config.run_dir}",
                 flush=True,
             )
+        lines: list[str] = []
         if args.sample:
-            for line in await score_samples(
+            lines = await score_samples(
                 stack.target,
                 args.sample,
                 args.seed,
                 args.deadline_ms,
                 history=not args.no_history,
                 tls=stack.client_tls,
-            ):
+            )
+            for line in lines:
                 print(line)
-        if args.sample and stack.traces is not None:
-            # Exporters send every 200 ms (Triton's own too): let the sample's last spans land.
-            await asyncio.sleep(_TRACE_SETTLE_S)
+        # Exporters send every 200 ms (Triton's own too): let the sample's spans land, up to
+        # Triton's of each escalated call.
+        if (
+            lines
+            and stack.traces is not None
+            and not await wait_for_services(
+                stack.traces.store_dir,
+                _sample_services(lines),
+                at_least_s=_TRACE_SETTLE_S,
+                at_most_s=_TRACE_SETTLE_MAX_S,
+            )
+        ):
+            print(f"  traces: some spans had not come after {_TRACE_SETTLE_MAX_S:g} s")
         if args.exit_after_sample:
             return 0
         print("running; Ctrl-C (SIGINT) or SIGTERM stops every process", flush=True)

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -195,6 +196,27 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> b
     if length > _MAX_BODY_BYTES:
         raise ValueError("export body too large")
     return await reader.readexactly(length)
+
+
+async def wait_for_services(
+    store_dir: Path, wanted: Mapping[str, set[str]], *, at_least_s: float, at_most_s: float
+) -> bool:
+    """Wait until each trace in ``wanted`` has a span from each of its services (and at least
+    ``at_least_s`` has passed), at most ``at_most_s``; whether they all came. Exporters send in
+    batches every 200 ms, later on a busy machine, so a fixed pause lost Triton's spans."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while True:
+        missing = {
+            trace_id: services - {span.service for span in read_trace(store_dir, trace_id)}
+            for trace_id, services in wanted.items()
+        }
+        waited = loop.time() - start
+        if waited >= at_least_s and not any(missing.values()):
+            return True
+        if waited >= at_most_s:
+            return False
+        await asyncio.sleep(0.1)
 
 
 def read_trace(store_dir: Path, trace_id: str) -> list[SpanRecord]:
