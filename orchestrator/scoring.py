@@ -187,6 +187,7 @@ class CascadeScorer:
                 timings,
                 earlier,
                 self._batch_stage2_items,
+                stage1_attempts=2,
             )
             results += chunk.results
             writes += chunk.writes
@@ -233,9 +234,15 @@ class CascadeScorer:
         timings: Timings,
         earlier: dict[str, list[HistoryEntry]],
         stage2_items: int | None = None,
+        stage1_attempts: int = 1,
     ) -> _Chunk:
         """Score ``txs`` with one lookup and one request per stage (stage 2 in requests of at
-        most ``stage2_items`` sequences, one after the other, when given)."""
+        most ``stage2_items`` sequences, one after the other, when given).
+
+        ``stage1_attempts``: a ScoreBatch chunk whose stage-1 request timed out is sent once
+        more while its budget has another cap's worth left. No live caller waits on a batch's
+        chunk, so a worker that was slow for a moment must not turn a whole chunk into default
+        answers. A single call is not retried: its budget holds no second cap and stage 2."""
         cfg = self._budget
         n = len(txs)
         if budget.remaining_ms() < cfg.min_useful_ms:
@@ -299,16 +306,26 @@ class CascadeScorer:
             stage1_reason = Reason.STAGE1_UNAVAILABLE
         else:
             t0 = time.perf_counter_ns()
-            try:
-                timeout_s, grace_s = budget.capped_s(self._cap_ms(cfg.stage1_ms, len(todo)))
-                scores = await self._screener.screen(rows, timeout_s, grace_s)
-                stage1_scores = scores.tolist()
-                self._stage1_guard.answered()
-            except BaseException as exc:
-                self._stage1_guard.raised(exc)
-                if not isinstance(exc, DependencyError):
-                    raise
-                stage1_reason = _STAGE1_REASONS.get(type(exc), Reason.STAGE1_ERROR)
+            cap_ms = self._cap_ms(cfg.stage1_ms, len(todo))
+            for attempt in range(1, stage1_attempts + 1):
+                try:
+                    timeout_s, grace_s = budget.capped_s(cap_ms)
+                    scores = await self._screener.screen(rows, timeout_s, grace_s)
+                    stage1_scores = scores.tolist()
+                    self._stage1_guard.answered()
+                    break
+                except BaseException as exc:
+                    self._stage1_guard.raised(exc)
+                    if not isinstance(exc, DependencyError):
+                        raise
+                    stage1_reason = _STAGE1_REASONS.get(type(exc), Reason.STAGE1_ERROR)
+                    if (
+                        attempt == stage1_attempts
+                        or not isinstance(exc, DependencyTimeout)
+                        or budget.remaining_ms() < cap_ms
+                        or not self._stage1_guard.allow()
+                    ):
+                        break
             timings.stage1_us += _us_since(t0)
         if stage1_scores is None:
             for j, i in enumerate(todo):

@@ -20,6 +20,7 @@ from cascade.errors import (
     Dependency,
     DependencyFailed,
     DependencyOverloaded,
+    DependencyTimeout,
     DependencyUnavailable,
 )
 from cascade.features import (
@@ -216,6 +217,36 @@ async def test_each_capped_stage_is_given_the_rest_of_the_budget_as_its_grace(
     assert total_ms - SETTINGS.redis_ms - 3 < redis_grace_s * 1000 <= total_ms - SETTINGS.redis_ms
     assert total_ms - SETTINGS.stage1_ms - 3 < stage1_grace_s * 1000
     assert stage1_timeout_s + stage1_grace_s <= total_ms / 1000
+
+
+class _SlowOnce(InMemoryScreener):
+    """Times out on its first request, as a worker off its core for a moment would."""
+
+    async def screen(
+        self, rows: npt.NDArray[np.float32], timeout_s: float, grace_s: float = 0.0
+    ) -> npt.NDArray[np.float32]:
+        if self.calls == 0:
+            self.calls += 1
+            raise DependencyTimeout(Dependency.SCREENING, "no reply in time")
+        return await super().screen(rows, timeout_s, grace_s)
+
+
+@pytest.mark.parametrize("batch", [True, False])
+async def test_a_batch_chunk_sends_a_timed_out_stage1_request_once_more(batch: bool) -> None:
+    screener = _SlowOnce(constant(0.1))
+    store = InMemoryOnlineStore()
+    async with PostAnswerWriter(store) as writer:
+        scorer = make_scorer(store, screener, InMemoryHeavyScorer(constant(0.9)), writer)
+        txs = [make_transaction(transaction_id=f"tx-{i}") for i in range(3)]
+        if batch:
+            results = await scorer.score_many(txs, Budget.start(1.0, SETTINGS, batch=True))
+            # The chunk's second request answered: no default answers.
+            assert screener.calls == 2
+            assert [r.decided_by for r in results] == [DecidedBy.STAGE1] * 3
+        else:  # a live call is not retried: its default answer comes at once
+            result = await scorer.score(txs[0], budget())
+            assert screener.calls == 1
+            assert result.reasons == [Reason.STAGE1_TIMEOUT]
 
 
 async def test_store_failure_still_answers_labelled(cascade: Cascade) -> None:
