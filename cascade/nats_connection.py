@@ -20,6 +20,7 @@ point ``nats.url`` at a server that does (``nats-server --tls``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from typing import Any, Final
@@ -88,15 +89,22 @@ async def connect_nats(
         # Refused reconnect attempts land here ten times a second while NATS is down.
         logger.debug("%s: NATS client error: %r", name, exc)
 
-    await client.connect(
-        servers=split_urls(url),
-        name=name,
-        connect_timeout=connect_timeout_s,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=RECONNECT_WAIT_S,  # type: ignore[arg-type]  # typed int, used as float
-        disconnected_cb=disconnected,
-        reconnected_cb=reconnected,
-        error_cb=error,
-        **connect_options(security),
-    )
+    try:
+        await client.connect(
+            servers=split_urls(url),
+            name=name,
+            connect_timeout=connect_timeout_s,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=RECONNECT_WAIT_S,  # type: ignore[arg-type]  # typed int, used as float
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+            **connect_options(security),
+        )
+    except BaseException:
+        # nats-py leaves a connect cut short (cancelled, or failed after the socket opened) with
+        # its socket and tasks alive.
+        with contextlib.suppress(Exception):
+            await client.close()
+        raise
     return client

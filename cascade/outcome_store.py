@@ -84,6 +84,9 @@ class OutcomeStore:
             await self.ensure_stream()
         except Exception as exc:  # served anyway: ensured again on the first report
             logger.warning("outcome log: cannot ensure stream %s (%s)", self._settings.stream, exc)
+        except BaseException:
+            await self.__aexit__(None, None, None)  # a start cancelled leaves no connection open
+            raise
         return self
 
     async def __aexit__(

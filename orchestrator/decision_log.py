@@ -115,12 +115,16 @@ class JetStreamSink:
         self.duplicates = 0
 
     async def __aenter__(self) -> JetStreamSink:
-        with translate_jetstream_errors():
-            self._nc = nc = await connect_nats(
-                self._url, name="cascade-decision-log", security=self._security
-            )
-            self._inbox = nc.new_inbox()
-            await nc.subscribe(f"{self._inbox}.>", cb=self._on_ack)
+        try:
+            with translate_jetstream_errors():
+                self._nc = nc = await connect_nats(
+                    self._url, name="cascade-decision-log", security=self._security
+                )
+                self._inbox = nc.new_inbox()
+                await nc.subscribe(f"{self._inbox}.>", cb=self._on_ack)
+        except BaseException:
+            await self.__aexit__(None, None, None)  # a start cut short leaves no connection open
+            raise
         return self
 
     async def __aexit__(

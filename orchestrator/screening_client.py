@@ -121,6 +121,7 @@ class NatsScreener:
         self._tracer = tracer
         self._spans = records_spans(tracer)
         self._nc: NatsClient | None = None
+        self._closed = False
         self._hedging = hedging
         self.members: MemberTable | None = None
         self._latency: LatencyQuantile | None = None
@@ -143,15 +144,19 @@ class NatsScreener:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> NatsScreener:
-        with translate_nats_errors():
-            self._nc = nc = await connect_nats(
-                self._url, name="cascade-orchestrator", security=self._security
-            )
-            if self._hedging is not None:
-                self._inbox = nc.new_inbox() + "."
-                await nc.subscribe(self._inbox + "*", cb=self._on_reply)
-                await nc.subscribe(members_subject(self._subject), cb=self._on_heartbeat)
-                await nc.flush()
+        try:
+            with translate_nats_errors():
+                self._nc = nc = await connect_nats(
+                    self._url, name="cascade-orchestrator", security=self._security
+                )
+                if self._hedging is not None:
+                    self._inbox = nc.new_inbox() + "."
+                    await nc.subscribe(self._inbox + "*", cb=self._on_reply)
+                    await nc.subscribe(members_subject(self._subject), cb=self._on_heartbeat)
+                    await nc.flush()
+        except BaseException:
+            await self.__aexit__(None, None, None)  # a start cut short leaves no connection open
+            raise
         return self
 
     async def __aexit__(
@@ -169,6 +174,7 @@ class NatsScreener:
         if self._nc is not None:
             await self._nc.close()
             self._nc = None
+        self._closed = True
 
     async def screen(
         self, rows: npt.NDArray[np.float32], timeout_s: float, grace_s: float = 0.0
@@ -402,6 +408,12 @@ class NatsScreener:
     def connected(self) -> bool:
         """True while the connection to NATS is up (a reconnect may be under way otherwise)."""
         return self._nc is not None and self._nc.is_connected
+
+    @property
+    def closed(self) -> bool:
+        """True once its NATS client finished closing (its socket and subscriptions' tasks
+        gone); False before, and after a close that was interrupted."""
+        return self._closed
 
 
 class InMemoryScreener(StageTwin):

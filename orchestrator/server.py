@@ -587,6 +587,10 @@ class Orchestrator(AsyncResourceGroup):
         self._store: RedisOnlineStore | RedisClusterOnlineStore | None = None
         self._servicer: ScoringServicer | None = None
         self._generation_stack = AsyncExitStack()
+        self._retiring: list[AsyncExitStack] = []
+        """Replaced generations' clients, left open while calls on them finish."""
+        self._closing: set[asyncio.Task[None]] = set()
+        """Generations' clients being closed, each in a task of its own (:meth:`_close_apart`)."""
         self._follow: asyncio.Task[None] | None = None
         self.certificates: ReloadingCertificates | None = None
         """The port's TLS files, re-read when they change (None without TLS)."""
@@ -715,8 +719,32 @@ class Orchestrator(AsyncResourceGroup):
         return self._servicer.generation
 
     async def _close_generation(self) -> None:
-        stack, self._generation_stack = self._generation_stack, AsyncExitStack()
-        await stack.aclose()
+        """Close the serving generation's clients and every replaced one's still open (after the
+        registry follower was cancelled, so nothing swaps them any more)."""
+        stacks = [self._generation_stack, *self._retiring]
+        self._generation_stack, self._retiring = AsyncExitStack(), []
+        if self._closing:
+            await asyncio.wait(set(self._closing))
+        for stack in stacks:
+            await stack.aclose()
+
+    async def _close_apart(self, stack: AsyncExitStack) -> None:
+        """Close ``stack`` in a task of its own and wait for it.
+
+        The registry follower must not close clients itself: a shutdown cancels it again every
+        ``_RECANCEL_S`` until it ends, and a cancellation landing inside ``nats.aio.Client.close``
+        left the connection half closed, its socket open and its subscriptions' tasks pending (a
+        clean-clone CI run's ResourceWarning). Cancelling the follower leaves this task to run on;
+        the shutdown waits for it (:meth:`_close_generation`)."""
+        task = asyncio.create_task(stack.aclose(), name="orchestrator-close-generation")
+        self._closing.add(task)
+        task.add_done_callback(self._closed)
+        await asyncio.shield(task)
+
+    def _closed(self, task: asyncio.Task[None]) -> None:
+        self._closing.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("closing a generation's clients failed: %r", exc)
 
     async def _follow_registry(self) -> None:
         """Serve a changed ``registry.json`` without a restart.
@@ -752,13 +780,13 @@ class Orchestrator(AsyncResourceGroup):
                 )
                 await lanes_answer(generation, s.rollout.switch_timeout_s)
             except (ConfigurationError, TimeoutError) as exc:
-                await stack.aclose()
+                await self._close_apart(stack)
                 logger.error(
                     "registry changed but its models do not answer, keeping the old: %r", exc
                 )
                 continue
             except BaseException:
-                await stack.aclose()
+                await self._close_apart(stack)
                 raise
             assert self._servicer is not None
             old_stack, self._generation_stack = self._generation_stack, stack
@@ -766,11 +794,12 @@ class Orchestrator(AsyncResourceGroup):
             self.versions = generation.champion.versions
             self._registry = registry
             logger.info("registry changed: now serving %s", describe(generation))
-            # Calls that picked the old lanes finish within the budget; then close them.
-            try:
-                await asyncio.sleep(linger_s)
-            finally:
-                await old_stack.aclose()
+            # Calls that picked the old lanes finish within the budget; then close them (at
+            # shutdown, if that comes first).
+            self._retiring.append(old_stack)
+            await asyncio.sleep(linger_s)
+            self._retiring.remove(old_stack)
+            await self._close_apart(old_stack)
 
     async def _serve_health_port(self, host: str, port: int, reuse_port: bool) -> None:
         """A second, plaintext server with the health service alone (the one servicer, so the

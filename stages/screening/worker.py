@@ -103,6 +103,18 @@ class ScreeningWorker:
         self.stats = WorkerStats()
 
     async def __aenter__(self) -> ScreeningWorker:
+        try:
+            return await self._start()
+        except BaseException:
+            # A start cut short (cancelled, or the probe unanswered) leaves no connection open;
+            # nothing was answered yet, so there is nothing to drain.
+            nc, self._nc = self._nc, None
+            if nc is not None:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+            raise
+
+    async def _start(self) -> ScreeningWorker:
         self._model.warm()
         self._nc = await connect_nats(
             self._url, name=f"screening-worker-{self._model.version}", security=self._security

@@ -427,3 +427,34 @@ async def test_shadow_records_the_candidate_without_touching_answers(
         assert r["candidate_escalated"] and r["candidate_stage2_score"] is not None
         assert abs(r["candidate_score"] - r["champion_score"]) < 0.02  # the guardrail bound
     assert any(r["candidate_score"] != r["champion_score"] for r in rows)
+
+
+async def test_a_shutdown_while_a_replaced_generation_lingers_closes_its_clients(
+    rollout_dir: Path,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    nats_server: NatsServer,
+    two_version_triton: TritonServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shutdown cancels the registry follower again and again until it ends (here on every
+    loop pass, so that a cancellation lands inside a close). The generation it replaced a moment
+    ago, still lingering for its calls, is closed all the way anyway: a NATS client whose close
+    was interrupted kept its socket and its subscriptions' tasks (a later test's ResourceWarning
+    in a clean-clone CI run)."""
+    monkeypatch.setattr("orchestrator.server._RECANCEL_S", 0.0)
+    own = tmp_path / "models"
+    shutil.copytree(rollout_dir, own, symlinks=True)
+    settings = rollout_settings(own, redis_server, nats_server, two_version_triton)
+    async with canary_running(settings) as canary:
+        replaced = canary.app.generation
+        assert replaced.candidate is not None
+        registry = load_registry(own)
+        assert registry.candidate is not None
+        candidate = registry.candidate.model_copy(update={"canary_share": 0.0})
+        write_registry(own, registry.model_copy(update={"candidate": candidate}))
+        await until(functools.partial(share_is, canary, 0.0), 30)
+        serving = canary.app.generation
+        assert not any(lane.screener.closed for lane in replaced.lanes)
+    # left within the replaced generation's linger (the budget plus 1 s)
+    assert [lane.screener.closed for lane in (*replaced.lanes, *serving.lanes)] == [True] * 3
