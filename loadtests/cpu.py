@@ -14,6 +14,11 @@ ran. Per answer, the first counts the wake-ups (hand-offs) a call costs and the 
 latency that contention for the cores adds to it, which is what makes a loaded 2-core machine
 slower per call than one call at a time.
 
+It also reads the machine's own counters (``/proc/stat``): the time the host ran something else
+while this virtual machine's cores wanted to run (*steal*). On a shared host that is what makes
+one hour several times slower than the next for the same commit, and the report sets it beside
+every step.
+
 Roles with several processes (the screening workers) are also kept per process, so a report can
 show each worker beside their sum. When two stacks run under the generator (the current one and a
 compared checkout's, see :mod:`loadtests.compare`), each gets its own meter: ``stack_root`` picks
@@ -42,6 +47,7 @@ __all__ = [
     "cpu_report",
     "describe_idle",
     "idle_settings",
+    "machine_times",
     "process_cpu_s",
     "role_of",
 ]
@@ -112,6 +118,23 @@ def _schedstat(pid: int) -> tuple[float, int]:
     return wait_ns / 1e9, slices
 
 
+_MACHINE_FIELDS: Final = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+_BUSY_FIELDS: Final = ("user", "nice", "system", "irq", "softirq")
+
+
+def machine_times(stat: Path = _PROC / "stat") -> dict[str, float]:
+    """Seconds every core of this machine spent so far in each state of ``/proc/stat``'s first
+    line (user, system, idle, ..., steal: the time the host ran something else while a core of
+    this virtual machine wanted to run); empty where it cannot be read."""
+    try:
+        first = stat.read_text().split("\n", 1)[0].split()
+    except OSError:
+        return {}
+    if len(first) < 1 + len(_MACHINE_FIELDS) or first[0] != "cpu":
+        return {}
+    return {name: int(v) / _TICKS for name, v in zip(_MACHINE_FIELDS, first[1:], strict=False)}
+
+
 def _cmdline(pid: int) -> list[str]:
     try:
         return (_PROC / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -123,12 +146,13 @@ def _cmdline(pid: int) -> list[str]:
 class CpuSnapshot:
     """CPU seconds so far by role, and per process (``"PID"``) for :data:`PER_PROCESS_ROLES`;
     run-queue wait seconds and times scheduled in by role (empty where ``schedstat`` is not
-    kept)."""
+    kept); the whole machine's :func:`machine_times`."""
 
     roles: Mapping[str, float] = field(default_factory=dict)
     processes: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     waits: Mapping[str, float] = field(default_factory=dict)
     switches: Mapping[str, int] = field(default_factory=dict)
+    machine: Mapping[str, float] = field(default_factory=dict)
 
 
 class CpuMeter:
@@ -190,7 +214,7 @@ class CpuMeter:
             add_sched(role, pid)
             if role in PER_PROCESS_ROLES:
                 processes.setdefault(role, {})[str(pid)] = usage[pid]
-        return CpuSnapshot(totals, processes, waits, switches)
+        return CpuSnapshot(totals, processes, waits, switches, machine_times())
 
     def _counted(self, pid: int, parents: Mapping[int, int]) -> bool:
         """Whether ``pid`` is ``stack_root`` or below it, and not below a skipped process."""
@@ -226,7 +250,9 @@ def cpu_report(
     that started or ended between the snapshots counts what it used while seen). Where both
     snapshots hold scheduler counts, ``sched`` has, by role and for the stack, the times
     scheduled in (``switches_per_answer``) and the run-queue wait (``rq_wait_ms_per_answer``)
-    per answer.
+    per answer. Where both hold the machine's times, ``machine`` has the cores busy and the
+    cores the host stole (``steal_cores``), the stolen share of the time the cores wanted to run
+    (``steal_share``: steal / (busy + steal)) and the stolen ms per answer.
     """
     roles = sorted(set(before.roles) | set(after.roles))
     used = {r: max(0.0, after.roles.get(r, 0.0) - before.roles.get(r, 0.0)) for r in roles}
@@ -275,7 +301,24 @@ def cpu_report(
                 else {}
             ),
         }
+    if before.machine and after.machine:
+        report["machine"] = _machine_report(before.machine, after.machine, wall_s, answers)
     return report
+
+
+def _machine_report(
+    before: Mapping[str, float], after: Mapping[str, float], wall_s: float, answers: int
+) -> dict[str, float | None]:
+    def spent(names: Sequence[str]) -> float:
+        return sum(max(0.0, after.get(n, 0.0) - before.get(n, 0.0)) for n in names)
+
+    busy, steal = spent(_BUSY_FIELDS), spent(("steal",))
+    return {
+        "busy_cores": round(busy / wall_s, 3) if wall_s > 0 else 0.0,
+        "steal_cores": round(steal / wall_s, 3) if wall_s > 0 else 0.0,
+        "steal_share": round(steal / (busy + steal), 4) if busy + steal > 0 else None,
+        "steal_ms_per_answer": _per_answer_ms(steal, answers),
+    }
 
 
 _SYS: Final = Path("/sys")

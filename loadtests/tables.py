@@ -191,10 +191,13 @@ _SCHED_HEADER: Final = [
     "nats",
     "generator",
     "stack",
+    "stolen by the host",
 ]
 _SCHED_LINE: Final = (
     "Wake-ups (times scheduled in) / run-queue wait ms, per answer, every step "
-    "(/proc/PID/task/*/schedstat; the wait is latency that contention for the cores adds):"
+    "(/proc/PID/task/*/schedstat; the wait is latency that contention for the cores adds); "
+    "stolen by the host: the share of the time this machine's cores wanted to run that the host "
+    "ran something else / those ms per answer (/proc/stat's steal; a shared host's noise):"
 )
 
 
@@ -213,8 +216,15 @@ def _sched_rows(report: Mapping[str, Any]) -> list[list[str]]:
             continue
         server, workers = _server_roles(name)
         roles = (server, workers, "triton", "redis", "nats", "loadgen", "stack")
-        rows.append([name, _offered(step), *(_sched_cell(sched, r) for r in roles)])
+        stolen = _stolen_cell((step.get("cpu") or {}).get("machine"))
+        rows.append([name, _offered(step), *(_sched_cell(sched, r) for r in roles), stolen])
     return rows
+
+
+def _stolen_cell(machine: Mapping[str, Any] | None) -> str:
+    if not machine or machine.get("steal_share") is None:
+        return "-"
+    return f"{100 * machine['steal_share']:.1f}% / {machine['steal_ms_per_answer']:.3f}"
 
 
 def _sched_part(report: Mapping[str, Any], *, markdown: bool) -> list[str]:

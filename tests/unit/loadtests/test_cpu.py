@@ -6,10 +6,18 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from loadtests.cpu import CpuMeter, CpuSnapshot, cpu_report, process_cpu_s, role_of
+from loadtests.cpu import (
+    CpuMeter,
+    CpuSnapshot,
+    cpu_report,
+    machine_times,
+    process_cpu_s,
+    role_of,
+)
 from loadtests.report import Goals, evaluate_goals
 
 
@@ -87,6 +95,38 @@ def test_cpu_report_gives_wake_ups_and_run_queue_wait_per_answer() -> None:
     # A role seen only after the step started (nats here) has no difference to report.
     assert "nats" not in sched["switches_per_answer"]
     assert "sched" not in cpu_report(CpuSnapshot(), after, 1.0, 1000)
+
+
+def test_cpu_report_gives_what_the_host_stole() -> None:
+    zero = dict.fromkeys(
+        ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"), 0.0
+    )
+    later = zero | {"user": 1.0, "system": 0.3, "softirq": 0.1, "idle": 2.0, "steal": 0.6}
+    machine = cpu_report(
+        CpuSnapshot({"loadgen": 1.0}, machine=zero),
+        CpuSnapshot({"loadgen": 1.1}, machine=later),
+        wall_s=2.0,
+        answers=300,
+    )["machine"]
+    assert machine == {
+        "busy_cores": 0.7,  # user + system + softirq over 2 s; idle is not busy
+        "steal_cores": 0.3,
+        "steal_share": 0.3,  # 0.6 of the 2.0 s the cores wanted to run
+        "steal_ms_per_answer": 2.0,
+    }
+    assert "machine" not in cpu_report(CpuSnapshot(), CpuSnapshot(machine=later), 2.0, 300)
+
+
+def test_machine_times_reads_proc_stat_and_tolerates_what_is_not(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  500 0 100 9000 10 0 20 250 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+    times = machine_times(stat)
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert times["steal"] == 250 / ticks and times["user"] == 500 / ticks
+    assert times["idle"] == 9000 / ticks
+    stat.write_text("intr 1 2 3\n")
+    assert machine_times(stat) == {}
+    assert machine_times(tmp_path / "missing") == {}
 
 
 def test_cpu_report_without_stack_processes_has_no_stack_figure() -> None:

@@ -324,6 +324,31 @@ def test_tables_show_wake_ups_and_run_queue_wait_where_measured() -> None:
     assert "| cascade | 100 | 7.2 / 2.500 |" in markdown_tables(report)
 
 
+def test_tables_show_what_the_host_stole_beside_the_wake_ups() -> None:
+    cascade = _target(2000, 1.0)
+    times = dict.fromkeys(("user", "nice", "system", "idle", "iowait", "irq", "softirq"), 0.0)
+    before = CpuSnapshot(
+        {"orchestrator": 1.0},
+        waits={"orchestrator": 1.0},
+        switches={"orchestrator": 100},
+        machine=times | {"steal": 1.0},
+    )
+    after = CpuSnapshot(
+        {"orchestrator": 1.5},
+        waits={"orchestrator": 1.25},
+        switches={"orchestrator": 825},
+        machine=times | {"user": 0.6, "system": 0.2, "idle": 1.0, "steal": 1.2},
+    )
+    cascade["steps"][0]["cpu"] = cpu_report(before, after, 1.0, 100)
+    # 0.2 s stolen of the 1.0 s the cores wanted (0.8 busy): 20%, 2 ms per answer of 100
+    row = next(
+        x
+        for x in markdown_tables({"targets": {"cascade": cascade}}).splitlines()
+        if "7.2 / 2.500" in x
+    )
+    assert row.endswith("| 20.0% / 2.000 |")
+
+
 def test_tables_set_the_orchestrators_cpu_beside_the_grpc_floor_servers() -> None:
     cascade, floor = _target(2000, 1.0), _target(5000, 0.4)
     cascade["steps"][0]["cpu"] = cpu_report(
