@@ -49,6 +49,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse ``type`` for amounts that may be 0, else an error naming the value."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 class SettingsInputError(ConfigurationError, ValueError):
     """A settings file, a ``--set`` or a setting's value is unusable; the message says which."""
 

@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from cascade.cpu_latency import CpuLatencyHold
 from cascade.runtime import stopped_by_sigterm
 from cascade.settings import DEFAULT_MODEL_DIR, REPO_ROOT
 from cascade.shared_port import local_stack_orchestrators
-from devstack.stack_settings import parse_assignments, positive_int
+from devstack.stack_settings import non_negative_int, parse_assignments, positive_int
 from loadtests.address import parse_loopback_target
 from loadtests.cpu import CpuMeter, CpuSnapshot, cpu_report, idle_settings
 from loadtests.history import HistoryMode, MatureSplit, backfill_batches
@@ -81,12 +82,15 @@ class TargetSpec:
 
     ``stack_root`` is the process its servers descend from (None: this process); ``stack_roles``
     the roles that make up its stack (None: everything measured but the generator).
+    ``cpu_latency_us`` keeps the cores awake for its steps (None: the machine as it is).
     """
 
     name: str
     target: str
     stack_root: int | None = None
     stack_roles: tuple[str, ...] | None = None
+    cpu_latency_us: int | None = None
+    """Keep the cores from deep idle during this target's steps (:mod:`cascade.cpu_latency`)."""
 
 
 @dataclass(slots=True)
@@ -133,6 +137,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="GIT_REF",
         help="also start this commit's own stack (a worktree under .run/compare/) and run every "
         "step against it, alternating with the current one",
+    )
+    where.add_argument(
+        "--compare-cpu-latency-us",
+        type=non_negative_int,
+        metavar="US",
+        help="also run every step against this stack with the cores kept out of deep idle "
+        "(/dev/cpu_dma_latency held at US microseconds; 0: they poll instead of halting), "
+        "alternating with the machine as it is: what idle cores cost here (needs root)",
+    )
+    where.add_argument(
+        "--cpu-latency-us",
+        type=non_negative_int,
+        metavar="US",
+        help="hold /dev/cpu_dma_latency at US microseconds for the whole run (needs root)",
     )
     where.add_argument(
         "--workers", type=positive_int, default=2, help="screening workers (own stack)"
@@ -298,6 +316,8 @@ async def _targets(args: argparse.Namespace, out_dir: Path) -> AsyncIterator[Tar
             await _start_own_stack(args, out_dir, stack, found)
         if args.compare_ref:
             await _start_compare(args, out_dir, stack, found)
+        elif args.compare_cpu_latency_us is not None:
+            _compare_awake(args.compare_cpu_latency_us, found)
         if args.floor:
             await _start_floor(out_dir, stack, found)
         yield found
@@ -360,6 +380,21 @@ async def _start_floor(out_dir: Path, stack: AsyncExitStack, found: Targets) -> 
     process, target = floor_process(out_dir / "floor")
     await stack.enter_async_context(process)
     found.specs.append(TargetSpec(FLOOR_NAME, target, stack_roles=(FLOOR_NAME,)))
+
+
+def _compare_awake(max_us: int, found: Targets) -> None:
+    """The cascade's own stack once more as the compared target, its steps run with the cores
+    kept from deep idle."""
+    own = found.specs[0]
+    found.specs.append(
+        TargetSpec(COMPARE_NAME, own.target, stack_roles=own.stack_roles, cpu_latency_us=max_us)
+    )
+    found.compare = {
+        "ref": f"this checkout, cores kept awake (cpu_dma_latency {max_us} us)",
+        "commit": git_commit(),
+        "target": own.target,
+        "cpu_latency_us": max_us,
+    }
 
 
 async def _start_compare(
@@ -439,15 +474,22 @@ async def run_loadtest(
         refine_steps=args.sweep_refine,
     )
     async with _targets(args, out_dir) as targets, AsyncExitStack() as stack:
+        if args.cpu_latency_us is not None:
+            stack.enter_context(CpuLatencyHold(args.cpu_latency_us))  # run() saw it take
+        nonces = {spec.name: nonce for spec in targets.specs}
+        if args.compare_cpu_latency_us is not None:
+            # The same stack twice: its own transaction ids, or the cache would answer it.
+            nonces[COMPARE_NAME] = secrets.token_hex(3)
         runners = [
             await stack.enter_async_context(
                 TargetRunner(
                     spec.name,
                     spec.target,
-                    ReplayStream(workload.load, nonce=nonce, prior_history=prior),
+                    ReplayStream(workload.load, nonce=nonces[spec.name], prior_history=prior),
                     settings,
                     cpu_meter=targets.meter(spec),
                     stack_roles=spec.stack_roles,
+                    cpu_latency_us=spec.cpu_latency_us,
                 )
             )
             for spec in targets.specs
@@ -466,7 +508,7 @@ async def run_loadtest(
                     file=sys.stderr,
                     flush=True,
                 )
-                await runner.backfill(batches, nonce=nonce)
+                await runner.backfill(batches, nonce=nonces[runner.name])
         for runner in runners:
             await runner.warmup()
         for runner in runners:
@@ -605,6 +647,7 @@ def build_report(
             "model_dir": str(args.model_dir),
             "stack_env": args.stack_env,
             "late_after_ms": _settings(args).late_after_us / 1000,
+            "cpu_latency_us": args.cpu_latency_us,
         },
         "targets": per_target,
         "comparison": comparison,
@@ -629,6 +672,28 @@ def _write_outputs(report: dict[str, Any], out_dir: Path, *, sweep: bool) -> Non
         plot_sweep(report, out_dir / "sweep.png")
 
 
+def _check_cpu_latency(args: argparse.Namespace) -> None:
+    """ValueError unless the cores can be kept awake where the arguments ask for it (before
+    anything starts), or when they ask for it twice."""
+    wanted = {
+        flag: value
+        for flag, value in (
+            ("--cpu-latency-us", args.cpu_latency_us),
+            ("--compare-cpu-latency-us", args.compare_cpu_latency_us),
+        )
+        if value is not None
+    }
+    if len(wanted) == 2 or (args.compare_cpu_latency_us is not None and args.compare_ref):
+        raise ValueError(
+            "--compare-cpu-latency-us compares this stack with itself: not with "
+            "--cpu-latency-us or --compare-ref"
+        )
+    for flag, value in wanted.items():
+        with CpuLatencyHold(value) as hold:
+            if not hold.held:
+                raise ValueError(f"{flag}: {hold.problem}")
+
+
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     """Run ``cascade loadtest`` with parsed ``args`` on uvloop; prints the tables; exit status."""
     import uvloop
@@ -638,6 +703,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
             if target:
                 parse_loopback_target(target)
         stack_env(args.stack_env)
+        _check_cpu_latency(args)
     except ValueError as exc:  # NotLoopbackError too
         print(f"cascade loadtest: {exc}", file=sys.stderr)
         return 2

@@ -14,16 +14,18 @@ it apart from the sweep's steps (:attr:`TargetRunner.overload`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import zlib
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final
 
 import grpc
 
+from cascade.cpu_latency import CpuLatencyHold
 from cascade.transaction import Transaction
 from loadtests.backfill import backfill
 from loadtests.client import ScoringClient, run_serial
@@ -121,8 +123,10 @@ class TargetRunner:
         *,
         cpu_meter: CpuMeter | None = None,
         stack_roles: Collection[str] | None = None,
+        cpu_latency_us: int | None = None,
     ) -> None:
         self.name = name
+        self._cpu_latency_us = cpu_latency_us
         self._cpu_meter = cpu_meter
         self._stack_roles = stack_roles
         self.target = target
@@ -137,6 +141,20 @@ class TargetRunner:
     async def __aenter__(self) -> TargetRunner:
         await self._client.__aenter__()
         return self
+
+    @contextlib.contextmanager
+    def _awake(self, report: dict[str, Any] | None = None) -> Iterator[None]:
+        """With ``cpu_latency_us``, the cores are kept from deep idle for the step
+        (:class:`~cascade.cpu_latency.CpuLatencyHold`) and ``report`` records it; else nothing."""
+        if self._cpu_latency_us is None:
+            yield
+            return
+        with CpuLatencyHold(self._cpu_latency_us) as hold:
+            if not hold.held:
+                raise RuntimeError(f"{self.name}: cores cannot be kept awake: {hold.problem}")
+            yield
+        if report is not None:
+            report["cpu_latency_us"] = self._cpu_latency_us
 
     async def __aexit__(
         self,
@@ -178,7 +196,8 @@ class TargetRunner:
         s = self._settings
         if s.warmup_s <= 0:
             return
-        await self._open_step(s.warmup_rate, s.warmup_s, label="warm-up", processes=1)
+        with self._awake():
+            await self._open_step(s.warmup_rate, s.warmup_s, label="warm-up", processes=1)
         await asyncio.sleep(_SETTLE_S)
 
     async def run_serial(self) -> dict[str, Any] | None:
@@ -197,30 +216,33 @@ class TargetRunner:
         )[0].payloads
         tally = s.tally()
         label = f"{self.name} serial"
-        cpu_before, started = await self._cpu_snapshot(), time.monotonic()
-        async with ProgressLine(
-            label, s.serial_duration_s, _tally_counts(tally), enabled=s.progress
-        ):
-            await run_serial(
-                self._client.send,
-                payloads,
+        awake: dict[str, Any] = {}
+        with self._awake(awake):
+            cpu_before, started = await self._cpu_snapshot(), time.monotonic()
+            async with ProgressLine(
+                label, s.serial_duration_s, _tally_counts(tally), enabled=s.progress
+            ):
+                await run_serial(
+                    self._client.send,
+                    payloads,
+                    tally,
+                    duration_s=s.serial_duration_s,
+                    deadline_s=s.deadline_ms / 1000,
+                )
+            span = max(tally.last_done_s, 1e-9)
+            self.serial = step_report(
                 tally,
-                duration_s=s.serial_duration_s,
-                deadline_s=s.deadline_ms / 1000,
+                label=label,
+                mode="serial",
+                arrivals="closed-loop",
+                offered_rate=tally.ok / span,
+                window_s=span,
+                processes=1,
+                criteria=s.criteria,
             )
-        span = max(tally.last_done_s, 1e-9)
-        self.serial = step_report(
-            tally,
-            label=label,
-            mode="serial",
-            arrivals="closed-loop",
-            offered_rate=tally.ok / span,
-            window_s=span,
-            processes=1,
-            criteria=s.criteria,
-        )
-        await self._add_cpu(self.serial, cpu_before, started, tally.ok)
-        self.serial["grpc_floor_ms"] = await self._grpc_floor(min(s.serial_count, 500))
+            await self._add_cpu(self.serial, cpu_before, started, tally.ok)
+            self.serial["grpc_floor_ms"] = await self._grpc_floor(min(s.serial_count, 500))
+        self.serial |= awake
         await asyncio.sleep(_SETTLE_S)
         return self.serial
 
@@ -288,29 +310,31 @@ class TargetRunner:
             )
             for k, plan in enumerate(plans)
         ]
-        cpu_before, started = await self._cpu_snapshot(), time.monotonic()
-        if processes == 1:
-            tally = s.tally()
-            async with ProgressLine(label, window, _tally_counts(tally), enabled=s.progress):
-                await run_share_here(jobs[0], tally, client=self._client)
-        else:
-            async with (
-                GeneratorProcesses(jobs, budget_us=s.budget_us) as children,
-                ProgressLine(label, window, children.progress, enabled=s.progress),
-            ):
-                tally = await children.run()
-        report = step_report(
-            tally,
-            label=label,
-            mode="open",
-            arrivals=str(s.arrivals),
-            offered_rate=rate,
-            window_s=window,
-            processes=processes,
-            criteria=s.criteria,
-        )
-        await self._add_cpu(report, cpu_before, started, tally.ok)
-        return report
+        awake: dict[str, Any] = {}
+        with self._awake(awake):
+            cpu_before, started = await self._cpu_snapshot(), time.monotonic()
+            if processes == 1:
+                tally = s.tally()
+                async with ProgressLine(label, window, _tally_counts(tally), enabled=s.progress):
+                    await run_share_here(jobs[0], tally, client=self._client)
+            else:
+                async with (
+                    GeneratorProcesses(jobs, budget_us=s.budget_us) as children,
+                    ProgressLine(label, window, children.progress, enabled=s.progress),
+                ):
+                    tally = await children.run()
+            report = step_report(
+                tally,
+                label=label,
+                mode="open",
+                arrivals=str(s.arrivals),
+                offered_rate=rate,
+                window_s=window,
+                processes=processes,
+                criteria=s.criteria,
+            )
+            await self._add_cpu(report, cpu_before, started, tally.ok)
+        return report | awake
 
     async def _cpu_snapshot(self) -> CpuSnapshot:
         if self._cpu_meter is None:

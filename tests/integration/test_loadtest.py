@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from cascade.cpu_latency import CpuLatencyHold
 from cascade.settings import DEFAULT_MODEL_DIR
 from tests.integration.conftest import live_descendants, live_processes, processes_mentioning
 
@@ -213,6 +214,50 @@ async def test_loadtest_backfills_mature_histories_and_reports_an_overload_step(
     assert "150 (overload)" in tables and "Overload step" in tables
     goals = {g["name"]: g for g in report["goals"]}
     assert goals["overload_deadline_exceeded"]["measured"] == o["deadline_exceeded"]
+    assert processes_mentioning(out_dir) == set()
+
+
+def _can_keep_cores_awake() -> bool:
+    with CpuLatencyHold(0) as hold:
+        return hold.held
+
+
+@pytest.mark.skipif(
+    not _can_keep_cores_awake(), reason="needs write access to /dev/cpu_dma_latency"
+)
+async def test_loadtest_runs_its_stack_beside_itself_with_the_cores_kept_awake(
+    tmp_path: Path,
+) -> None:
+    out_dir = tmp_path / "out"
+    code, out = await run_cli(
+        f"--model-dir={DEFAULT_MODEL_DIR}",
+        f"--out={out_dir}",
+        "--workers=1",
+        "--no-baseline",
+        "--history=mature",
+        "--rate=30",
+        "--duration=1",
+        "--serial-count=20",
+        "--warmup=0.3",
+        "--no-overload",
+        "--p99-target-ms=50",
+        "--compare-cpu-latency-us=0",
+        timeout_s=150,
+    )
+    assert code == 0, out
+    report = json.loads((out_dir / "report.json").read_text())
+    targets = report["targets"]
+    assert targets["cascade"]["target"] == targets["compare"]["target"]  # one stack, twice
+    assert report["meta"]["compare"]["cpu_latency_us"] == 0
+    for name, held in (("cascade", None), ("compare", 0)):
+        target = targets[name]
+        for step in [target["serial"], *target["steps"]]:
+            _check_step(step)
+            assert step.get("cpu_latency_us") == held, (name, step["label"])
+            assert step["cpu"]["machine"]["steal_share"] is not None
+            # its own transaction ids: only planned repeats can find the other side's answers
+            assert step["counts"]["cache_hits"] <= step["counts"]["repeats_planned"]
+    assert "cores kept awake" in (out_dir / "tables.md").read_text()
     assert processes_mentioning(out_dir) == set()
 
 
