@@ -30,6 +30,7 @@ from typing import Final
 import grpc
 from prometheus_client import start_http_server
 
+from cascade.cpu_latency import CpuLatencyHold
 from cascade.errors import ConfigurationError, DependencyError
 from cascade.iso_codes import minor_unit_exponent, to_major_units
 from cascade.pseudonym import from_settings as pseudonym_from_settings
@@ -55,6 +56,7 @@ from devstack.stack import (
 from devstack.stack_settings import (
     SettingsInputError,
     check_settings,
+    non_negative_int,
     parse_assignments,
     parse_env_file,
     positive_int,
@@ -255,6 +257,16 @@ async def _up(args: argparse.Namespace) -> int:
         print(restart_line(event), flush=True)
 
     async with AsyncExitStack() as exits:
+        if args.cpu_latency_us is not None:
+            hold = exits.enter_context(CpuLatencyHold(args.cpu_latency_us))
+            if not hold.held:
+                print(f"cascade up: --cpu-latency-us: {hold.problem}", file=sys.stderr)
+                return 2
+            print(
+                f"  cores kept out of deep idle while the stack runs (cpu_dma_latency "
+                f"{args.cpu_latency_us} us)",
+                flush=True,
+            )
         if args.supervisor_metrics_port is not None:
             server, _ = start_http_server(
                 args.supervisor_metrics_port, addr="127.0.0.1", registry=STACK_METRICS
@@ -480,6 +492,14 @@ def _parser() -> argparse.ArgumentParser:
         help="Triton's Prometheus port",
     )
     up.add_argument("--workers", type=int, default=2, help="screening workers in the queue group")
+    up.add_argument(
+        "--cpu-latency-us",
+        type=non_negative_int,
+        metavar="US",
+        help="while the stack runs, hold /dev/cpu_dma_latency at US microseconds (0: idle cores "
+        "poll instead of halting; what a latency-performance tuned profile does; costs the "
+        "host's CPU; needs root). `cascade loadtest --compare-cpu-latency-us` measures it here",
+    )
     up.add_argument(
         "--cluster",
         action="store_true",

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cascade.cpu_latency import CpuLatencyHold
+from devstack.cli import main as cascade_main
 from loadtests.cli import add_arguments, run
 
 
@@ -74,3 +75,13 @@ def test_loadtest_refuses_a_hold_it_cannot_take_before_starting_anything(
     assert not (tmp_path / "o" / "report.json").exists()
     with pytest.raises(SystemExit):
         _args("--cpu-latency-us", "-1")
+
+
+def test_cascade_up_refuses_a_hold_it_cannot_take_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("cascade.cpu_latency.CPU_DMA_LATENCY", tmp_path / "none")
+    run_dir = tmp_path / "run"
+    assert cascade_main(["up", "--cpu-latency-us", "0", "--run-dir", str(run_dir)]) == 2
+    assert "--cpu-latency-us: cannot open" in capsys.readouterr().err
+    assert not (run_dir / "logs").exists()  # no server was started
