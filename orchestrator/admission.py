@@ -102,9 +102,18 @@ class QueueWait:
     callers' deadlines when they change), and a call showing less has waited about the
     difference. Following CoDel, one waiting call proves nothing (another caller may simply send
     shorter deadlines), and neither does a sparse stream; a standing queue is believed when an
-    interval holds at least ``_MIN_ARRIVALS`` calls, even the least-waiting of them waited more
-    than ``target_ms``, and the process is busy (``busy``: half its concurrency limit in use).
-    Until an interval passes without one, calls that waited more than ``target_ms`` are shed.
+    interval holds at least ``_MIN_ARRIVALS`` calls and even the least-waiting of them waited
+    more than ``target_ms``. Until an interval passes without one, calls that waited more than
+    ``target_ms`` are shed.
+
+    What it cannot see: a wait hidden by the cap. A caller whose deadline is longer than the SLO
+    shows the whole SLO left until it has waited out the difference, so such calls can queue for
+    that long unseen. In ``test_load_protection.py``, 50 calls sent at once with 200 ms deadlines
+    on a slow machine were answered one after another, about 15 ms apart, each after 15-36 ms in
+    the handler with its whole budget left on arrival, and the last ones got DEADLINE_EXCEEDED
+    (docs/latency.md, tenth run). The uncapped remaining time would show such a wait, but then
+    one caller with long deadlines would make every shorter-deadline caller look as if it had
+    waited.
 
     Why the wait matters more than the in-flight count: grpc.aio accepts one new call per pass
     of the event loop, so a loop made slow by many calls in flight accepts slowly, and calls
@@ -122,7 +131,7 @@ class QueueWait:
         self._interval_arrivals = 0
         self.dropping = False
 
-    def should_shed(self, remaining_ms: float, now_s: float, *, busy: bool) -> bool:
+    def should_shed(self, remaining_ms: float, now_s: float) -> bool:
         """Account one arrival with ``remaining_ms`` of its budget left; True to shed it."""
         if now_s >= self._bucket_end_s:
             # The bucket that ended becomes the previous one; after a silence, neither counts.
@@ -172,9 +181,7 @@ class Admission:
         queue formed and this call waited in it, or less than ``min_budget_ms`` of its budget is
         left)."""
         if self._enabled and (
-            self.queue.should_shed(
-                remaining_ms, time.monotonic(), busy=2 * self.in_flight >= self.limit.limit
-            )
+            self.queue.should_shed(remaining_ms, time.monotonic())
             or self.in_flight >= self.limit.limit
             or remaining_ms < self._min_budget_ms
         ):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cascade.settings import AdmissionSettings
-from orchestrator.admission import Admission, GradientLimit
+from orchestrator.admission import Admission, GradientLimit, QueueWait
 
 FAST_S = 0.001
 SLOW_S = 0.050
@@ -107,3 +107,43 @@ def test_release_frees_the_slot_for_the_next_call() -> None:
     assert a.in_flight == 1
     assert a.admit(40.0) is not None
     assert a.in_flight == 2
+
+
+def arrivals(
+    queue: QueueWait, remaining_ms: list[float], start_s: float, step_s: float
+) -> list[bool]:
+    """Feed arrivals ``step_s`` apart from ``start_s``; what ``should_shed`` said to each."""
+    return [queue.should_shed(r, start_s + i * step_s) for i, r in enumerate(remaining_ms)]
+
+
+def test_a_standing_queue_is_shed_from_the_next_interval_on() -> None:
+    queue = QueueWait(target_ms=2.0, interval_ms=20.0)
+    arrivals(queue, [45.0] * 10, 0.0, 0.001)  # fresh calls show the whole budget: the reference
+    # Then every call of an interval shows 10 ms less: each waited about 10 ms.
+    first = arrivals(queue, [35.0] * 10, 0.020, 0.002)
+    assert not any(first) and not queue.dropping  # one interval is the evidence, not yet a verdict
+    second = arrivals(queue, [35.0] * 5, 0.040, 0.002)
+    assert queue.dropping and all(second)
+    # A call that did not wait is never shed, even while dropping.
+    assert queue.should_shed(45.0, 0.051) is False
+
+
+def test_one_waiting_call_or_a_sparse_stream_is_no_standing_queue() -> None:
+    queue = QueueWait(target_ms=2.0, interval_ms=20.0)
+    arrivals(queue, [45.0] * 10, 0.0, 0.001)
+    # Waiting calls mixed with fresh ones: the least-waiting of the interval did not wait.
+    mixed = arrivals(queue, [35.0, 45.0] * 5, 0.020, 0.002)
+    mixed += arrivals(queue, [35.0, 45.0] * 5, 0.040, 0.002)
+    assert not any(mixed) and not queue.dropping
+    # All waiting, but fewer than the arrivals needed in an interval to believe it.
+    sparse = arrivals(queue, [30.0] * 12, 0.060, 0.010)
+    assert not any(sparse) and not queue.dropping
+
+
+def test_the_queue_stops_shedding_once_an_interval_passes_without_one() -> None:
+    queue = QueueWait(target_ms=2.0, interval_ms=20.0)
+    arrivals(queue, [45.0] * 10, 0.0, 0.001)
+    arrivals(queue, [35.0] * 10, 0.020, 0.002)
+    assert all(arrivals(queue, [35.0] * 2, 0.040, 0.001)) and queue.dropping
+    arrivals(queue, [45.0] * 10, 0.042, 0.001)  # the queue drained: fresh calls again
+    assert queue.should_shed(35.0, 0.062) is False and not queue.dropping
