@@ -100,8 +100,10 @@ async def test_loadtest_sweeps_both_cascades_and_writes_a_consistent_report(
         "--repeat-share=0.3",
         "--serial-count=40",
         "--warmup=0.5",
-        # Lenient on purpose: this checks the machinery, not this busy machine's tail latency.
-        "--p99-target-ms=50",
+        # Lenient on purpose: this checks the machinery, not this busy machine's tail latency
+        # (one naive call at 68 ms, 18 ms of it the generator's own lag, once ended its sweep).
+        "--p99-target-ms=200",
+        "--budget-ms=200",
     )
     assert code == 0, out
     assert "capacity at SLO: cascade" in out

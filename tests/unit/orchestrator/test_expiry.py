@@ -106,7 +106,9 @@ def test_expire_later_fails_a_future_nobody_answers() -> None:
             await future
         return time.monotonic() - start
 
-    assert 0.005 <= uvloop.run(main()) < 0.5
+    # libuv schedules from the loop's clock, read in whole milliseconds when the pass began, so
+    # a 5 ms timer can end up to 1 ms before 5 ms on this clock (4.79 ms once in CI).
+    assert 0.004 <= uvloop.run(main()) < 0.5
 
 
 def test_a_cancelled_expiry_never_fires() -> None:
