@@ -143,9 +143,9 @@ class TargetRunner:
         return self
 
     @contextlib.contextmanager
-    def _awake(self, report: dict[str, Any] | None = None) -> Iterator[None]:
-        """With ``cpu_latency_us``, the cores are kept from deep idle for the step
-        (:class:`~cascade.cpu_latency.CpuLatencyHold`) and ``report`` records it; else nothing."""
+    def _awake(self) -> Iterator[None]:
+        """With ``cpu_latency_us``, the cores are kept from deep idle while the step runs
+        (:class:`~cascade.cpu_latency.CpuLatencyHold`); else nothing."""
         if self._cpu_latency_us is None:
             yield
             return
@@ -153,8 +153,6 @@ class TargetRunner:
             if not hold.held:
                 raise RuntimeError(f"{self.name}: cores cannot be kept awake: {hold.problem}")
             yield
-        if report is not None:
-            report["cpu_latency_us"] = self._cpu_latency_us
 
     async def __aexit__(
         self,
@@ -216,8 +214,7 @@ class TargetRunner:
         )[0].payloads
         tally = s.tally()
         label = f"{self.name} serial"
-        awake: dict[str, Any] = {}
-        with self._awake(awake):
+        with self._awake():
             cpu_before, started = await self._cpu_snapshot(), time.monotonic()
             async with ProgressLine(
                 label, s.serial_duration_s, _tally_counts(tally), enabled=s.progress
@@ -242,7 +239,7 @@ class TargetRunner:
             )
             await self._add_cpu(self.serial, cpu_before, started, tally.ok)
             self.serial["grpc_floor_ms"] = await self._grpc_floor(min(s.serial_count, 500))
-        self.serial |= awake
+        self.serial["cpu_latency_us"] = self._cpu_latency_us
         await asyncio.sleep(_SETTLE_S)
         return self.serial
 
@@ -310,8 +307,7 @@ class TargetRunner:
             )
             for k, plan in enumerate(plans)
         ]
-        awake: dict[str, Any] = {}
-        with self._awake(awake):
+        with self._awake():
             cpu_before, started = await self._cpu_snapshot(), time.monotonic()
             if processes == 1:
                 tally = s.tally()
@@ -334,7 +330,8 @@ class TargetRunner:
                 criteria=s.criteria,
             )
             await self._add_cpu(report, cpu_before, started, tally.ok)
-        return report | awake
+        report["cpu_latency_us"] = self._cpu_latency_us  # None: the machine as it is
+        return report
 
     async def _cpu_snapshot(self) -> CpuSnapshot:
         if self._cpu_meter is None:
