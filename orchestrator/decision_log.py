@@ -68,6 +68,8 @@ __all__ = ["DecisionLog", "DecisionSink", "InMemorySink", "JetStreamSink", "stre
 logger = logging.getLogger(__name__)
 
 _MSG_ID_HEADER: Final = "Nats-Msg-Id"
+# Records encoded between two passes of the event loop (~20 us each on this machine).
+_ENCODE_SLICE: Final = 32
 
 
 class DecisionSink(Protocol):
@@ -392,7 +394,7 @@ class DecisionLog:
                         await self._wake.wait()
             if self._buffer:
                 n = min(len(self._buffer), batch_max)
-                await self._send(self._take(n))
+                await self._send(await self._take_sliced(n))
                 self._settled += n
                 self._settled_changed.set()
             if not self._stopping:
@@ -425,6 +427,24 @@ class DecisionLog:
                 continue
             out.append(SpooledRecord(subject, message_id(pending.answer.transaction_id), payload))
         return out
+
+    async def _take_sliced(self, n: int) -> list[SpooledRecord]:
+        """:meth:`_take` ``_ENCODE_SLICE`` records at a time, with the event loop let run in
+        between (a batch of 512 encoded at once held it for ~10 ms, and every Score call with
+        it). Cancelled meanwhile, the records encoded so far go to the spool; the rest stay in
+        the buffer, which the shutdown spools."""
+        records: list[SpooledRecord] = []
+        try:
+            while n > 0:
+                k = min(n, _ENCODE_SLICE)
+                records += self._take(k)
+                n -= k
+                if n:
+                    await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            self._to_spool(records)
+            raise
+        return records
 
     async def _send(self, records: list[SpooledRecord]) -> None:
         if not self._publishing:

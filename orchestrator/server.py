@@ -79,7 +79,7 @@ from orchestrator.routing import Decision
 from orchestrator.scoring import CascadeScorer
 from orchestrator.screening_client import NatsScreener
 from orchestrator.tls import ReloadingCertificates, server_credentials
-from orchestrator.validation import validate_batch, validate_request
+from orchestrator.validation import iter_batch, validate_request
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,9 @@ ResponseT = TypeVar("ResponseT")
 Handler = Callable[[RequestT, grpc.aio.ServicerContext], Awaitable[ResponseT]]
 
 SERVICE_NAME: Final = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
+# Transactions of a ScoreBatch validated, pseudonymized or answered between two passes of the
+# event loop (~0.3 ms of CPU: 15-20 us each on this machine).
+BATCH_SLICE_ITEMS: Final = 16
 _WARMUP_RETRY_S: Final = 0.2
 _WARMUP_PASSES: Final = 5
 _WARMUP_CARD: Final = "__cascade_warmup__"
@@ -207,11 +210,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         """Score many transactions in one pass of the cascade, a chunk at a time."""
         budget = Budget.start(context.time_remaining(), self._settings.budget, batch=True)
         with self._span("cascade.ScoreBatch", context) as span:
-            valid = await self._validated(validate_batch, request, context, span)
-            txs = [
-                self._pseudonymized(wire, tx)
-                for wire, tx in zip(request.transactions, valid, strict=True)
-            ]
+            txs = await self._valid_batch(request, context, span)
             if self._spans:
                 span.set_attribute("cascade.batch_size", len(txs))
             generation = self.generation
@@ -232,18 +231,57 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             if generation.candidate is not None:
                 for result, lane in zip(results, lanes, strict=True):
                     lane.count(result)
-            trace_id = trace_id_hex(span)
+            return await self._batch_response(request, results, lanes, trace_id_hex(span))
+
+    async def _valid_batch(
+        self,
+        request: scoring_pb2.ScoreBatchRequest,
+        context: grpc.aio.ServicerContext,
+        span: trace.Span,
+    ) -> list[Transaction]:
+        """The batch's transactions validated and pseudonymized, ``BATCH_SLICE_ITEMS`` at a
+        time with the event loop let run in between: a 1000-item batch is 15-30 ms of this CPU,
+        which at once would hold every concurrent Score call back that long."""
+        txs: list[Transaction] = []
+        try:
+            for i, (wire, tx) in enumerate(
+                zip(request.transactions, iter_batch(request), strict=True)
+            ):
+                txs.append(self._pseudonymized(wire, tx))
+                if not (i + 1) % BATCH_SLICE_ITEMS:
+                    await asyncio.sleep(0)
+        except InvalidInputError as exc:
+            span.set_status(trace.StatusCode.ERROR, str(exc))
+            await _refuse(exc, context)
+            raise  # unreachable: abort raises
+        return txs
+
+    async def _batch_response(
+        self,
+        request: scoring_pb2.ScoreBatchRequest,
+        results: list[ScoreResult],
+        lanes: list[Lane],
+        trace_id: str,
+    ) -> scoring_pb2.ScoreBatchResponse:
+        """The batch's answers (each recorded in the decision log), built ``BATCH_SLICE_ITEMS``
+        at a time with the event loop let run in between, as :meth:`_valid_batch` does."""
+        out = scoring_pb2.ScoreBatchResponse()
+        record = self._decisions.record if self._decisions is not None else None
+        for start in range(0, len(results), BATCH_SLICE_ITEMS):
+            if start:
+                await asyncio.sleep(0)
+            stop = start + BATCH_SLICE_ITEMS
             responses = [
                 result_to_proto(r, lane.versions_pb, trace_id)
-                for r, lane in zip(results, lanes, strict=True)
+                for r, lane in zip(results[start:stop], lanes[start:stop], strict=True)
             ]
-            if self._decisions is not None:
-                record = self._decisions.record
+            if record is not None:
                 for tx, result, response in zip(
-                    request.transactions, results, responses, strict=True
+                    request.transactions[start:stop], results[start:stop], responses, strict=True
                 ):
                     record(tx, response, result.features, METHOD_SCORE_BATCH)
-            return scoring_pb2.ScoreBatchResponse(results=responses)
+            out.results.extend(responses)
+        return out
 
     async def ReportOutcome(
         self, request: scoring_pb2.ReportOutcomeRequest, context: grpc.aio.ServicerContext

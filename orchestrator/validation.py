@@ -7,6 +7,7 @@ gets INVALID_ARGUMENT with a message it can act on. Nothing is guessed or silent
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Final
 
 from cascade.errors import InvalidInputError
@@ -65,13 +66,18 @@ def validate_request(request: scoring_pb2.ScoreRequest) -> Transaction:
 
 def validate_batch(request: scoring_pb2.ScoreBatchRequest) -> list[Transaction]:
     """Validate every transaction of a batch; field paths read ``transactions[i].field``."""
+    return list(iter_batch(request))
+
+
+def iter_batch(request: scoring_pb2.ScoreBatchRequest) -> Iterator[Transaction]:
+    """:func:`validate_batch` one transaction at a time, so that a caller can let other work
+    run between them (the size is checked at the first step)."""
     n = len(request.transactions)
     if n == 0:
         raise InvalidInputError("transactions", "needs at least one transaction")
     if n > MAX_BATCH:
         raise InvalidInputError("transactions", f"has {n}; at most {MAX_BATCH} per call")
     seen: dict[str, int] = {}
-    txs: list[Transaction] = []
     for i, wire in enumerate(request.transactions):
         try:
             tx = validate_transaction(wire)
@@ -83,8 +89,7 @@ def validate_batch(request: scoring_pb2.ScoreBatchRequest) -> list[Transaction]:
             raise InvalidInputError(
                 f"transactions[{i}].transaction_id", f"duplicates transactions[{first}]"
             )
-        txs.append(tx)
-    return txs
+        yield tx
 
 
 def validate_transaction(tx: scoring_pb2.Transaction) -> Transaction:

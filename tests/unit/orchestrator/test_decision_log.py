@@ -4,6 +4,7 @@ is down or slow, replay when it returns, bounds, and the flush at exit."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cascade.decision_record import METHOD_SCORE, decode_decision
+from cascade.decision_record import METHOD_SCORE, PendingDecision, decode_decision, encode_decision
 from cascade.errors import ConfigurationError
 from cascade.settings import DecisionLogSettings
 from cascade.v1 import scoring_pb2
+from orchestrator import decision_log
 from orchestrator.decision_log import DecisionLog, InMemorySink
 from tests.conftest import make_wire_transaction
 
@@ -213,3 +215,59 @@ async def test_a_sink_that_hangs_at_exit_leaves_the_buffer_in_the_spool(tmp_path
 def test_a_policy_version_that_is_no_subject_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="not a NATS subject"):
         DecisionLog(InMemorySink(), settings(tmp_path), policy_version="policy *")
+
+
+async def test_a_large_batch_is_encoded_with_the_event_loop_let_run_in_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 512 records encoded at once held the loop ~10 ms (every Score call with it). Counted in
+    # records, not time: between two turns of a ticker task, at most one 32-record slice.
+    encoded = 0
+
+    def counting_encode(pending: PendingDecision) -> bytes:
+        nonlocal encoded
+        encoded += 1
+        return encode_decision(pending)
+
+    monkeypatch.setattr(decision_log, "encode_decision", counting_encode)
+    seen: list[int] = []
+
+    async def ticker() -> None:
+        while True:
+            seen.append(encoded)
+            await asyncio.sleep(0)
+
+    sink = InMemorySink()
+    cfg = settings(tmp_path, batch_interval_ms=10_000, batch_max_records=512)
+    async with DecisionLog(sink, cfg, policy_version="policy-3") as log:
+        tick = asyncio.create_task(ticker())
+        for i in range(512):
+            record(log, i)
+        async with asyncio.timeout(5.0):
+            await log.flush()
+        tick.cancel()
+    assert set(sink.messages) == ids(512) and sink.calls == 2  # ensure_stream, one publish
+    steps = [b - a for a, b in itertools.pairwise([0, *seen, encoded])]
+    assert sum(steps) == 512 and max(steps) == 32
+
+
+@pytest.mark.parametrize("passes_before_exit", [0, 1, 2, 5, 10])
+async def test_a_shutdown_during_encoding_loses_no_record(
+    tmp_path: Path, passes_before_exit: int
+) -> None:
+    # The shutdown's flush timeout is 0: the publisher is cancelled wherever it stands, part
+    # way through encoding a 600-record batch or sending it; each record ends up sent or
+    # spooled, exactly once.
+    sink = InMemorySink()
+    sink.gate = asyncio.Event()  # a JetStream that does not acknowledge before the exit
+    cfg = settings(tmp_path, batch_interval_ms=0.0, batch_max_records=600, flush_timeout_s=0.0)
+    async with DecisionLog(sink, cfg, policy_version="policy-3") as log:
+        for i in range(600):
+            record(log, i)
+        for _ in range(passes_before_exit):
+            await asyncio.sleep(0)
+    assert log.spooled == 600 and sink.messages == {}
+    sink.gate.set()
+    async with DecisionLog(sink, cfg, policy_version="policy-3") as again:
+        await until(sink, lambda: again.spool.empty)
+    assert set(sink.messages) == ids(600) and sink.published == 600
