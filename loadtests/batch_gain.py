@@ -29,7 +29,8 @@ from loadtests.replay import load_transactions
 
 
 @asynccontextmanager
-async def _target(args: argparse.Namespace) -> AsyncIterator[str]:
+async def stack_target(args: argparse.Namespace) -> AsyncIterator[str]:
+    """``args.target`` (loopback only), or the target of a local stack started for the run."""
     if args.target:
         target = parse_loopback_target(args.target)
         yield f"{target.host}:{target.port}"
@@ -43,7 +44,7 @@ async def _target(args: argparse.Namespace) -> AsyncIterator[str]:
         yield stack.target
 
 
-def _fresh(txs: Sequence[scoring_pb2.Transaction]) -> list[scoring_pb2.Transaction]:
+def fresh_copies(txs: Sequence[scoring_pb2.Transaction]) -> list[scoring_pb2.Transaction]:
     """Copies with new ids, so no mode is answered from another mode's cache entries."""
     nonce = uuid.uuid4().hex[:8]
     out = []
@@ -88,9 +89,9 @@ async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
         f"Score, {args.batch} concurrent": [],
         f"ScoreBatch of {args.batch}": [],
     }
-    async with _target(args) as target, grpc.aio.insecure_channel(target) as channel:
+    async with stack_target(args) as target, grpc.aio.insecure_channel(target) as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
-        await _batched(stub, _fresh(base[: args.batch]), args.batch)  # warm the path
+        await _batched(stub, fresh_copies(base[: args.batch]), args.batch)  # warm the path
         modes: list[tuple[str, Callable[[list[scoring_pb2.Transaction]], Awaitable[None]]]] = [
             ("Score, 1 in flight", partial(_serial, stub)),
             (f"Score, {args.batch} concurrent", partial(_concurrent, stub, width=args.batch)),
@@ -98,7 +99,7 @@ async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
         ]
         for _ in range(args.rounds):
             for name, run in modes:
-                txs = _fresh(base)
+                txs = fresh_copies(base)
                 start = time.perf_counter()
                 await run(txs)
                 rates[name].append(len(txs) / (time.perf_counter() - start))
