@@ -284,6 +284,12 @@ class CoalescingSettings(BaseModel):
         description="Most sequences per stage-2 request from a ScoreBatch chunk, sent one after "
         "the other: a live call's escalation waits behind at most one of them in Triton.",
     )
+    batch_defers: bool = Field(
+        True,
+        description="Between two chunks a ScoreBatch waits for the live Score calls in flight "
+        "to finish: at most as long as a chunk takes, and only while the chunks left still fit "
+        "its budget.",
+    )
 
 
 class BreakerSettings(BaseModel):

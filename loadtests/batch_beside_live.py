@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import statistics
 import sys
 import time
@@ -37,6 +38,7 @@ class Phase:
     reasons: collections.Counter[str] = field(default_factory=collections.Counter)
     degraded: int = 0
     batches: list[float] = field(default_factory=list)  # seconds each batch took
+    batch_degraded: int = 0  # the batches' degraded answers
 
 
 async def _live(
@@ -70,42 +72,68 @@ async def _live(
 async def _batches(
     stub: scoring_pb2_grpc.ScoringServiceStub,
     base: list[scoring_pb2.Transaction],
-    size: int,
+    args: argparse.Namespace,
     until: asyncio.Event,
     phase: Phase,
 ) -> None:
+    """Back-to-back batches of ``args.batch`` until ``until`` is set."""
     while not until.is_set():
-        request = R.ScoreBatchRequest(transactions=fresh_copies(base[:size]))
+        request = R.ScoreBatchRequest(transactions=fresh_copies(base[: args.batch]))
         started = time.monotonic()
-        await stub.ScoreBatch(request, timeout=30.0)
+        reply = await stub.ScoreBatch(request, timeout=args.batch_deadline_s)
         phase.batches.append(time.monotonic() - started)
+        phase.batch_degraded += sum(r.degraded for r in reply.results)
+
+
+def _env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"expected KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Phase]:
-    """Each phase's live outcomes, over ``args.rounds`` rounds of (alone, beside batches)."""
+    """Each phase's live outcomes, over ``args.rounds`` rounds of (alone, beside batches), on
+    each stack (with ``--compare-env``, a second one with that environment, steps alternating)."""
     n_live = int(args.rate * args.seconds)
     base = [
         to_wire(t)
         for t in load_transactions("simulator", count=max(n_live, args.batch), seed=args.seed)
     ]
-    phases = {"alone": Phase(), f"beside {args.batch}-item batches": Phase()}
-    async with stack_target(args) as target, grpc.aio.insecure_channel(target) as channel:
-        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
-        await stub.ScoreBatch(
-            R.ScoreBatchRequest(transactions=fresh_copies(base[:100])), timeout=10.0
-        )
-        await _live(stub, fresh_copies(base[:200]), args.rate, 1.0, Phase())  # warm the path
+    envs = {"": _env(args.stack_env)}
+    if args.compare_env:
+        envs[" ".join(args.compare_env) + ": "] = {**envs[""], **_env(args.compare_env)}
+    phases: dict[str, Phase] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        stubs: dict[str, scoring_pb2_grpc.ScoringServiceStub] = {}
+        for label, env in envs.items():
+            target = await stack.enter_async_context(
+                stack_target(args, env, f"batch_beside_live{len(stubs)}")
+            )
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(target))
+            stub = stubs[label] = scoring_pb2_grpc.ScoringServiceStub(channel)
+            warm = R.ScoreBatchRequest(transactions=fresh_copies(base[:100]))
+            await stub.ScoreBatch(warm, timeout=10.0)
+            await _live(stub, fresh_copies(base[:200]), args.rate, 1.0, Phase())
         for _ in range(args.rounds):
-            for name, phase in phases.items():
-                live = fresh_copies(base[:n_live])
-                if name == "alone":
+            for label, stub in stubs.items():
+                for beside in (False, True):
+                    name = label + (f"beside {args.batch}-item batches" if beside else "alone")
+                    phase = phases.setdefault(name, Phase())
+                    done = asyncio.Event()
+                    batches = (
+                        asyncio.create_task(_batches(stub, base, args, done, phase))
+                        if beside
+                        else None
+                    )
+                    live = fresh_copies(base[:n_live])
                     await _live(stub, live, args.rate, args.deadline_ms / 1000, phase)
-                    continue
-                done = asyncio.Event()
-                batches = asyncio.create_task(_batches(stub, base, args.batch, done, phase))
-                await _live(stub, live, args.rate, args.deadline_ms / 1000, phase)
-                done.set()
-                await batches
+                    done.set()
+                    if batches is not None:
+                        await batches
     return phases
 
 
@@ -124,13 +152,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1000, help="transactions per ScoreBatch")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--batch-deadline-s", type=float, default=30.0, help="each ScoreBatch's deadline"
+    )
+    parser.add_argument(
+        "--stack-env", action="append", default=[], metavar="KEY=VALUE", help="for the stack"
+    )
+    parser.add_argument(
+        "--compare-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a second stack with this environment too, measured alternating with the first",
+    )
     args = parser.parse_args(argv)
     phases = asyncio.run(measure(args))
     print(
         "| live calls | answered | p50 ms | p99 ms | max ms | late | failed | degraded (reasons) "
-        "| batches (median s) |"
+        "| batches (median s) | batch answers degraded |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, p in phases.items():
         late = sum(ms >= args.deadline_ms for ms in p.latencies_ms)
         reasons = ", ".join(f"{k} {v}" for k, v in p.reasons.most_common()) or "-"
@@ -139,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"| {name} | {len(p.latencies_ms)} | {_quantile(p.latencies_ms, 0.5):.1f} "
             f"| {_quantile(p.latencies_ms, 0.99):.1f} | {max(p.latencies_ms, default=0):.1f} "
-            f"| {late} | {failed} | {p.degraded} ({reasons}) | {batches} |"
+            f"| {late} | {failed} | {p.degraded} ({reasons}) | {batches} | {p.batch_degraded} |"
         )
     return 0
 

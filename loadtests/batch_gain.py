@@ -29,16 +29,20 @@ from loadtests.replay import load_transactions
 
 
 @asynccontextmanager
-async def stack_target(args: argparse.Namespace) -> AsyncIterator[str]:
-    """``args.target`` (loopback only), or the target of a local stack started for the run."""
+async def stack_target(
+    args: argparse.Namespace, env: dict[str, str] | None = None, name: str = "batch_gain"
+) -> AsyncIterator[str]:
+    """``args.target`` (loopback only), or the target of a local stack started for the run
+    (with ``env`` for its services, its files under ``.run/NAME``)."""
     if args.target:
         target = parse_loopback_target(args.target)
         yield f"{target.host}:{target.port}"
         return
     config = StackConfig(
         model_dir=DEFAULT_MODEL_DIR,
-        run_dir=Path(".run/batch_gain"),
+        run_dir=Path(".run") / name,
         ports=StackPorts(0, 0, 0, 0, 0, 0),
+        extra_env=env or {},
     )
     async with LocalStack(config) as stack:
         yield stack.target

@@ -28,6 +28,8 @@ times its capacity is offered.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -175,6 +177,8 @@ class Admission:
         )
         self.in_flight = 0
         self.shed = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def admit(self, remaining_ms: float) -> Ticket | None:
         """A ticket, or None when the call should be shed (the limit is reached, a standing
@@ -188,9 +192,20 @@ class Admission:
             self.shed += 1
             return None
         self.in_flight += 1
+        self._idle.clear()
         return Ticket(time.perf_counter_ns())
 
     def release(self, ticket: Ticket) -> None:
         """The admitted call has been answered."""
         self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
         self.limit.update((time.perf_counter_ns() - ticket.start_ns) / 1e9, self.in_flight + 1)
+
+    async def defer(self, max_wait_s: float) -> None:
+        """Return once no admitted Score call is in flight, or after ``max_wait_s``: how
+        ``ScoreBatch`` lets live calls go first between two of its chunks."""
+        if self.in_flight and max_wait_s > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max_wait_s):
+                    await self._idle.wait()

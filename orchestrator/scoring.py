@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -163,7 +163,12 @@ class CascadeScorer:
         result.timings = timings
         return result
 
-    async def score_many(self, txs: Sequence[Transaction], budget: Budget) -> list[ScoreResult]:
+    async def score_many(
+        self,
+        txs: Sequence[Transaction],
+        budget: Budget,
+        defer: Callable[[float], Awaitable[None]] | None = None,
+    ) -> list[ScoreResult]:
         """Answers for ``txs`` in order, inside one ``budget``.
 
         The batch is scored in chunks of ``chunk_items`` (one Redis round trip, one stage-1
@@ -174,13 +179,25 @@ class CascadeScorer:
         batch's history writes are queued only once every chunk has been looked up, so a batch
         scores exactly as the same transactions sent one by one would. The timings are the
         batch's (summed over chunks), shared by every result.
+
+        ``defer(max_s)``, when given, is awaited between chunks and returns once no live call
+        is in flight (or after ``max_s``): live calls go first while the batch's budget allows.
         """
         start_ns = time.perf_counter_ns()
         timings = Timings(budget_us=int(budget.total_ms * 1000))
         earlier: dict[str, list[HistoryEntry]] = {}
         results: list[ScoreResult] = []
         writes: list[StoreWrite] = []
-        for start in range(0, len(txs), self._chunk_items):
+        chunks = range(0, len(txs), self._chunk_items)
+        worked_s = 0.0  # in chunks, not deferring
+        for done, start in enumerate(chunks):
+            if done and defer is not None:
+                # Live calls first: for as long as a chunk takes (so the batch keeps at least
+                # half the time), and only while the chunks left, at that pace, fit the budget.
+                per_chunk_s = worked_s / done
+                slack_s = budget.remaining_ms() / 1000.0 - (len(chunks) - done) * per_chunk_s * 1.5
+                await defer(min(per_chunk_s, slack_s))
+            chunk_start_ns = time.perf_counter_ns()
             chunk = await self._score_chunk(
                 txs[start : start + self._chunk_items],
                 budget,
@@ -189,6 +206,7 @@ class CascadeScorer:
                 self._batch_stage2_items,
                 stage1_attempts=2,
             )
+            worked_s += (time.perf_counter_ns() - chunk_start_ns) / 1e9
             results += chunk.results
             writes += chunk.writes
         for write in writes:

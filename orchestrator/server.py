@@ -138,6 +138,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         self._tracer = tracer
         self._spans = records_spans(tracer)
         self._admission = admission
+        self._defer = admission.defer if settings.coalescing.batch_defers else None
         # Batches take turns: the chunks of one run between Score calls; two at once at most.
         self._batch_slots = asyncio.Semaphore(2)
 
@@ -388,7 +389,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
                 if len(txs) == 1:
                     results = [await scorer.score(txs[0], budget)]
                 else:
-                    results = await scorer.score_many(txs, budget)
+                    results = await scorer.score_many(txs, budget, self._defer)
         except TimeoutError:
             budget_us = int(budget.total_ms * 1000)
             results = [

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from cascade.settings import AdmissionSettings
@@ -147,3 +150,23 @@ def test_the_queue_stops_shedding_once_an_interval_passes_without_one() -> None:
     assert all(arrivals(queue, [35.0] * 2, 0.040, 0.001)) and queue.dropping
     arrivals(queue, [45.0] * 10, 0.042, 0.001)  # the queue drained: fresh calls again
     assert queue.should_shed(35.0, 0.062) is False and not queue.dropping
+
+
+async def test_defer_returns_once_no_admitted_call_is_in_flight_or_after_its_wait() -> None:
+    admission = Admission(AdmissionSettings())
+    started = time.monotonic()
+    await admission.defer(10.0)  # nothing in flight: at once
+    assert time.monotonic() - started < 0.05  # not the 10 s wait
+    ticket = admission.admit(40.0)
+    assert ticket is not None
+    deferring = asyncio.create_task(admission.defer(10.0))
+    await asyncio.sleep(0.01)
+    assert not deferring.done()
+    admission.release(ticket)
+    async with asyncio.timeout(0.05):  # at the release, not after the 10 s wait
+        await deferring
+    again = admission.admit(40.0)
+    assert again is not None
+    started = time.monotonic()
+    await admission.defer(0.02)  # a call stays in flight: the wait ends it
+    assert 0.019 <= time.monotonic() - started < 0.1

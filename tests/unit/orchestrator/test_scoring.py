@@ -483,6 +483,34 @@ async def test_chunked_batch_scores_like_the_same_transactions_one_by_one() -> N
     assert batch_store.cache.keys() == single_store.cache.keys()
 
 
+@pytest.mark.parametrize("batch_budget_s", [1.0, 0.001])
+async def test_a_batch_defers_between_chunks_only_for_a_chunk_and_only_within_its_budget(
+    batch_budget_s: float,
+) -> None:
+    txs = [make_transaction(transaction_id=f"defer-{i}", card_id=f"c-{i % 3}") for i in range(12)]
+    asked: list[float] = []
+
+    async def defer(max_s: float) -> None:
+        asked.append(max_s)
+
+    store = InMemoryOnlineStore()
+    screener = InMemoryScreener(_feature_hash, delay_s=0.002)
+    async with PostAnswerWriter(store, linger_s=0.0) as writer:
+        scorer = make_scorer(
+            store, screener, InMemoryHeavyScorer(_feature_hash), writer, chunk_items=4
+        )
+        started = time.monotonic()
+        await scorer.score_many(txs, Budget.start(batch_budget_s, SETTINGS, batch=True), defer)
+        elapsed_s = time.monotonic() - started
+    assert len(asked) == 2  # between the 3 chunks, not before the first
+    # At most what one chunk took (at least the screener's 2 ms each; the whole batch bounds it).
+    assert all(max_s < elapsed_s / 2 for max_s in asked)
+    if batch_budget_s < 0.01:  # no budget left for the chunks: nothing to give away
+        assert all(max_s <= 0 for max_s in asked)
+    else:
+        assert all(max_s >= 0.002 for max_s in asked)
+
+
 # --- features unavailable: the policy's own section decides -----------------------------------
 
 DEGRADED = FeaturesUnavailable(review_threshold=0.05, decline_threshold=0.3)
