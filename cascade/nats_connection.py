@@ -20,6 +20,7 @@ point ``nats.url`` at a server that does (``nats-server --tls``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import ssl
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 RECONNECT_WAIT_S: Final = 0.1
 """Between two reconnect attempts; a refused attempt on loopback costs next to nothing."""
+_CLOSE_CUT_SHORT_S: Final = 1.0  # the most a cut-short connect's clean-up may take
 
 
 def connect_options(security: NatsSettings | None) -> dict[str, Any]:
@@ -103,8 +105,11 @@ async def connect_nats(
         )
     except BaseException:
         # nats-py leaves a connect cut short (cancelled, or failed after the socket opened) with
-        # its socket and tasks alive.
+        # its socket and tasks alive. Its close can itself hang on a connection that never got
+        # through a TLS handshake (a test hung in CI on one refused for want of a client
+        # certificate), so it is bounded: whoever cut the connect short must get control back.
         with contextlib.suppress(Exception):
-            await client.close()
+            async with asyncio.timeout(_CLOSE_CUT_SHORT_S):
+                await client.close()
         raise
     return client

@@ -28,7 +28,9 @@ shared 2-core virtual machine that runs seven or more server processes beside th
 clean-clone runs of 2026-12-01/02 each run failed 2-7 of ~200 such tests, a different set each
 time, with the host stealing up to 47% of the cores' time. A regression fails every attempt;
 the summary lists each rerun (``-rR``), and each failed attempt's report says how much of the
-cores' time the host took meanwhile. Unit tests are never rerun."""
+cores' time the host took meanwhile. Unit tests are never rerun, nor is a test that hung past
+pytest-timeout's limit (pyproject.toml): its stacks are the diagnosis, and a rerun on the same
+event loop would hang as well."""
 
 
 _STEAL: Final = pytest.StashKey[float | None]()
@@ -41,7 +43,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return
     for item in items:
         if item.get_closest_marker("integration") and not item.get_closest_marker("flaky"):
-            item.add_marker(pytest.mark.flaky(reruns=INTEGRATION_RERUNS, reruns_delay=1))
+            item.add_marker(
+                pytest.mark.flaky(
+                    reruns=INTEGRATION_RERUNS, reruns_delay=1, rerun_except="pytest-timeout"
+                )
+            )
 
 
 @pytest.hookimpl(wrapper=True)
