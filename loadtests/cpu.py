@@ -44,12 +44,14 @@ __all__ = [
     "PER_PROCESS_ROLES",
     "CpuMeter",
     "CpuSnapshot",
+    "busy_and_steal_s",
     "cpu_report",
     "describe_idle",
     "idle_settings",
     "machine_times",
     "process_cpu_s",
     "role_of",
+    "steal_share",
 ]
 
 _PROC: Final = Path("/proc")
@@ -306,17 +308,32 @@ def cpu_report(
     return report
 
 
-def _machine_report(
-    before: Mapping[str, float], after: Mapping[str, float], wall_s: float, answers: int
-) -> dict[str, float | None]:
+def busy_and_steal_s(
+    before: Mapping[str, float], after: Mapping[str, float]
+) -> tuple[float, float]:
+    """Core-seconds busy and stolen by the host between two :func:`machine_times` readings."""
+
     def spent(names: Sequence[str]) -> float:
         return sum(max(0.0, after.get(n, 0.0) - before.get(n, 0.0)) for n in names)
 
-    busy, steal = spent(_BUSY_FIELDS), spent(("steal",))
+    return spent(_BUSY_FIELDS), spent(("steal",))
+
+
+def steal_share(before: Mapping[str, float], after: Mapping[str, float]) -> float | None:
+    """steal / (busy + steal) between two :func:`machine_times` readings; None with neither."""
+    busy, steal = busy_and_steal_s(before, after)
+    return steal / (busy + steal) if busy + steal > 0 else None
+
+
+def _machine_report(
+    before: Mapping[str, float], after: Mapping[str, float], wall_s: float, answers: int
+) -> dict[str, float | None]:
+    busy, steal = busy_and_steal_s(before, after)
+    share = steal_share(before, after)
     return {
         "busy_cores": round(busy / wall_s, 3) if wall_s > 0 else 0.0,
         "steal_cores": round(steal / wall_s, 3) if wall_s > 0 else 0.0,
-        "steal_share": round(steal / (busy + steal), 4) if busy + steal > 0 else None,
+        "steal_share": round(share, 4) if share is not None else None,
         "steal_ms_per_answer": _per_answer_ms(steal, answers),
     }
 

@@ -16,7 +16,7 @@ from cascade.cpu_latency import CpuLatencyHold
 from cascade.pseudonym import Pseudonymizer, PseudonymKey
 from cascade.transaction import Channel, Transaction
 from cascade.v1 import scoring_pb2
-from loadtests.cpu import machine_times
+from loadtests.cpu import machine_times, steal_share
 
 BASE_TS_MS = 1_763_800_000_000
 
@@ -59,7 +59,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     try:
         return (yield)
     finally:
-        item.stash[_STEAL] = _steal_share(before, machine_times())
+        item.stash[_STEAL] = steal_share(before, machine_times())
 
 
 @pytest.hookimpl(wrapper=True)
@@ -73,16 +73,6 @@ def pytest_runtest_makereport(
             ("host", f"the host took {steal:.1%} of the time the cores wanted during this call")
         )
     return report
-
-
-def _steal_share(before: dict[str, float], after: dict[str, float]) -> float | None:
-    """Steal over (busy + steal) between two :func:`machine_times` readings, or None."""
-    if not before or not after:
-        return None
-    delta = {k: after[k] - before.get(k, 0.0) for k in after}
-    idle = delta.get("idle", 0.0) + delta.get("iowait", 0.0)
-    wanted = sum(delta.values()) - idle
-    return delta.get("steal", 0.0) / wanted if wanted > 0 else None
 
 
 @pytest.fixture(scope="session", autouse=True)
