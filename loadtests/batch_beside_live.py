@@ -24,6 +24,7 @@ import grpc
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from cascade.wire import to_wire
 from loadtests.batch_gain import fresh_copies, stack_target
+from loadtests.histogram import percentile_of_sorted
 from loadtests.replay import load_transactions
 
 R = scoring_pb2
@@ -137,9 +138,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Phase]:
     return phases
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+def _percentile(values: list[float], p: float) -> float:
+    return percentile_of_sorted(sorted(values), p) if values else float("nan")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -178,8 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed = ", ".join(f"{k} {v}" for k, v in p.failed.items()) or "0"
         batches = f"{len(p.batches)} ({statistics.median(p.batches):.2f})" if p.batches else "-"
         print(
-            f"| {name} | {len(p.latencies_ms)} | {_quantile(p.latencies_ms, 0.5):.1f} "
-            f"| {_quantile(p.latencies_ms, 0.99):.1f} | {max(p.latencies_ms, default=0):.1f} "
+            f"| {name} | {len(p.latencies_ms)} | {_percentile(p.latencies_ms, 50):.1f} "
+            f"| {_percentile(p.latencies_ms, 99):.1f} | {max(p.latencies_ms, default=0):.1f} "
             f"| {late} | {failed} | {p.degraded} ({reasons}) | {batches} | {p.batch_degraded} |"
         )
     return 0
