@@ -31,6 +31,12 @@ DEGRADED: Final = Counter(
     "cascade_degraded_reasons", "Reason codes on degraded answers.", ["reason"]
 )
 INVALID: Final = Counter("cascade_invalid_requests", "Requests refused as invalid.", ["field"])
+ADMISSION_SHED: Final = Counter(
+    "cascade_admission_shed",
+    "Score calls answered OVERLOADED on arrival, by the check that refused them: queue (waited "
+    "in a standing queue), limit (the adaptive concurrency limit), budget (too little left).",
+    ["cause"],
+)
 CALLERS_REFUSED: Final = Counter(
     "cascade_callers_refused",
     "ScoringService calls refused before scoring: unauthenticated, permission_denied, quota.",

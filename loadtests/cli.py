@@ -180,6 +180,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="extra environment for the own stack's services (repeatable), for A/B runs",
     )
+    where.add_argument(
+        "--compare-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the --compare-ref stack only, over --stack-env "
+        "(repeatable): with --compare-ref HEAD, one setting A/B'd step by step",
+    )
     load = parser.add_argument_group("load")
     load.add_argument("--rate", type=float, default=500.0, help="requests/s of the single step")
     load.add_argument("--duration", type=float, default=10.0, help="seconds per step")
@@ -415,12 +423,14 @@ async def _start_compare(
             run_dir=run_dir,
             workers=args.workers,
             orchestrators=args.compare_orchestrators or args.orchestrators,
-            extra_env=stack_env(args.stack_env),
+            extra_env=stack_env(args.stack_env)
+            | parse_assignments(args.compare_env, source="--compare-env"),
         )
     )
     found.specs.append(TargetSpec(COMPARE_NAME, other.target, stack_root=other.pid))
     found.compare = {
         "ref": args.compare_ref,
+        "env": args.compare_env,
         "commit": other.commit,
         "worktree": str(other.path),
         "target": other.target,
@@ -703,6 +713,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
             if target:
                 parse_loopback_target(target)
         stack_env(args.stack_env)
+        parse_assignments(args.compare_env, source="--compare-env")
+        if args.compare_env and not args.compare_ref:
+            raise ValueError("--compare-env needs --compare-ref (HEAD: this commit's own stack)")
         _check_cpu_latency(args)
     except ValueError as exc:  # NotLoopbackError too
         print(f"cascade loadtest: {exc}", file=sys.stderr)

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
+from cascade.metrics import ADMISSION_SHED
 from cascade.settings import AdmissionSettings
 
 _SHORT_WINDOW: Final = 10  # samples in the recent service-time average
@@ -155,6 +156,9 @@ class QueueWait:
         return self.dropping and waited_ms > self._target_ms
 
 
+SHED_CAUSES: Final = ("queue", "limit", "budget")
+
+
 @dataclass(frozen=True, slots=True)
 class Ticket:
     """An admitted call; hand it back to :meth:`Admission.release` when answered."""
@@ -177,6 +181,8 @@ class Admission:
         )
         self.in_flight = 0
         self.shed = 0
+        self.shed_by_cause = dict.fromkeys(SHED_CAUSES, 0)
+        self._shed_metrics = {cause: ADMISSION_SHED.labels(cause) for cause in SHED_CAUSES}
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -184,13 +190,21 @@ class Admission:
         """A ticket, or None when the call should be shed (the limit is reached, a standing
         queue formed and this call waited in it, or less than ``min_budget_ms`` of its budget is
         left)."""
-        if self._enabled and (
-            self.queue.should_shed(remaining_ms, time.monotonic())
-            or self.in_flight >= self.limit.limit
-            or remaining_ms < self._min_budget_ms
-        ):
-            self.shed += 1
-            return None
+        if self._enabled:
+            cause = (
+                "queue"
+                if self.queue.should_shed(remaining_ms, time.monotonic())
+                else "limit"
+                if self.in_flight >= self.limit.limit
+                else "budget"
+                if remaining_ms < self._min_budget_ms
+                else None
+            )
+            if cause is not None:
+                self.shed += 1
+                self.shed_by_cause[cause] += 1
+                self._shed_metrics[cause].inc()
+                return None
         self.in_flight += 1
         self._idle.clear()
         return Ticket(time.perf_counter_ns())

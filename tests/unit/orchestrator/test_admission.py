@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 from cascade.settings import AdmissionSettings
 from orchestrator.admission import Admission, GradientLimit, QueueWait
@@ -85,13 +86,32 @@ def test_sheds_once_in_flight_reaches_the_limit() -> None:
     assert a.in_flight == 2
     assert a.admit(40.0) is None
     assert a.shed == 1 and a.in_flight == 2
+    assert a.shed_by_cause == {"queue": 0, "limit": 1, "budget": 0}
 
 
 def test_sheds_a_call_with_less_than_min_budget_left() -> None:
     a = admission()
     assert a.admit(4.9) is None
     assert a.shed == 1 and a.in_flight == 0
+    assert a.shed_by_cause == {"queue": 0, "limit": 0, "budget": 1}
     assert a.admit(5.0) is not None
+
+
+def test_each_shed_is_counted_by_the_check_that_refused_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def exported(cause: str) -> float:
+        value = REGISTRY.get_sample_value("cascade_admission_shed_total", {"cause": cause})
+        return value or 0.0
+
+    before = {cause: exported(cause) for cause in ("queue", "limit", "budget")}
+    a = admission()
+    monkeypatch.setattr(a.queue, "should_shed", lambda remaining_ms, now_s: remaining_ms < 30)
+    assert a.admit(20.0) is None  # waited in a standing queue (and has too little left)
+    assert a.admit(40.0) is not None and a.admit(40.0) is not None
+    assert a.admit(40.0) is None  # the limit
+    assert a.shed_by_cause == {"queue": 1, "limit": 1, "budget": 0}
+    assert {c: exported(c) - before[c] for c in before} == {"queue": 1, "limit": 1, "budget": 0}
 
 
 def test_disabled_admission_admits_everything() -> None:
