@@ -286,9 +286,16 @@ class CoalescingSettings(BaseModel):
     )
     batch_defers: bool = Field(
         True,
-        description="Between two chunks a ScoreBatch waits for the live Score calls in flight "
-        "to finish: at most as long as a chunk takes, and only while the chunks left still fit "
-        "its budget.",
+        description="Between two chunks a ScoreBatch pauses while live Score calls are about "
+        "(in flight, or one arrived during the chunk), so they have the stack to themselves: "
+        "see batch_share; only while the chunks left still fit the batch's budget.",
+    )
+    batch_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="While live Score calls are about, a ScoreBatch works at most this share "
+        "of the time: after a chunk that took t it pauses t * (1 - share) / share (1: never).",
     )
 
 

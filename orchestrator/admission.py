@@ -29,7 +29,6 @@ times its capacity is offered.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -181,19 +180,19 @@ class Admission:
         )
         self.in_flight = 0
         self.shed = 0
+        self._last_admitted_s = -math.inf
         self.shed_by_cause = dict.fromkeys(SHED_CAUSES, 0)
         self._shed_metrics = {cause: ADMISSION_SHED.labels(cause) for cause in SHED_CAUSES}
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     def admit(self, remaining_ms: float) -> Ticket | None:
         """A ticket, or None when the call should be shed (the limit is reached, a standing
         queue formed and this call waited in it, or less than ``min_budget_ms`` of its budget is
         left)."""
+        now_s = time.monotonic()
         if self._enabled:
             cause = (
                 "queue"
-                if self.queue.should_shed(remaining_ms, time.monotonic())
+                if self.queue.should_shed(remaining_ms, now_s)
                 else "limit"
                 if self.in_flight >= self.limit.limit
                 else "budget"
@@ -206,20 +205,20 @@ class Admission:
                 self._shed_metrics[cause].inc()
                 return None
         self.in_flight += 1
-        self._idle.clear()
+        self._last_admitted_s = now_s
         return Ticket(time.perf_counter_ns())
 
     def release(self, ticket: Ticket) -> None:
         """The admitted call has been answered."""
         self.in_flight -= 1
-        if not self.in_flight:
-            self._idle.set()
         self.limit.update((time.perf_counter_ns() - ticket.start_ns) / 1e9, self.in_flight + 1)
 
-    async def defer(self, max_wait_s: float) -> None:
-        """Return once no admitted Score call is in flight, or after ``max_wait_s``: how
-        ``ScoreBatch`` lets live calls go first between two of its chunks."""
-        if self.in_flight and max_wait_s > 0:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max_wait_s):
-                    await self._idle.wait()
+    async def defer(self, pause_s: float, window_s: float) -> None:
+        """How ``ScoreBatch`` lets live calls go first between two of its chunks: sleep
+        ``pause_s`` when a Score call is in flight or one was admitted in the last ``window_s``
+        (the chunk just done), else return at once. The pause is whole, not cut short when the
+        live calls finish: the next ones arriving in it find the event loop, the workers and
+        Redis free of the batch."""
+        live = self.in_flight or time.monotonic() - self._last_admitted_s <= window_s
+        if live and pause_s > 0:
+            await asyncio.sleep(pause_s)

@@ -161,6 +161,7 @@ async def _open_lane(
         tracer=tracer,
         chunk_items=s.coalescing.batch_chunk_items,
         batch_stage2_items=s.coalescing.batch_stage2_items,
+        batch_share=s.coalescing.batch_share,
         stage2_max_in_flight=s.admission.stage2_max_in_flight,
         # Each lane has breakers of its own: a failing candidate never opens the champion's.
         breakers=DependencyBreakers(s.breaker),

@@ -122,6 +122,7 @@ class CascadeScorer:
         tracer: trace.Tracer,
         chunk_items: int = 16,
         batch_stage2_items: int = 8,
+        batch_share: float = 1.0,
         stage2_max_in_flight: int = 128,
         breakers: DependencyBreakers | None = None,
     ) -> None:
@@ -139,6 +140,7 @@ class CascadeScorer:
         self._spans = records_spans(tracer)
         self._chunk_items = chunk_items
         self._batch_stage2_items = batch_stage2_items
+        self._batch_pause_ratio = (1.0 - batch_share) / batch_share
         self._stage2_max_in_flight = stage2_max_in_flight
         self.stage2_in_flight = 0
         self.breakers = breakers or DependencyBreakers(BreakerSettings(enabled=False))
@@ -167,7 +169,7 @@ class CascadeScorer:
         self,
         txs: Sequence[Transaction],
         budget: Budget,
-        defer: Callable[[float], Awaitable[None]] | None = None,
+        defer: Callable[[float, float], Awaitable[None]] | None = None,
     ) -> list[ScoreResult]:
         """Answers for ``txs`` in order, inside one ``budget``.
 
@@ -180,8 +182,9 @@ class CascadeScorer:
         scores exactly as the same transactions sent one by one would. The timings are the
         batch's (summed over chunks), shared by every result.
 
-        ``defer(max_s)``, when given, is awaited between chunks and returns once no live call
-        is in flight (or after ``max_s``): live calls go first while the batch's budget allows.
+        ``defer(pause_s, window_s)``, when given, is awaited between chunks: it pauses for
+        ``pause_s`` when live calls were about during the last chunk (``window_s``), so the batch
+        works at most ``batch_share`` of the time beside them, while its budget allows.
         """
         start_ns = time.perf_counter_ns()
         timings = Timings(budget_us=int(budget.total_ms * 1000))
@@ -189,14 +192,14 @@ class CascadeScorer:
         results: list[ScoreResult] = []
         writes: list[StoreWrite] = []
         chunks = range(0, len(txs), self._chunk_items)
-        worked_s = 0.0  # in chunks, not deferring
+        worked_s = last_chunk_s = 0.0  # in chunks, not pausing
         for done, start in enumerate(chunks):
             if done and defer is not None:
-                # Live calls first: for as long as a chunk takes (so the batch keeps at least
-                # half the time), and only while the chunks left, at that pace, fit the budget.
+                # Live calls first, for batch_share of the time, and only while the chunks left,
+                # at this pace, fit the budget.
                 per_chunk_s = worked_s / done
                 slack_s = budget.remaining_ms() / 1000.0 - (len(chunks) - done) * per_chunk_s * 1.5
-                await defer(min(per_chunk_s, slack_s))
+                await defer(min(last_chunk_s * self._batch_pause_ratio, slack_s), last_chunk_s)
             chunk_start_ns = time.perf_counter_ns()
             chunk = await self._score_chunk(
                 txs[start : start + self._chunk_items],
@@ -206,7 +209,8 @@ class CascadeScorer:
                 self._batch_stage2_items,
                 stage1_attempts=2,
             )
-            worked_s += (time.perf_counter_ns() - chunk_start_ns) / 1e9
+            last_chunk_s = (time.perf_counter_ns() - chunk_start_ns) / 1e9
+            worked_s += last_chunk_s
             results += chunk.results
             writes += chunk.writes
         for write in writes:

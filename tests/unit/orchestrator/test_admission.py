@@ -172,21 +172,25 @@ def test_the_queue_stops_shedding_once_an_interval_passes_without_one() -> None:
     assert queue.should_shed(35.0, 0.062) is False and not queue.dropping
 
 
-async def test_defer_returns_once_no_admitted_call_is_in_flight_or_after_its_wait() -> None:
+async def test_defer_pauses_whole_while_live_calls_are_about_and_not_otherwise() -> None:
     admission = Admission(AdmissionSettings())
     started = time.monotonic()
-    await admission.defer(10.0)  # nothing in flight: at once
-    assert time.monotonic() - started < 0.05  # not the 10 s wait
+    await admission.defer(10.0, 0.05)  # no live call yet: at once
+    assert time.monotonic() - started < 0.05  # not the 10 s pause
     ticket = admission.admit(40.0)
     assert ticket is not None
-    deferring = asyncio.create_task(admission.defer(10.0))
+    pausing = asyncio.create_task(admission.defer(0.1, 0.05))
     await asyncio.sleep(0.01)
-    assert not deferring.done()
-    admission.release(ticket)
-    async with asyncio.timeout(0.05):  # at the release, not after the 10 s wait
-        await deferring
-    again = admission.admit(40.0)
-    assert again is not None
+    admission.release(ticket)  # the live call ends: the pause goes on
+    await asyncio.sleep(0.02)
+    assert not pausing.done()
+    async with asyncio.timeout(0.5):
+        await pausing
+    await asyncio.sleep(0.06)  # the last call was admitted longer ago than the window
     started = time.monotonic()
-    await admission.defer(0.02)  # a call stays in flight: the wait ends it
-    assert 0.019 <= time.monotonic() - started < 0.1
+    await admission.defer(10.0, 0.05)
+    assert time.monotonic() - started < 0.05
+    assert admission.admit(40.0) is not None  # admitted, and finished, just now: still about
+    started = time.monotonic()
+    await admission.defer(0.02, 0.05)
+    assert 0.019 <= time.monotonic() - started < 0.5

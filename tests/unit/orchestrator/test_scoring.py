@@ -483,32 +483,39 @@ async def test_chunked_batch_scores_like_the_same_transactions_one_by_one() -> N
     assert batch_store.cache.keys() == single_store.cache.keys()
 
 
-@pytest.mark.parametrize("batch_budget_s", [1.0, 0.001])
-async def test_a_batch_defers_between_chunks_only_for_a_chunk_and_only_within_its_budget(
-    batch_budget_s: float,
+@pytest.mark.parametrize(("batch_budget_s", "share"), [(1.0, 0.5), (1.0, 0.25), (0.001, 0.5)])
+async def test_a_batch_pauses_between_chunks_for_its_share_and_only_within_its_budget(
+    batch_budget_s: float, share: float
 ) -> None:
     txs = [make_transaction(transaction_id=f"defer-{i}", card_id=f"c-{i % 3}") for i in range(12)]
-    asked: list[float] = []
+    asked: list[tuple[float, float]] = []
 
-    async def defer(max_s: float) -> None:
-        asked.append(max_s)
+    async def defer(pause_s: float, window_s: float) -> None:
+        asked.append((pause_s, window_s))
 
     store = InMemoryOnlineStore()
     screener = InMemoryScreener(_feature_hash, delay_s=0.002)
     async with PostAnswerWriter(store, linger_s=0.0) as writer:
         scorer = make_scorer(
-            store, screener, InMemoryHeavyScorer(_feature_hash), writer, chunk_items=4
+            store,
+            screener,
+            InMemoryHeavyScorer(_feature_hash),
+            writer,
+            chunk_items=4,
+            batch_share=share,
         )
         started = time.monotonic()
         await scorer.score_many(txs, Budget.start(batch_budget_s, SETTINGS, batch=True), defer)
         elapsed_s = time.monotonic() - started
     assert len(asked) == 2  # between the 3 chunks, not before the first
-    # At most what one chunk took (at least the screener's 2 ms each; the whole batch bounds it).
-    assert all(max_s < elapsed_s / 2 for max_s in asked)
+    # The window is the chunk just done: under half the batch.
+    assert all(window_s < elapsed_s / 2 for _, window_s in asked)
     if batch_budget_s < 0.01:  # no budget left for the chunks: nothing to give away
-        assert all(max_s <= 0 for max_s in asked)
-    else:
-        assert all(max_s >= 0.002 for max_s in asked)
+        assert all(pause_s <= 0 for pause_s, _ in asked)
+    else:  # at least the screener's 2 ms; the pause leaves the batch its share of the time
+        assert all(window_s >= 0.002 for _, window_s in asked)
+        ratio = (1 - share) / share
+        assert [p for p, _ in asked] == pytest.approx([w * ratio for _, w in asked])
 
 
 # --- features unavailable: the policy's own section decides -----------------------------------
