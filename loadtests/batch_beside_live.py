@@ -21,13 +21,16 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from cascade.settings import REPO_ROOT
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from cascade.wire import to_wire
 from loadtests.batch_gain import fresh_copies, stack_target
+from loadtests.compare import CompareStack
 from loadtests.histogram import percentile_of_sorted
 from loadtests.replay import load_transactions
 
 R = scoring_pb2
+STAGES = ("redis", "stage1", "stage2", "server total", "outside the server")
 
 
 @dataclass
@@ -40,6 +43,8 @@ class Phase:
     degraded: int = 0
     batches: list[float] = field(default_factory=list)  # seconds each batch took
     batch_degraded: int = 0  # the batches' degraded answers
+    # Where the live calls' time went: the server's own timings, and the rest of the call.
+    stages_ms: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in STAGES})
 
 
 async def _live(
@@ -59,7 +64,21 @@ async def _live(
         except grpc.aio.AioRpcError as exc:
             phase.failed[exc.code().name] += 1
             return
-        phase.latencies_ms.append((time.monotonic() - sent) * 1000)
+        latency_ms = (time.monotonic() - sent) * 1000
+        phase.latencies_ms.append(latency_ms)
+        t = reply.timings
+        for name, value_ms in zip(
+            STAGES,
+            (
+                t.redis_us / 1000,
+                t.stage1_us / 1000,
+                t.stage2_us / 1000,
+                t.total_us / 1000,
+                latency_ms - t.total_us / 1000,
+            ),
+            strict=True,
+        ):
+            phase.stages_ms[name].append(value_ms)
         if reply.degraded:
             phase.degraded += 1
             phase.reasons.update(R.Reason.Name(r).removeprefix("REASON_") for r in reply.reasons)
@@ -98,7 +117,8 @@ def _env(pairs: list[str]) -> dict[str, str]:
 
 async def measure(args: argparse.Namespace) -> dict[str, Phase]:
     """Each phase's live outcomes, over ``args.rounds`` rounds of (alone, beside batches), on
-    each stack (with ``--compare-env``, a second one with that environment, steps alternating)."""
+    each stack (with ``--compare-env`` or ``--compare-ref``, a second one with that environment
+    or from that commit, steps alternating)."""
     n_live = int(args.rate * args.seconds)
     base = [
         to_wire(t)
@@ -110,10 +130,22 @@ async def measure(args: argparse.Namespace) -> dict[str, Phase]:
     phases: dict[str, Phase] = {}
     async with contextlib.AsyncExitStack() as stack:
         stubs: dict[str, scoring_pb2_grpc.ScoringServiceStub] = {}
-        for label, env in envs.items():
-            target = await stack.enter_async_context(
-                stack_target(args, env, f"batch_beside_live{len(stubs)}")
+        targets = {
+            label: await stack.enter_async_context(stack_target(args, env, f"batch_beside_live{i}"))
+            for i, (label, env) in enumerate(envs.items())
+        }
+        if args.compare_ref:
+            other = await stack.enter_async_context(
+                CompareStack(
+                    REPO_ROOT,
+                    args.compare_ref,
+                    run_dir=REPO_ROOT / ".run" / "batch_beside_live-compare",
+                    orchestrators=1,
+                    extra_env=envs[""],
+                )
             )
+            targets[f"{args.compare_ref}: "] = other.target
+        for label, target in targets.items():
             channel = await stack.enter_async_context(grpc.aio.insecure_channel(target))
             stub = stubs[label] = scoring_pb2_grpc.ScoringServiceStub(channel)
             warm = R.ScoreBatchRequest(transactions=fresh_copies(base[:100]))
@@ -165,6 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="a second stack with this environment too, measured alternating with the first",
     )
+    parser.add_argument(
+        "--compare-ref",
+        metavar="GIT_REF",
+        help="a second stack from this commit's checkout (a worktree under .run/compare/, "
+        "its own `cascade up`, --stack-env for it too), measured alternating with the first",
+    )
     args = parser.parse_args(argv)
     phases = asyncio.run(measure(args))
     print(
@@ -182,6 +220,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"| {_percentile(p.latencies_ms, 99):.1f} | {max(p.latencies_ms, default=0):.1f} "
             f"| {late} | {failed} | {p.degraded} ({reasons}) | {batches} | {p.batch_degraded} |"
         )
+    print("\nLive calls' time by stage, ms, p50 / p99 (the server's timings; outside the server:")
+    print("the client-measured latency less the server's total, i.e. gRPC, queues, the network)\n")
+    print("| live calls | " + " | ".join(STAGES) + " |")
+    print("|---|" + "---|" * len(STAGES))
+    for name, p in phases.items():
+        cells = [
+            f"{_percentile(p.stages_ms[s], 50):.2f} / {_percentile(p.stages_ms[s], 99):.2f}"
+            for s in STAGES
+        ]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 
 
