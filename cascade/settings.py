@@ -433,6 +433,18 @@ class AdmissionSettings(BaseModel):
     queue_interval_ms: float = Field(
         20.0, gt=0, description="The interval over which a standing queue is recognised."
     )
+    queue_intervals: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="Intervals in a row that must each hold a standing queue before calls are "
+        "shed: a burst that drains within fewer is not one.",
+    )
+    queue_min_arrivals: int = Field(
+        8,
+        ge=1,
+        description="Calls an interval must hold before their waits are believed to be a queue.",
+    )
     rtt_tolerance: float = Field(
         2.0,
         ge=1.0,

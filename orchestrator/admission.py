@@ -122,9 +122,19 @@ class QueueWait:
     queue in gRPC's core where no count of ours sees them.
     """
 
-    def __init__(self, target_ms: float, interval_ms: float) -> None:
+    def __init__(
+        self,
+        target_ms: float,
+        interval_ms: float,
+        *,
+        intervals: int = 1,
+        min_arrivals: int = _MIN_ARRIVALS,
+    ) -> None:
         self._target_ms = target_ms
         self._interval_s = interval_ms / 1000.0
+        self._intervals = intervals
+        self._min_arrivals = min_arrivals
+        self._standing = 0  # intervals in a row that held a standing queue
         self._bucket_end_s = 0.0
         self._bucket_max_ms = 0.0
         self._previous_max_ms = 0.0
@@ -144,9 +154,12 @@ class QueueWait:
         self._bucket_max_ms = max(self._bucket_max_ms, remaining_ms)
         waited_ms = max(self._bucket_max_ms, self._previous_max_ms) - remaining_ms
         if now_s >= self._interval_end_s:
-            self.dropping = (
-                self._interval_arrivals >= _MIN_ARRIVALS and self._interval_min_ms > self._target_ms
+            standing = (
+                self._interval_arrivals >= self._min_arrivals
+                and self._interval_min_ms > self._target_ms
             )
+            self._standing = self._standing + 1 if standing else 0
+            self.dropping = self._standing >= self._intervals
             self._interval_min_ms = math.inf
             self._interval_arrivals = 0
             self._interval_end_s = now_s + self._interval_s
@@ -171,7 +184,12 @@ class Admission:
     def __init__(self, settings: AdmissionSettings) -> None:
         self._enabled = settings.enabled
         self._min_budget_ms = settings.min_budget_ms
-        self.queue = QueueWait(settings.max_queue_ms, settings.queue_interval_ms)
+        self.queue = QueueWait(
+            settings.max_queue_ms,
+            settings.queue_interval_ms,
+            intervals=settings.queue_intervals,
+            min_arrivals=settings.queue_min_arrivals,
+        )
         self.limit = GradientLimit(
             initial=settings.initial_limit,
             min_limit=settings.min_limit,
