@@ -163,6 +163,23 @@ def test_one_waiting_call_or_a_sparse_stream_is_no_standing_queue() -> None:
     assert not any(sparse) and not queue.dropping
 
 
+def test_with_two_intervals_asked_a_queue_must_stand_in_two_in_a_row() -> None:
+    queue = QueueWait(target_ms=2.0, interval_ms=10.0, intervals=2, min_arrivals=4)
+    arrivals(queue, [45.0] * 10, 0.0, 0.001)  # the reference
+    arrivals(queue, [35.0] * 5, 0.010, 0.002)  # one interval of waiting calls (a burst)
+    burst_over = arrivals(queue, [45.0] * 5, 0.020, 0.002)  # then fresh ones: it drained
+    assert not any(burst_over) and not queue.dropping
+    arrivals(queue, [35.0] * 5, 0.030, 0.002)
+    first = arrivals(queue, [35.0] * 5, 0.040, 0.002)  # the first interval in a row is judged
+    assert not any(first) and not queue.dropping
+    second = arrivals(queue, [35.0] * 5, 0.050, 0.002)  # the second one was too: shed
+    assert queue.dropping and all(second)
+    # Too few arrivals in an interval are no evidence.
+    sparse = QueueWait(target_ms=2.0, interval_ms=10.0, intervals=1, min_arrivals=4)
+    arrivals(sparse, [45.0] * 10, 0.0, 0.001)
+    assert not any(arrivals(sparse, [35.0] * 6, 0.010, 0.004)) and not sparse.dropping
+
+
 def test_the_queue_stops_shedding_once_an_interval_passes_without_one() -> None:
     queue = QueueWait(target_ms=2.0, interval_ms=20.0)
     arrivals(queue, [45.0] * 10, 0.0, 0.001)
