@@ -202,7 +202,6 @@ class Admission:
             tolerance=settings.rtt_tolerance,
         )
         self.in_flight = 0
-        self.shed = 0
         self._last_admitted_s = -math.inf
         self.shed_by_cause = dict.fromkeys(SHED_CAUSES, 0)
         self._shed_metrics = {cause: ADMISSION_SHED.labels(cause) for cause in SHED_CAUSES}
@@ -212,24 +211,30 @@ class Admission:
         queue formed and this call waited in it, or less than ``min_budget_ms`` of its budget is
         left)."""
         now_s = time.monotonic()
-        if self._enabled:
-            cause = (
-                "queue"
-                if self.queue.should_shed(remaining_ms, now_s)
-                else "limit"
-                if self.in_flight >= self.limit.limit
-                else "budget"
-                if remaining_ms < self._min_budget_ms
-                else None
-            )
-            if cause is not None:
-                self.shed += 1
-                self.shed_by_cause[cause] += 1
-                self._shed_metrics[cause].inc()
-                return None
+        cause = self._refusal(remaining_ms, now_s) if self._enabled else None
+        if cause is not None:
+            self.shed_by_cause[cause] += 1
+            self._shed_metrics[cause].inc()
+            return None
         self.in_flight += 1
         self._last_admitted_s = now_s
         return Ticket(time.perf_counter_ns())
+
+    def _refusal(self, remaining_ms: float, now_s: float) -> str | None:
+        """Which check refuses the call, if one does. The queue's is asked first and always:
+        every arrival is part of what it measures."""
+        if self.queue.should_shed(remaining_ms, now_s):
+            return "queue"
+        if self.in_flight >= self.limit.limit:
+            return "limit"
+        if remaining_ms < self._min_budget_ms:
+            return "budget"
+        return None
+
+    @property
+    def shed(self) -> int:
+        """Calls shed so far."""
+        return sum(self.shed_by_cause.values())
 
     def release(self, ticket: Ticket) -> None:
         """The admitted call has been answered."""

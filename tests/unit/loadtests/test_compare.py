@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
+import pytest
+
+from loadtests.cli import add_arguments, run
 from loadtests.compare import parse_endpoint, up_arguments
 from loadtests.report import compare
 
@@ -55,3 +59,21 @@ def test_compare_names_the_two_sides() -> None:
     assert comp["names"] == ["cascade", "compare"]
     assert comp["capacity_rate"] == {"cascade": 300, "compare": 200, "ratio": 1.5}
     assert comp["serial_latency"]["p50"] == {"cascade_ms": 2.0, "compare_ms": 3.0, "ratio": 1.5}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--compare-env", "CASCADE_ADMISSION__MAX_QUEUE_MS=5"], "needs --compare-ref"),
+        (["--compare-ref", "HEAD", "--compare-env", "NO_EQUALS_SIGN"], "--compare-env"),
+    ],
+)
+def test_loadtest_refuses_compare_env_it_cannot_apply_before_starting_anything(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "out"
+    assert run(parser.parse_args([*argv, "--out", str(out)])) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
