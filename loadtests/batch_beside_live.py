@@ -24,6 +24,7 @@ import grpc
 from cascade.settings import REPO_ROOT
 from cascade.v1 import scoring_pb2, scoring_pb2_grpc
 from cascade.wire import to_wire
+from devstack.stack_settings import parse_assignments
 from loadtests.batch_gain import fresh_copies, stack_target
 from loadtests.compare import CompareStack
 from loadtests.histogram import percentile_of_sorted
@@ -105,16 +106,6 @@ async def _batches(
         phase.batch_degraded += sum(r.degraded for r in reply.results)
 
 
-def _env(pairs: list[str]) -> dict[str, str]:
-    env = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"expected KEY=VALUE, got {pair!r}")
-        env[key] = value
-    return env
-
-
 async def measure(args: argparse.Namespace) -> dict[str, Phase]:
     """Each phase's live outcomes, over ``args.rounds`` rounds of (alone, beside batches), on
     each stack (with ``--compare-env`` or ``--compare-ref``, a second one with that environment
@@ -124,9 +115,12 @@ async def measure(args: argparse.Namespace) -> dict[str, Phase]:
         to_wire(t)
         for t in load_transactions("simulator", count=max(n_live, args.batch), seed=args.seed)
     ]
-    envs = {"": _env(args.stack_env)}
+    envs = {"": parse_assignments(args.stack_env, source="--stack-env")}
     if args.compare_env:
-        envs[" ".join(args.compare_env) + ": "] = {**envs[""], **_env(args.compare_env)}
+        envs[" ".join(args.compare_env) + ": "] = {
+            **envs[""],
+            **parse_assignments(args.compare_env, source="--compare-env"),
+        }
     phases: dict[str, Phase] = {}
     async with contextlib.AsyncExitStack() as stack:
         stubs: dict[str, scoring_pb2_grpc.ScoringServiceStub] = {}
@@ -204,6 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "its own `cascade up`, --stack-env for it too), measured alternating with the first",
     )
     args = parser.parse_args(argv)
+    try:
+        parse_assignments(args.stack_env, source="--stack-env")
+        parse_assignments(args.compare_env, source="--compare-env")
+    except ValueError as exc:
+        print(f"batch_beside_live: {exc}", file=sys.stderr)
+        return 2
     phases = asyncio.run(measure(args))
     print(
         "| live calls | answered | p50 ms | p99 ms | max ms | late | failed | degraded (reasons) "
