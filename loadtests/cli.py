@@ -43,6 +43,8 @@ from devstack.stack_settings import non_negative_int, parse_assignments, positiv
 from loadtests.address import parse_loopback_target
 from loadtests.cpu import CpuMeter, CpuSnapshot, cpu_report, idle_settings
 from loadtests.history import HistoryMode, MatureSplit, backfill_batches
+from loadtests.machine_speed import WORKLOAD as MACHINE_SPEED_WORKLOAD
+from loadtests.machine_speed import machine_speed
 from loadtests.replay import ReplayStream, load_mature, load_transactions
 from loadtests.report import (
     FLOOR_NAME,
@@ -510,6 +512,7 @@ async def run_loadtest(
         )
         idle_cpu = idle[0] if idle else {}
         idle_by_target = {spec.name: cores for spec, cores in zip(targets.specs, idle, strict=True)}
+        speed_at_start = machine_speed()  # the stacks idle: the loop may block for ~50 ms
         for runner in runners:
             if batches:
                 print(
@@ -533,7 +536,13 @@ async def run_loadtest(
             for runner in runners:
                 report = await runner.overload_step(rate, args.overload_duration)
                 _print_overload(report)
+        speed_at_end = machine_speed()
     report = build_report(args, argv, runners, targets.endpoints, started)
+    report["meta"]["machine_speed"] = {
+        "workload": MACHINE_SPEED_WORKLOAD,
+        "start": speed_at_start,
+        "end": speed_at_end,
+    }
     report["meta"]["load_average_1m_at_start"] = load_at_start
     report["meta"]["idle_cpu_cores"] = idle_cpu
     if targets.compare:

@@ -35,12 +35,10 @@ from typing import Final
 
 import numpy as np
 
-from cascade.features import encode_history_entry, history_entry, screening_features
 from cascade.model_registry import load_registry
 from cascade.settings import DEFAULT_MODEL_DIR
-from cascade.transaction import Channel, Transaction
 from loadtests.cpu import describe_idle, idle_settings
-from orchestrator.online_store import decode_history
+from loadtests.machine_speed import features_workload
 from stages.screening.model import ScreeningModel
 
 DEFAULT_GAPS_MS: Final = (0.0, 0.5, 1.0, 3.0, 7.0, 20.0)
@@ -114,38 +112,13 @@ def measure(
     return results
 
 
-def _history(n: int, now_ms: int) -> tuple[Transaction, list[bytes]]:
-    def tx(i: int) -> Transaction:
-        return Transaction(
-            transaction_id=f"idle-penalty-{i:06d}",
-            card_id="card-idle-penalty",
-            merchant_id=f"merchant-{i % 7}",
-            merchant_category=("5411", "5812", "4829", "5999")[i % 4],
-            amount_minor=1_000 + 37 * i,
-            currency=("USD", "EUR")[i % 2],
-            country=("US", "DE", "GB")[i % 3],
-            channel=Channel(1 + i % 6),
-            timestamp_ms=now_ms - i * 3_600_000,
-            device_id=f"device-{i % 3}",
-            ip_country="US",
-        )
-
-    stored = [encode_history_entry(history_entry(tx(i))) for i in range(1, n + 1)]
-    return tx(0), stored
-
-
 def workloads(model_dir: Path) -> dict[str, Callable[[], object]]:
     """The two timed pieces of an answer's work (see the module docstring)."""
     champion = load_registry(model_dir).champion()
     model = ScreeningModel(champion.stage1_path, version=champion.stage1.version)
     model.warm()
     row = np.zeros((1, model.n_features), dtype=np.float32)
-    transaction, stored = _history(64, now_ms=1_767_225_600_000)
-
-    def features() -> object:
-        return screening_features(transaction, decode_history(stored))
-
-    return {"screening model": lambda: model.predict(row), "stage-1 features": features}
+    return {"screening model": lambda: model.predict(row), "stage-1 features": features_workload()}
 
 
 def table(results: Sequence[GapResult]) -> str:

@@ -6,7 +6,7 @@ Report layout (``report.json``)::
     {"meta": {...how it was run...},
      "targets": {"cascade": TARGET, "naive": TARGET},      # naive only when the baseline ran
      "comparison": {...naive / cascade ratios...},
-     "goals": [{"name", "goal", "measured", "met", "floor"}, ...]}   # floor: with --floor
+     "goals": [{"name", "goal", "measured", "met", "why", "floor"}, ...]}   # floor: with --floor
 
     TARGET = {"serial": STEP | null, "steps": [STEP, ...], "capacity": CAPACITY | null}
     STEP   = {"label", "mode", "arrivals", "offered_rate", "achieved_rate", "window_s",
@@ -28,6 +28,8 @@ from loadtests.results import STAGES, Tally
 __all__ = [
     "FLOOR_NAME",
     "PERCENTILES",
+    "SEND_LAG_NOTED_MS",
+    "STOLEN_SHARE_NOTED",
     "Criteria",
     "Goals",
     "SweepPlan",
@@ -532,6 +534,81 @@ def _figures(
     }
 
 
+STOLEN_SHARE_NOTED: Final = 0.10
+"""A goal not met is noted as measured on a noisy host when, in a step it reads, the host ran
+something else for at least this share of the time this machine's cores wanted to run."""
+SEND_LAG_NOTED_MS: Final = 5.0
+"""... and as measured with a generator that could not keep up when, in a step it reads, calls
+went out this much later than planned (send lag p99): the machine could not both send and serve."""
+_SERIAL_GOALS: Final = frozenset(
+    {
+        "serial_stage1_p50_ms",
+        "serial_stage1_p99_ms",
+        "serial_escalated_p99_ms",
+        "orchestrator_p50_ms",
+    }
+)
+_CPU_GOALS: Final = frozenset({"orchestrator_cpu_ms", "screening_cpu_ms", "stack_cpu_ms"})
+_NEEDS_CAPACITY: Final = frozenset({"low_load_p99_ms", "degraded_share_under_capacity"})
+
+
+def _goal_steps(
+    target: Mapping[str, Any], name: str, goals: Goals, capacity_rate: float | None
+) -> list[Mapping[str, Any]]:
+    """The steps whose figures a goal reads (the serial step, the CPU step, the overload step,
+    or the open steps the rate-bounded goals range over)."""
+    steps: list[Mapping[str, Any]] = [s for s in target.get("steps", []) if s["mode"] == "open"]
+    serial = target.get("serial")
+    chosen: list[Mapping[str, Any] | None]
+    if name in _SERIAL_GOALS:
+        chosen = [serial]
+    elif name in _CPU_GOALS:
+        chosen = [nearest_step(steps, goals.cpu_rate)]
+    elif name.startswith("overload_"):
+        chosen = [target.get("overload")]
+    elif name == "low_load_p99_ms" and capacity_rate:
+        limit = goals.low_load_share * capacity_rate
+        chosen = [serial, *(s for s in steps if s["offered_rate"] <= limit)]
+    elif name == "degraded_share_under_capacity" and capacity_rate:
+        chosen = [s for s in steps if s["offered_rate"] <= capacity_rate]
+    else:
+        chosen = list(steps)
+    return [s for s in chosen if s]
+
+
+def _noise_reasons(steps: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What in ``steps`` made the machine, not the product, part of the figure: the host's steal
+    and a generator that fell behind, each from the worst such step."""
+    reasons = []
+    stolen = [
+        (share, s["label"])
+        for s in steps
+        if (share := ((s.get("cpu") or {}).get("machine") or {}).get("steal_share")) is not None
+    ]
+    if stolen and max(stolen)[0] >= STOLEN_SHARE_NOTED:
+        share, label = max(stolen)
+        reasons.append(f"the host stole {share:.0%} of the cores' time ({label})")
+    lags = [
+        (lag, s["label"])
+        for s in steps
+        if (lag := (s.get("send_lag_ms") or {}).get("p99")) is not None
+    ]
+    if lags and max(lags)[0] > SEND_LAG_NOTED_MS:
+        lag, label = max(lags)
+        reasons.append(f"the generator sent {lag:.1f} ms late at p99 ({label})")
+    return reasons
+
+
+def _lowest_step_failure(target: Mapping[str, Any]) -> str | None:
+    """Why the lowest-rate open step did not pass at the SLO (None without open steps)."""
+    steps = [s for s in target.get("steps", []) if s["mode"] == "open"]
+    if not steps:
+        return None
+    lowest = min(steps, key=lambda s: s["offered_rate"])
+    failed = "; ".join(lowest.get("fail_reasons") or []) or "it did not pass"
+    return f"no step passed; at {lowest['offered_rate']:g}/s: {failed}"
+
+
 # The goals whose measurement means something on the gRPC floor server (no stages, no workers).
 _FLOOR_FIGURES: Final = frozenset(
     {
@@ -556,7 +633,12 @@ def evaluate_goals(
     With ``floor`` (the gRPC floor server's results, :mod:`loadtests.grpc_floor`), each goal
     that a server doing no work can be measured by also carries ``floor``: the same figure on
     the floor, in the same run, which is the part of the cascade's that gRPC and the machine cost
-    before any of the product's work."""
+    before any of the product's work.
+
+    Each goal not met carries ``why``: what the run measured that explains it besides the
+    product (the floor missing it too, the host's steal or the generator's lag in the steps the
+    goal reads, no step passing where the goal needs a capacity); empty where the run shows
+    nothing but the product's own figure."""
     cap = cascade.get("capacity")
     cap_rate = cap["rate"] if cap else None
     measured = _figures(cascade, goals, server_role="orchestrator", capacity_rate=cap_rate)
@@ -638,14 +720,29 @@ def evaluate_goals(
             False,
         ),
     ]
+    no_capacity = _lowest_step_failure(cascade) if cap_rate is None else None
     out = []
     for name, text, goal, higher_is_better in rows:
         value = measured[name]
         met = None
+        why: list[str] = []
         if value is not None:
             met = value >= goal if higher_is_better else value <= goal
-        row = {"name": name, "goal": text.format(goal), "measured": value, "met": met}
+        elif name == "capacity_rate" and no_capacity:
+            met = False  # steps ran and none passed: a measured miss, not a missing figure
+            why.append(no_capacity)
+        elif name in _NEEDS_CAPACITY and no_capacity:
+            why.append("judged up to the capacity, and " + no_capacity)
+        row: dict[str, Any] = {"name": name, "goal": text.format(goal), "measured": value}
         if floor is not None:
             row["floor"] = on_floor.get(name) if name in _FLOOR_FIGURES else None
+            on = row["floor"]
+            floor_met = None if on is None else (on >= goal if higher_is_better else on <= goal)
+            if met is False and floor_met is False:
+                why.append(f"the gRPC floor, doing no work, misses it too ({on:g})")
+        if met is False:
+            why.extend(_noise_reasons(_goal_steps(cascade, name, goals, cap_rate)))
+        row["met"] = met
+        row["why"] = why
         out.append(row)
     return out

@@ -310,8 +310,18 @@ def _overload_part(report: Mapping[str, Any], title: str, *, markdown: bool) -> 
 
 
 def _machine_lines(report: Mapping[str, Any]) -> list[str]:
-    idle = report.get("meta", {}).get("idle")
-    return [f"machine idle: {describe_idle(idle)}"] if idle else []
+    meta = report.get("meta", {})
+    idle = meta.get("idle")
+    lines = [f"machine idle: {describe_idle(idle)}"] if idle else []
+    speed = meta.get("machine_speed")
+    if speed:
+        start, end = speed["start"], speed["end"]
+        lines.append(
+            f"machine speed ({speed['workload']}, the same code all run long): p50 "
+            f"{start['wall_p50_us']:g} us before the first step, {end['wall_p50_us']:g} us "
+            f"after the last"
+        )
+    return lines
 
 
 def _history_lines(report: Mapping[str, Any]) -> list[str]:
@@ -334,7 +344,11 @@ def _history_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _render(header: list[str], rows: list[list[str]], *, markdown: bool) -> str:
+def _render(
+    header: list[str], rows: list[list[str]], *, markdown: bool, text_last: bool = False
+) -> str:
+    """A table; in terminal text columns align right, but with ``text_last`` the last column
+    (prose) aligns left and is not padded."""
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -342,8 +356,11 @@ def _render(header: list[str], rows: list[list[str]], *, markdown: bool) -> str:
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
     ]
-    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), *(fmt.format(*r) for r in rows)])
+    cells = [f"{{:>{w}}}" for w in widths]
+    if text_last:
+        cells[-1] = "{}"
+    fmt = "  ".join(cells)
+    return "\n".join(fmt.format(*row).rstrip() for row in [header, *rows])
 
 
 def _pair_lines(comp: Mapping[str, Any]) -> list[str]:
@@ -434,6 +451,7 @@ def _goal_part(report: Mapping[str, Any], *, markdown: bool) -> str:
     for the same measurement beside it (the part that gRPC and the machine cost alone)."""
     goals = report.get("goals", [])
     with_floor = any("floor" in goal for goal in goals)
+    with_why = any(goal.get("why") for goal in goals)
     rows = []
     for goal in goals:
         measured = goal["measured"]
@@ -442,9 +460,17 @@ def _goal_part(report: Mapping[str, Any], *, markdown: bool) -> str:
             on_floor = goal.get("floor")
             row.append("" if on_floor is None else f"{on_floor:g}")
         row.append({True: "met", False: "NOT met", None: "not measured"}[goal["met"]])
+        if with_why:
+            row.append("; ".join(goal.get("why") or []))
         rows.append(row)
-    header = ["goal", "measured", *(["gRPC floor"] if with_floor else []), ""]
-    return _render(header, rows, markdown=markdown)
+    header = [
+        "goal",
+        "measured",
+        *(["gRPC floor"] if with_floor else []),
+        "",
+        *(["measured besides the product"] if with_why else []),
+    ]
+    return _render(header, rows, markdown=markdown, text_last=with_why)
 
 
 def text_table(report: Mapping[str, Any]) -> str:
