@@ -196,7 +196,8 @@ async def test_the_grace_goes_down_with_the_call_a_round_gets_its_latest(
     assert lone == pytest.approx(0.020, abs=0.002)
     # The round's timeout is the latest deadline (0.5 s); its grace what reaches furthest past
     # that: 0.2 + 0.1 s ends before 0.5 + 0.01 s.
-    assert backend.timeouts_s[1] == pytest.approx(0.5, abs=0.005)
+    # (Less the time from the calls to the round's start: 5 ms once on a busy shared host.)
+    assert 0.4 < backend.timeouts_s[1] <= 0.5
     assert shared == pytest.approx(0.010, abs=0.002)
 
 
