@@ -36,6 +36,7 @@ from devstack.servers import ManagedProcess, NatsCluster, RedisClusterServers, T
 from orchestrator.cluster_store import RedisClusterOnlineStore
 from orchestrator.online_store import StoreWrite, card_history_key
 from tests.conftest import make_transaction
+from tests.host import host_rate
 from tests.integration.cascade.conftest import cascade_processes, new_request
 
 pytestmark = pytest.mark.integration
@@ -182,8 +183,10 @@ async def open_loop(
     at_s: float,
     action: Callable[[], Coroutine[Any, Any, None]],
 ) -> list[Outcome]:
-    """Score calls at RATE_PER_S for ``duration_s``, each sent when due whatever is in flight
-    (cards in turn); ``action`` (a kill) runs beside them from second ``at_s``."""
+    """Score calls at RATE_PER_S (less on a slower host, tests/host.py) for ``duration_s``, each
+    sent when due whatever is in flight (cards in turn); ``action`` (a kill) runs beside them
+    from second ``at_s``."""
+    rate_per_s = host_rate(RATE_PER_S)
     outcomes: list[Outcome] = []
     tasks: list[asyncio.Task[None]] = []
     start = time.monotonic()
@@ -200,8 +203,8 @@ async def open_loop(
         )
 
     fired = False
-    for i in range(int(duration_s * RATE_PER_S)):
-        due_s = i / RATE_PER_S
+    for i in range(int(duration_s * rate_per_s)):
+        due_s = i / rate_per_s
         if due_s >= at_s and not fired:
             fired = True
             tasks.append(asyncio.create_task(action(), name="cluster-fault"))
