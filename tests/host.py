@@ -28,8 +28,3 @@ def slowdown() -> float:
     (about 20-100 ms of timing in this thread)."""
     measured_us = machine_speed(runs=200, warmup=20)["wall_p50_us"]
     return min(MAX_SLOWDOWN, max(1.0, measured_us / REFERENCE_US))
-
-
-def host_rate(rate_per_s: float) -> float:
-    """``rate_per_s`` as this host can carry it now: divided by :func:`slowdown`."""
-    return rate_per_s / slowdown()

@@ -36,7 +36,7 @@ from devstack.servers import ManagedProcess, NatsCluster, RedisClusterServers, T
 from orchestrator.cluster_store import RedisClusterOnlineStore
 from orchestrator.online_store import StoreWrite, card_history_key
 from tests.conftest import make_transaction
-from tests.host import host_rate
+from tests.host import slowdown
 from tests.integration.cascade.conftest import cascade_processes, new_request
 
 pytestmark = pytest.mark.integration
@@ -186,7 +186,7 @@ async def open_loop(
     """Score calls at RATE_PER_S (less on a slower host, tests/host.py) for ``duration_s``, each
     sent when due whatever is in flight (cards in turn); ``action`` (a kill) runs beside them
     from second ``at_s``."""
-    rate_per_s = host_rate(RATE_PER_S)
+    rate_per_s = RATE_PER_S / slowdown()
     outcomes: list[Outcome] = []
     tasks: list[asyncio.Task[None]] = []
     start = time.monotonic()
