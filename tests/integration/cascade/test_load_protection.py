@@ -194,6 +194,9 @@ async def test_one_redis_connection_carries_concurrent_calls_without_degrading_t
     heavy_triton: TritonServer,
     tmp_path: Path,
 ) -> None:
+    # 50 calls at once where it was sized, fewer on a slower host (tests/host.py): a burst the
+    # host can serve inside the 5 ms Redis cap, with many calls still sharing one connection.
+    calls = max(10, round(50 / slowdown()))
     port = free_port()
     env = {"CASCADE_REDIS__CONNECTIONS": "1", "CASCADE_COALESCING__ENABLED": "false"}
     async with (
@@ -208,14 +211,14 @@ async def test_one_redis_connection_carries_concurrent_calls_without_degrading_t
         ),
         stubs(port, 4) as callers,
     ):
-        await burst(callers, [new_request() for _ in range(50)], 2.0)
+        await burst(callers, [new_request() for _ in range(calls)], 2.0)
         await asyncio.sleep(0.2)
         # The server's budget is the 50 ms SLO whatever the deadline; the longer deadline only
-        # keeps this client's own slowness at issuing 50 calls at once out of the result.
-        replies = await burst(callers, [new_request() for _ in range(50)], 4 * DEADLINE_S)
+        # keeps this client's own slowness at issuing the calls at once out of the result.
+        replies = await burst(callers, [new_request() for _ in range(calls)], 4 * DEADLINE_S)
 
     failed = [r for r, _ in replies if not isinstance(r, scoring_pb2.ScoreResponse)]
-    assert failed == [], f"{len(failed)} of 50 calls failed: {sorted(set(map(str, failed)))}"
+    assert failed == [], f"{len(failed)} of {calls} calls failed: {sorted(set(map(str, failed)))}"
     answers = [r for r, _ in replies if isinstance(r, scoring_pb2.ScoreResponse)]
     without_redis = [list(r.reasons) for r in answers if DEGRADED_BY_REDIS & set(r.reasons)]
     shed = sum(1 for r in answers if R.REASON_OVERLOADED in r.reasons)
