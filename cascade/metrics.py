@@ -77,8 +77,9 @@ BREAKER_TRANSITIONS: Final = Counter(
 )
 SCREENING_HEDGES: Final = Counter(
     "cascade_screening_hedges",
-    "Stage-1 hedges: sent, won (answered first), skipped for want of budget or tokens, or "
-    "outrun (won, but the overtaken worker answered within the grace, so it was not suspected).",
+    "Stage-1 hedges: sent, won (answered first), skipped (for want of tokens, or the event loop "
+    "still behind once it had read its sockets again), or outrun (won, but the overtaken worker "
+    "answered within the grace, so it was not suspected).",
     ["outcome"],
 )
 SCREENING_MEMBERS: Final = Gauge(

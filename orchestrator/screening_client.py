@@ -43,7 +43,7 @@ from cascade.screening_protocol import (
 )
 from cascade.settings import HedgingSettings, NatsSettings
 from cascade.telemetry import inject_headers, records_spans
-from orchestrator.expiry import NATS_HANDOFFS, expire_later, timer_is_late
+from orchestrator.expiry import NATS_HANDOFFS, after_next_read, expire_later, timer_is_late
 from orchestrator.screening_routing import HedgeBudget, LatencyQuantile, MemberTable
 from orchestrator.stage_twin import ScoreFn, StageTwin
 
@@ -90,6 +90,7 @@ class _Call:
     hedge_at_s: float = 0.0  # loop time the hedge timer is due
     hedge_after_s: float = 0.0  # the hedge delay, from sent_s (perf_counter)
     hedge_timer: asyncio.TimerHandle | None = None
+    late_hedge_rechecked: bool = False  # the hedge timer fired late and was looked at again
     overtaken_token: str = ""  # the copy a winning hedge overtook: its worker is finished later
 
 
@@ -306,9 +307,19 @@ class NatsScreener:
             # 100/s) and left none for a stalled worker. Wait out the rest, a tick at least.
             call.hedge_timer = loop.call_later(max(early_s, _TIMER_TICK_S), self._hedge, nc, call)
             return
-        if timer_is_late(call.hedge_at_s, loop.time()):
-            # The event loop itself is behind (overload): the answer may be waiting unread in
-            # our socket, and another request would only add work. Shedding handles this case.
+        now_s = loop.time()
+        if timer_is_late(call.hedge_at_s, now_s):
+            if not call.late_hedge_rechecked:
+                # The loop was away or behind: the answer may be waiting unread in our socket.
+                # Look once more after the next read. Behind again by then, the loop is backed
+                # up (overload): another request would only add work, and shedding handles
+                # that. On time by then, it was a stall (the VM off its core), and the worker
+                # still owes the answer: hedge, or a frozen worker costs the call its stage-1
+                # cap (a default answer).
+                call.late_hedge_rechecked = True
+                call.hedge_at_s = now_s
+                after_next_read(self._hedge, nc, call, handoffs=NATS_HANDOFFS)
+                return
             _HEDGES_SKIPPED.inc()
             return
         if not self._budget.spend():

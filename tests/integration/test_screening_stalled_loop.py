@@ -14,6 +14,7 @@ that used to turn an answer into a stage-1 timeout, each reproduced here with th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -28,7 +29,13 @@ from nats.aio.msg import Msg
 from opentelemetry.trace import NoOpTracer
 
 from cascade.errors import DependencyTimeout
-from cascade.screening_protocol import encode_screening_reply, screening_subject
+from cascade.screening_protocol import (
+    encode_heartbeat,
+    encode_screening_reply,
+    members_subject,
+    screening_subject,
+    worker_subject,
+)
 from cascade.settings import HedgingSettings
 from devstack.servers import NatsServer
 from orchestrator import screening_client
@@ -185,3 +192,99 @@ def test_a_request_that_left_after_the_cap_gets_the_time_the_stall_took(
     assert got == outcome
     # With grace, answered about when the worker could answer: long before the 40 ms grace.
     assert took_s < _STALL_S + 0.010
+
+
+_WORKERS = ("stand-in-a", "stand-in-b")
+
+
+@contextmanager
+def _two_routed_workers(url: str, drop_next: threading.Event) -> Iterator[None]:
+    """Two stand-in workers on their own thread, each on its own subject and announcing itself
+    by heartbeat, as real ones do; the first request either gets once ``drop_next`` is set goes
+    unanswered (the worker it went to is frozen for it), and ``drop_next`` is cleared."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    stop: asyncio.Event | None = None
+    subject = screening_subject(_PREFIX, _MODEL)
+
+    async def serve() -> None:
+        nonlocal stop
+        stop = asyncio.Event()
+        nc = await nats.connect(url)
+
+        async def answer(msg: Msg) -> None:
+            if drop_next.is_set():
+                drop_next.clear()
+                return
+            await nc.publish(msg.reply, encode_screening_reply(_MODEL, np.zeros(1, np.float32)))
+            await nc.flush()
+
+        for worker_id in _WORKERS:
+            await nc.subscribe(worker_subject(subject, worker_id), cb=answer)
+        await nc.flush()
+        ready.set()
+        while not stop.is_set():
+            for worker_id in _WORKERS:
+                await nc.publish(members_subject(subject), encode_heartbeat(worker_id))
+            await nc.flush()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.1)
+        await nc.close()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10.0), "the stand-in workers did not subscribe"
+        yield
+    finally:
+        if stop is not None:
+            loop.call_soon_threadsafe(stop.set)
+        thread.join(10.0)
+        loop.close()
+
+
+def test_a_hedge_due_during_a_stall_still_goes_out_once_the_loop_is_back(
+    nats_server: NatsServer,
+) -> None:
+    # The request goes to a worker that never answers it, and the loop stalls for 20 ms before
+    # the 2 ms hedge is due: the hedge timer fires ~18 ms late. Skipping the hedge then (the loop
+    # looked overloaded) cost the call its whole stage-1 cap, a default answer; the loop is on
+    # time again once it has read its sockets, so the hedge goes out and the other worker
+    # answers well inside the cap.
+    cap_s = 0.060
+    drop_next = threading.Event()
+
+    async def main() -> tuple[str, float]:
+        loop = asyncio.get_running_loop()
+        rows = np.zeros((1, 4), dtype=np.float32)
+        hedging = HedgingSettings(initial_delay_ms=2.0, min_delay_ms=2.0, quantile=0.5)
+        async with NatsScreener(
+            nats_server.url,
+            subject_prefix=_PREFIX,
+            model_version=_MODEL,
+            feature_set="fs-1",
+            tracer=NoOpTracer(),
+            hedging=hedging,
+        ) as screener:
+            assert screener.members is not None
+            for _ in range(500):  # heartbeats come every 0.1 s
+                if len(screener.members) == len(_WORKERS):
+                    break
+                await asyncio.sleep(0.01)
+            for _ in range(4):  # connected, warm, and answers seen by both
+                await screener.screen(rows, timeout_s=1.0)
+            drop_next.set()
+            start = time.perf_counter()
+            request = asyncio.ensure_future(screener.screen(rows, cap_s))
+            loop.call_soon(time.sleep, _STALL_S)
+            try:
+                await request
+                outcome = "reply"
+            except DependencyTimeout:
+                outcome = "timeout"
+            return outcome, time.perf_counter() - start
+
+    with _two_routed_workers(nats_server.url, drop_next):
+        got, took_s = uvloop.run(main())
+    assert not drop_next.is_set()  # the request did reach a worker that dropped it
+    assert (got, took_s < cap_s) == ("reply", True), took_s
