@@ -18,8 +18,9 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import nats
 import numpy as np
@@ -50,17 +51,36 @@ _CAP_S = 0.005
 _STALL_S = 0.020
 
 
+Serve = Callable[[asyncio.Event, threading.Event], Coroutine[Any, Any, None]]
+
+
 @contextmanager
-def _worker_thread(url: str, before_reply: Callable[[], object] | None = None) -> Iterator[None]:
-    """A stand-in worker on its own thread and event loop, so that it answers while the test's
-    loop is stalled; it answers on the queue group subject at once, after ``before_reply()``."""
+def _on_own_thread(serve: Serve) -> Iterator[None]:
+    """Run ``serve(stop, ready)`` on its own thread and event loop, so that it answers while the
+    test's loop is stalled; inside once it has set ``ready``, and ``stop`` is set on the way out."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
-    stop: asyncio.Event | None = None
+    stop = asyncio.Event()
+    thread = threading.Thread(
+        target=loop.run_until_complete, args=(serve(stop, ready),), daemon=True
+    )
+    thread.start()
+    try:
+        assert ready.wait(10.0), "the stand-in worker did not subscribe"
+        yield
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10.0)
+        loop.close()
 
-    async def serve() -> None:
-        nonlocal stop
-        stop = asyncio.Event()
+
+def _worker_thread(
+    url: str, before_reply: Callable[[], object] | None = None
+) -> contextlib.AbstractContextManager[None]:
+    """A stand-in worker that answers on the queue group subject at once, after
+    ``before_reply()``."""
+
+    async def serve(stop: asyncio.Event, ready: threading.Event) -> None:
         nc = await nats.connect(url)
 
         async def answer(msg: Msg) -> None:
@@ -76,16 +96,7 @@ def _worker_thread(url: str, before_reply: Callable[[], object] | None = None) -
         await stop.wait()
         await nc.close()
 
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    try:
-        assert ready.wait(10.0), "the stand-in worker did not subscribe"
-        yield
-    finally:
-        if stop is not None:
-            loop.call_soon_threadsafe(stop.set)
-        thread.join(10.0)
-        loop.close()
+    return _on_own_thread(serve)
 
 
 def _screener(url: str) -> NatsScreener:
@@ -127,6 +138,16 @@ class _Stall:
         self._out.close()
 
 
+async def _outcome(request: Awaitable[object], start: float) -> tuple[str, float]:
+    """How one screening request ended ("reply" or "timeout"), and the seconds since ``start``."""
+    try:
+        await request
+        outcome = "reply"
+    except DependencyTimeout:
+        outcome = "timeout"
+    return outcome, time.perf_counter() - start
+
+
 def _run(url: str, stall: _Stall, *, before_send: bool, grace_s: float) -> tuple[str, float]:
     """One screening request with a 5 ms cap while the loop stalls for 20 ms: when the worker
     is about to reply, or (``before_send``) before nats-py's flusher has written the request.
@@ -145,12 +166,7 @@ def _run(url: str, stall: _Stall, *, before_send: bool, grace_s: float) -> tuple
                     loop.call_soon(time.sleep, _STALL_S)
                 else:
                     stall.armed = True
-                try:
-                    await request
-                    outcome = "reply"
-                except DependencyTimeout:
-                    outcome = "timeout"
-                return outcome, time.perf_counter() - start
+                return await _outcome(request, start)
         finally:
             loop.remove_reader(stall.fileno())
 
@@ -197,19 +213,15 @@ def test_a_request_that_left_after_the_cap_gets_the_time_the_stall_took(
 _WORKERS = ("stand-in-a", "stand-in-b")
 
 
-@contextmanager
-def _two_routed_workers(url: str, drop_next: threading.Event) -> Iterator[None]:
-    """Two stand-in workers on their own thread, each on its own subject and announcing itself
-    by heartbeat, as real ones do; the first request either gets once ``drop_next`` is set goes
-    unanswered (the worker it went to is frozen for it), and ``drop_next`` is cleared."""
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    stop: asyncio.Event | None = None
+def _two_routed_workers(
+    url: str, drop_next: threading.Event
+) -> contextlib.AbstractContextManager[None]:
+    """Two stand-in workers, each on its own subject and announcing itself by heartbeat, as real
+    ones do; the first request either gets once ``drop_next`` is set goes unanswered (the worker
+    it went to is frozen for it), and ``drop_next`` is cleared."""
     subject = screening_subject(_PREFIX, _MODEL)
 
-    async def serve() -> None:
-        nonlocal stop
-        stop = asyncio.Event()
+    async def serve(stop: asyncio.Event, ready: threading.Event) -> None:
         nc = await nats.connect(url)
 
         async def answer(msg: Msg) -> None:
@@ -231,16 +243,7 @@ def _two_routed_workers(url: str, drop_next: threading.Event) -> Iterator[None]:
                 await asyncio.wait_for(stop.wait(), 0.1)
         await nc.close()
 
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    try:
-        assert ready.wait(10.0), "the stand-in workers did not subscribe"
-        yield
-    finally:
-        if stop is not None:
-            loop.call_soon_threadsafe(stop.set)
-        thread.join(10.0)
-        loop.close()
+    return _on_own_thread(serve)
 
 
 def test_a_hedge_due_during_a_stall_still_goes_out_once_the_loop_is_back(
@@ -277,12 +280,7 @@ def test_a_hedge_due_during_a_stall_still_goes_out_once_the_loop_is_back(
             start = time.perf_counter()
             request = asyncio.ensure_future(screener.screen(rows, cap_s))
             loop.call_soon(time.sleep, _STALL_S)
-            try:
-                await request
-                outcome = "reply"
-            except DependencyTimeout:
-                outcome = "timeout"
-            return outcome, time.perf_counter() - start
+            return await _outcome(request, start)
 
     with _two_routed_workers(nats_server.url, drop_next):
         got, took_s = uvloop.run(main())
