@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
+
+logger = logging.getLogger(__name__)
+
+RECANCEL_S: Final = 0.05
+"""How long :func:`stop_task` waits on one cancellation before it sends another."""
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
@@ -21,6 +27,42 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def stop_task(
+    task: asyncio.Task[Any], *, grace_s: float = 0.0, within_s: float = 1.0
+) -> bool:
+    """Let ``task`` end on its own for ``grace_s``, then cancel it until it has ended, for at
+    most ``within_s`` more; whether it ended (an error it ended with is logged, not raised).
+
+    One cancellation is not always enough. On Python 3.11, ``asyncio.wait_for`` returns its
+    inner future's result when a cancellation lands in the loop turn that completes that
+    future (CPython gh-86296, gone in 3.12), and nats-py waits on each protocol line with it: a
+    connect to a server that refuses the login, cut short by a timeout, lost that cancellation
+    and went on retrying forever, on a busy host one time in a few. So a cancellation is sent
+    again every :data:`RECANCEL_S` until the task is done. The caller's own cancellation while
+    this waits is held back until then and raised after."""
+    loop = asyncio.get_running_loop()
+    cancelled = False
+    if grace_s > 0 and not task.done():
+        try:
+            await asyncio.wait({task}, timeout=grace_s)
+        except asyncio.CancelledError:
+            cancelled = True
+    deadline = loop.time() + within_s
+    while not task.done() and (left := deadline - loop.time()) > 0:
+        task.cancel()
+        try:
+            await asyncio.wait({task}, timeout=min(RECANCEL_S, left))
+        except asyncio.CancelledError:
+            cancelled = True
+    if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+        logger.debug("%s ended with %r while it was being stopped", task.get_name(), error)
+    elif not task.done():
+        logger.warning("%s did not end within %.1f s of being cancelled", task.get_name(), within_s)
+    if cancelled:
+        raise asyncio.CancelledError
+    return task.done()
 
 
 class AsyncResourceGroup:

@@ -21,13 +21,13 @@ point ``nats.url`` at a server that does (``nats-server --tls``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from typing import Any, Final
 
 from nats.aio.client import Client as NatsClient
 
+from cascade.lifecycle import stop_task
 from cascade.settings import NatsSettings, split_urls
 
 __all__ = ["RECONNECT_WAIT_S", "connect_nats", "connect_options"]
@@ -91,8 +91,11 @@ async def connect_nats(
         # Refused reconnect attempts land here ten times a second while NATS is down.
         logger.debug("%s: NATS client error: %r", name, exc)
 
-    try:
-        await client.connect(
+    # The connect runs as a task of its own, and this waits on it with asyncio.wait, which a
+    # timeout around the caller always interrupts. Cancelled inside nats-py, a connect can lose
+    # the cancellation and go on retrying a refusing server forever (:func:`stop_task`).
+    connecting = asyncio.create_task(
+        client.connect(
             servers=split_urls(url),
             name=name,
             connect_timeout=connect_timeout_s,
@@ -102,14 +105,26 @@ async def connect_nats(
             reconnected_cb=reconnected,
             error_cb=error,
             **connect_options(security),
-        )
+        ),
+        name=f"{name}-nats-connect",
+    )
+    try:
+        await asyncio.wait({connecting})
+        connecting.result()
     except BaseException:
-        # nats-py leaves a connect cut short (cancelled, or failed after the socket opened) with
-        # its socket and tasks alive. Its close can itself hang on a connection that never got
-        # through a TLS handshake (a test hung in CI on one refused for want of a client
-        # certificate), so it is bounded: whoever cut the connect short must get control back.
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(_CLOSE_CUT_SHORT_S):
-                await client.close()
+        try:
+            await stop_task(connecting)
+        finally:
+            await _close_cut_short(client)
         raise
     return client
+
+
+async def _close_cut_short(client: NatsClient) -> None:
+    """Close a client whose connect was cut short or failed.
+
+    nats-py leaves such a connect with its socket and tasks alive. Its close can itself hang
+    on a connection that never got through a TLS handshake (a test hung in CI on one refused
+    for want of a client certificate), so it is bounded: whoever cut the connect short must get
+    control back."""
+    await stop_task(asyncio.create_task(client.close()), grace_s=_CLOSE_CUT_SHORT_S)
