@@ -1,10 +1,12 @@
 """Shared test helpers: sample transactions, the test session's pseudonym key; the session's
-cores kept out of deep idle where the machine allows it; integration tests rerun on failure,
-with the host's steal during each failed attempt in its report."""
+cores kept out of deep idle where the machine allows it; integration tests (and unit tests
+marked ``wallclock``) rerun on failure, more often when the host was stealing, with the host's
+steal during each failed attempt in its report."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import secrets
 from collections.abc import Generator, Iterator
@@ -21,39 +23,76 @@ from loadtests.cpu import machine_times, steal_share
 BASE_TS_MS = 1_763_800_000_000
 
 INTEGRATION_RERUNS: Final = int(os.environ.get("CASCADE_TESTS_RERUNS", "2"))
-"""How many times a failed integration test is run again (``CASCADE_TESTS_RERUNS=0``: never).
+"""How many times a failed integration test is run again (``CASCADE_TESTS_RERUNS=0``: never,
+and no :data:`STOLEN_RERUNS` either).
 
 Integration tests hold real servers to wall-clock caps (a 5 ms Redis cap, a 50 ms deadline) on a
 shared 2-core virtual machine that runs seven or more server processes beside the test. In the
 clean-clone runs of 2026-12-01/02 each run failed 2-7 of ~200 such tests, a different set each
 time, with the host stealing up to 47% of the cores' time. A regression fails every attempt;
 the summary lists each rerun (``-rR``), and each failed attempt's report says how much of the
-cores' time the host took meanwhile. Unit tests are never rerun, nor is a test that hung past
-pytest-timeout's limit (pyproject.toml): its stacks are the diagnosis, and a rerun on the same
-event loop would hang as well."""
+cores' time the host took meanwhile. A test that hung past pytest-timeout's limit
+(pyproject.toml) is never rerun: its stacks are the diagnosis, and a rerun on the same event
+loop would hang as well."""
+
+STOLEN_RERUNS: Final = 3
+"""Reruns beyond those for a test whose failed attempt ran while the host took at least
+:data:`STOLEN_SHARE` of the time the cores wanted; unit tests marked ``wallclock`` get only
+these.
+
+The CI run of 2026-12-03 ran on a host that took 60% of the cores' time: pytest took 23 minutes
+instead of 13, 16 integration tests needed reruns, and three failed all three attempts on 50 ms
+deadlines (with 4 calls at once, or a node killed), as did a unit test that measured its 30 ms
+deadline at 36 ms. Two fifths of a 2-core machine cannot hold deadlines sized for all of it.
+Reruns on a quiet host stay as they were, so a regression still fails there; on a stolen host
+it fails every attempt as well, only later."""
+
+STOLEN_SHARE: Final = 0.3
+"""The steal share (steal / (busy + steal), /proc/stat) from which an attempt counts as stolen.
+The failed attempts of that CI run reported 60%; the tests were sized where it was near 0."""
 
 
 _STEAL: Final = pytest.StashKey[float | None]()
 
 
+def _may_rerun(item: pytest.Item, base_reruns: int) -> bool:
+    """Whether the attempt of ``item`` that just failed may be run again: any of the first
+    ``base_reruns``, a later one only if the host took :data:`STOLEN_SHARE` during it."""
+    if getattr(item, "execution_count", 0) <= base_reruns:
+        return True
+    steal = item.stash.get(_STEAL, None)
+    return steal is not None and steal >= STOLEN_SHARE
+
+
+def _holds_wall_clock(item: pytest.Item) -> bool:
+    return any(item.get_closest_marker(name) for name in ("integration", "wallclock"))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Integration tests without a ``flaky`` marker of their own get ``INTEGRATION_RERUNS``
-    reruns (pytest-rerunfailures), a second apart."""
+    reruns (pytest-rerunfailures), a second apart, and :data:`STOLEN_RERUNS` more when the host
+    stole; unit tests marked ``wallclock`` get only the latter."""
     if INTEGRATION_RERUNS <= 0:
         return
     for item in items:
-        if item.get_closest_marker("integration") and not item.get_closest_marker("flaky"):
-            item.add_marker(
-                pytest.mark.flaky(
-                    reruns=INTEGRATION_RERUNS, reruns_delay=1, rerun_except="pytest-timeout"
-                )
+        if not _holds_wall_clock(item) or item.get_closest_marker("flaky"):
+            continue
+        base = INTEGRATION_RERUNS if item.get_closest_marker("integration") else 0
+        item.add_marker(
+            pytest.mark.flaky(
+                reruns=base + STOLEN_RERUNS,
+                reruns_delay=1 if base else 0,
+                rerun_except="pytest-timeout",
+                condition=functools.partial(_may_rerun, item, base),
             )
+        )
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
-    """Note the host's steal over an integration test's call, for its report."""
-    if not item.get_closest_marker("integration"):
+    """Note the host's steal over the call of a test that holds wall-clock caps, for its report
+    and :func:`_may_rerun`."""
+    if not _holds_wall_clock(item):
         return (yield)
     before = machine_times()
     try:

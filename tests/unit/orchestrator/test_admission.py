@@ -189,6 +189,7 @@ def test_the_queue_stops_shedding_once_an_interval_passes_without_one() -> None:
     assert queue.should_shed(35.0, 0.062) is False and not queue.dropping
 
 
+@pytest.mark.wallclock
 async def test_defer_pauses_whole_while_live_calls_are_about_and_not_otherwise() -> None:
     admission = Admission(AdmissionSettings())
     started = time.monotonic()

@@ -105,6 +105,7 @@ async def test_a_round_never_exceeds_max_items(coalescer: Co, backend: Backend) 
     assert len(backend.calls) < len(inputs)  # and they were coalesced at all
 
 
+@pytest.mark.wallclock
 @pytest.mark.parametrize("short_leads", [True, False])
 async def test_a_short_member_times_out_at_its_own_deadline_the_long_one_gets_its_answer(
     coalescer: Co, backend: Backend, short_leads: bool

@@ -115,6 +115,7 @@ async def test_while_the_sink_is_down_records_are_spooled_then_replayed(tmp_path
         assert set(sink.messages) == ids(260)
 
 
+@pytest.mark.wallclock
 async def test_a_slow_sink_sends_its_batch_to_the_spool_after_the_ack_timeout(
     tmp_path: Path,
 ) -> None:
@@ -163,6 +164,7 @@ async def test_past_the_spool_bound_records_are_dropped_and_counted(tmp_path: Pa
     assert set(sink.messages) == ids(kept)  # the oldest were kept
 
 
+@pytest.mark.wallclock
 async def test_exit_flushes_the_buffer_to_the_sink_at_once(tmp_path: Path) -> None:
     sink = InMemorySink()
     cfg = settings(tmp_path, batch_interval_ms=10_000)  # nothing would be sent before exit
@@ -202,6 +204,7 @@ async def test_exit_with_the_sink_down_spools_and_the_next_start_replays(tmp_pat
     assert set(sink.messages) == ids(30)
 
 
+@pytest.mark.wallclock
 async def test_a_sink_that_hangs_at_exit_leaves_the_buffer_in_the_spool(tmp_path: Path) -> None:
     sink = InMemorySink()
     sink.gate = asyncio.Event()

@@ -14,6 +14,8 @@ import uvloop
 from orchestrator import expiry
 from orchestrator.expiry import expire_later
 
+pytestmark = pytest.mark.wallclock  # stalls and timers measured on the wall clock
+
 Arm = Callable[[asyncio.Future[str], float], object]
 
 

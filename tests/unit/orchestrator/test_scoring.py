@@ -146,6 +146,7 @@ async def test_score_in_band_escalates_to_stage2(cascade: Cascade) -> None:
     assert cascade.heavy.calls == 1
 
 
+@pytest.mark.wallclock
 async def test_slow_stage2_falls_back_to_stage1_within_budget(cascade: Cascade) -> None:
     cascade.screener.score_fn = constant(0.55)
     cascade.heavy.delay_s = 1.0
@@ -192,6 +193,7 @@ async def test_stage1_failure_gives_labelled_default(cascade: Cascade) -> None:
     assert cascade.heavy.calls == 0
 
 
+@pytest.mark.wallclock
 async def test_slow_stage1_times_out_inside_its_sub_budget(cascade: Cascade) -> None:
     cascade.screener.delay_s = 1.0
     start = time.monotonic()
@@ -203,6 +205,7 @@ async def test_slow_stage1_times_out_inside_its_sub_budget(cascade: Cascade) -> 
     assert result.decided_by is DecidedBy.DEFAULT
 
 
+@pytest.mark.wallclock
 async def test_each_capped_stage_is_given_the_rest_of_the_budget_as_its_grace(
     cascade: Cascade,
 ) -> None:
