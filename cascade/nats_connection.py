@@ -4,7 +4,9 @@ The orchestrator and the screening workers both connect through :func:`connect_n
 forever, a short wait between attempts (nats-py's default of 2 s kept a restarted NATS's answers
 degraded for ~2 s after it was back), and one log line when the connection is lost and one when
 it is back, instead of nats-py's default error callback, which prints a traceback to stderr for
-every refused reconnect attempt.
+every refused reconnect attempt. A server that refuses the client itself (a rejected login, a
+certificate not trusted) is retried as well, so that fixing the settings or the server needs no
+restart, but it is said at WARNING, once per 10 s, since retrying will not cure it.
 
 The URL may name several servers, comma-separated (``nats://a:4222,nats://b:4222``): the
 servers of one NATS cluster. The client connects to one of them, learns the others the cluster
@@ -25,10 +27,12 @@ import logging
 import ssl
 from typing import Any, Final
 
+import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from cascade.lifecycle import stop_task
 from cascade.settings import NatsSettings, split_urls
+from cascade.throttled_log import ThrottledLog
 
 __all__ = ["RECONNECT_WAIT_S", "connect_nats", "connect_options"]
 
@@ -87,9 +91,14 @@ async def connect_nats(
     async def reconnected() -> None:
         logger.warning("%s: NATS connection re-established", name)
 
+    refused = ThrottledLog(logger)
+
     async def error(exc: Exception) -> None:
         # Refused reconnect attempts land here ten times a second while NATS is down.
-        logger.debug("%s: NATS client error: %r", name, exc)
+        if _retrying_cannot_help(exc):
+            refused.event("%s: NATS refuses this client (check its settings): %s", name, exc)
+        else:
+            logger.debug("%s: NATS client error: %r", name, exc)
 
     # The connect runs as a task of its own, and this waits on it with asyncio.wait, which a
     # timeout around the caller always interrupts. Cancelled inside nats-py, a connect can lose
@@ -118,6 +127,14 @@ async def connect_nats(
             await _close_cut_short(client)
         raise
     return client
+
+
+def _retrying_cannot_help(exc: Exception) -> bool:
+    """Whether ``exc`` is a refusal that reconnecting forever will only repeat: a login the
+    server rejects, a certificate the client does not trust. A server that is down is not."""
+    if isinstance(exc, nats.errors.AuthorizationError | ssl.SSLCertVerificationError):
+        return True
+    return "authorization violation" in str(exc).lower()
 
 
 async def _close_cut_short(client: NatsClient) -> None:

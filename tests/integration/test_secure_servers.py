@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from pathlib import Path
 
@@ -33,7 +34,9 @@ async def connects(url: str, security: NatsSettings) -> bool:
     return True
 
 
-async def test_nats_with_tls_and_a_password_lets_in_only_who_has_both(tmp_path: Path) -> None:
+async def test_nats_with_tls_and_a_password_lets_in_only_who_has_both(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     certs = write_stack_certificates(tmp_path / "tls")
     login = Credentials("cascade", secrets.token_urlsafe(16))
     tls = ServerTls(certs.server_cert, certs.server_key)
@@ -60,7 +63,17 @@ async def test_nats_with_tls_and_a_password_lets_in_only_who_has_both(tmp_path: 
             "system CAs only": good.model_copy(update={"tls_ca_file": None}),
         }
         for why, security in refused.items():
-            assert not await connects(server.url, security), why
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="cascade.nats_connection"):
+                assert not await connects(server.url, security), why
+            # Said, not only retried: no retry cures these. And never with the password.
+            said = [
+                r.getMessage()
+                for r in caplog.records
+                if r.name == "cascade.nats_connection" and r.levelno == logging.WARNING
+            ]
+            assert len(said) == 1 and "NATS refuses this client" in said[0], (why, said)
+            assert login.password not in caplog.text
 
 
 async def test_nats_with_tls_handshake_first_refuses_clients_that_wait_for_info(
