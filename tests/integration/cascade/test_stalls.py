@@ -107,10 +107,10 @@ async def score_many(
 ) -> list[scoring_pb2.ScoreResponse]:
     replies = []
     for _ in range(n):
-        start = time.monotonic()
-        reply = await stub.Score(new_request(), timeout=DEADLINE_S)
-        assert time.monotonic() - start < DEADLINE_S
-        replies.append(reply)
+        # A late answer raises DEADLINE_EXCEEDED: gRPC's client ends the call at its deadline
+        # even when the answer is in the socket. Timing the call here as well measured this
+        # process's own wake-up after the answer (51 ms in a CI run, the answer in time).
+        replies.append(await stub.Score(new_request(), timeout=DEADLINE_S))
     return replies
 
 
