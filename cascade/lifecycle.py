@@ -57,7 +57,7 @@ async def stop_task(
         except asyncio.CancelledError:
             cancelled = True
     if task.done() and not task.cancelled() and (error := task.exception()) is not None:
-        logger.debug("%s ended with %r while it was being stopped", task.get_name(), error)
+        logger.debug("%s ended with %r", task.get_name(), error)
     elif not task.done():
         logger.warning("%s did not end within %.1f s of being cancelled", task.get_name(), within_s)
     if cancelled:

@@ -1,7 +1,7 @@
 """Shared test helpers: sample transactions, the test session's pseudonym key; the session's
 cores kept out of deep idle where the machine allows it; integration tests (and unit tests
-marked ``wallclock``) rerun on failure, more often when the host was stealing, with the host's
-steal during each failed attempt in its report."""
+marked ``wallclock``) rerun on failure, more often on a slow host, with the host's steal and
+pace during each failed attempt in its report."""
 
 from __future__ import annotations
 
