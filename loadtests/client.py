@@ -246,7 +246,7 @@ async def _call(
         failure, code = classify_failure(exc)
         tally.record_failure(intended_s, clock() - start_at, failure, code)
         return
-    tally.record_answer(intended_s, sent_s, clock() - start_at, reply)
+    tally.record_answer(intended_s, sent_s, clock() - start_at, reply, deadline_s)
 
 
 async def run_open_loop(

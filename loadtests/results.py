@@ -18,6 +18,11 @@ answers with the server's own timings: ``redis``, ``features``, ``stage1``, ``st
 the stage ran), ``server_total``, ``orchestrator`` (server total minus the stages: the
 orchestrator's own work between its downstream calls) and ``transport`` (client-side service time
 minus server total: both gRPC legs, the servicer's work outside the scorer, and client overhead).
+``transport`` splits in two where the call had a deadline and the server says how much of it was
+left when its handler started: ``front``, the call's deadline minus that (how long it waited in the
+server's gRPC front, from its headers' arrival to the handler: gRPC starts the server-side
+deadline there), and ``legs``, the rest of ``transport`` (the client's and the kernel's work both
+ways, the answer's encoding and sending).
 
 Overload bookkeeping: ``shed`` counts answers labelled ``OVERLOADED`` (turned away on arrival with
 the default decision), ``degraded_other`` answers with any other reason, ``unlabelled_fallbacks``
@@ -46,6 +51,8 @@ STAGES: Final = (
     "server_total",
     "orchestrator",
     "transport",
+    "front",
+    "legs",
 )
 _DECIDED_BY_NAMES: Final = {
     value: name.removeprefix("DECIDED_BY_") for name, value in scoring_pb2.DecidedBy.items()
@@ -130,9 +137,15 @@ class Tally:
         self.send_lag.record(_us(sent_s - intended_s))
 
     def record_answer(
-        self, intended_s: float, sent_s: float, done_s: float, reply: scoring_pb2.ScoreResponse
+        self,
+        intended_s: float,
+        sent_s: float,
+        done_s: float,
+        reply: scoring_pb2.ScoreResponse,
+        deadline_s: float | None = None,
     ) -> None:
-        """An OK answer arrived at ``done_s``."""
+        """An OK answer arrived at ``done_s``; ``deadline_s``: the deadline the call was sent
+        with (None: none), which with the reply's ``deadline_left_us`` splits ``transport``."""
         latency_us = _us(done_s - intended_s)
         service_us = _us(done_s - sent_s)
         self.ok += 1
@@ -174,7 +187,12 @@ class Tally:
         stages["orchestrator"].record(
             t.total_us - t.redis_us - t.features_us - t.stage1_us - t.stage2_us
         )
-        stages["transport"].record(service_us - t.total_us)
+        transport_us = service_us - t.total_us
+        stages["transport"].record(transport_us)
+        if deadline_s is not None and t.deadline_left_us > 0:
+            front_us = max(0, _us(deadline_s) - t.deadline_left_us)
+            stages["front"].record(front_us)
+            stages["legs"].record(max(0, transport_us - front_us))
         self.last_done_s = max(self.last_done_s, done_s)
 
     def record_failure(

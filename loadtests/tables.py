@@ -15,7 +15,17 @@ from loadtests.report import FLOOR_NAME, Goals, common_rate
 
 __all__ = ["markdown_tables", "text_table"]
 
-_STAGES = ("redis", "features", "stage1", "stage2", "orchestrator", "transport", "server_total")
+_STAGES = (
+    "redis",
+    "features",
+    "stage1",
+    "stage2",
+    "orchestrator",
+    "transport",
+    "front",
+    "legs",
+    "server_total",
+)
 
 
 def _steps(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -86,9 +96,11 @@ def _stage_rows(report: Mapping[str, Any]) -> list[list[str]]:
     for name, label, step in _picked_steps(report):
         cells = [name, label]
         for stage in _STAGES:
-            summary = step["stages_ms"][stage]
+            summary = step["stages_ms"].get(stage)  # reports before a stage was split lack it
             cells.append(
-                f"{summary['p50']:.3f} / {summary['p99']:.3f}" if summary["count"] else "-"
+                f"{summary['p50']:.3f} / {summary['p99']:.3f}"
+                if summary and summary["count"]
+                else "-"
             )
         rows.append(cells)
     return rows

@@ -19,6 +19,8 @@ class Budget:
 
     deadline_s: float
     total_ms: float
+    caller_left_ms: float | None = None
+    """What the caller's deadline had left when the budget started (None: it set none)."""
 
     @classmethod
     def start(
@@ -29,7 +31,12 @@ class Budget:
         if caller_remaining_s is not None:
             limit_ms = min(limit_ms, caller_remaining_s * 1000.0)
         total_ms = max(0.0, limit_ms - settings.response_margin_ms)
-        return cls(deadline_s=time.monotonic() + total_ms / 1000.0, total_ms=total_ms)
+        caller_left_ms = None if caller_remaining_s is None else caller_remaining_s * 1000.0
+        return cls(
+            deadline_s=time.monotonic() + total_ms / 1000.0,
+            total_ms=total_ms,
+            caller_left_ms=caller_left_ms,
+        )
 
     def remaining_ms(self) -> float:
         """Milliseconds left (never negative)."""

@@ -59,6 +59,7 @@ def timings_to_proto(timings: Timings) -> scoring_pb2.StageTimings:
         stage2_us=timings.stage2_us,
         features_us=timings.features_us,
         budget_us=timings.budget_us,
+        deadline_left_us=timings.deadline_left_us,
     )
 
 

@@ -8,6 +8,7 @@ from enum import StrEnum
 import numpy as np
 import numpy.typing as npt
 
+from orchestrator.budget import Budget
 from orchestrator.routing import Decision
 
 
@@ -56,6 +57,17 @@ class Timings:
     stage1_us: int = 0
     stage2_us: int = 0
     total_us: int = 0
+    deadline_left_us: int = 0
+    """The caller's deadline left when the handler started (0: none), from the budget."""
+
+    @classmethod
+    def of(cls, budget: Budget) -> Timings:
+        """Empty timings for a call scored inside ``budget``."""
+        left_ms = budget.caller_left_ms
+        return cls(
+            budget_us=int(budget.total_ms * 1000),
+            deadline_left_us=0 if left_ms is None else max(1, int(left_ms * 1000)),
+        )
 
 
 @dataclass(slots=True)

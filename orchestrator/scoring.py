@@ -156,7 +156,7 @@ class CascadeScorer:
     async def score(self, tx: Transaction, budget: Budget) -> ScoreResult:
         """The cascade's answer for ``tx``, inside ``budget``, with timings of its own."""
         start_ns = time.perf_counter_ns()
-        timings = Timings(budget_us=int(budget.total_ms * 1000))
+        timings = Timings.of(budget)
         chunk = await self._score_chunk([tx], budget, timings, {})
         for write in chunk.writes:
             self._writer.submit(write)
@@ -187,7 +187,7 @@ class CascadeScorer:
         works at most ``batch_share`` of the time beside them, while its budget allows.
         """
         start_ns = time.perf_counter_ns()
-        timings = Timings(budget_us=int(budget.total_ms * 1000))
+        timings = Timings.of(budget)
         earlier: dict[str, list[HistoryEntry]] = {}
         results: list[ScoreResult] = []
         writes: list[StoreWrite] = []

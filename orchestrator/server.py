@@ -196,7 +196,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             else generation.lane_for(wire.card_id)
         )
         result = lane.scorer.default_answer(request.transaction.transaction_id, [Reason.OVERLOADED])
-        result.timings = Timings(budget_us=int(budget.total_ms * 1000))
+        result.timings = Timings.of(budget)
         record_metrics([result])
         if generation.candidate is not None:
             lane.count(result)
@@ -391,12 +391,12 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
                 else:
                     results = await scorer.score_many(txs, budget, self._defer)
         except TimeoutError:
-            budget_us = int(budget.total_ms * 1000)
             results = [
                 scorer.default_answer(tx.transaction_id, [Reason.BUDGET_EXHAUSTED]) for tx in txs
             ]
             for result in results:
-                result.timings = Timings(budget_us=budget_us, total_us=budget_us)
+                result.timings = Timings.of(budget)
+                result.timings.total_us = result.timings.budget_us
         except CascadeError as exc:  # the scorer labels dependency failures; this is a bug
             logger.exception("scoring failed")
             await context.abort(grpc_status_for(exc), str(exc))

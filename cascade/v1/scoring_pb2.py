@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x61scade/v1/scoring.proto\x12\ncascade.v1\"\xa9\x02\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x02 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x03 \x01(\t\x12\x19\n\x11merchant_category\x18\x04 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x07 \x01(\t\x12$\n\x07\x63hannel\x18\x08 \x01(\x0e\x32\x13.cascade.v1.Channel\x12\x14\n\x0ctimestamp_ms\x18\t \x01(\x03\x12\x16\n\tdevice_id\x18\n \x01(\tH\x00\x88\x01\x01\x12\x17\n\nip_country\x18\x0b \x01(\tH\x01\x88\x01\x01\x42\x0c\n\n_device_idB\r\n\x0b_ip_country\"<\n\x0cScoreRequest\x12,\n\x0btransaction\x18\x01 \x01(\x0b\x32\x17.cascade.v1.Transaction\"T\n\rModelVersions\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0e\n\x06stage1\x18\x02 \x01(\t\x12\x0e\n\x06stage2\x18\x03 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_set\x18\x04 \x01(\t\"\x80\x01\n\x0cStageTimings\x12\x10\n\x08total_us\x18\x01 \x01(\x03\x12\x10\n\x08redis_us\x18\x02 \x01(\x03\x12\x11\n\tstage1_us\x18\x03 \x01(\x03\x12\x11\n\tstage2_us\x18\x04 \x01(\x03\x12\x13\n\x0b\x66\x65\x61tures_us\x18\x05 \x01(\x03\x12\x11\n\tbudget_us\x18\x06 \x01(\x03\"\xd3\x02\n\rScoreResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12&\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x14.cascade.v1.Decision\x12\r\n\x05score\x18\x03 \x01(\x02\x12)\n\ndecided_by\x18\x04 \x01(\x0e\x32\x15.cascade.v1.DecidedBy\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12#\n\x07reasons\x18\x06 \x03(\x0e\x32\x12.cascade.v1.Reason\x12+\n\x08versions\x18\x07 \x01(\x0b\x32\x19.cascade.v1.ModelVersions\x12)\n\x07timings\x18\x08 \x01(\x0b\x32\x18.cascade.v1.StageTimings\x12\x10\n\x08trace_id\x18\t \x01(\t\x12\x11\n\tescalated\x18\n \x01(\x08\x12\x14\n\x0cstage1_score\x18\x0b \x01(\x02\"B\n\x11ScoreBatchRequest\x12-\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x17.cascade.v1.Transaction\"@\n\x12ScoreBatchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.cascade.v1.ScoreResponse\"r\n\x07Outcome\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\'\n\x05label\x18\x02 \x01(\x0e\x32\x18.cascade.v1.OutcomeLabel\x12\x16\n\x0ereported_at_ms\x18\x03 \x01(\x03\x12\x0e\n\x06source\x18\x04 \x01(\t\"<\n\x14ReportOutcomeRequest\x12$\n\x07outcome\x18\x01 \x01(\x0b\x32\x13.cascade.v1.Outcome\"B\n\x15ReportOutcomeResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08*\xb2\x01\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43HANNEL_CARD_PRESENT\x10\x01\x12\x17\n\x13\x43HANNEL_CONTACTLESS\x10\x02\x12\x15\n\x11\x43HANNEL_ECOMMERCE\x10\x03\x12\x1c\n\x18\x43HANNEL_MAIL_PHONE_ORDER\x10\x04\x12\x0f\n\x0b\x43HANNEL_ATM\x10\x05\x12\x15\n\x11\x43HANNEL_RECURRING\x10\x06*e\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45\x43ISION_APPROVE\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_REVIEW\x10\x02\x12\x14\n\x10\x44\x45\x43ISION_DECLINE\x10\x03*\x83\x01\n\tDecidedBy\x12\x1a\n\x16\x44\x45\x43IDED_BY_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45\x43IDED_BY_CACHE\x10\x01\x12\x15\n\x11\x44\x45\x43IDED_BY_STAGE1\x10\x02\x12\x15\n\x11\x44\x45\x43IDED_BY_STAGE2\x10\x03\x12\x16\n\x12\x44\x45\x43IDED_BY_DEFAULT\x10\x04*\xd7\x02\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15REASON_STAGE2_TIMEOUT\x10\x01\x12\x1d\n\x19REASON_STAGE2_UNAVAILABLE\x10\x02\x12\x19\n\x15REASON_STAGE1_TIMEOUT\x10\x03\x12\x1d\n\x19REASON_STAGE1_UNAVAILABLE\x10\x04\x12\x1c\n\x18REASON_CACHE_UNAVAILABLE\x10\x05\x12\x1f\n\x1bREASON_FEATURES_UNAVAILABLE\x10\x06\x12\x1b\n\x17REASON_BUDGET_EXHAUSTED\x10\x07\x12\x1c\n\x18REASON_STAGE2_OVERLOADED\x10\x08\x12\x17\n\x13REASON_STAGE2_ERROR\x10\t\x12\x17\n\x13REASON_STAGE1_ERROR\x10\n\x12\x15\n\x11REASON_OVERLOADED\x10\x0b*\x89\x01\n\x0cOutcomeLabel\x12\x1d\n\x19OUTCOME_LABEL_UNSPECIFIED\x10\x00\x12!\n\x1dOUTCOME_LABEL_CONFIRMED_FRAUD\x10\x01\x12\x1c\n\x18OUTCOME_LABEL_CHARGEBACK\x10\x02\x12\x19\n\x15OUTCOME_LABEL_GENUINE\x10\x03\x32\xf1\x01\n\x0eScoringService\x12<\n\x05Score\x12\x18.cascade.v1.ScoreRequest\x1a\x19.cascade.v1.ScoreResponse\x12K\n\nScoreBatch\x12\x1d.cascade.v1.ScoreBatchRequest\x1a\x1e.cascade.v1.ScoreBatchResponse\x12T\n\rReportOutcome\x12 .cascade.v1.ReportOutcomeRequest\x1a!.cascade.v1.ReportOutcomeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x61scade/v1/scoring.proto\x12\ncascade.v1\"\xa9\x02\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x02 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x03 \x01(\t\x12\x19\n\x11merchant_category\x18\x04 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x07 \x01(\t\x12$\n\x07\x63hannel\x18\x08 \x01(\x0e\x32\x13.cascade.v1.Channel\x12\x14\n\x0ctimestamp_ms\x18\t \x01(\x03\x12\x16\n\tdevice_id\x18\n \x01(\tH\x00\x88\x01\x01\x12\x17\n\nip_country\x18\x0b \x01(\tH\x01\x88\x01\x01\x42\x0c\n\n_device_idB\r\n\x0b_ip_country\"<\n\x0cScoreRequest\x12,\n\x0btransaction\x18\x01 \x01(\x0b\x32\x17.cascade.v1.Transaction\"T\n\rModelVersions\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0e\n\x06stage1\x18\x02 \x01(\t\x12\x0e\n\x06stage2\x18\x03 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_set\x18\x04 \x01(\t\"\x9a\x01\n\x0cStageTimings\x12\x10\n\x08total_us\x18\x01 \x01(\x03\x12\x10\n\x08redis_us\x18\x02 \x01(\x03\x12\x11\n\tstage1_us\x18\x03 \x01(\x03\x12\x11\n\tstage2_us\x18\x04 \x01(\x03\x12\x13\n\x0b\x66\x65\x61tures_us\x18\x05 \x01(\x03\x12\x11\n\tbudget_us\x18\x06 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_left_us\x18\x07 \x01(\x03\"\xd3\x02\n\rScoreResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12&\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x14.cascade.v1.Decision\x12\r\n\x05score\x18\x03 \x01(\x02\x12)\n\ndecided_by\x18\x04 \x01(\x0e\x32\x15.cascade.v1.DecidedBy\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12#\n\x07reasons\x18\x06 \x03(\x0e\x32\x12.cascade.v1.Reason\x12+\n\x08versions\x18\x07 \x01(\x0b\x32\x19.cascade.v1.ModelVersions\x12)\n\x07timings\x18\x08 \x01(\x0b\x32\x18.cascade.v1.StageTimings\x12\x10\n\x08trace_id\x18\t \x01(\t\x12\x11\n\tescalated\x18\n \x01(\x08\x12\x14\n\x0cstage1_score\x18\x0b \x01(\x02\"B\n\x11ScoreBatchRequest\x12-\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x17.cascade.v1.Transaction\"@\n\x12ScoreBatchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.cascade.v1.ScoreResponse\"r\n\x07Outcome\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\'\n\x05label\x18\x02 \x01(\x0e\x32\x18.cascade.v1.OutcomeLabel\x12\x16\n\x0ereported_at_ms\x18\x03 \x01(\x03\x12\x0e\n\x06source\x18\x04 \x01(\t\"<\n\x14ReportOutcomeRequest\x12$\n\x07outcome\x18\x01 \x01(\x0b\x32\x13.cascade.v1.Outcome\"B\n\x15ReportOutcomeResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08*\xb2\x01\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43HANNEL_CARD_PRESENT\x10\x01\x12\x17\n\x13\x43HANNEL_CONTACTLESS\x10\x02\x12\x15\n\x11\x43HANNEL_ECOMMERCE\x10\x03\x12\x1c\n\x18\x43HANNEL_MAIL_PHONE_ORDER\x10\x04\x12\x0f\n\x0b\x43HANNEL_ATM\x10\x05\x12\x15\n\x11\x43HANNEL_RECURRING\x10\x06*e\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45\x43ISION_APPROVE\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_REVIEW\x10\x02\x12\x14\n\x10\x44\x45\x43ISION_DECLINE\x10\x03*\x83\x01\n\tDecidedBy\x12\x1a\n\x16\x44\x45\x43IDED_BY_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45\x43IDED_BY_CACHE\x10\x01\x12\x15\n\x11\x44\x45\x43IDED_BY_STAGE1\x10\x02\x12\x15\n\x11\x44\x45\x43IDED_BY_STAGE2\x10\x03\x12\x16\n\x12\x44\x45\x43IDED_BY_DEFAULT\x10\x04*\xd7\x02\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15REASON_STAGE2_TIMEOUT\x10\x01\x12\x1d\n\x19REASON_STAGE2_UNAVAILABLE\x10\x02\x12\x19\n\x15REASON_STAGE1_TIMEOUT\x10\x03\x12\x1d\n\x19REASON_STAGE1_UNAVAILABLE\x10\x04\x12\x1c\n\x18REASON_CACHE_UNAVAILABLE\x10\x05\x12\x1f\n\x1bREASON_FEATURES_UNAVAILABLE\x10\x06\x12\x1b\n\x17REASON_BUDGET_EXHAUSTED\x10\x07\x12\x1c\n\x18REASON_STAGE2_OVERLOADED\x10\x08\x12\x17\n\x13REASON_STAGE2_ERROR\x10\t\x12\x17\n\x13REASON_STAGE1_ERROR\x10\n\x12\x15\n\x11REASON_OVERLOADED\x10\x0b*\x89\x01\n\x0cOutcomeLabel\x12\x1d\n\x19OUTCOME_LABEL_UNSPECIFIED\x10\x00\x12!\n\x1dOUTCOME_LABEL_CONFIRMED_FRAUD\x10\x01\x12\x1c\n\x18OUTCOME_LABEL_CHARGEBACK\x10\x02\x12\x19\n\x15OUTCOME_LABEL_GENUINE\x10\x03\x32\xf1\x01\n\x0eScoringService\x12<\n\x05Score\x12\x18.cascade.v1.ScoreRequest\x1a\x19.cascade.v1.ScoreResponse\x12K\n\nScoreBatch\x12\x1d.cascade.v1.ScoreBatchRequest\x1a\x1e.cascade.v1.ScoreBatchResponse\x12T\n\rReportOutcome\x12 .cascade.v1.ReportOutcomeRequest\x1a!.cascade.v1.ReportOutcomeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cascade.v1.scoring_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHANNEL']._serialized_start=1342
-  _globals['_CHANNEL']._serialized_end=1520
-  _globals['_DECISION']._serialized_start=1522
-  _globals['_DECISION']._serialized_end=1623
-  _globals['_DECIDEDBY']._serialized_start=1626
-  _globals['_DECIDEDBY']._serialized_end=1757
-  _globals['_REASON']._serialized_start=1760
-  _globals['_REASON']._serialized_end=2103
-  _globals['_OUTCOMELABEL']._serialized_start=2106
-  _globals['_OUTCOMELABEL']._serialized_end=2243
+  _globals['_CHANNEL']._serialized_start=1368
+  _globals['_CHANNEL']._serialized_end=1546
+  _globals['_DECISION']._serialized_start=1548
+  _globals['_DECISION']._serialized_end=1649
+  _globals['_DECIDEDBY']._serialized_start=1652
+  _globals['_DECIDEDBY']._serialized_end=1783
+  _globals['_REASON']._serialized_start=1786
+  _globals['_REASON']._serialized_end=2129
+  _globals['_OUTCOMELABEL']._serialized_start=2132
+  _globals['_OUTCOMELABEL']._serialized_end=2269
   _globals['_TRANSACTION']._serialized_start=41
   _globals['_TRANSACTION']._serialized_end=338
   _globals['_SCOREREQUEST']._serialized_start=340
@@ -48,19 +48,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELVERSIONS']._serialized_start=402
   _globals['_MODELVERSIONS']._serialized_end=486
   _globals['_STAGETIMINGS']._serialized_start=489
-  _globals['_STAGETIMINGS']._serialized_end=617
-  _globals['_SCORERESPONSE']._serialized_start=620
-  _globals['_SCORERESPONSE']._serialized_end=959
-  _globals['_SCOREBATCHREQUEST']._serialized_start=961
-  _globals['_SCOREBATCHREQUEST']._serialized_end=1027
-  _globals['_SCOREBATCHRESPONSE']._serialized_start=1029
-  _globals['_SCOREBATCHRESPONSE']._serialized_end=1093
-  _globals['_OUTCOME']._serialized_start=1095
-  _globals['_OUTCOME']._serialized_end=1209
-  _globals['_REPORTOUTCOMEREQUEST']._serialized_start=1211
-  _globals['_REPORTOUTCOMEREQUEST']._serialized_end=1271
-  _globals['_REPORTOUTCOMERESPONSE']._serialized_start=1273
-  _globals['_REPORTOUTCOMERESPONSE']._serialized_end=1339
-  _globals['_SCORINGSERVICE']._serialized_start=2246
-  _globals['_SCORINGSERVICE']._serialized_end=2487
+  _globals['_STAGETIMINGS']._serialized_end=643
+  _globals['_SCORERESPONSE']._serialized_start=646
+  _globals['_SCORERESPONSE']._serialized_end=985
+  _globals['_SCOREBATCHREQUEST']._serialized_start=987
+  _globals['_SCOREBATCHREQUEST']._serialized_end=1053
+  _globals['_SCOREBATCHRESPONSE']._serialized_start=1055
+  _globals['_SCOREBATCHRESPONSE']._serialized_end=1119
+  _globals['_OUTCOME']._serialized_start=1121
+  _globals['_OUTCOME']._serialized_end=1235
+  _globals['_REPORTOUTCOMEREQUEST']._serialized_start=1237
+  _globals['_REPORTOUTCOMEREQUEST']._serialized_end=1297
+  _globals['_REPORTOUTCOMERESPONSE']._serialized_start=1299
+  _globals['_REPORTOUTCOMERESPONSE']._serialized_end=1365
+  _globals['_SCORINGSERVICE']._serialized_start=2272
+  _globals['_SCORINGSERVICE']._serialized_end=2513
 # @@protoc_insertion_point(module_scope)

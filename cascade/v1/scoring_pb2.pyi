@@ -292,6 +292,7 @@ class StageTimings(_message.Message):
     STAGE2_US_FIELD_NUMBER: _builtins.int
     FEATURES_US_FIELD_NUMBER: _builtins.int
     BUDGET_US_FIELD_NUMBER: _builtins.int
+    DEADLINE_LEFT_US_FIELD_NUMBER: _builtins.int
     total_us: _builtins.int
     redis_us: _builtins.int
     stage1_us: _builtins.int
@@ -299,6 +300,11 @@ class StageTimings(_message.Message):
     features_us: _builtins.int
     budget_us: _builtins.int
     """the budget this request was given"""
+    deadline_left_us: _builtins.int
+    """The caller's deadline left when the handler started (0: the call had no deadline). gRPC
+    starts a call's server-side deadline when its headers arrive, so the caller's timeout minus
+    this is how long the call waited in the server's gRPC front before any work began.
+    """
     def __init__(
         self,
         *,
@@ -308,10 +314,11 @@ class StageTimings(_message.Message):
         stage2_us: _builtins.int = ...,
         features_us: _builtins.int = ...,
         budget_us: _builtins.int = ...,
+        deadline_left_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_us", b"budget_us", "features_us", b"features_us", "redis_us", b"redis_us", "stage1_us", b"stage1_us", "stage2_us", b"stage2_us", "total_us", b"total_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_us", b"budget_us", "deadline_left_us", b"deadline_left_us", "features_us", b"features_us", "redis_us", b"redis_us", "stage1_us", b"stage1_us", "stage2_us", b"stage2_us", "total_us", b"total_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

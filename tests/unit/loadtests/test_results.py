@@ -19,6 +19,7 @@ def reply(
     degraded: bool = False,
     escalated: bool = False,
     reasons: tuple[int, ...] = (),
+    deadline_left: int = 0,
 ) -> scoring_pb2.ScoreResponse:
     return scoring_pb2.ScoreResponse(
         decided_by=decided_by,  # type: ignore[arg-type]
@@ -32,6 +33,7 @@ def reply(
             stage1_us=stage1,
             stage2_us=stage2,
             budget_us=47_000,
+            deadline_left_us=deadline_left,
         ),
     )
 
@@ -52,6 +54,21 @@ def test_answer_is_decomposed_by_stage() -> None:
     assert tally.decided_by == {"STAGE1": 1}
     assert tally.within_budget == 1
     assert tally.check() == ["scheduled 0 != sent 1 + unsent 0"]
+
+
+def test_transport_splits_into_the_servers_front_and_the_legs() -> None:
+    tally = Tally(budget_us=50_000)
+    # Sent with a 50 ms deadline; the handler started with 49.2 ms of it left: 0.8 ms in the
+    # server's gRPC front. Service 3.0 ms, server total 1.0 ms: transport 2.0 ms, legs 1.2 ms.
+    tally.record_answer(0.0, 0.0, 0.003, reply(deadline_left=49_200), deadline_s=0.050)
+    stages = tally.stages
+    assert stages["transport"].max == 2000
+    assert (stages["front"].max, stages["legs"].max) == (800, 1200)
+    # Without a deadline sent, or a server that does not say (0), transport stays whole.
+    tally.record_answer(0.0, 0.0, 0.003, reply(deadline_left=49_200))
+    tally.record_answer(0.0, 0.0, 0.003, reply(), deadline_s=0.050)
+    assert stages["transport"].count == 3
+    assert stages["front"].count == stages["legs"].count == 1
 
 
 def test_flags_and_reasons_are_counted() -> None:

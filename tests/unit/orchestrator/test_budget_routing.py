@@ -9,6 +9,8 @@ import pytest
 from cascade.model_registry import Policy
 from cascade.settings import BudgetSettings
 from orchestrator.budget import Budget
+from orchestrator.codec import timings_to_proto
+from orchestrator.results import Timings
 from orchestrator.routing import Decision, Route, decide, route
 
 POLICY = Policy(
@@ -36,6 +38,18 @@ def test_expired_caller_deadline_gives_zero_budget() -> None:
     assert budget.total_ms == 0
     assert budget.remaining_ms() == 0
     assert budget.allot_s(10) == 0
+
+
+def test_timings_carry_what_the_caller_had_left() -> None:
+    # A caller with 30 ms left (the SLO is longer) and one without a deadline.
+    with_deadline = Timings.of(Budget.start(0.030, BudgetSettings(slo_ms=50, response_margin_ms=2)))
+    assert (with_deadline.budget_us, with_deadline.deadline_left_us) == (28_000, 30_000)
+    without = Timings.of(Budget.start(None, BudgetSettings(slo_ms=50, response_margin_ms=2)))
+    assert (without.budget_us, without.deadline_left_us) == (48_000, 0)
+    # An expired deadline still reads as one (1 us left), not as none.
+    expired = Timings.of(Budget.start(0.0, BudgetSettings(slo_ms=50, response_margin_ms=2)))
+    assert (expired.budget_us, expired.deadline_left_us) == (0, 1)
+    assert timings_to_proto(with_deadline).deadline_left_us == 30_000
 
 
 def test_allot_caps_and_keeps_a_margin() -> None:
