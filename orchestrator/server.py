@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager, AsyncExitStack, suppress
+from contextlib import AbstractContextManager, AsyncExitStack
 from typing import Final, TypeVar
 
 import grpc
@@ -46,7 +46,7 @@ from cascade.errors import (
     grpc_status_for,
 )
 from cascade.features import FEATURE_SET_VERSION, N_SCREENING_FEATURES
-from cascade.lifecycle import AsyncResourceGroup
+from cascade.lifecycle import AsyncResourceGroup, cancel_and_wait
 from cascade.model_registry import Registry, load_policy, load_registry
 from cascade.outcome_record import VIA_GRPC, validate_outcome
 from cascade.outcome_store import OutcomeStore
@@ -553,21 +553,6 @@ def _degraded(reason: Reason) -> Counter:
     return metrics.DEGRADED.labels(reason.value)
 
 
-_RECANCEL_S: Final = 0.1
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    """Cancel ``task`` and wait for it, cancelling again while it goes on: on Python 3.11
-    ``asyncio.wait_for`` swallows a cancellation that lands as its future completes (the
-    readiness task's probe reply), and the task then ran on, so a single ``cancel()`` left the
-    shutdown waiting for ever (the SIGTERM drain test saw the SIGKILL)."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=_RECANCEL_S)
-    with suppress(asyncio.CancelledError, Exception):
-        await task
-
-
 def _security_note(settings: Settings, guard: CallerGuard | None) -> str:
     tls = settings.server.tls
     parts = []
@@ -722,13 +707,13 @@ class Orchestrator(AsyncResourceGroup):
         # grace), then the generation's clients closed, the writer drained, the store closed.
         self._stack.push_async_callback(server.stop, s.server.drain_s)
         self._warmup = asyncio.create_task(self._warm(store), name="orchestrator-warmup")
-        self._stack.push_async_callback(_cancel, self._warmup)
+        self._stack.push_async_callback(cancel_and_wait, self._warmup)
         self._readiness = asyncio.create_task(
             self._follow_readiness(self._warmup), name="orchestrator-readiness"
         )
-        self._stack.push_async_callback(_cancel, self._readiness)
+        self._stack.push_async_callback(cancel_and_wait, self._readiness)
         self._follow = asyncio.create_task(self._follow_registry(), name="orchestrator-registry")
-        self._stack.push_async_callback(_cancel, self._follow)
+        self._stack.push_async_callback(cancel_and_wait, self._follow)
         metrics.MODELS.info(
             {
                 "role": "orchestrator",

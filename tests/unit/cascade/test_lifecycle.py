@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from cascade.lifecycle import RECANCEL_S, stop_task
+from cascade.lifecycle import RECANCEL_S, cancel_and_wait, stop_task
 from cascade.nats_connection import connect_nats
 
 HANG_S = 2.0
@@ -91,6 +91,31 @@ async def test_the_callers_cancellation_is_raised_once_the_task_has_ended() -> N
     error = await ends_within(stopping)
     assert isinstance(error, asyncio.CancelledError)
     assert task.done() and lost == [1]
+
+
+async def test_cancel_and_wait_cancels_again_until_the_task_has_ended() -> None:
+    lost: list[int] = []
+    task = asyncio.create_task(retrying_that_loses_one_cancellation(lost))
+    await asyncio.sleep(0.01)
+    # A single cancel() and await (what this did before) would wait here for ever.
+    assert await ends_within(cancel_and_wait(task)) is None
+    assert lost == [1] and task.cancelled()
+
+
+async def test_cancel_and_wait_logs_the_error_a_task_ended_with_and_returns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def fails() -> None:
+        raise RuntimeError("refresh failed")
+
+    task = asyncio.create_task(fails(), name="refresher")
+    await asyncio.sleep(0)
+    assert await ends_within(cancel_and_wait(task)) is None
+    assert any(
+        r.levelname == "WARNING" and "refresher" in r.message and "refresh failed" in r.message
+        for r in caplog.records
+    )
+    await cancel_and_wait(None)  # nothing to stop
 
 
 async def test_a_connect_cut_short_by_a_timeout_returns_even_if_it_lost_the_cancellation(
