@@ -124,6 +124,7 @@ def parquet_schema() -> Any:
         "stage1_us": i64,
         "stage2_us": i64,
         "budget_us": i64,
+        "deadline_left_us": i64,
         "decided_at_ms": i64,
         "features": pa.list_(f32),
     }

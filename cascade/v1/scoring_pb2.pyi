@@ -303,7 +303,9 @@ class StageTimings(_message.Message):
     deadline_left_us: _builtins.int
     """The caller's deadline left when the handler started (0: the call had no deadline). gRPC
     starts a call's server-side deadline when its headers arrive, so the caller's timeout minus
-    this is how long the call waited in the server's gRPC front before any work began.
+    this is how long the call waited in the server's gRPC front before any work began. The
+    timeout travels rounded up (to the millisecond below 1 s, to 10 ms below 10 s), so this reads
+    up to that much long.
     """
     def __init__(
         self,

@@ -227,6 +227,8 @@ async def test_shutdown_flushes_and_cascade_decisions_exports_it(
         assert row["method"] == "SCORE"
         assert len(row["features"]) == 47
         assert row["total_us"] == sent.timings.total_us
+        # Sent with 1 s, which gRPC's timeout header rounds up to its next 10 ms.
+        assert 0 < row["deadline_left_us"] == sent.timings.deadline_left_us <= 1_010_000
 
     none = tmp_path / "none.jsonl"
     await cascade(
