@@ -113,7 +113,7 @@ class NaiveServicer(scoring_pb2_grpc.ScoringServiceServicer):
         except InvalidInputError as exc:
             await context.abort(grpc_status_for(exc), str(exc))
         start_ns = time.perf_counter_ns()
-        timings = Timings(budget_us=int(budget.total_ms * 1000))
+        timings = Timings.of(budget)
         result = await self._score(tx, budget, timings)
         timings.total_us = _us_since(start_ns)
         result.timings = timings

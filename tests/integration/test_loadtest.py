@@ -20,7 +20,17 @@ from tests.integration.conftest import live_descendants, live_processes, process
 
 pytestmark = pytest.mark.integration
 
-STAGES = {"redis", "features", "stage1", "stage2", "server_total", "orchestrator", "transport"}
+STAGES = {
+    "redis",
+    "features",
+    "stage1",
+    "stage2",
+    "server_total",
+    "orchestrator",
+    "transport",
+    "front",
+    "legs",
+}
 SUMMARY_KEYS = {"count", "mean", "p50", "p95", "p99", "p99_9", "max"}
 
 
@@ -62,6 +72,13 @@ def _check_step(step: dict[str, Any], *, count_cap: int | None = None) -> None:
     assert set(step["latency_ms"]) == SUMMARY_KEYS
     assert set(step["stages_ms"]) == STAGES
     assert step["stages_ms"]["server_total"]["count"] == counts["ok"]
+    # Every answer says how much of its deadline was left at the handler (the naive server's
+    # too), which splits its transport into the wait in the front and the rest.
+    stages = step["stages_ms"]
+    assert stages["front"]["count"] == stages["legs"]["count"] == counts["ok"]
+    if counts["ok"]:
+        # the front is part of transport (2 ms of slack: gRPC's timeout header and clocks)
+        assert stages["front"]["p50"] <= stages["transport"]["p50"] + 2.0
     lat = step["latency_ms"]
     assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["p99_9"] <= lat["max"]
     assert set(step["rates"]) == {

@@ -444,7 +444,7 @@ async def test_a_shutdown_while_a_replaced_generation_lingers_closes_its_clients
     ago, still lingering for its calls, is closed all the way anyway: a NATS client whose close
     was interrupted kept its socket and its subscriptions' tasks (a later test's ResourceWarning
     in a clean-clone CI run)."""
-    monkeypatch.setattr("orchestrator.server._RECANCEL_S", 0.0)
+    monkeypatch.setattr("cascade.lifecycle.RECANCEL_S", 0.0)
     own = tmp_path / "models"
     shutil.copytree(rollout_dir, own, symlinks=True)
     settings = rollout_settings(own, redis_server, nats_server, two_version_triton)
