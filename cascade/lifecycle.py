@@ -19,27 +19,18 @@ RECANCEL_S: Final = 0.05
 """How long :func:`stop_task` and :func:`cancel_and_wait` wait on one cancellation before they
 send another."""
 SLOW_STOP_S: Final = 1.0
-"""How long :func:`cancel_and_wait` waits in silence for a cancelled task."""
+"""How long :func:`cancel_and_wait` waits for a cancelled task before it says so (and goes on)."""
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    """Cancel an owned background task (if any) and wait until it has ended, however long,
-    cancelling it again every :data:`RECANCEL_S` while it goes on (one cancellation can be lost
-    on Python 3.11: :func:`stop_task`). An error the task ended with is logged, not raised, so
-    the caller's own clean-up after it still runs. Says so at WARNING if it takes over
-    :data:`SLOW_STOP_S`."""
+    """Cancel an owned background task (if any) and wait until it has ended, however long:
+    :func:`stop_task` over and over, each round bounded by :data:`SLOW_STOP_S` and said at
+    WARNING when it runs out. An error the task ended with is logged, not raised, so the
+    caller's own clean-up after it still runs."""
     if task is None:
         return
-    loop = asyncio.get_running_loop()
-    warn_at = loop.time() + SLOW_STOP_S
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=RECANCEL_S)
-        if warn_at and loop.time() >= warn_at and not task.done():
-            logger.warning(
-                "%s still running %.1f s after being cancelled", task.get_name(), SLOW_STOP_S
-            )
-            warn_at = 0.0
+    while not await stop_task(task, within_s=SLOW_STOP_S):
+        pass
     if not task.cancelled() and (error := task.exception()) is not None:
         logger.warning("%s had ended with %r", task.get_name(), error)
 
