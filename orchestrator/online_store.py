@@ -45,7 +45,13 @@ from types import TracebackType
 from typing import Final, Protocol, cast
 
 from cascade.errors import Dependency, DependencyError, DependencyTimeout, translate_redis_errors
-from cascade.features import HISTORY_LEN, HistoryEntry, decode_history_entry, insert_entry
+from cascade.features import (
+    HISTORY_LEN,
+    HistoryEntry,
+    decode_history_entries,
+    decode_history_entry,
+    insert_entry,
+)
 from cascade.settings import RedisSettings
 from cascade.transaction import Transaction
 from orchestrator.redis_pipeline import Arg, PipelinedRedis, redis_connect_options
@@ -111,12 +117,9 @@ class StoreWrite:
 
 def decode_history(raw: Sequence[bytes]) -> list[HistoryEntry]:
     """Decode stored entries, skipping (and logging) any that cannot be read."""
-    history: list[HistoryEntry] = []
-    for item in raw:
-        try:
-            history.append(decode_history_entry(item))
-        except ValueError:
-            logger.warning("skipping an unreadable card-history entry")
+    history, refused = decode_history_entries(raw)
+    if refused:
+        logger.warning("skipping %d unreadable card-history entries", refused)
     return history
 
 

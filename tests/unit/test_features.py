@@ -17,6 +17,7 @@ from cascade.features import (
     TOKEN_FEATURE_NAMES,
     CardHistories,
     HistoryEntry,
+    decode_history_entries,
     decode_history_entry,
     encode_history_entry,
     history_entry,
@@ -101,6 +102,30 @@ def test_history_entry_round_trips_through_bytes() -> None:
 def test_decode_rejects_garbage(garbage: bytes) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - several distinct messages
         decode_history_entry(garbage)
+
+
+def test_decode_many_keeps_the_readable_entries_in_order_and_counts_the_rest() -> None:
+    good = [encode_history_entry(history_entry(tx(T0 + i * MINUTE, 100 + i))) for i in range(3)]
+    entry = good[0]
+    bad = {  # each one a way an entry can be unreadable, with what the single decoder says
+        "malformed history entry": entry[:5],
+        "encoding version 1": b"\x01" + entry[1:],
+        "unknown channel 9": entry[:17] + b"\x09" + entry[18:],
+        "8 text fields": entry + b"\x1fextra",
+        "codec can't decode": entry[:18] + b"\xff\xfe" + entry[18:],
+    }
+    mixed = [*bad.values()]
+    mixed[1:1] = good[:2]
+    mixed.append(good[2])
+
+    entries, refused = decode_history_entries(mixed)
+
+    assert entries == [decode_history_entry(data) for data in good]
+    assert [e.amount_minor for e in entries] == [100, 101, 102]
+    assert refused == len(bad)
+    for message, data in bad.items():
+        with pytest.raises(ValueError, match=message):
+            decode_history_entry(data)
 
 
 def test_encode_rejects_separator_inside_a_field() -> None:
