@@ -1,6 +1,7 @@
 """Plain-text and Markdown tables of a report (pure), for the terminal and ``docs/latency.md``.
 
-Tables: every step (serial, open-loop and overload) with latency and answer shares; per stage;
+Tables: every step (serial, open-loop and overload) with latency and answer shares; the latency
+of each path an answer took (stage 1, escalated, cache, default); per stage;
 CPU per answer by process for every step, with the issue's CPU targets beside it; the overload
 step; the comparisons (naive baseline, a compared ref); the goals.
 """
@@ -104,6 +105,38 @@ def _stage_rows(report: Mapping[str, Any]) -> list[list[str]]:
             )
         rows.append(cells)
     return rows
+
+
+# Who decided the answer (the reply's decided_by), the columns of the per-path table.
+_PATHS: Final = (
+    ("STAGE1", "stage 1"),
+    ("STAGE2", "stage 2 (escalated)"),
+    ("CACHE", "output cache"),
+    ("DEFAULT", "default"),
+)
+
+
+def _path_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    """Every step: each path's share of the answers and its latency, so that an end-to-end p99
+    reads as the tail of a mix (a few percent of escalated calls set it at low rates)."""
+    rows = []
+    for name, step in _steps(report):
+        by_path = step.get("by_path_ms", {})
+        answers = sum(summary["count"] for summary in by_path.values())
+        cells = [name, _offered(step)]
+        for path, _ in _PATHS:
+            summary = by_path.get(path)
+            cells.append(
+                f"{summary['count'] / answers:.1%}: {summary['p50']:.2f} / {summary['p99']:.2f}"
+                if summary and summary["count"]
+                else "-"
+            )
+        rows.append(cells)
+    return rows
+
+
+_PATH_HEADER = ["target", "step", *(label for _, label in _PATHS)]
+_PATH_TITLE = "By who decided the answer: share of the answers, then latency p50 / p99, ms"
 
 
 def _picked_steps(report: Mapping[str, Any]) -> list[tuple[str, str, Mapping[str, Any]]]:
@@ -491,6 +524,9 @@ def text_table(report: Mapping[str, Any]) -> str:
     parts = [
         _render(_STEP_HEADER, [_step_cells(n, s) for n, s in _steps(report)], markdown=False),
         "",
+        _PATH_TITLE.lower() + ":",
+        _render(_PATH_HEADER, _path_rows(report), markdown=False),
+        "",
         "per stage, ms (p50 / p99):",
         _render(stage_header, _stage_rows(report), markdown=False),
         "",
@@ -513,6 +549,10 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
     stage_header = ["target", "step", *(f"{s} p50 / p99" for s in _STAGES)]
     parts = [
         _render(_STEP_HEADER, [_step_cells(n, s) for n, s in _steps(report)], markdown=True),
+        "",
+        _PATH_TITLE + ":",
+        "",
+        _render(_PATH_HEADER, _path_rows(report), markdown=True),
         "",
         "Per stage, ms (p50 / p99):",
         "",

@@ -321,6 +321,26 @@ def test_tables_show_every_step_and_goal() -> None:
     assert scoring_pb2  # the fake replies come from the real message type
 
 
+def test_tables_split_each_step_by_who_decided_the_answer() -> None:
+    tally = Tally(budget_us=50_000)
+    answers = [(scoring_pb2.DECIDED_BY_STAGE1, 2.0)] * 18 + [
+        (scoring_pb2.DECIDED_BY_STAGE2, 9.0)
+    ] * 2
+    for i, (decided_by, ms) in enumerate(answers):
+        start = i * 0.01
+        tally.record_sent(start, start)
+        tally.record_answer(start, start, start + ms / 1000, reply(decided_by))
+    report = {"targets": {"cascade": {"steps": [_step(tally)]}}}
+
+    row = next(
+        x for x in markdown_tables(report).splitlines() if x.startswith("| cascade | 100 | 90.0%")
+    )
+
+    # 10% escalated at 9 ms set the step's p99 while the stage-1 path stays at 2 ms
+    assert row.split(" | ")[2:] == ["90.0%: 2.00 / 2.00", "10.0%: 9.00 / 9.00", "-", "- |"]
+    assert "stage 2 (escalated)" in text_table(report)
+
+
 def test_tables_show_wake_ups_and_run_queue_wait_where_measured() -> None:
     cascade = _target(2000, 1.0)
     assert "run-queue wait" not in text_table({"targets": {"cascade": cascade}})
