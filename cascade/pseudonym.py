@@ -4,7 +4,7 @@ A token is ``<key id>.<first 128 bits of HMAC-SHA256(key, kind 0x1f id), hex>``,
 ``k1.3f2a...`` (35 characters with a two-character key id). The orchestrator replaces
 ``card_id`` and ``device_id`` with their tokens right after validation, so everything after that
 point (Redis keys and history entries, the decision log, span attributes, log lines, the canary
-split) only ever holds tokens: one HMAC per id per request (about 2 us each), nothing cached.
+split) only ever holds tokens: one HMAC per id per request (1-2 us each back to back), nothing cached.
 
 * The key id is part of every token, so a new key names new Redis keys (as model versions do in
   cache keys): nothing written under the old key is ever mistaken for the new one's.
@@ -69,11 +69,25 @@ class PseudonymKey:
             )
 
 
+def _token(keyed: hmac.HMAC, prefix: str, message: bytes) -> str:
+    """``prefix`` and the first 128 bits of ``keyed``'s HMAC of ``message``, hex."""
+    mac = keyed.copy()
+    mac.update(message)
+    return prefix + mac.digest()[:_DIGEST_BYTES].hex()
+
+
 class Pseudonymizer:
     """Tokens for card and device ids under the current key (and the previous one while a
     rotation is under way)."""
 
-    __slots__ = ("_current", "_prefix", "_previous", "_previous_prefix")
+    __slots__ = (
+        "_current",
+        "_current_mac",
+        "_prefix",
+        "_previous",
+        "_previous_mac",
+        "_previous_prefix",
+    )
 
     def __init__(self, current: PseudonymKey, previous: PseudonymKey | None = None) -> None:
         if previous is not None and previous.key_id == current.key_id:
@@ -82,6 +96,14 @@ class Pseudonymizer:
         self._previous = previous
         self._prefix = current.key_id + "."
         self._previous_prefix = previous.key_id + "." if previous is not None else ""
+        # Each key's HMAC with the key already absorbed; a token copies it and adds the id.
+        # One-shot hmac.digest sets OpenSSL's HMAC up on every call: card() took 1.9 against
+        # 1.5 us back to back, and 66 against 40 us with the caches evicted before each call
+        # (the orchestrator's profile saw 25 us per one-shot call).
+        self._current_mac = hmac.new(current.secret, digestmod="sha256")
+        self._previous_mac = (
+            hmac.new(previous.secret, digestmod="sha256") if previous is not None else None
+        )
 
     def __repr__(self) -> str:
         previous = self._previous.key_id if self._previous is not None else None
@@ -99,22 +121,19 @@ class Pseudonymizer:
 
     def card(self, card_id: str) -> str:
         """The card's token under the current key."""
-        digest = hmac.digest(self._current.secret, _CARD + card_id.encode(), "sha256")
-        return self._prefix + digest[:_DIGEST_BYTES].hex()
+        return _token(self._current_mac, self._prefix, _CARD + card_id.encode())
 
     def device(self, device_id: str) -> str:
         """The device's token under the current key; an empty id (unknown) stays empty."""
         if not device_id:
             return ""
-        digest = hmac.digest(self._current.secret, _DEVICE + device_id.encode(), "sha256")
-        return self._prefix + digest[:_DIGEST_BYTES].hex()
+        return _token(self._current_mac, self._prefix, _DEVICE + device_id.encode())
 
     def previous_card(self, card_id: str) -> str:
         """The card's token under the previous key; empty when no rotation is under way."""
-        if self._previous is None:
+        if self._previous_mac is None:
             return ""
-        digest = hmac.digest(self._previous.secret, _CARD + card_id.encode(), "sha256")
-        return self._previous_prefix + digest[:_DIGEST_BYTES].hex()
+        return _token(self._previous_mac, self._previous_prefix, _CARD + card_id.encode())
 
     def card_tokens(self, card_id: str) -> tuple[str, ...]:
         """Every token the card may be stored under: current first, then the previous one."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import secrets
 from pathlib import Path
 
@@ -39,6 +40,21 @@ def test_a_token_is_stable_under_one_key_and_names_its_version() -> None:
     assert token.startswith("k1.")
     assert "card-42" not in token
     assert a.card("card-43") != token
+
+
+def test_tokens_are_the_documented_hmac_whatever_computes_them() -> None:
+    # Stored histories are keyed by these tokens: a change of value would orphan every one.
+    current, previous = PseudonymKey("k2", b"c" * 40), PseudonymKey("k1", b"p" * 200)
+    p = Pseudonymizer(current, previous)
+
+    def expected(k: PseudonymKey, message: bytes) -> str:
+        return f"{k.key_id}.{hmac.digest(k.secret, message, 'sha256')[:16].hex()}"
+
+    for _ in range(2):  # the keyed state is copied, never used up
+        assert p.card("card-42") == expected(current, b"card\x1fcard-42")
+        assert p.device("dév-7") == expected(current, "device\x1fdév-7".encode())
+        assert p.previous_card("card-42") == expected(previous, b"card\x1fcard-42")
+    assert p.card("card-42") == "k2.a1cf6a230d73a5f71ba05148d0797c44"
 
 
 def test_another_key_or_version_gives_other_tokens() -> None:
