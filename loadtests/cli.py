@@ -244,7 +244,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overload-factor",
         type=float,
         default=3.0,
-        help="after --sweep: the overload rate as a multiple of the cascade's capacity",
+        help="after --sweep: the overload rate as a multiple of the cascade's capacity (of its "
+        "lowest step's rate when no step met the SLO)",
     )
     over.add_argument("--overload-duration", type=float, default=10.0, help="seconds")
     over.add_argument("--no-overload", action="store_true", help="no overload step")
@@ -456,7 +457,8 @@ def _workload(args: argparse.Namespace) -> tuple[HistoryMode, MatureSplit]:
 
 def overload_rate(args: argparse.Namespace, runners: Sequence[TargetRunner]) -> float | None:
     """The overload step's rate: ``--overload-rate``, else after ``--sweep`` the factor times the
-    cascade's capacity (or its best achieved rate); None for no overload step."""
+    cascade's capacity (or, when no step met the SLO, its lowest step's rate:
+    :func:`~loadtests.report.overload_basis`); None for no overload step."""
     if args.no_overload:
         return None
     if args.overload_rate is not None:
