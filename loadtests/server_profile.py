@@ -76,7 +76,12 @@ class _Window:
         self.profile.dump_stats(self.out.with_suffix(".prof"))
         gc_file = self.out.with_suffix(".gc.json")
         gc_file.write_text(json.dumps({"seconds": seconds, "pauses": self.pauses}))
-        print(summary(self.out), flush=True)
+        # This runs in a signal handler on the serving thread: whatever it raised would land in
+        # the code the signal interrupted.
+        try:
+            print(summary(self.out), flush=True)
+        except ValueError as exc:
+            print(f"wrote {self.out.with_suffix('.prof')}; no summary: {exc}", flush=True)
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if not self.running:

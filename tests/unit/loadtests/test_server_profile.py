@@ -74,3 +74,15 @@ def test_a_window_profiles_once_and_writes_its_collections(tmp_path: Path) -> No
     text = summary(tmp_path / "run")
     assert text.startswith("5 answers: ")
     assert "gc generation 0: " in text
+
+
+def test_a_window_without_answers_is_written_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    window = _Window(tmp_path / "idle")
+    window.start()
+    _helper()
+    window.stop()  # from a signal handler in the server: it must not raise
+
+    assert (tmp_path / "idle.prof").exists()
+    assert "no summary: no call of result_to_proto" in capsys.readouterr().out
